@@ -1,0 +1,36 @@
+"""radai's persistence: SQLAlchemy 2 models, engines and sessions, Alembic migrations, the outbox
+and the append-only, hash-chained audit log.
+
+SQLite by default, PostgreSQL in production; the same code and migrations serve both. This package
+imports nothing of radai's (only SQLAlchemy and Alembic): every other package may import it.
+"""
+
+from db.models import (
+    AuditEntry,
+    Base,
+    IngestFailure,
+    Instance,
+    InstanceConflict,
+    Job,
+    OutboxMessage,
+    Output,
+    Series,
+    Study,
+    StudyState,
+)
+from db.session import Database
+
+__all__ = [
+    "AuditEntry",
+    "Base",
+    "Database",
+    "IngestFailure",
+    "Instance",
+    "InstanceConflict",
+    "Job",
+    "OutboxMessage",
+    "Output",
+    "Series",
+    "Study",
+    "StudyState",
+]

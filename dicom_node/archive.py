@@ -1,0 +1,84 @@
+"""The on-disk archive: files appear whole or not at all.
+
+A file is written under a temporary name in its final folder, fsynced, renamed into place and the
+folder fsynced, so that neither a crash nor a reader ever sees a half-written instance. Refused
+objects are kept too, in quarantine, so that nothing a sender gave us is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def free_mb(path: Path) -> float:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free / 1e6
+
+
+class Archive:
+    """Where instances live: `<root>/<study>/<series>/<sop>.dcm`, UIDs already validated."""
+
+    def __init__(self, root: Path, quarantine: Path) -> None:
+        self.root = root
+        self.quarantine = quarantine
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def conflict_path(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> Path:
+        return self.root / study_uid / series_uid / f"{sop_uid}.conflict-{digest[:16]}.dcm"
+
+    def quarantine_path(self, digest: str) -> Path:
+        # Named by content, never by anything the sender chose: a hostile UID can't pick a path.
+        return self.quarantine / digest[:2] / f"{digest}.dcm"
+
+    def keep_refused(self, data: bytes) -> Path:
+        digest = sha256(data)
+        path = self.quarantine_path(digest)
+        if not path.exists():
+            write_durably(path, data)
+        return path
+
+    def remove_partials(self) -> int:
+        """Delete temp files a crash left behind; they were never acknowledged or recorded."""
+        removed = 0
+        for base in (self.root, self.quarantine):
+            if base.exists():
+                for tmp in base.rglob(".*.partial"):
+                    tmp.unlink(missing_ok=True)
+                    removed += 1
+        return removed

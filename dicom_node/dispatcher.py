@@ -1,0 +1,132 @@
+"""The outbox dispatcher: publishes outbox messages to the Celery broker, at least once.
+
+A message is marked published only after the broker took it; while the broker is unreachable each
+message waits with capped exponential backoff and nothing is lost. Delivery can repeat (a crash
+between publishing and marking), so the worker side is idempotent by design.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import select
+
+from db import OutboxMessage, Study, StudyState, audit
+from db.models import utcnow
+from db.session import Database
+from dicom_node.assembly import PROCESS_STUDY_TASK
+
+log = logging.getLogger("radai.dispatcher")
+
+Publisher = Callable[[str, dict], None]
+
+
+def celery_publisher(broker_url: str, queue: str) -> Publisher:
+    """Publish by task name, so the node needs no worker code; fail fast when the broker is down."""
+    app = Celery("radai-node", broker=broker_url)
+    app.conf.broker_connection_retry_on_startup = False
+    app.conf.broker_connection_timeout = 3
+    if broker_url.startswith(("redis://", "rediss://")):
+        app.conf.broker_transport_options = {"max_retries": 1, "socket_connect_timeout": 3}
+
+    def publish(task: str, payload: dict) -> None:
+        app.send_task(
+            task,
+            kwargs=payload,
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+        )
+
+    return publish
+
+
+def backoff(attempts: int, base: float = 1.0, cap: float = 60.0) -> float:
+    return min(cap, base * 2 ** max(0, attempts - 1))
+
+
+class OutboxDispatcher:
+    def __init__(
+        self,
+        db: Database,
+        publish: Publisher,
+        *,
+        actor: str = "dispatcher",
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        batch: int = 100,
+    ) -> None:
+        self.db = db
+        self.publish = publish
+        self.actor = actor
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.batch = batch
+
+    def run_once(self, now: datetime | None = None) -> int:
+        """Publish every due message; return how many were published."""
+        now = now or utcnow()
+        with self.db.session() as s:
+            due = s.execute(
+                select(OutboxMessage.id, OutboxMessage.task, OutboxMessage.payload)
+                .where(
+                    OutboxMessage.published_at.is_(None),
+                    OutboxMessage.dropped_reason.is_(None),
+                    OutboxMessage.next_attempt_at <= now,
+                )
+                .order_by(OutboxMessage.id)
+                .limit(self.batch)
+            ).all()
+        published = 0
+        for msg_id, task, payload in due:
+            if task == PROCESS_STUDY_TASK and not self._still_stable(msg_id, payload):
+                continue
+            try:
+                self.publish(task, payload)
+            except Exception as exc:  # noqa: BLE001 - any broker failure means: try later
+                self._postpone(msg_id, exc)
+                continue
+            self._mark_published(msg_id, task, payload)
+            published += 1
+        return published
+
+    def _still_stable(self, msg_id: int, payload: dict) -> bool:
+        # A late instance reopened the study: this message describes an outdated instance set;
+        # the study will be declared stable again with a fresh message.
+        with self.db.session() as s:
+            state = s.execute(
+                select(Study.state).where(Study.study_uid == payload["study_uid"])
+            ).scalar()
+            if state == StudyState.STABLE:
+                return True
+            msg = s.get(OutboxMessage, msg_id)
+            msg.dropped_reason = f"study was {state} when the message came due"
+        log.info("dropped outbox message %d: study %s is %s", msg_id, payload["study_uid"], state)
+        return False
+
+    def _postpone(self, msg_id: int, exc: Exception) -> None:
+        with self.db.session() as s:
+            msg = s.get(OutboxMessage, msg_id)
+            msg.attempts += 1
+            delay = backoff(msg.attempts, self.backoff_base, self.backoff_cap)
+            msg.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            msg.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.warning("broker unavailable for message %d, retry in %.0f s: %s", msg_id, delay, exc)
+
+    def _mark_published(self, msg_id: int, task: str, payload: dict) -> None:
+        now = utcnow()
+        with self.db.session() as s:
+            msg = s.get(OutboxMessage, msg_id)
+            msg.published_at = now
+            study_uid = payload.get("study_uid")
+            if task == PROCESS_STUDY_TASK and study_uid:
+                study = s.execute(
+                    select(Study).where(Study.study_uid == study_uid).with_for_update()
+                ).scalar_one()
+                if study.state == StudyState.STABLE:
+                    study.state = StudyState.QUEUED
+                    study.state_changed_at = now
+                audit.append(s, self.actor, "study.queued", study_uid, {"outbox_id": msg_id})

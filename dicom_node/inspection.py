@@ -1,0 +1,152 @@
+"""Checks on a received C-STORE dataset before anything is stored as an instance.
+
+Parses the bytes as sent (no pixel decoding), and refuses what cannot be filed safely: missing
+or malformed UIDs (they become path names), a dataset that contradicts its C-STORE request, and
+uncompressed pixel data whose length does not fit its own image description.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node import statuses
+from dicom_node.statuses import Refusal
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_PIXEL_DATA = 0x7FE00010
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
+@dataclass(frozen=True)
+class ReceivedObject:
+    """What the node needs to know of an incoming instance; patient fields stay out of logs."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part: str | None
+    instance_number: int | None
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a broken optional attribute is not a reason to refuse
+        return None
+    if value is None or value == "":
+        return None
+    return str(value)[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _check_pixel_length(ds: Dataset, transfer_syntax: str) -> None:
+    if _PIXEL_DATA not in ds:
+        return
+    elem = ds[_PIXEL_DATA]
+    if elem.is_undefined_length or pydicom.uid.UID(transfer_syntax).is_compressed:
+        return  # encapsulated: its length depends on the codec
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as exc:  # noqa: BLE001
+        raise Refusal(
+            statuses.PIXEL_DATA_LENGTH, f"pixel data without a usable image description: {exc}"
+        ) from None
+    if min(rows, cols, bits, samples, frames) <= 0:
+        raise Refusal(statuses.PIXEL_DATA_LENGTH, "image dimensions must be positive")
+    expected_bits = rows * cols * bits * samples * frames
+    expected = (expected_bits + 7) // 8
+    actual = len(elem.value) if elem.value is not None else 0
+    # Odd lengths are padded to even on the wire.
+    if actual not in (expected, expected + (expected % 2)):
+        raise Refusal(
+            statuses.PIXEL_DATA_LENGTH,
+            f"pixel data holds {actual} bytes; {rows}x{cols}x{samples} samples of {bits} bits "
+            f"in {frames} frame(s) need {expected}",
+        )
+
+
+def inspect_received(
+    encoded: bytes, requested_sop_class: str, requested_sop_instance: str
+) -> ReceivedObject:
+    """Parse a received Part 10 stream (meta included) and check it can be filed; or raise."""
+    try:
+        ds = pydicom.dcmread(BytesIO(encoded), force=False)
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        ds.ensure_file_meta()
+        # Touch every element now: a lying length or broken VR raises here, not later in a worker.
+        for _ in ds.iterall():
+            pass
+    except (InvalidDicomError, EOFError, ValueError, OverflowError, KeyError, TypeError) as exc:
+        raise Refusal(statuses.CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on hostile input
+        raise Refusal(
+            statuses.CANNOT_UNDERSTAND, f"cannot parse the dataset: {type(exc).__name__}: {exc}"
+        ) from None
+
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = ds.get(keyword)
+        value = str(value) if value is not None else None
+        if not valid_uid(value):
+            shown = "missing" if not value else f"not a valid UID: {value[:80]!r}"
+            raise Refusal(statuses.MISSING_UID, f"{keyword} {shown}")
+        uids[keyword] = value
+    if uids["SOPClassUID"] != requested_sop_class:
+        raise Refusal(
+            statuses.SOP_CLASS_MISMATCH,
+            f"dataset SOP Class UID {uids['SOPClassUID']} differs from the request's "
+            f"{requested_sop_class}",
+        )
+    if uids["SOPInstanceUID"] != requested_sop_instance:
+        raise Refusal(
+            statuses.SOP_INSTANCE_MISMATCH,
+            f"dataset SOP Instance UID {uids['SOPInstanceUID']} differs from the request's "
+            f"{requested_sop_instance}",
+        )
+    _check_pixel_length(ds, transfer_syntax)
+    return ReceivedObject(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        transfer_syntax=transfer_syntax,
+        modality=_text(ds, "Modality", 16),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined", 16),
+        instance_number=_int(ds, "InstanceNumber"),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName", 324),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        study_description=_text(ds, "StudyDescription"),
+    )

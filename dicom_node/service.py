@@ -1,0 +1,69 @@
+"""The node as a running service: listener, stability monitor and outbox dispatcher together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from db.session import Database
+from dicom_node.archive import Archive
+from dicom_node.assembly import mark_stable
+from dicom_node.dispatcher import OutboxDispatcher, Publisher
+from dicom_node.server import DicomNode, NodeConfig
+
+log = logging.getLogger("radai.node")
+
+
+class NodeService:
+    def __init__(
+        self,
+        db: Database,
+        archive: Archive,
+        config: NodeConfig,
+        *,
+        stable_seconds: float,
+        publish: Publisher,
+        poll_seconds: float = 0.5,
+        backoff_cap: float = 30.0,
+    ) -> None:
+        self.db = db
+        self.archive = archive
+        self.node = DicomNode(db, archive, config)
+        self.stable_seconds = stable_seconds
+        self.dispatcher = OutboxDispatcher(
+            db, publish, actor=f"dispatcher:{config.ae_title}", backoff_cap=backoff_cap
+        )
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.node.port
+
+    def start(self) -> None:
+        removed = self.archive.remove_partials()
+        if removed:
+            log.info("removed %d partial files left by an earlier crash", removed)
+        self.node.start()
+        self._thread = threading.Thread(target=self._loop, name="radai-assembly", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                mark_stable(self.db, self.stable_seconds, actor=self.node.actor)
+                self.dispatcher.run_once()
+            except Exception:  # noqa: BLE001 - e.g. the database restarting: try again soon
+                log.exception("assembly/dispatch round failed; retrying")
+                self._stop.wait(min(5.0, self.poll_seconds * 4))
+            self._stop.wait(self.poll_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.node.stop()
+
+    def wait(self) -> None:
+        self._stop.wait()

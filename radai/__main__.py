@@ -1,0 +1,5 @@
+import sys
+
+from radai.cli import main
+
+sys.exit(main())

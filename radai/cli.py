@@ -1,0 +1,248 @@
+"""The `radai` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from radai.settings import Settings
+
+log = logging.getLogger("radai")
+
+
+def _database(settings: Settings):  # noqa: ANN202
+    from db.session import Database
+
+    settings.ensure_dirs()
+    db = Database(settings.db_url)
+    db.upgrade()
+    return db
+
+
+def _node_service(settings: Settings):  # noqa: ANN202
+    from dicom_node.archive import Archive
+    from dicom_node.dispatcher import celery_publisher
+    from dicom_node.server import NodeConfig
+    from dicom_node.service import NodeService
+
+    db = _database(settings)
+    config = NodeConfig(
+        ae_title=settings.ae_title,
+        host=settings.dicom_host,
+        port=settings.dicom_port,
+        allowed_calling_aets=settings.calling_aets,
+        max_instance_bytes=int(settings.max_instance_mb * 1024 * 1024),
+        min_free_disk_mb=settings.min_free_disk_mb,
+    )
+    return NodeService(
+        db,
+        Archive(settings.archive_dir, settings.quarantine_dir),
+        config,
+        stable_seconds=settings.stable_seconds,
+        publish=celery_publisher(settings.celery_broker_url, settings.queue),
+    )
+
+
+def _serve_until_signal(service) -> int:  # noqa: ANN001
+    def _stop(signum, _frame):  # noqa: ANN001
+        log.info("signal %d: stopping", signum)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    service.start()
+    service.wait()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
+    from radai import logs
+
+    logs.configure(settings.log_level, settings.log_dir, "node")
+    return _serve_until_signal(_node_service(settings))
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    # Until the worker and dashboard land, `up` runs what exists: the node.
+    return cmd_node(args, settings)
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    _database(settings)
+    print(f"database at revision head: {_redact(settings.db_url)}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
+    from db.queries import study_summaries
+
+    db = _database(settings)
+    with db.session() as s:
+        rows = study_summaries(s, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no studies")
+        return 0
+    print(f"{'STUDY UID':<66} {'STATE':<15} {'INST':>5} {'PRIO':>4}  ERROR/FLAG")
+    for r in rows:
+        note = r["error"] or (r["flag_reason"] if r["flagged"] else "") or ""
+        prio = "" if r["priority"] is None else r["priority"]
+        print(f"{r['study_uid']:<66} {r['state']:<15} {r['instances']:>5} {prio:>4}  {note[:60]}")
+    return 0
+
+
+def _parse_target(text: str) -> tuple[str, str, int]:
+    from radai.settings import parse_destination
+
+    return parse_destination(text)
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.sender import send_files
+
+    aet, host, port = _parse_target(args.to)
+    files = _expand(args.paths)
+    if not files:
+        print("no files to send", file=sys.stderr)
+        return 2
+    results = send_files(files, aet, host, port, calling_aet=args.calling_aet)
+    failed = [r for r in results if r.status != 0]
+    for r in failed:
+        status = "none" if r.status is None else f"0x{r.status:04X}"
+        print(f"FAILED {r.path}: status {status} {r.error or ''}", file=sys.stderr)
+    print(f"sent {len(results) - len(failed)} of {len(results)} to {args.to}")
+    return 1 if failed else 0
+
+
+def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.samples import build_sample_studies
+
+    out = Path(args.out) if args.out else settings.home_dir / "samples"
+    built = build_sample_studies(out)
+    for case, files in built.items():
+        print(f"{case}: {len(files)} CT images in {files[0].parent}")
+    return 0
+
+
+def _wait_for_states(settings: Settings, study_uids: list[str], states: set[str], timeout: float):  # noqa: ANN202
+    from db.queries import study_summaries
+
+    db = _database(settings)
+    deadline = time.monotonic() + timeout
+    while True:
+        with db.session() as s:
+            rows = {r["study_uid"]: r for r in study_summaries(s)}
+        wanted = [rows.get(uid) for uid in study_uids]
+        if all(r and r["state"] in states for r in wanted) or time.monotonic() > deadline:
+            return wanted
+        time.sleep(0.5)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.samples import SAMPLE_CASES, build_sample_studies, sample_study_uid
+    from dicom_node.sender import send_files
+    from radai import logs
+
+    logs.configure(settings.log_level, settings.log_dir, "demo")
+    service = _node_service(settings)
+    service.start()
+    try:
+        built = build_sample_studies(settings.home_dir / "samples")
+        for case, files in built.items():
+            results = send_files(files, settings.ae_title, "127.0.0.1", service.port)
+            ok = sum(r.status == 0 for r in results)
+            print(f"sent sample study {case}: {ok} of {len(results)} instances stored")
+        uids = [sample_study_uid(c) for c in SAMPLE_CASES]
+        rows = _wait_for_states(
+            settings,
+            uids,
+            {"QUEUED", "PROCESSING", "DONE", "NOT_APPLICABLE", "FAILED"},
+            timeout=settings.stable_seconds + 60,
+        )
+        for case, row in zip(SAMPLE_CASES, rows, strict=True):
+            state = row["state"] if row else "missing"
+            print(f"{case}: study {row['study_uid'] if row else '?'} is {state}")
+        print(f"DICOM node: {settings.ae_title}@127.0.0.1:{service.port}")
+        print(f"dashboard: http://127.0.0.1:{settings.dashboard_port}/ (lands with the dashboard)")
+        if args.exit:
+            return 0 if all(rows) else 1
+        print("running; Ctrl-C stops")
+        signal.signal(signal.SIGTERM, lambda *_: service.stop())
+        try:
+            service.wait()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        service.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radai",
+        description="radai: DICOM AI triage service (research software, NOT FOR CLINICAL USE). "
+        "Settings come from RADAI_* environment variables; see README.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("up", help="run the service on embedded defaults (node; worker, dashboard)")
+    sub.add_parser("node", help="run the DICOM node: listener, study assembly, dispatcher")
+    demo = sub.add_parser("demo", help="run the node, send the sample studies, print their state")
+    demo.add_argument("--exit", action="store_true", help="stop after printing, for scripts")
+
+    send = sub.add_parser("send", help="send DICOM files (or folders) with C-STORE")
+    send.add_argument("paths", nargs="+")
+    send.add_argument("--to", required=True, metavar="AET@HOST:PORT")
+    send.add_argument("--calling-aet", default="RADAI_SCU")
+
+    dbp = sub.add_parser("db", help="database maintenance")
+    dbp.add_argument("action", choices=["upgrade"])
+
+    studies = sub.add_parser("studies", help="list studies with state and findings")
+    studies.add_argument("--json", action="store_true", help="print a JSON list")
+    studies.add_argument("--limit", type=int, default=None)
+
+    sample = sub.add_parser("sample", help="build the bundled sample CT studies as DICOM files")
+    sample.add_argument("--out", default=None, help="folder (default RADAI_HOME/samples)")
+    return parser
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "node": cmd_node,
+    "demo": cmd_demo,
+    "send": cmd_send,
+    "db": cmd_db,
+    "studies": cmd_studies,
+    "sample": cmd_sample,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    return COMMANDS[args.command](args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The one settings object, read from `RADAI_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_destination(text: str) -> tuple[str, str, int]:
+    """Split `AET@HOST:PORT` into its parts; raise ValueError with the offending text."""
+    try:
+        aet, address = text.strip().split("@", 1)
+        host, port = address.rsplit(":", 1)
+        if not aet or not host or len(aet) > 16:
+            raise ValueError
+        return aet, host, int(port)
+    except ValueError:
+        raise ValueError(f"not a DICOM destination of the form AET@HOST:PORT: {text!r}") from None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RADAI_", extra="ignore")
+
+    home: Path = Field(default=Path("./var"), description="database, archive, outputs and logs")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty: SQLite in home")
+    broker_url: str = Field(default="", description="Celery broker; empty: SQLite broker in home")
+    ae_title: str = "RADAI"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    allowed_calling_aets: str = Field(default="", description="comma list; empty accepts any")
+    stable_seconds: float = 5.0
+    export_to: str = Field(default="", description="comma list of AET@HOST:PORT")
+    dashboard_port: int = 8501
+    max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
+    min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
+    queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_fits(cls, value: str) -> str:
+        if not 0 < len(value.strip()) <= 16:
+            raise ValueError("RADAI_AE_TITLE must be 1 to 16 characters")
+        return value.strip()
+
+    @field_validator("export_to")
+    @classmethod
+    def _destinations_parse(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            parse_destination(part)
+        return value
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.home_dir / "archive"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.home_dir / "quarantine"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.home_dir / "outputs"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home_dir / "logs"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'radai.sqlite'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home_dir / 'broker.sqlite'}"
+
+    @property
+    def calling_aets(self) -> list[str]:
+        return [a.strip() for a in self.allowed_calling_aets.split(",") if a.strip()]
+
+    @property
+    def destinations(self) -> list[tuple[str, str, int]]:
+        return [parse_destination(p) for p in self.export_to.split(",") if p.strip()]
+
+    def ensure_dirs(self) -> None:
+        for path in (self.archive_dir, self.quarantine_dir, self.outputs_dir, self.log_dir):
+            path.mkdir(parents=True, exist_ok=True)
