@@ -46,7 +46,8 @@ def find_instance(db: Database, sop_instance_uid: str) -> Known | None:
 def _insert_ignore(session: Session, table, **values) -> bool:  # noqa: ANN001
     """INSERT unless the unique key exists (safe against a concurrent insert); True if inserted."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    return session.execute(insert(table).values(**values).on_conflict_do_nothing()).rowcount == 1
+    stmt = insert(table.__table__).values(**values).on_conflict_do_nothing()
+    return session.execute(stmt.returning(table.__table__.c.id)).first() is not None
 
 
 def _study_for_update(session: Session, obj: ReceivedObject, now: datetime, actor: str) -> Study:

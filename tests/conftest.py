@@ -1,0 +1,227 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), running nodes, senders, brokers.
+
+PostgreSQL tests use a fresh database per test, copied from a migrated template; they are skipped
+when the server at 127.0.0.1:5432 is unreachable, except under CI (CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from db.session import Database
+from dicom_node.archive import Archive
+from dicom_node.server import NodeConfig
+from dicom_node.service import NodeService
+
+PG_DSN = os.environ.get("RADAI_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+PG_URL_BASE = os.environ.get("RADAI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+SAMPLES_CACHE: dict[str, list[Path]] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.1):
+    """Poll until predicate() is truthy; return its value or fail the test with a message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def _pg_available() -> bool:
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    if not _pg_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required in CI")
+        pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
+    name = f"radai_tpl_{os.getpid()}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    db = Database(f"{PG_URL_BASE}/{name}")
+    db.upgrade()
+    db.dispose()
+    yield name
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _make_pg(template: str) -> tuple[Database, Callable[[], None]]:
+    name = f"radai_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    db = Database(f"{PG_URL_BASE}/{name}")
+
+    def drop() -> None:
+        db.dispose()
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return db, drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'radai.sqlite'}")
+        db.upgrade()
+        yield db
+        db.dispose()
+    else:
+        db, drop = _make_pg(request.getfixturevalue("pg_template"))
+        yield db
+        drop()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path / 'radai.sqlite'}")
+    db.upgrade()
+    yield db
+    db.dispose()
+
+
+class RecordingPublisher:
+    """Stands in for the broker in tests of the node alone: records, or fails while `down`."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+        self.down = False
+
+    def __call__(self, task: str, payload: dict) -> None:
+        if self.down:
+            raise ConnectionError("broker down (test)")
+        self.sent.append((task, payload))
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeService]]:
+    """Start NodeService instances on free ports; all are stopped at teardown."""
+    started: list[NodeService] = []
+
+    def make(
+        db: Database,
+        *,
+        publish=None,  # noqa: ANN001
+        stable_seconds: float = 1.0,
+        home: Path | None = None,
+        port: int = 0,
+        **config,  # noqa: ANN003
+    ) -> NodeService:
+        home = home or tmp_path / "home"
+        service = NodeService(
+            db,
+            Archive(home / "archive", home / "quarantine"),
+            NodeConfig(host="127.0.0.1", port=port, **config),
+            stable_seconds=stable_seconds,
+            publish=publish or RecordingPublisher(),
+            poll_seconds=0.1,
+            backoff_cap=1.0,
+        )
+        service.dispatcher.backoff_base = 0.2
+        service.start()
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    from dicom_node.samples import build_sample_studies
+
+    return build_sample_studies(tmp_path_factory.mktemp("samples"))
+
+
+def storescu(
+    port: int,
+    files: list[Path] | list[str],
+    *,
+    aec: str = "RADAI",
+    aet: str = "STORESCU",
+    extra: tuple[str, ...] = (),
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
+    if not Path(STORESCU).exists():
+        pytest.fail("dcmtk's storescu is missing: install dcmtk (the test command does)")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(
+        [STORESCU, "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def echoscu(port: int, aec: str = "RADAI", aet: str = "ECHOSCU") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ECHOSCU, "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[[], int]]:
+    """Start private redis-server processes on free ports (for tests that stop the broker)."""
+    procs: list[subprocess.Popen] = []
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+    def start(port: int | None = None) -> int:
+        port = port or free_port()
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(proc)
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout=10)
+        start.proc = proc  # type: ignore[attr-defined]
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
