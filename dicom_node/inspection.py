@@ -14,9 +14,14 @@ from io import BytesIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
 from dicom_node import statuses
 from dicom_node.statuses import Refusal
+
+# A body that does not read in its declared transfer syntax is refused, not re-guessed: pydicom's
+# fallback to implicit VR would turn random bytes into a "dataset" of unknown elements.
+pydicom.config.assume_implicit_vr_switch = False
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = 0x7FE00010
@@ -94,6 +99,28 @@ def _check_pixel_length(ds: Dataset, transfer_syntax: str) -> None:
         )
 
 
+def _check_body_encoding(encoded: bytes, declared: pydicom.uid.UID) -> None:
+    fp = BytesIO(encoded)
+    read_preamble(fp, force=False)
+    _read_file_meta_info(fp)
+    first = encoded[fp.tell() : fp.tell() + 8]
+    if len(first) < 8:
+        raise ValueError("no dataset follows the file meta information")
+    if not declared.is_transfer_syntax or declared.is_deflated:
+        return
+    if not declared.is_implicit_VR and not (first[4:6].isalpha() and first[4:6].isupper()):
+        raise ValueError(f"the body is not encoded as its transfer syntax, {declared.name}")
+    # pydicom quietly accepts a value shorter than its declared length (a truncated file, a
+    # length that lies); walk the top-level elements and compare.
+    for raw in data_element_generator(fp, declared.is_implicit_VR, declared.is_little_endian):
+        if raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
+            raise ValueError(
+                f"element {raw.tag} declares {raw.length} bytes but only {len(raw.value)} follow"
+            )
+    if fp.tell() != len(encoded):
+        raise ValueError(f"{len(encoded) - fp.tell()} stray bytes end the dataset (truncated?)")
+
+
 def inspect_received(
     encoded: bytes, requested_sop_class: str, requested_sop_instance: str
 ) -> ReceivedObject:
@@ -101,7 +128,7 @@ def inspect_received(
     try:
         ds = pydicom.dcmread(BytesIO(encoded), force=False)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        ds.ensure_file_meta()
+        _check_body_encoding(encoded, pydicom.uid.UID(transfer_syntax))
         # Touch every element now: a lying length or broken VR raises here, not later in a worker.
         for _ in ds.iterall():
             pass

@@ -66,9 +66,11 @@ def part10(
 
 def encode(ds: Dataset) -> bytes:
     """The dataset body (no meta) in Explicit VR Little Endian."""
+    from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
-    buf = BytesIO()
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, ds)
     return buf.getvalue()
 
