@@ -177,7 +177,18 @@ def storescu(
         pytest.fail("dcmtk's storescu is missing: install dcmtk (the test command does)")
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run(
-        [STORESCU, "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)],
+        [
+            STORESCU,
+            "-v",
+            "-aet",
+            aet,
+            "-aec",
+            aec,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,

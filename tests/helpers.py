@@ -75,7 +75,9 @@ def encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def ct_dataset(study_uid: str, series_uid: str, sop_uid: str, rows: int = 4, cols: int = 4) -> Dataset:
+def ct_dataset(
+    study_uid: str, series_uid: str, sop_uid: str, rows: int = 4, cols: int = 4
+) -> Dataset:
     ds = Dataset()
     ds.set_original_encoding(False, True)
     ds.SOPClassUID = CT_IMAGE

@@ -163,7 +163,9 @@ PYDICOM_FILES = [
 
 
 @pytest.mark.parametrize(("name", "flags"), PYDICOM_FILES, ids=[n for n, _ in PYDICOM_FILES])
-def test_pydicom_test_files_are_stored_in_their_syntax(sqlite_db, node_factory, tmp_path, name, flags):
+def test_pydicom_test_files_are_stored_in_their_syntax(
+    sqlite_db, node_factory, tmp_path, name, flags
+):
     path = Path(get_testdata_file(name))
     local = tmp_path / name
     shutil.copy(path, local)

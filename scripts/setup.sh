@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up a machine for radai: Debian tools, a virtual environment with pinned packages, and the
+# services the tests talk to. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need_apt=()
+for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc redis-server:redis-server; do
+  exe=${pair%%:*}; pkg=${pair##*:}
+  command -v "$exe" >/dev/null 2>&1 || [ -x "/usr/sbin/$exe" ] || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
+fi
+# Orthanc's Debian package starts a system service on 4242/8042; the tests start their own.
+if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now orthanc 2>/dev/null || true; fi
+pkill -x Orthanc 2>/dev/null || true
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch first, and exactly this version: anything asking pip for a newer torch pulls gigabytes.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.13.0
+fi
+.venv/bin/pip install -q -e '.[test]'
+
+# Services the tests use, started when not running (commands as the machine's docs give them).
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  echo "setup: starting redis"
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log 2>/dev/null \
+    || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+fi
+if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  echo "setup: starting postgresql"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+fi
+for _ in $(seq 1 30); do
+  (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && break
+  sleep 1
+done
