@@ -95,16 +95,27 @@ class OutboxDispatcher:
 
     def _still_stable(self, msg_id: int, payload: dict) -> bool:
         # A late instance reopened the study: this message describes an outdated instance set;
-        # the study will be declared stable again with a fresh message.
+        # the study is declared stable again with a newer message, which is the one to publish.
         with self.db.session() as s:
             state = s.execute(
                 select(Study.state).where(Study.study_uid == payload["study_uid"])
             ).scalar()
-            if state == StudyState.STABLE:
+            newer = s.execute(
+                select(OutboxMessage.id).where(
+                    OutboxMessage.study_uid == payload["study_uid"],
+                    OutboxMessage.task == PROCESS_STUDY_TASK,
+                    OutboxMessage.id > msg_id,
+                )
+            ).first()
+            if state == StudyState.STABLE and newer is None:
                 return True
             msg = s.get(OutboxMessage, msg_id)
-            msg.dropped_reason = f"study was {state} when the message came due"
-        log.info("dropped outbox message %d: study %s is %s", msg_id, payload["study_uid"], state)
+            msg.dropped_reason = (
+                "superseded by a newer message for the same study"
+                if newer
+                else f"study was {state} when the message came due"
+            )
+        log.info("dropped outbox message %d for study %s", msg_id, payload["study_uid"])
         return False
 
     def _postpone(self, msg_id: int, exc: Exception) -> None:
