@@ -239,8 +239,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = "RADAI_" + "_".join(map(str, err["loc"])).upper()
+            print(f"radai: bad setting {name}: {err['msg']}", file=sys.stderr)
+        return 2
     return COMMANDS[args.command](args, settings)
 
 

@@ -1,0 +1,98 @@
+"""The `radai` command as a person runs it: subprocesses, environment settings, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.samples import sample_study_uid
+from tests.conftest import free_port, wait_for
+
+RADAI = [sys.executable, "-m", "radai"]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
+    env.update({"RADAI_HOME": str(home), "RADAI_DICOM_PORT": str(free_port()), **extra})
+    return env
+
+
+def _radai(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(RADAI + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    out = _radai(["--help"], _env(Path("/nonexistent"))).stdout
+    for command in ("up", "node", "demo", "send", "db", "studies", "sample"):
+        assert command in out
+    assert "NOT FOR CLINICAL USE" in out
+
+
+def test_demo_sends_samples_and_studies_json_shows_them_queued(tmp_path):
+    env = _env(tmp_path / "home", RADAI_STABLE_SECONDS="1")
+    demo = _radai(["demo", "--exit"], env, timeout=300)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "sent sample study lung2: 61 of 61 instances stored" in demo.stdout
+    assert "dashboard: http://127.0.0.1:" in demo.stdout
+
+    listing = _radai(["studies", "--json"], env)
+    assert listing.returncode == 0, listing.stderr
+    studies = {s["study_uid"]: s for s in json.loads(listing.stdout)}
+    for case, n in (("lung1", 48), ("lung2", 61)):
+        row = studies[sample_study_uid(case)]
+        assert row["state"] == "QUEUED" and row["instances"] == n
+        for key in ("priority", "findings", "outputs", "model_versions", "error"):
+            assert key in row
+    # Patient data stays out of the logs.
+    log_text = (tmp_path / "home" / "logs" / "demo.log").read_text()
+    assert "DEMO^LUNG" not in log_text and "RADAI-DEMO" not in log_text
+    assert "stable with 61 instances" in log_text
+
+
+def test_node_and_send_commands(tmp_path, samples):
+    env = _env(tmp_path / "home", RADAI_STABLE_SECONDS="30", RADAI_AE_TITLE="TRIAGE")
+    port = env["RADAI_DICOM_PORT"]
+    node = subprocess.Popen(RADAI + ["node"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+
+        def listening() -> bool:
+            r = subprocess.run(
+                ["/usr/bin/echoscu", "-aec", "TRIAGE", "127.0.0.1", port], capture_output=True
+            )
+            return r.returncode == 0
+
+        wait_for(listening, timeout=60, interval=0.3)
+        sent = _radai(
+            ["send", str(samples["lung1"][0].parent), "--to", f"TRIAGE@127.0.0.1:{port}"], env
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "sent 48 of 48" in sent.stdout
+        wrong = _radai(["send", str(samples["lung1"][0]), "--to", f"OTHER@127.0.0.1:{port}"], env)
+        assert wrong.returncode == 1 and "association rejected" in wrong.stderr
+        table = _radai(["studies"], env).stdout
+        assert sample_study_uid("lung1") in table and "RECEIVING" in table
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+    assert node.returncode == 0
+
+
+def test_bad_settings_are_reported(tmp_path):
+    bad = _radai(["studies"], _env(tmp_path, RADAI_EXPORT_TO="not-a-destination"))
+    assert bad.returncode != 0
+    assert "AET@HOST:PORT" in bad.stderr
+
+
+@pytest.mark.parametrize("args", [["db", "upgrade"], ["studies"], ["studies", "--json"]])
+def test_commands_work_on_an_empty_home(tmp_path, args):
+    out = _radai(args, _env(tmp_path / "h"))
+    assert out.returncode == 0, out.stderr
+    if "--json" in args:
+        assert json.loads(out.stdout) == []
