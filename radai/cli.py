@@ -67,9 +67,110 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     return _serve_until_signal(_node_service(settings))
 
 
+def _worker_config(settings: Settings):  # noqa: ANN202
+    from workers.app import WorkerConfig
+
+    return WorkerConfig(
+        database_url=settings.db_url,
+        broker_url=settings.celery_broker_url,
+        home=settings.home_dir,
+        pipeline_queue=settings.queue,
+        io_queue=settings.io_queue,
+        device=settings.device,
+        export_to=settings.destinations,
+        visibility_timeout=settings.visibility_timeout,
+    )
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from radai import logs
+
+    _database(settings)
+    logs.configure(settings.log_level, settings.log_dir, "worker")
+    from workers.app import configure
+
+    app = configure(_worker_config(settings))
+    queues = args.queues or f"{settings.queue},{settings.io_queue}"
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(args.concurrency),
+        "--loglevel",
+        settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    argv += ["--pool", "solo"] if args.concurrency == 1 else ["--pool", "prefork"]
+    if args.name:
+        argv += ["--hostname", args.name]
+    app.worker_main(argv)
+    return 0
+
+
+def _spawn(command: list[str]):  # noqa: ANN202
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "radai", *command])
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    # Until the worker and dashboard land, `up` runs what exists: the node.
-    return cmd_node(args, settings)
+    from radai import logs
+
+    logs.configure(settings.log_level, settings.log_dir, "node")
+    service = _node_service(settings)
+    children = [_spawn(["worker"])]
+    try:
+        return _serve_until_signal(service)
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(timeout=30)
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.assembly import requeue
+
+    db = _database(settings)
+    try:
+        requeue(db, args.study_uid, actor=f"cli:{args.user}")
+    except ValueError as exc:
+        print(f"radai: {exc}", file=sys.stderr)
+        return 1
+    print(f"study {args.study_uid} queued again (published by the node's dispatcher)")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace, settings: Settings) -> int:
+    import SimpleITK as sitk
+
+    from ml.measure import measure_regions
+
+    image = sitk.ReadImage(str(args.image))
+    mask = sitk.ReadImage(str(args.mask))
+    labels = sitk.GetArrayFromImage(mask).astype("int32")
+    hu = sitk.GetArrayFromImage(image)
+    if labels.shape != hu.shape:
+        print(f"radai: image {hu.shape} and mask {labels.shape} differ in size", file=sys.stderr)
+        return 2
+    spacing = tuple(reversed(mask.GetSpacing()))
+    rows = [m.to_dict() for m in measure_regions(labels, spacing, hu)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no labelled regions")
+    for r in rows:
+        print(
+            f"label {r['label']}: volume {r['voxel_volume_mm3']:.2f} mm3 "
+            f"(mesh {r['mesh_volume_mm3']:.2f}), max 3D diameter {r['max_3d_diameter_mm']:.2f} mm, "
+            f"max axial diameter {r['max_2d_axial_diameter_mm']:.2f} mm, "
+            f"mean {r['mean_hu']:.1f} HU"
+        )
+    return 0
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -205,8 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("up", help="run the service on embedded defaults (node; worker, dashboard)")
+    sub.add_parser("up", help="run the service on embedded defaults: node and worker")
     sub.add_parser("node", help="run the DICOM node: listener, study assembly, dispatcher")
+    worker = sub.add_parser("worker", help="run a Celery worker for the pipeline and exports")
+    worker.add_argument("--queues", default=None, help="comma list (default: both queues)")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--name", default=None, help="Celery node name, e.g. w1@%%h")
+    retry = sub.add_parser("retry", help="queue a FAILED (or any finished) study again")
+    retry.add_argument("study_uid")
+    retry.add_argument("--user", default="admin")
+    measure = sub.add_parser("measure", help="measure each labelled region of a mask")
+    measure.add_argument("image", type=Path, help="volume readable by SimpleITK (NRRD, NIfTI)")
+    measure.add_argument("mask", type=Path, help="label map of the same size")
+    measure.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="run the node, send the sample studies, print their state")
     demo.add_argument("--exit", action="store_true", help="stop after printing, for scripts")
 
@@ -229,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up,
+    "worker": cmd_worker,
+    "retry": cmd_retry,
+    "measure": cmd_measure,
     "node": cmd_node,
     "demo": cmd_demo,
     "send": cmd_send,

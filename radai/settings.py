@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
     min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")
+    io_queue: str = Field(default="radai.io", description="Celery queue of exports")
+    device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
+    visibility_timeout: int = Field(default=3600, description="s before an unacked task returns")
     log_level: str = "INFO"
 
     @field_validator("ae_title")

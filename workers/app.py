@@ -1,0 +1,81 @@
+"""The Celery application of radai's workers and the runtime its tasks use.
+
+`configure` is called by the process that starts a worker (the `radai worker` command) with plain
+values; tasks then reach the database and folders through `runtime()`. Two queues keep heavy
+inference apart from I/O: `radai.process_study` goes to the pipeline queue, exports to the I/O
+queue, so a GPU worker consumes only GPU work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from db.session import Database
+
+app = Celery("radai", include=["workers.tasks"])
+
+
+@dataclass
+class WorkerConfig:
+    database_url: str
+    broker_url: str
+    home: Path
+    pipeline_queue: str = "radai.pipeline"
+    io_queue: str = "radai.io"
+    device: str = "auto"  # auto | cpu | cuda
+    export_to: list[tuple[str, str, int]] = field(default_factory=list)
+    visibility_timeout: int = 3600
+    export_max_attempts: int = 8
+    export_backoff_cap: float = 300.0
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.home / "outputs"
+
+
+@dataclass
+class Runtime:
+    config: WorkerConfig
+    db: Database
+
+
+_runtime: Runtime | None = None
+
+
+def configure(config: WorkerConfig) -> Celery:
+    global _runtime
+    app.conf.update(
+        broker_url=config.broker_url,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=config.pipeline_queue,
+        task_routes={
+            "radai.process_study": {"queue": config.pipeline_queue},
+            "radai.export_output": {"queue": config.io_queue},
+        },
+        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_ignore_result=True,
+    )
+    config.outputs_dir.mkdir(parents=True, exist_ok=True)
+    _runtime = Runtime(config=config, db=Database(config.database_url))
+    return app
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("workers.app.configure() was not called in this process")
+    return _runtime
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_kwargs: object) -> None:
+    # Pooled database connections must not be shared across a fork.
+    if _runtime is not None:
+        _runtime.db.engine.dispose(close=False)

@@ -1,0 +1,37 @@
+"""Celery tasks. `radai.process_study` is published by the node's outbox dispatcher by name.
+
+Delivery is at least once (acks_late, redelivered when a worker dies), the work idempotent (see
+`processing`). Unexpected errors (a database restart, a full disk) are retried with capped
+exponential backoff; when retries run out the study is FAILED with the reason, and stays
+visible and retryable (`radai retry STUDY_UID`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from workers import processing
+from workers.app import app, runtime
+
+log = logging.getLogger("radai.worker")
+
+MAX_RETRIES = 5
+
+
+def retry_delay(retries: int, base: float = 2.0, cap: float = 120.0) -> float:
+    return min(cap, base * 2**retries)
+
+
+@app.task(name="radai.process_study", bind=True, acks_late=True, max_retries=MAX_RETRIES)
+def process_study(self, study_uid: str, instances: int | None = None) -> str:  # noqa: ANN001
+    rt = runtime()
+    try:
+        return processing.process_study(rt.db, study_uid, rt.config.outputs_dir)
+    except Exception as exc:
+        if self.request.retries >= MAX_RETRIES:
+            reason = f"gave up after {MAX_RETRIES + 1} attempts: {type(exc).__name__}: {exc}"
+            log.exception("study %s failed permanently", study_uid)
+            processing.fail(rt.db, study_uid, reason[:2000])
+            return f"FAILED: {reason}"
+        log.warning("study %s: attempt failed (%s); retrying", study_uid, exc)
+        raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
