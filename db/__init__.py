@@ -8,6 +8,7 @@ imports nothing of radai's (only SQLAlchemy and Alembic): every other package ma
 from db.models import (
     AuditEntry,
     Base,
+    Export,
     IngestFailure,
     Instance,
     InstanceConflict,
@@ -23,6 +24,7 @@ from db.session import Database
 __all__ = [
     "AuditEntry",
     "Base",
+    "Export",
     "Database",
     "IngestFailure",
     "Instance",

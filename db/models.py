@@ -201,6 +201,26 @@ class Output(Base):
     job: Mapped[Job] = relationship(back_populates="outputs")
 
 
+class Export(Base):
+    """One job's outputs to one destination: PENDING until SENT, or FAILED with the reason."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16), default="PENDING", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship()
+
+    __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+
 class OutboxMessage(Base):
     """An event written in the same transaction as the state change it announces."""
 

@@ -24,8 +24,13 @@ log = logging.getLogger("radai.dispatcher")
 Publisher = Callable[[str, dict], None]
 
 
-def celery_publisher(broker_url: str, queue: str) -> Publisher:
-    """Publish by task name, so the node needs no worker code; fail fast when the broker is down."""
+def celery_publisher(
+    broker_url: str, queue: str, routes: dict[str, str] | None = None
+) -> Publisher:
+    """Publish by task name, so the node needs no worker code; fail fast when the broker is down.
+
+    `routes` maps task names to queues other than `queue` (exports go to the I/O queue)."""
+    routes = routes or {}
     app = Celery("radai-node", broker=broker_url)
     app.conf.broker_connection_retry_on_startup = False
     app.conf.broker_connection_timeout = 3
@@ -36,7 +41,7 @@ def celery_publisher(broker_url: str, queue: str) -> Publisher:
         app.send_task(
             task,
             kwargs=payload,
-            queue=queue,
+            queue=routes.get(task, queue),
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
         )

@@ -200,23 +200,28 @@ def measure_regions(
         raise ValueError(f"spacing_zyx must be three positive numbers, got {spacing_zyx}")
     if labels.dtype == bool:
         labels = labels.astype(np.uint8)
-    if not labels.any():
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be an integer or boolean array, got {labels.dtype}")
+    if labels.size == 0 or not labels.any():
         return []
-    present = np.unique(labels)
-    present = present[present != 0]
-    if present.min() > 0 and present.max() <= 2**31 - 1 and present.max() < 8 * len(present) + 64:
-        # Dense positive labels: one pass of find_objects gives every bounding box.
-        slices = ndimage.find_objects(labels.astype(np.int64, copy=False))
-        boxes = {int(lab): slices[int(lab) - 1] for lab in present}
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi <= max(1_000_000, labels.size // 8):
+        # find_objects gives every box in one pass, and a label is present iff it has a box.
+        found = ndimage.find_objects(labels)
+        boxes = {i: box for i, box in enumerate(found, start=1) if box is not None}
     else:
         boxes = {}
-        for lab in present:
+        for lab in np.unique(labels):
+            if lab == 0:
+                continue
             nz = np.argwhere(labels == lab)
-            lo, hi = nz.min(axis=0), nz.max(axis=0) + 1
-            boxes[int(lab)] = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+            lo_idx, hi_idx = nz.min(axis=0), nz.max(axis=0) + 1
+            boxes[int(lab)] = tuple(
+                slice(int(a), int(b)) for a, b in zip(lo_idx, hi_idx, strict=True)
+            )
     results = []
-    for lab in present:
-        box = boxes[int(lab)]
+    for lab in sorted(boxes):
+        box = boxes[lab]
         region = labels[box] == lab
         hu = None if image is None else np.asarray(image)[box]
         offset = (box[0].start, box[1].start, box[2].start)

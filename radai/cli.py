@@ -44,7 +44,11 @@ def _node_service(settings: Settings):  # noqa: ANN202
         Archive(settings.archive_dir, settings.quarantine_dir),
         config,
         stable_seconds=settings.stable_seconds,
-        publish=celery_publisher(settings.celery_broker_url, settings.queue),
+        publish=celery_publisher(
+            settings.celery_broker_url,
+            settings.queue,
+            {"radai.export_output": settings.io_queue},
+        ),
     )
 
 
@@ -79,6 +83,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         device=settings.device,
         export_to=settings.destinations,
         visibility_timeout=settings.visibility_timeout,
+        calling_aet=settings.ae_title,
     )
 
 

@@ -17,3 +17,4 @@ def configure(level: str, log_dir: Path, name: str) -> None:
     # pynetdicom logs each PDU at INFO and dumps datasets at DEBUG (patient data): keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -30,6 +30,8 @@ class WorkerConfig:
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 3600
     export_max_attempts: int = 8
+    export_timeout: float = 10.0
+    calling_aet: str = "RADAI"
     export_backoff_cap: float = 300.0
 
     @property
@@ -58,7 +60,12 @@ def configure(config: WorkerConfig) -> Celery:
             "radai.process_study": {"queue": config.pipeline_queue},
             "radai.export_output": {"queue": config.io_queue},
         },
-        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        # kombu's SQLAlchemy transport passes transport options to create_engine().
+        broker_transport_options=(
+            {"visibility_timeout": config.visibility_timeout}
+            if config.broker_url.startswith(("redis://", "rediss://"))
+            else {}
+        ),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         task_ignore_result=True,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from workers import processing
+from workers import exporting, processing
 from workers.app import app, runtime
+from workers.export import format_destination
 
 log = logging.getLogger("radai.worker")
 
@@ -26,7 +27,12 @@ def retry_delay(retries: int, base: float = 2.0, cap: float = 120.0) -> float:
 def process_study(self, study_uid: str, instances: int | None = None) -> str:  # noqa: ANN001
     rt = runtime()
     try:
-        return processing.process_study(rt.db, study_uid, rt.config.outputs_dir)
+        return processing.process_study(
+            rt.db,
+            study_uid,
+            rt.config.outputs_dir,
+            destinations=[format_destination(d) for d in rt.config.export_to],
+        )
     except Exception as exc:
         if self.request.retries >= MAX_RETRIES:
             reason = f"gave up after {MAX_RETRIES + 1} attempts: {type(exc).__name__}: {exc}"
@@ -35,3 +41,20 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
             return f"FAILED: {reason}"
         log.warning("study %s: attempt failed (%s); retrying", study_uid, exc)
         raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+
+
+@app.task(name="radai.export_output", bind=True, acks_late=True, max_retries=None)
+def export_output(self, export_id: int) -> str:  # noqa: ANN001
+    rt = runtime()
+    delay = exporting.run_export(
+        rt.db,
+        export_id,
+        {format_destination(d): d for d in rt.config.export_to},
+        calling_aet=rt.config.calling_aet,
+        timeout=rt.config.export_timeout,
+        max_attempts=rt.config.export_max_attempts,
+        backoff_cap=rt.config.export_backoff_cap,
+    )
+    if delay is not None:
+        raise self.retry(countdown=delay)
+    return "settled"

@@ -1,0 +1,389 @@
+"""The SEG and SR writers produce valid DICOM (dciodvfy, dsrdump) that reads back to the input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DS
+
+from workers.dicom_out import build_measurement_report, build_segmentation
+
+DCIODVFY = "/usr/bin/dciodvfy"
+DSRDUMP = "/usr/bin/dsrdump"
+SLICES, SIZE = 8, 64
+SPACING = (2.5, 0.7, 0.7)  # z, y, x in mm
+ALGO = {"algorithm_name": "radai-lung", "algorithm_version": "0.1.0"}
+
+
+def make_ct_series(slices: int = SLICES, size: int = SIZE) -> list[pydicom.Dataset]:
+    """A complete single-frame CT Image Storage series, ordered by increasing z."""
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    series = []
+    for i in range(slices):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Test^Synthetic"
+        ds.PatientID = "RADAI-TEST-1"
+        ds.PatientBirthDate = "19600101"
+        ds.PatientSex = "O"
+        ds.StudyInstanceUID = study_uid
+        ds.StudyDate, ds.StudyTime = "20240102", "101500"
+        ds.StudyID = "1"
+        ds.AccessionNumber = "ACC1"
+        ds.ReferringPhysicianName = ""
+        ds.Modality = "CT"
+        ds.BodyPartExamined = "CHEST"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 2
+        ds.Manufacturer = "synthetic"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.InstanceNumber = i + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ContentDate, ds.ContentTime = "20240102", "101500"
+        ds.AcquisitionNumber = 1
+        ds.PatientPosition = "HFS"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-22.4, -22.4, -100.0 + i * SPACING[0]]
+        ds.SliceLocation = ds.ImagePositionPatient[2]
+        ds.PixelSpacing = [SPACING[1], SPACING[2]]
+        ds.SliceThickness = SPACING[0]
+        ds.KVP = 120
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.WindowCenter, ds.WindowWidth = -600, 1500
+        pixels = rng.integers(0, 200, (size, size), dtype=np.int16)
+        ds.PixelData = pixels.tobytes()
+        series.append(ds)
+    return series
+
+
+def sphere(center: tuple[int, int, int], radius: float) -> np.ndarray:
+    z, y, x = np.ogrid[:SLICES, :SIZE, :SIZE]
+    cz, cy, cx = center
+    return (
+        ((z - cz) * SPACING[0]) ** 2 + ((y - cy) * SPACING[1]) ** 2 + ((x - cx) * SPACING[2]) ** 2
+    ) <= radius**2
+
+
+@dataclass
+class Case:
+    ct: list[pydicom.Dataset]
+    lung: np.ndarray
+    labels: np.ndarray
+    lesions: list[dict]
+
+
+def make_case(lesion_labels: tuple[int, ...] = (1, 2)) -> Case:
+    ct = make_ct_series()
+    lung = np.zeros((SLICES, SIZE, SIZE), dtype=bool)
+    lung[1:7, 6:58, 6:58] = True
+    labels = np.zeros(lung.shape, dtype=np.uint16)
+    centres = {1: ((3, 20, 22), 4.0), 2: ((4, 42, 40), 3.0), 3: ((5, 30, 45), 2.5)}
+    hu = np.stack([ds.pixel_array.astype(np.float64) - 1024 for ds in ct])
+    lesions = []
+    for label in lesion_labels:
+        centre, radius = centres[label]
+        mask = sphere(centre, radius)
+        labels[mask] = label
+        lesions.append(
+            {
+                "label": label,
+                "volume_mm3": float(mask.sum() * SPACING[0] * SPACING[1] * SPACING[2]),
+                "max_3d_diameter_mm": 2 * radius + 0.25,
+                "max_2d_axial_diameter_mm": 2 * radius - 0.5,
+                "mean_hu": float(hu[mask].mean()),
+                "location": "right lung, upper zone" if label == 1 else None,
+            }
+        )
+    return Case(ct, lung, labels, lesions)
+
+
+def build(
+    case: Case, seed: str | None = "study-1/radai-lung-0.1.0"
+) -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
+    seg = build_segmentation(case.ct, case.lung, case.labels, instance_uid_seed=seed, **ALGO)
+    sr = build_measurement_report(
+        case.ct,
+        seg,
+        case.lesions,
+        lung_volume_ml=float(case.lung.sum() * np.prod(SPACING) / 1000),
+        screening_probability=0.87,
+        instance_uid_seed=seed,
+        **ALGO,
+    )
+    return seg, sr
+
+
+def save(dataset: pydicom.Dataset, path: Path) -> Path:
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def assert_dciodvfy_clean(path: Path) -> list[str]:
+    """No "Error" line from dciodvfy; returns its warnings."""
+    if not os.access(DCIODVFY, os.X_OK):
+        pytest.skip(f"{DCIODVFY} is missing: install dicom3tools to validate DICOM output")
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert not errors, "dciodvfy reported errors:\n" + "\n".join(lines)
+    return [line for line in lines if line.startswith("Warning")]
+
+
+def dsrdump(path: Path) -> str:
+    if not os.access(DSRDUMP, os.X_OK):
+        pytest.skip(f"{DSRDUMP} is missing: install dcmtk to check SR output")
+    # +Pl: print long text values in full rather than cut at 40 characters.
+    run = subprocess.run([DSRDUMP, "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def lesion_groups(sr: hd.sr.Comprehensive3DSR) -> list:
+    return [
+        group
+        for group in sr.content.get_volumetric_roi_measurement_groups()
+        if group.tracking_identifier.startswith("Lesion ")
+    ]
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    return make_case()
+
+
+@pytest.fixture(scope="module")
+def written(case: Case, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    seg, sr = build(case)
+    out = tmp_path_factory.mktemp("dicom_out")
+    return save(seg, out / "seg.dcm"), save(sr, out / "sr.dcm")
+
+
+def test_synthetic_ct_is_valid(case: Case, tmp_path: Path) -> None:
+    # The writers copy patient, study and geometry from it: it must be a valid CT image itself.
+    assert_dciodvfy_clean(save(case.ct[0], tmp_path / "ct.dcm"))
+
+
+def test_seg_passes_dciodvfy(written: tuple[Path, Path]) -> None:
+    warnings = assert_dciodvfy_clean(written[0])
+    print("\n".join(warnings))
+
+
+def test_seg_reads_back(case: Case, written: tuple[Path, Path]) -> None:
+    raw = pydicom.dcmread(written[0])
+    assert raw.Modality == "SEG" and raw.SegmentationType == "BINARY"
+    assert "radai SEG - NOT FOR CLINICAL USE" in raw.SeriesDescription
+    assert "NOT FOR CLINICAL USE" in raw.ContentDescription
+    assert "NOT FOR CLINICAL USE" in raw.ImageComments
+    assert (raw.Manufacturer, raw.ManufacturerModelName, raw.SoftwareVersions) == (
+        "radai",
+        ALGO["algorithm_name"],
+        ALGO["algorithm_version"],
+    )
+    assert raw.StudyInstanceUID == case.ct[0].StudyInstanceUID
+    assert raw.FrameOfReferenceUID == case.ct[0].FrameOfReferenceUID
+
+    seg = hd.seg.segread(written[0])
+    assert seg.segment_numbers == [1, 2, 3]
+    described = [seg.get_segment_description(n) for n in seg.segment_numbers]
+    assert [d.segment_label for d in described] == ["Lung", "Lesion 1", "Lesion 2"]
+    assert described[0].segmented_property_type == codes.SCT.Lung
+    assert described[0].segmented_property_category == codes.SCT.AnatomicalStructure
+    for d in described[1:]:
+        assert d.segmented_property_category == codes.SCT.MorphologicallyAbnormalStructure
+        assert d.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        algorithm = d.algorithm_identification[0]
+        assert algorithm.AlgorithmName == ALGO["algorithm_name"]
+        assert algorithm.AlgorithmVersion == ALGO["algorithm_version"]
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+
+    # Empty frames are left out: one frame per (slice, segment) with any pixel set.
+    masks = [case.lung, case.labels == 1, case.labels == 2]
+    assert raw.NumberOfFrames == sum(int(m.any(axis=(1, 2)).sum()) for m in masks)
+
+    uids = [ds.SOPInstanceUID for ds in case.ct]
+    pixels = seg.get_pixels_by_source_instance(
+        uids, segment_numbers=[1, 2, 3], assert_missing_frames_are_empty=True
+    )
+    for index, mask in enumerate(masks):
+        np.testing.assert_array_equal(pixels[..., index].astype(bool), mask)
+
+
+def test_sr_passes_dciodvfy_and_dsrdump(case: Case, written: tuple[Path, Path]) -> None:
+    warnings = assert_dciodvfy_clean(written[1])
+    print("\n".join(warnings))
+    dump = dsrdump(written[1])
+    assert "NOT FOR CLINICAL USE" in dump
+    for lesion in case.lesions:
+        assert f'"Lesion {lesion["label"]}"' in dump
+        assert f'"{DS(lesion["volume_mm3"], auto_format=True)}" (mm3,UCUM' in dump
+
+
+def test_sr_reads_back(case: Case, written: tuple[Path, Path]) -> None:
+    raw = pydicom.dcmread(written[1])
+    assert raw.Modality == "SR"
+    assert "radai SR - NOT FOR CLINICAL USE" in raw.SeriesDescription
+    assert raw.StudyInstanceUID == case.ct[0].StudyInstanceUID
+
+    seg = hd.seg.segread(written[0])
+    segment_by_id = {item.TrackingID: item for item in seg.SegmentSequence}
+    sr = hd.sr.srread(written[1])
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    groups = lesion_groups(sr)
+    assert len(groups) == len(case.lesions)
+    for group, lesion in zip(groups, case.lesions, strict=True):
+        segment = segment_by_id[f"Lesion {lesion['label']}"]
+        assert group.tracking_identifier == f"Lesion {lesion['label']}"
+        assert group.tracking_uid == segment.TrackingUID
+        reference = group.referenced_segment
+        assert reference.referenced_segment_numbers == [segment.SegmentNumber]
+        item = reference[0].ReferencedSOPSequence[0]
+        assert item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        (volume,) = group.get_measurements(name=codes.SCT.Volume)
+        assert volume.value == pytest.approx(lesion["volume_mm3"])
+        assert volume.unit == codes.UCUM.CubicMillimeter
+        (diameter,) = group.get_measurements(name=codes.IBSI.Maximum3DDiameterOfAMesh)
+        assert diameter.value == pytest.approx(lesion["max_3d_diameter_mm"])
+        (axial,) = group.get_measurements(name=codes.SCT.Diameter)
+        assert axial.value == pytest.approx(lesion["max_2d_axial_diameter_mm"])
+        assert axial.derivation == codes.SCT.Maximum
+        (hu,) = group.get_measurements(name=codes.DCM.AttenuationCoefficient)
+        assert hu.value == pytest.approx(lesion["mean_hu"])
+        assert hu.derivation == codes.SCT.Mean
+        assert hu.unit == codes.UCUM.HounsfieldUnit
+        assert group.finding_sites[0].value == codes.SCT.Lung
+        # The source images named are exactly the CT slices the lesion touches.
+        named = {
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for i in reference
+            if i.name == codes.DCM.SourceImageForSegmentation
+        }
+        touched = np.flatnonzero((case.labels == lesion["label"]).any(axis=(1, 2)))
+        assert named == {case.ct[z].SOPInstanceUID for z in touched}
+    right = groups[0].finding_sites[0].ContentSequence[0]
+    assert right.ConceptCodeSequence[0].CodeValue == codes.SCT.Right.value
+
+    (lung,) = [
+        g
+        for g in sr.content.get_volumetric_roi_measurement_groups()
+        if g.tracking_identifier == "Lung"
+    ]
+    assert lung.referenced_segment.referenced_segment_numbers == [1]
+    (screening,) = sr.content.get_image_measurement_groups()
+    (probability,) = screening.get_measurements(name=codes.DCM.ProbabilityOfCancer)
+    assert probability.value == pytest.approx(0.87)
+
+    observer = sr.content.get_observer_contexts()[0]
+    attributes = observer.observer_identifying_attributes
+    assert (attributes.name, attributes.manufacturer_name, attributes.model_name) == (
+        ALGO["algorithm_name"],
+        "radai",
+        ALGO["algorithm_name"],
+    )
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in raw.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert seg.SOPInstanceUID in evidence
+
+
+def all_uids(dataset: pydicom.Dataset, prefix: str = "") -> dict[str, str]:
+    found = {}
+    for element in dataset:
+        if element.VR == "SQ":
+            for i, item in enumerate(element.value):
+                found |= all_uids(item, f"{prefix}{element.keyword}[{i}].")
+        elif element.VR == "UI":
+            found[prefix + element.keyword] = str(element.value)
+    return found
+
+
+def test_same_seed_gives_same_uids(case: Case) -> None:
+    seg_a, sr_a = build(case, seed="study-1")
+    seg_b, sr_b = build(case, seed="study-1")
+    seg_c, sr_c = build(case, seed="study-2")
+    assert all_uids(seg_a) == all_uids(seg_b)
+    assert all_uids(sr_a) == all_uids(sr_b)
+    for a, b, c in ((seg_a, seg_b, seg_c), (sr_a, sr_b, sr_c)):
+        assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+        assert a.SOPInstanceUID != c.SOPInstanceUID and a.SeriesInstanceUID != c.SeriesInstanceUID
+        assert len(a.SOPInstanceUID) <= 64 and a.SOPInstanceUID.startswith("2.25.")
+    assert seg_a.SOPInstanceUID != sr_a.SOPInstanceUID
+    tracking = [[s.TrackingUID for s in seg.SegmentSequence] for seg in (seg_a, seg_b)]
+    assert tracking[0] == tracking[1]
+    unseeded = [build(case, seed=None)[0].SOPInstanceUID for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_zero_lesions(tmp_path: Path) -> None:
+    case = make_case(lesion_labels=())
+    seg, sr = build(case)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lung"]
+    seg_path, sr_path = save(seg, tmp_path / "seg.dcm"), save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(seg_path)
+    assert_dciodvfy_clean(sr_path)
+    dump = dsrdump(sr_path)
+    assert "No lesion was found" in dump and "NOT FOR CLINICAL USE" in dump
+    reread = hd.sr.srread(sr_path)
+    assert lesion_groups(reread) == []
+    seg_back = hd.seg.segread(seg_path)
+    pixels = seg_back.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in case.ct], assert_missing_frames_are_empty=True
+    )
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), case.lung)
+
+
+def test_empty_label_makes_no_segment() -> None:
+    case = make_case(lesion_labels=(1, 3))
+    seg, sr = build(case)
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [
+        (1, "Lung"),
+        (2, "Lesion 1"),
+        (3, "Lesion 3"),
+    ]
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    numbers = [g.referenced_segment.referenced_segment_numbers for g in lesion_groups(parsed)]
+    assert numbers == [[2], [3]]
+
+
+def test_bad_input_is_refused(case: Case) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        build_segmentation(case.ct[:-1], case.lung, case.labels, **ALGO)
+    seg = build_segmentation(case.ct, case.lung, case.labels, **ALGO)
+    stray = dict(case.lesions[0], label=9)
+    with pytest.raises(ValueError, match="no segment for lesion label 9"):
+        build_measurement_report(
+            case.ct, seg, [stray], lung_volume_ml=None, screening_probability=None, **ALGO
+        )
+    with pytest.raises(ValueError, match="repeat"):
+        build_measurement_report(
+            case.ct, seg, case.lesions * 2, lung_volume_ml=None, screening_probability=None, **ALGO
+        )
+    with pytest.raises(ValueError, match="outside"):
+        build_measurement_report(
+            case.ct, seg, case.lesions, lung_volume_ml=None, screening_probability=1.5, **ALGO
+        )

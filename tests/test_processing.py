@@ -1,0 +1,129 @@
+"""The pipeline run directly (no broker): results, idempotency, reprocessing, bad series."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import select
+
+from db import Job, Output, StudyState, audit
+from dicom_node.samples import sample_study_uid
+from tests.conftest import storescu, wait_for
+from tests.helpers import study_row, study_state
+from workers import processing
+
+LUNG1 = sample_study_uid("lung1")
+
+
+@pytest.fixture
+def queued_lung1(database, node_factory, samples):
+    node = node_factory(database, stable_seconds=0.3)
+    assert storescu(node.port, samples["lung1"]).returncode == 0
+    wait_for(lambda: study_state(database, LUNG1) == StudyState.QUEUED)
+    return node
+
+
+def _jobs(db):
+    with db.session() as s:
+        return list(s.execute(select(Job).order_by(Job.id)).scalars())
+
+
+def _outputs(db):
+    with db.session() as s:
+        return list(s.execute(select(Output).order_by(Output.id)).scalars())
+
+
+def test_lung1_is_processed_once_with_findings_seg_and_sr(database, queued_lung1, tmp_path):
+    out = tmp_path / "outputs"
+    assert processing.process_study(database, LUNG1, out) == "DONE"
+    study = study_row(database, LUNG1)
+    assert study.state == StudyState.DONE and study.priority in (1, 2, 3, 4)
+    [job] = _jobs(database)
+    assert job.findings["lesions"], "the real lung1 nodule was not found"
+    assert job.model_versions == {processing.baseline.BASELINE_NAME: processing.PIPELINE_VERSION}
+    outputs = _outputs(database)
+    assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
+    for o in outputs:
+        ds = pydicom.dcmread(o.path)
+        assert ds.StudyInstanceUID == LUNG1 and ds.SOPInstanceUID == o.sop_instance_uid
+        check = subprocess.run(["/usr/bin/dciodvfy", o.path], capture_output=True, text=True)
+        errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+        assert errors == [], errors
+
+    # The same message again (at-least-once delivery): nothing new.
+    again = processing.process_study(database, LUNG1, out)
+    assert again.startswith("already DONE")
+    assert len(_jobs(database)) == 1 and len(_outputs(database)) == 2
+    with database.session() as s:
+        assert audit.verify(s).ok
+
+
+def test_late_instance_supersedes_the_old_result(database, queued_lung1, samples, tmp_path):
+    out = tmp_path / "outputs"
+    assert processing.process_study(database, LUNG1, out) == "DONE"
+    extra = pydicom.dcmread(samples["lung1"][0])
+    extra.SOPInstanceUID = extra.SOPInstanceUID + ".1"
+    extra.InstanceNumber = 999
+    extra.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    extra.SeriesInstanceUID = extra.SeriesInstanceUID + ".9"
+    path = tmp_path / "extra.dcm"
+    extra.save_as(path, enforce_file_format=True)
+    assert storescu(queued_lung1.port, [path]).returncode == 0
+    wait_for(lambda: study_state(database, LUNG1) == StudyState.QUEUED)
+    assert processing.process_study(database, LUNG1, out) == "DONE"
+    first, second = _jobs(database)
+    assert first.superseded and not second.superseded
+    assert first.input_hash != second.input_hash
+    assert len(_outputs(database)) == 4  # the old outputs are kept, never deleted
+
+
+def test_mr_study_is_not_applicable(database, node_factory, tmp_path):
+    node = node_factory(database, stable_seconds=0.3)
+    mr = tmp_path / "mr.dcm"
+    shutil.copy(get_testdata_file("MR_small.dcm"), mr)
+    assert storescu(node.port, [mr]).returncode == 0
+    uid = pydicom.dcmread(mr).StudyInstanceUID
+    wait_for(lambda: study_state(database, uid) == StudyState.QUEUED)
+    result = processing.process_study(database, uid, tmp_path / "out")
+    assert result.startswith("NOT_APPLICABLE")
+    study = study_row(database, uid)
+    assert study.state == StudyState.NOT_APPLICABLE and "modality MR is not CT" in study.error
+    assert _outputs(database) == []
+
+
+def test_series_with_a_missing_slice_is_not_applicable(sqlite_db, node_factory, samples, tmp_path):
+    node = node_factory(sqlite_db, stable_seconds=0.3)
+    files = samples["lung1"][:20] + samples["lung1"][21:]
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: study_state(sqlite_db, LUNG1) == StudyState.QUEUED)
+    processing.process_study(sqlite_db, LUNG1, tmp_path / "out")
+    study = study_row(sqlite_db, LUNG1)
+    assert study.state == StudyState.NOT_APPLICABLE
+    assert "missing slices" in study.error
+    assert not any(Path(tmp_path / "out").rglob("*.dcm"))
+
+
+def test_unexpected_error_leaves_study_retryable(database, queued_lung1, tmp_path, monkeypatch):
+    def boom(*_a, **_k):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(processing.baseline, "run_baseline", boom)
+    with pytest.raises(OSError):
+        processing.process_study(database, LUNG1, tmp_path / "out")
+    assert study_state(database, LUNG1) == StudyState.PROCESSING
+    processing.fail(database, LUNG1, "gave up: disk on fire")
+    study = study_row(database, LUNG1)
+    assert study.state == StudyState.FAILED and "disk on fire" in study.error
+    monkeypatch.undo()
+    from dicom_node.assembly import requeue
+
+    requeue(database, LUNG1, actor="test")
+    wait_for(lambda: study_state(database, LUNG1) == StudyState.QUEUED)
+    assert processing.process_study(database, LUNG1, tmp_path / "out") == "DONE"
+    [job] = _jobs(database)
+    assert job.attempts == 2 and job.state == StudyState.DONE

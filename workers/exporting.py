@@ -1,0 +1,84 @@
+"""Export bookkeeping: one job's outputs to one destination, retried with capped backoff.
+
+Each export is its own task on the I/O queue, so a destination that is down delays only its own
+exports, never processing or other destinations. Outcomes are recorded in `exports` and the audit
+trail; a transient failure returns the delay before the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+
+from db import Export, Output, audit
+from db.models import utcnow
+from db.session import Database
+from workers.export import Destination, ExportError, backoff_seconds, send_to_destination
+
+log = logging.getLogger("radai.export")
+
+ACTOR = "exporter"
+
+
+def run_export(
+    db: Database,
+    export_id: int,
+    destinations: dict[str, Destination],
+    *,
+    calling_aet: str,
+    timeout: float = 10.0,
+    max_attempts: int = 8,
+    backoff_cap: float = 300.0,
+) -> float | None:
+    """Try one export once; return seconds until the next try, or None when it is settled."""
+    with db.session() as s:
+        export = s.get(Export, export_id)
+        if export is None or export.state != "PENDING":
+            return None
+        paths = [
+            Path(p)
+            for (p,) in s.execute(
+                select(Output.path).where(Output.job_id == export.job_id).order_by(Output.id)
+            )
+        ]
+        name = export.destination
+    destination = destinations.get(name)
+    error: str | None = None
+    permanent = False
+    if destination is None:
+        error, permanent = f"{name} is no longer a configured destination", True
+    else:
+        try:
+            send_to_destination(paths, destination, calling_aet=calling_aet, timeout=timeout)
+        except ExportError as exc:
+            error, permanent = exc.reason, exc.permanent
+        except OSError as exc:
+            error, permanent = f"cannot read outputs: {exc}", True
+
+    with db.session() as s:
+        export = s.get(Export, export_id, with_for_update=True)
+        export.attempts += 1
+        export.updated_at = utcnow()
+        study_uid = export.job.study.study_uid if export.job else None
+        if error is None:
+            export.state, export.last_error = "SENT", None
+            audit.append(s, ACTOR, "export.sent", study_uid, {"to": name, "files": len(paths)})
+            log.info("export %d to %s: sent %d file(s)", export_id, name, len(paths))
+            return None
+        export.last_error = error[:2000]
+        if permanent or export.attempts >= max_attempts:
+            export.state = "FAILED"
+            audit.append(
+                s,
+                ACTOR,
+                "export.failed",
+                study_uid,
+                {"to": name, "reason": error[:500], "attempts": export.attempts},
+            )
+            log.warning("export %d to %s failed for good: %s", export_id, name, error)
+            return None
+        delay = backoff_seconds(export.attempts - 1, cap=backoff_cap)
+    log.info("export %d to %s failed (%s); retry in %.0f s", export_id, name, error, delay)
+    return delay

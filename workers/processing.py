@@ -1,0 +1,367 @@
+"""One study through the pipeline: select a series, load it, analyse it, write SEG and SR, record.
+
+Idempotent by construction: a job is keyed by (study, pipeline version, hash of the input
+instances); the same key twice yields one result, and output UIDs derive from the key, so a rerun
+after a crash rewrites the same files instead of adding new ones. Data problems end the study as
+NOT_APPLICABLE or FAILED with a reason; anything else propagates for the task to retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from sqlalchemy import select, update
+
+from db import Export, Instance, Job, OutboxMessage, Output, Series, Study, StudyState, audit
+from db.models import utcnow
+from db.session import Database
+from ml import baseline
+from workers.dicom_out.seg import build_segmentation
+from workers.dicom_out.sr import build_measurement_report
+from workers.outputs import write_output
+from workers.selection import SeriesHeader, load_rules, select_series
+from workers.volume import UndecodablePixels, UnusableSeries, Volume, load_series
+
+log = logging.getLogger("radai.worker")
+
+PIPELINE = "chest-ct-lung-lesions"
+PIPELINE_VERSION = f"{baseline.BASELINE_VERSION}"
+ACTOR = "worker"
+RUNNING = "RUNNING"
+MIN_LUNG_ML = 200.0  # less than this in view: not a chest CT we can analyse
+
+
+class Finished(Exception):
+    """The job ended without findings (NOT_APPLICABLE or FAILED) for a reason people read."""
+
+    def __init__(self, state: StudyState, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    job_id: int
+    study_id: int
+    study_uid: str
+    input_hash: str
+    attempt: int
+
+
+def input_hash(pairs: list[tuple[str, str]]) -> str:
+    digest = hashlib.sha256()
+    for sop_uid, sha in sorted(pairs):
+        digest.update(f"{sop_uid}:{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def _start(db: Database, study_uid: str) -> JobTicket | str:
+    """Claim the job for the study's current instances, or say why there is nothing to do."""
+    with db.session() as s:
+        study = s.execute(
+            select(Study).where(Study.study_uid == study_uid).with_for_update()
+        ).scalar_one_or_none()
+        if study is None:
+            return "unknown study"
+        if study.state == StudyState.RECEIVING:
+            return "study reopened by new instances; it will be queued again"
+        pairs = s.execute(
+            select(Instance.sop_instance_uid, Instance.sha256).where(Instance.study_id == study.id)
+        ).all()
+        key = input_hash([(a, b) for a, b in pairs])
+        job = s.execute(
+            select(Job).where(
+                Job.study_id == study.id,
+                Job.pipeline_version == PIPELINE_VERSION,
+                Job.input_hash == key,
+            )
+        ).scalar_one_or_none()
+        if job is not None and job.state in (StudyState.DONE, StudyState.NOT_APPLICABLE):
+            if study.state in (StudyState.QUEUED, StudyState.STABLE, StudyState.PROCESSING):
+                study.state = job.state
+                study.state_changed_at = utcnow()
+            return f"already {job.state} for these instances (job {job.id})"
+        if job is None:
+            job = Job(
+                study_id=study.id,
+                pipeline=PIPELINE,
+                pipeline_version=PIPELINE_VERSION,
+                input_hash=key,
+                state=RUNNING,
+                attempts=0,
+            )
+            s.add(job)
+        job.state = RUNNING
+        job.attempts += 1
+        job.started_at = utcnow()
+        job.error = None
+        study.state = StudyState.PROCESSING
+        study.state_changed_at = utcnow()
+        study.attempts += 1
+        s.flush()
+        audit.append(s, ACTOR, "job.started", study_uid, {"job": job.id, "attempt": job.attempts})
+        return JobTicket(job.id, study.id, study_uid, key, job.attempts)
+
+
+def _series_headers(
+    db: Database, study_id: int
+) -> tuple[list[SeriesHeader], dict[str, list[Path]]]:
+    with db.session() as s:
+        rows = s.execute(
+            select(
+                Series.series_uid,
+                Series.series_number,
+                Series.series_description,
+                Instance.archive_path,
+            )
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id == study_id)
+        ).all()
+    files: dict[str, list[Path]] = {}
+    meta: dict[str, tuple] = {}
+    for series_uid, number, description, path in rows:
+        files.setdefault(series_uid, []).append(Path(path))
+        meta[series_uid] = (number, description)
+    headers = []
+    for series_uid, paths in files.items():
+        modalities, classes, body, thick, types = set(), set(), None, None, set()
+        for path in paths:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            modalities.add(str(ds.get("Modality", "")) or None)
+            classes.add(str(ds.SOPClassUID))
+            body = body or (str(ds.get("BodyPartExamined", "")) or None)
+            if ds.get("SliceThickness") not in (None, ""):
+                thick = max(thick or 0.0, float(ds.SliceThickness))
+            types.update(str(t).upper() for t in (ds.get("ImageType") or []))
+        modality = modalities.pop() if len(modalities) == 1 else None
+        headers.append(
+            SeriesHeader(
+                series_uid=series_uid,
+                modality=modality,
+                sop_class_uids=frozenset(classes),
+                body_part=body,
+                slice_count=len(paths),
+                slice_thickness_mm=thick,
+                image_types=frozenset(types),
+                series_number=meta[series_uid][0],
+                description=meta[series_uid][1],
+            )
+        )
+    return headers, files
+
+
+def lesion_location(centroid_zyx: tuple[float, float, float], lung: np.ndarray, vol: Volume) -> str:
+    """Side from patient coordinates (LPS: +x is patient-left), zone from the lung's extent."""
+    z, y, x = centroid_zyx
+    row, col = np.asarray(vol.row_cosine), np.asarray(vol.column_cosine)
+    dy, dx = vol.spacing_zyx[1], vol.spacing_zyx[2]
+    point = np.asarray(vol.origin_xyz) + row * x * dx + col * y * dy
+    lung_x = [
+        float((np.asarray(vol.origin_xyz) + row * xx * dx)[0])
+        for xx in np.nonzero(lung.any(axis=(0, 1)))[0][[0, -1]]
+    ]
+    side = "left" if point[0] > (lung_x[0] + lung_x[1]) / 2 else "right"
+    slices = np.nonzero(lung.any(axis=(1, 2)))[0]
+    top_is_high_index = vol.origin_xyz[2] < vol.origin_xyz[2] + vol.spacing_zyx[0]
+    frac = (z - slices[0]) / max(1, slices[-1] - slices[0])
+    if top_is_high_index:
+        frac = 1 - frac  # volume order runs feet to head: high index is cranial
+    zone = "upper" if frac < 1 / 3 else "middle" if frac < 2 / 3 else "lower"
+    return f"{side} lung, {zone} zone"
+
+
+def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path) -> dict:
+    timings: dict[str, float] = {}
+    result = baseline.run_baseline(volume.hu, volume.spacing_zyx)
+    timings.update(result.timings_s)
+    if result.lung_volume_ml < MIN_LUNG_ML:
+        raise Finished(
+            StudyState.NOT_APPLICABLE,
+            f"only {result.lung_volume_ml:.0f} ml of lung in the field of view; "
+            "not a chest CT this pipeline can analyse",
+        )
+    lesions = []
+    for m in result.lesions:
+        lesions.append(
+            {
+                "label": m.label,
+                "volume_mm3": round(m.voxel_volume_mm3, 1),
+                "max_3d_diameter_mm": round(m.max_3d_diameter_mm, 1),
+                "max_2d_axial_diameter_mm": round(m.max_2d_axial_diameter_mm, 1),
+                "mean_hu": round(m.mean_hu, 1) if m.mean_hu is not None else None,
+                "location": lesion_location(m.centroid_zyx, result.lung_mask, volume),
+                "centroid_zyx": [round(float(c), 1) for c in m.centroid_zyx],
+                "slice_index": int(round(m.centroid_zyx[0])),
+            }
+        )
+    seed = f"{ticket.study_uid}/{PIPELINE_VERSION}/{ticket.input_hash}"
+    t0 = time.perf_counter()
+    seg = build_segmentation(
+        volume.datasets,
+        result.lung_mask,
+        result.lesion_labels,
+        algorithm_name=baseline.BASELINE_NAME,
+        algorithm_version=baseline.BASELINE_VERSION,
+        instance_uid_seed=seed + "/seg",
+    )
+    sr = build_measurement_report(
+        volume.datasets,
+        seg,
+        lesions,
+        lung_volume_ml=result.lung_volume_ml,
+        screening_probability=result.probability,
+        algorithm_name=baseline.BASELINE_NAME,
+        algorithm_version=baseline.BASELINE_VERSION,
+        instance_uid_seed=seed + "/sr",
+    )
+    timings["write_dicom"] = time.perf_counter() - t0
+    folder = outputs_dir / ticket.study_uid / f"job-{ticket.job_id}"
+    written = [
+        write_output(folder / "seg.dcm", seg, "SEG"),
+        write_output(folder / "sr.dcm", sr, "SR"),
+    ]
+    saliency_path = folder / "saliency.npz"
+    np.savez_compressed(saliency_path, saliency=result.saliency.astype(np.float16))
+    return {
+        "findings": {
+            "screening_probability": round(float(result.probability), 4),
+            "priority": int(result.priority),
+            "lung_volume_ml": round(float(result.lung_volume_ml), 1),
+            "lesions": lesions,
+            "series_uid": str(volume.datasets[0].SeriesInstanceUID),
+            "slices": len(volume.datasets),
+            "saliency_path": str(saliency_path),
+            "not_for_clinical_use": True,
+        },
+        "outputs": written,
+        "timings": timings,
+        "priority": int(result.priority),
+    }
+
+
+EXPORT_TASK = "radai.export_output"
+
+
+def _finish(
+    db: Database,
+    ticket: JobTicket,
+    state: StudyState,
+    *,
+    reason: str | None = None,
+    analysis: dict | None = None,
+    destinations: list[str] = (),
+) -> None:
+    now = utcnow()
+    with db.session() as s:
+        job = s.get(Job, ticket.job_id, with_for_update=True)
+        study = s.get(Study, ticket.study_id, with_for_update=True)
+        job.state = state
+        job.error = reason
+        job.finished_at = now
+        job.model_versions = {baseline.BASELINE_NAME: baseline.BASELINE_VERSION}
+        if analysis:
+            job.findings = analysis["findings"]
+            job.timings = analysis["timings"]
+            existing = {o.sop_instance_uid for o in job.outputs}
+            for out in analysis["outputs"]:
+                if out["sop_instance_uid"] not in existing:
+                    s.add(Output(job_id=job.id, study_id=study.id, **out))
+            s.flush()
+            # Exports go through the outbox: written with the result, published by the node.
+            for name in destinations:
+                export = Export(job_id=job.id, study_id=study.id, destination=name)
+                s.add(export)
+                s.flush()
+                s.add(
+                    OutboxMessage(
+                        task=EXPORT_TASK,
+                        payload={"export_id": export.id},
+                        study_uid=ticket.study_uid,
+                        next_attempt_at=now,
+                    )
+                )
+        if state in (StudyState.DONE, StudyState.NOT_APPLICABLE):
+            s.execute(
+                update(Job)
+                .where(Job.study_id == study.id, Job.id != job.id, Job.superseded.is_(False))
+                .values(superseded=True)
+            )
+        # A study reopened meanwhile stays RECEIVING: this result will itself be superseded.
+        if study.state == StudyState.PROCESSING:
+            study.state = state
+            study.state_changed_at = now
+            study.error = reason
+            if analysis:
+                study.priority = analysis["priority"]
+        detail = {"job": job.id, "state": str(state)}
+        if reason:
+            detail["reason"] = reason
+        if analysis:
+            f = analysis["findings"]
+            detail.update(
+                probability=f["screening_probability"],
+                lesions=len(f["lesions"]),
+                outputs=[o["sop_instance_uid"] for o in analysis["outputs"]],
+                model={baseline.BASELINE_NAME: baseline.BASELINE_VERSION},
+            )
+        audit.append(s, ACTOR, f"job.{str(state).lower()}", ticket.study_uid, detail)
+
+
+def fail(db: Database, study_uid: str, reason: str) -> None:
+    """Record a permanent failure of the running job of a study (e.g. retries exhausted)."""
+    with db.session() as s:
+        row = s.execute(
+            select(Job.id, Job.study_id, Job.input_hash, Job.attempts)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_uid == study_uid, Job.state == RUNNING)
+            .order_by(Job.id.desc())
+        ).first()
+    if row is None:
+        return
+    _finish(
+        db, JobTicket(row[0], row[1], study_uid, row[2], row[3]), StudyState.FAILED, reason=reason
+    )
+
+
+def process_study(
+    db: Database, study_uid: str, outputs_dir: Path, destinations: list[str] = ()
+) -> str:
+    """Run the pipeline for one study; return a short description of what happened."""
+    ticket = _start(db, study_uid)
+    if isinstance(ticket, str):
+        log.info("study %s: nothing to do: %s", study_uid, ticket)
+        return ticket
+    rules = load_rules()
+    try:
+        headers, files = _series_headers(db, ticket.study_id)
+        selection = select_series(rules, headers)
+        if selection.chosen is None:
+            raise Finished(StudyState.NOT_APPLICABLE, selection.explain(rules))
+        try:
+            volume = load_series(files[selection.chosen.series_uid])
+        except UnusableSeries as exc:
+            raise Finished(StudyState.NOT_APPLICABLE, f"series not usable: {exc}") from None
+        except UndecodablePixels as exc:
+            raise Finished(StudyState.FAILED, str(exc)) from None
+        analysis = _analyse(ticket, volume, outputs_dir)
+    except Finished as end:
+        _finish(db, ticket, end.state, reason=end.reason)
+        log.info("study %s ended %s: %s", study_uid, end.state, end.reason)
+        return f"{end.state}: {end.reason}"
+    _finish(db, ticket, StudyState.DONE, analysis=analysis, destinations=list(destinations))
+    f = analysis["findings"]
+    log.info(
+        "study %s DONE: p=%.3f, %d lesion(s), priority %d",
+        study_uid,
+        f["screening_probability"],
+        len(f["lesions"]),
+        f["priority"],
+    )
+    return "DONE"
