@@ -264,6 +264,33 @@ def _wait_for_states(settings: Settings, study_uids: list[str], states: set[str]
         time.sleep(0.5)
 
 
+def _print_findings(case: str, row: dict | None) -> None:
+    if row is None:
+        print(f"{case}: study missing")
+        return
+    print(f"{case}: study {row['study_uid']} is {row['state']}", end="")
+    if row["error"]:
+        print(f" ({row['error']})")
+        return
+    findings = row["findings"] or {}
+    if not findings:
+        print()
+        return
+    print(
+        f", suspicion {findings['screening_probability']:.2f}, priority {row['priority']}, "
+        f"lung volume {findings['lung_volume_ml'] / 1000:.1f} l"
+    )
+    for lesion in findings["lesions"]:
+        print(
+            f"    lesion {lesion['label']}: {lesion['volume_mm3'] / 1000:.1f} ml, "
+            f"max diameter {lesion['max_3d_diameter_mm']:.1f} mm "
+            f"(axial {lesion['max_2d_axial_diameter_mm']:.1f} mm), "
+            f"mean {lesion['mean_hu']:.0f} HU, {lesion['location']}"
+        )
+    for out in row["outputs"]:
+        print(f"    {out['modality']}: {out['path']}")
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.samples import SAMPLE_CASES, build_sample_studies, sample_study_uid
     from dicom_node.sender import send_files
@@ -272,6 +299,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_dir, "demo")
     service = _node_service(settings)
     service.start()
+    children = [_spawn(["worker"])]
     try:
         built = build_sample_studies(settings.home_dir / "samples")
         for case, files in built.items():
@@ -282,16 +310,16 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         rows = _wait_for_states(
             settings,
             uids,
-            {"QUEUED", "PROCESSING", "DONE", "NOT_APPLICABLE", "FAILED"},
-            timeout=settings.stable_seconds + 60,
+            {"DONE", "NOT_APPLICABLE", "FAILED"},
+            timeout=settings.stable_seconds + args.timeout,
         )
+        print("NOT FOR CLINICAL USE: findings of research software on demo data")
         for case, row in zip(SAMPLE_CASES, rows, strict=True):
-            state = row["state"] if row else "missing"
-            print(f"{case}: study {row['study_uid'] if row else '?'} is {state}")
+            _print_findings(case, row)
         print(f"DICOM node: {settings.ae_title}@127.0.0.1:{service.port}")
         print(f"dashboard: http://127.0.0.1:{settings.dashboard_port}/ (lands with the dashboard)")
         if args.exit:
-            return 0 if all(rows) else 1
+            return 0 if all(r and r["state"] == "DONE" for r in rows) else 1
         print("running; Ctrl-C stops")
         signal.signal(signal.SIGTERM, lambda *_: service.stop())
         try:
@@ -301,6 +329,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         service.stop()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(timeout=30)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("image", type=Path, help="volume readable by SimpleITK (NRRD, NIfTI)")
     measure.add_argument("mask", type=Path, help="label map of the same size")
     measure.add_argument("--json", action="store_true")
-    demo = sub.add_parser("demo", help="run the node, send the sample studies, print their state")
+    demo = sub.add_parser("demo", help="run node and worker, send the samples, print findings")
     demo.add_argument("--exit", action="store_true", help="stop after printing, for scripts")
+    demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for results")
 
     send = sub.add_parser("send", help="send DICOM files (or folders) with C-STORE")
     send.add_argument("paths", nargs="+")

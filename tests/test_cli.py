@@ -35,25 +35,32 @@ def test_help_lists_the_commands():
     assert "NOT FOR CLINICAL USE" in out
 
 
-def test_demo_sends_samples_and_studies_json_shows_them_queued(tmp_path):
+def test_demo_processes_samples_and_studies_json_shows_findings(tmp_path):
     env = _env(tmp_path / "home", RADAI_STABLE_SECONDS="1")
     demo = _radai(["demo", "--exit"], env, timeout=300)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "sent sample study lung2: 61 of 61 instances stored" in demo.stdout
     assert "dashboard: http://127.0.0.1:" in demo.stdout
+    assert "NOT FOR CLINICAL USE" in demo.stdout
+    assert "SEG: " in demo.stdout and "SR: " in demo.stdout
 
     listing = _radai(["studies", "--json"], env)
     assert listing.returncode == 0, listing.stderr
     studies = {s["study_uid"]: s for s in json.loads(listing.stdout)}
     for case, n in (("lung1", 48), ("lung2", 61)):
         row = studies[sample_study_uid(case)]
-        assert row["state"] == "QUEUED" and row["instances"] == n
-        for key in ("priority", "findings", "outputs", "model_versions", "error"):
-            assert key in row
+        assert row["state"] == "DONE" and row["instances"] == n
+        assert row["findings"]["lesions"] and row["priority"] in (1, 2)
+        assert {o["modality"] for o in row["outputs"]} == {"SEG", "SR"}
+        assert all(Path(o["path"]).exists() for o in row["outputs"])
+        assert row["model_versions"] and row["error"] is None
     # Patient data stays out of the logs.
-    log_text = (tmp_path / "home" / "logs" / "demo.log").read_text()
-    assert "DEMO^LUNG" not in log_text and "RADAI-DEMO" not in log_text
-    assert "stable with 61 instances" in log_text
+    logs = {p.name: p.read_text() for p in (tmp_path / "home" / "logs").glob("*.log")}
+    assert set(logs) >= {"demo.log", "worker.log"}
+    for text in logs.values():
+        assert "DEMO^LUNG" not in text and "RADAI-DEMO" not in text
+    assert "stable with 61 instances" in logs["demo.log"]
+    assert "DONE: p=" in logs["worker.log"]
 
 
 def test_node_and_send_commands(tmp_path, samples):
