@@ -103,3 +103,54 @@ def test_commands_work_on_an_empty_home(tmp_path, args):
     assert out.returncode == 0, out.stderr
     if "--json" in args:
         assert json.loads(out.stdout) == []
+
+
+# pyradiomics 3.0.1's published values for the expert masks (data/samples, see its README).
+REFERENCE = {
+    "lung1": {
+        "voxel_volume_mm3": 1361.20,
+        "max_3d_diameter_mm": 21.34,
+        "max_2d_axial_diameter_mm": 16.63,
+        "mesh_volume_mm3": 1330.98,
+    },
+    "lung2": {
+        "voxel_volume_mm3": 48434.11,
+        "max_3d_diameter_mm": 68.98,
+        "max_2d_axial_diameter_mm": 55.80,
+        "mesh_volume_mm3": 48292.52,
+    },
+}
+
+
+@pytest.mark.parametrize("case", ["lung1", "lung2"])
+def test_measure_command_matches_pyradiomics(tmp_path, case):
+    from dicom_node.samples import SAMPLES_DIR
+
+    out = _radai(
+        [
+            "measure",
+            str(SAMPLES_DIR / f"{case}_image.nrrd"),
+            str(SAMPLES_DIR / f"{case}_label.nrrd"),
+            "--json",
+        ],
+        _env(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    [region] = json.loads(out.stdout)
+    for key, expected in REFERENCE[case].items():
+        assert region[key] == pytest.approx(expected, rel=0.01), key
+    assert -1000 < region["mean_hu"] < 200
+    text = _radai(
+        [
+            "measure",
+            str(SAMPLES_DIR / f"{case}_image.nrrd"),
+            str(SAMPLES_DIR / f"{case}_label.nrrd"),
+        ],
+        _env(tmp_path),
+    )
+    assert text.returncode == 0 and text.stdout.startswith("label 1: volume ")
+
+
+def test_retry_refuses_unknown_study(tmp_path):
+    out = _radai(["retry", "1.2.3.4"], _env(tmp_path / "h"))
+    assert out.returncode == 1 and "no study 1.2.3.4" in out.stderr
