@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")
     io_queue: str = Field(default="radai.io", description="Celery queue of exports")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
-    visibility_timeout: int = Field(default=3600, description="s before an unacked task returns")
+    visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
     log_level: str = "INFO"
 
     @field_validator("ae_title")

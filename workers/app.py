@@ -28,7 +28,7 @@ class WorkerConfig:
     io_queue: str = "radai.io"
     device: str = "auto"  # auto | cpu | cuda
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
-    visibility_timeout: int = 3600
+    visibility_timeout: int = 900
     export_max_attempts: int = 8
     export_timeout: float = 10.0
     calling_aet: str = "RADAI"
@@ -60,12 +60,7 @@ def configure(config: WorkerConfig) -> Celery:
             "radai.process_study": {"queue": config.pipeline_queue},
             "radai.export_output": {"queue": config.io_queue},
         },
-        # kombu's SQLAlchemy transport passes transport options to create_engine().
-        broker_transport_options=(
-            {"visibility_timeout": config.visibility_timeout}
-            if config.broker_url.startswith(("redis://", "rediss://"))
-            else {}
-        ),
+        broker_transport_options=_transport_options(config),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         task_ignore_result=True,
@@ -73,6 +68,19 @@ def configure(config: WorkerConfig) -> Celery:
     config.outputs_dir.mkdir(parents=True, exist_ok=True)
     _runtime = Runtime(config=config, db=Database(config.database_url))
     return app
+
+
+def _transport_options(config: WorkerConfig) -> dict:
+    if not config.broker_url.startswith(("redis://", "rediss://")):
+        return {}  # kombu's SQLAlchemy transport passes its options to create_engine()
+    # A task of a worker killed mid-study returns to the queue after the visibility timeout;
+    # kombu looks for such tasks only every interval x throttle seconds (100 s by default).
+    vt = config.visibility_timeout
+    return {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": max(1, min(10, vt // 2)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def runtime() -> Runtime:
