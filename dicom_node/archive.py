@@ -22,20 +22,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+def stage(folder: Path, data: bytes) -> Path:
+    """Write `data` durably under a temporary name in `folder`; `place` gives it its name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def place(staged: Path, path: Path) -> None:
+    """Rename a staged file into place (same folder: atomic) and make the rename durable."""
+    os.replace(staged, path)
     _fsync_dir(path.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    place(stage(path.parent, data), path)
 
 
 def sha256(data: bytes) -> str:

@@ -99,26 +99,42 @@ def _check_pixel_length(ds: Dataset, transfer_syntax: str) -> None:
         )
 
 
-def _check_body_encoding(encoded: bytes, declared: pydicom.uid.UID) -> None:
+def _parse(encoded: bytes) -> tuple[Dataset, str]:
+    """One pass over the stream: file meta, then every top-level element, lengths checked.
+
+    pydicom's reader quietly accepts a value shorter than its declared length (a truncated file,
+    a length that lies) and re-guesses the VR encoding; here both are refusals. Values stay raw
+    until read, so only the attributes the node needs are ever decoded.
+    """
     fp = BytesIO(encoded)
     read_preamble(fp, force=False)
-    _read_file_meta_info(fp)
+    meta = _read_file_meta_info(fp)
+    if "TransferSyntaxUID" not in meta:
+        raise ValueError("the file meta information has no Transfer Syntax UID")
+    declared = pydicom.uid.UID(str(meta.TransferSyntaxUID))
+    if not declared.is_transfer_syntax:
+        raise ValueError(f"unknown transfer syntax {declared}")
+    if declared.is_deflated:
+        ds = pydicom.dcmread(BytesIO(encoded), force=False)
+        return ds, str(declared)
     first = encoded[fp.tell() : fp.tell() + 8]
     if len(first) < 8:
         raise ValueError("no dataset follows the file meta information")
-    if not declared.is_transfer_syntax or declared.is_deflated:
-        return
     if not declared.is_implicit_VR and not (first[4:6].isalpha() and first[4:6].isupper()):
         raise ValueError(f"the body is not encoded as its transfer syntax, {declared.name}")
-    # pydicom quietly accepts a value shorter than its declared length (a truncated file, a
-    # length that lies); walk the top-level elements and compare.
+    elements = {}
     for raw in data_element_generator(fp, declared.is_implicit_VR, declared.is_little_endian):
         if raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
             raise ValueError(
                 f"element {raw.tag} declares {raw.length} bytes but only {len(raw.value)} follow"
             )
+        elements[raw.tag] = raw
     if fp.tell() != len(encoded):
         raise ValueError(f"{len(encoded) - fp.tell()} stray bytes end the dataset (truncated?)")
+    ds = Dataset(elements)
+    ds.set_original_encoding(declared.is_implicit_VR, declared.is_little_endian)
+    ds.file_meta = meta
+    return ds, str(declared)
 
 
 def inspect_received(
@@ -126,12 +142,11 @@ def inspect_received(
 ) -> ReceivedObject:
     """Parse a received Part 10 stream (meta included) and check it can be filed; or raise."""
     try:
-        ds = pydicom.dcmread(BytesIO(encoded), force=False)
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        _check_body_encoding(encoded, pydicom.uid.UID(transfer_syntax))
-        # Touch every element now: a lying length or broken VR raises here, not later in a worker.
-        for _ in ds.iterall():
-            pass
+        ds, transfer_syntax = _parse(encoded)
+        uids = {}
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = ds.get(keyword)
+            uids[keyword] = str(value) if value is not None else None
     except (InvalidDicomError, EOFError, ValueError, OverflowError, KeyError, TypeError) as exc:
         raise Refusal(statuses.CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on hostile input
@@ -139,14 +154,10 @@ def inspect_received(
             statuses.CANNOT_UNDERSTAND, f"cannot parse the dataset: {type(exc).__name__}: {exc}"
         ) from None
 
-    uids = {}
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = ds.get(keyword)
-        value = str(value) if value is not None else None
+    for keyword, value in uids.items():
         if not valid_uid(value):
             shown = "missing" if not value else f"not a valid UID: {value[:80]!r}"
             raise Refusal(statuses.MISSING_UID, f"{keyword} {shown}")
-        uids[keyword] = value
     if uids["SOPClassUID"] != requested_sop_class:
         raise Refusal(
             statuses.SOP_CLASS_MISMATCH,

@@ -7,10 +7,10 @@ Each function is one transaction. A study that receives an instance after it was
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -27,22 +27,6 @@ class Outcome(enum.StrEnum):
     CONFLICT = "conflict"
 
 
-@dataclass(frozen=True)
-class Known:
-    sha256: str
-    archive_path: str
-
-
-def find_instance(db: Database, sop_instance_uid: str) -> Known | None:
-    with db.session() as s:
-        row = s.execute(
-            select(Instance.sha256, Instance.archive_path).where(
-                Instance.sop_instance_uid == sop_instance_uid
-            )
-        ).first()
-    return Known(row[0], row[1]) if row else None
-
-
 def _insert_ignore(session: Session, table, **values) -> bool:  # noqa: ANN001
     """INSERT unless the unique key exists (safe against a concurrent insert); True if inserted."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
@@ -50,7 +34,132 @@ def _insert_ignore(session: Session, table, **values) -> bool:  # noqa: ANN001
     return session.execute(stmt.returning(table.__table__.c.id)).first() is not None
 
 
-def _study_for_update(session: Session, obj: ReceivedObject, now: datetime, actor: str) -> Study:
+Place = Callable[[Outcome], str]
+
+# Built once: this path runs for every instance received, and building statements per call costs
+# more than executing them.
+_I = Instance.__table__
+_S = Study.__table__
+_SE = Series.__table__
+_FIND = select(_I.c.sha256).where(_I.c.sop_instance_uid == bindparam("sop"))
+_TOUCH = (
+    update(_S)
+    .where(_S.c.study_uid == bindparam("uid"), _S.c.state == StudyState.RECEIVING)
+    .values(last_instance_at=bindparam("now"))
+)
+_STUDY_ROW = (
+    select(_S.c.id, _S.c.state, _S.c.modalities)
+    .where(_S.c.study_uid == bindparam("uid"))
+    .with_for_update()
+)
+_SERIES_ID = select(_SE.c.id).where(_SE.c.series_uid == bindparam("uid"))
+_INSERT_INSTANCE = _I.insert()
+_COUNT_SERIES = (
+    update(_SE).where(_SE.c.id == bindparam("sid")).values(instance_count=_SE.c.instance_count + 1)
+)
+
+
+def record_instance(
+    db: Database,
+    obj: ReceivedObject,
+    *,
+    digest: str,
+    size: int,
+    calling_ae: str,
+    actor: str,
+    place: Place,
+) -> Outcome:
+    """Decide new/duplicate/conflict and record it, in one transaction.
+
+    `place(outcome)` moves the staged file to where that outcome keeps it and returns the path;
+    it runs inside the transaction, so a file is never filed as primary for an instance whose
+    primary copy another sender recorded first.
+    """
+    now = utcnow()
+    with db.session() as s:
+        conn = s.connection()
+        known = conn.execute(_FIND, {"sop": obj.sop_instance_uid}).scalar()
+        if known == digest:
+            conn.execute(_TOUCH, {"uid": obj.study_uid, "now": now})
+            return Outcome.DUPLICATE
+        study_id, state, modalities = _upsert_study(s, obj, now, actor)
+        if known is not None:
+            _record_conflict(
+                s, obj, study_id, place(Outcome.CONFLICT), digest, size, calling_ae, now, actor
+            )
+            return Outcome.CONFLICT
+        series_id = _upsert_series(s, obj, study_id)
+        conn.execute(
+            _INSERT_INSTANCE,
+            {
+                "study_id": study_id,
+                "series_id": series_id,
+                "sop_instance_uid": obj.sop_instance_uid,
+                "sop_class_uid": obj.sop_class_uid,
+                "instance_number": obj.instance_number,
+                "archive_path": place(Outcome.NEW),
+                "sha256": digest,
+                "size": size,
+                "transfer_syntax": obj.transfer_syntax,
+                "calling_ae": calling_ae,
+                "received_at": now,
+            },
+        )
+        conn.execute(_COUNT_SERIES, {"sid": series_id})
+        values: dict = {"instance_count": _S.c.instance_count + 1, "last_instance_at": now}
+        present = [m for m in modalities.split("\\") if m]
+        if obj.modality and obj.modality not in present:
+            values["modalities"] = "\\".join([*present, obj.modality])
+        if state != StudyState.RECEIVING:
+            values.update(state=StudyState.RECEIVING, state_changed_at=now)
+            audit.append(s, actor, "study.reopened", obj.study_uid, {"from_state": state})
+        conn.execute(update(_S).where(_S.c.id == study_id).values(**values))
+        return Outcome.NEW
+
+
+def _record_conflict(
+    s: Session,
+    obj: ReceivedObject,
+    study_id: int,
+    path: str,
+    digest: str,
+    size: int,
+    calling_ae: str,
+    now: datetime,
+    actor: str,
+) -> None:
+    _insert_ignore(
+        s,
+        InstanceConflict,
+        study_id=study_id,
+        sop_instance_uid=obj.sop_instance_uid,
+        archive_path=path,
+        sha256=digest,
+        size=size,
+        calling_ae=calling_ae,
+        received_at=now,
+    )
+    reason = (
+        f"SOP Instance UID {obj.sop_instance_uid} was received again with different content; "
+        "both versions are kept"
+    )
+    s.execute(update(Study).where(Study.id == study_id).values(flagged=True, flag_reason=reason))
+    audit.append(
+        s,
+        actor,
+        "instance.conflict",
+        obj.study_uid,
+        {"sop_instance_uid": obj.sop_instance_uid, "sha256": digest, "calling_ae": calling_ae},
+    )
+
+
+def _upsert_study(
+    session: Session, obj: ReceivedObject, now: datetime, actor: str
+) -> tuple[int, str, str]:
+    conn = session.connection()
+    row = conn.execute(_STUDY_ROW, {"uid": obj.study_uid}).first()
+    if row is not None:
+        return row[0], row[1], row[2]
     created = _insert_ignore(
         session,
         Study,
@@ -69,121 +178,30 @@ def _study_for_update(session: Session, obj: ReceivedObject, now: datetime, acto
         state_changed_at=now,
         attempts=0,
     )
-    study = session.execute(
-        select(Study).where(Study.study_uid == obj.study_uid).with_for_update()
-    ).scalar_one()
     if created:
         audit.append(session, actor, "study.received", obj.study_uid, {})
-    return study
+    row = conn.execute(_STUDY_ROW, {"uid": obj.study_uid}).one()
+    return row[0], row[1], row[2]
 
 
-def _touch_study(session: Session, study: Study, obj: ReceivedObject, now: datetime, actor: str):  # noqa: ANN202
-    if study.state != StudyState.RECEIVING:
-        audit.append(session, actor, "study.reopened", study.study_uid, {"from_state": study.state})
-        study.state = StudyState.RECEIVING
-        study.state_changed_at = now
-    study.last_instance_at = now
-    if obj.modality and obj.modality not in study.modalities.split("\\"):
-        study.modalities = "\\".join(filter(None, [*study.modalities.split("\\"), obj.modality]))
-
-
-def record_new(
-    db: Database,
-    obj: ReceivedObject,
-    *,
-    archive_path: str,
-    digest: str,
-    size: int,
-    calling_ae: str,
-    actor: str,
-) -> None:
-    now = utcnow()
-    with db.session() as s:
-        study = _study_for_update(s, obj, now, actor)
-        _insert_ignore(
-            s,
-            Series,
-            study_id=study.id,
-            series_uid=obj.series_uid,
-            modality=obj.modality,
-            series_number=obj.series_number,
-            series_description=obj.series_description,
-            body_part=obj.body_part,
-            instance_count=0,
-        )
-        series_id = s.execute(
-            select(Series.id).where(Series.series_uid == obj.series_uid)
-        ).scalar_one()
-        s.add(
-            Instance(
-                study_id=study.id,
-                series_id=series_id,
-                sop_instance_uid=obj.sop_instance_uid,
-                sop_class_uid=obj.sop_class_uid,
-                instance_number=obj.instance_number,
-                archive_path=archive_path,
-                sha256=digest,
-                size=size,
-                transfer_syntax=obj.transfer_syntax,
-                calling_ae=calling_ae,
-                received_at=now,
-            )
-        )
-        s.execute(
-            update(Series)
-            .where(Series.id == series_id)
-            .values(instance_count=Series.instance_count + 1)
-        )
-        study.instance_count += 1
-        _touch_study(s, study, obj, now, actor)
-
-
-def record_duplicate(db: Database, obj: ReceivedObject) -> None:
-    """An identical resend: nothing new to store, but it still counts as activity."""
-    with db.session() as s:
-        s.execute(
-            update(Study)
-            .where(Study.study_uid == obj.study_uid, Study.state == StudyState.RECEIVING)
-            .values(last_instance_at=utcnow())
-        )
-
-
-def record_conflict(
-    db: Database,
-    obj: ReceivedObject,
-    *,
-    archive_path: str,
-    digest: str,
-    size: int,
-    calling_ae: str,
-    actor: str,
-) -> None:
-    now = utcnow()
-    with db.session() as s:
-        study = _study_for_update(s, obj, now, actor)
-        _insert_ignore(
-            s,
-            InstanceConflict,
-            study_id=study.id,
-            sop_instance_uid=obj.sop_instance_uid,
-            archive_path=archive_path,
-            sha256=digest,
-            size=size,
-            calling_ae=calling_ae,
-            received_at=now,
-        )
-        study.flagged = True
-        study.flag_reason = (
-            f"SOP Instance UID {obj.sop_instance_uid} was received again with different content; "
-            "both versions are kept"
-        )
-        audit.append(
-            s,
-            actor,
-            "instance.conflict",
-            obj.study_uid,
-            {"sop_instance_uid": obj.sop_instance_uid, "sha256": digest, "calling_ae": calling_ae},
-        )
+def _upsert_series(session: Session, obj: ReceivedObject, study_id: int) -> int:
+    found = session.connection().execute(_SERIES_ID, {"uid": obj.series_uid}).scalar()
+    if found is not None:
+        return found
+    _insert_ignore(
+        session,
+        Series,
+        study_id=study_id,
+        series_uid=obj.series_uid,
+        modality=obj.modality,
+        series_number=obj.series_number,
+        series_description=obj.series_description,
+        body_part=obj.body_part,
+        instance_count=0,
+    )
+    return session.execute(
+        select(Series.id).where(Series.series_uid == obj.series_uid)
+    ).scalar_one()
 
 
 def record_refusal(

@@ -20,8 +20,8 @@ from pynetdicom.sop_class import Verification
 
 from db.session import Database
 from dicom_node import recording, statuses
-from dicom_node.archive import Archive, free_mb, sha256, write_durably
-from dicom_node.inspection import inspect_received
+from dicom_node.archive import Archive, free_mb, place, sha256, stage
+from dicom_node.inspection import ReceivedObject, inspect_received
 from dicom_node.statuses import Refusal
 
 log = logging.getLogger("radai.node")
@@ -130,45 +130,44 @@ class DicomNode:
             self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
             return status
 
-    def _store(self, obj, data: bytes, calling_ae: str) -> int:  # noqa: ANN001
+    def _store(self, obj: ReceivedObject, data: bytes, calling_ae: str) -> int:
         digest = sha256(data)
-        lock = self._locks[zlib.crc32(obj.sop_instance_uid.encode()) % _STRIPES]
-        with lock:
-            known = recording.find_instance(self.db, obj.sop_instance_uid)
-            if known is not None and known.sha256 == digest:
-                recording.record_duplicate(self.db, obj)
-                log.info("duplicate %s from %s: already held", obj.sop_instance_uid, calling_ae)
-                return statuses.SUCCESS
-            if known is not None:
-                path = self.archive.conflict_path(
+        folder = self.archive.instance_path(obj.study_uid, obj.series_uid, "x").parent
+        staged = stage(folder, data)
+
+        def put(outcome: recording.Outcome) -> str:
+            if outcome == recording.Outcome.CONFLICT:
+                target = self.archive.conflict_path(
                     obj.study_uid, obj.series_uid, obj.sop_instance_uid, digest
                 )
-                write_durably(path, data)
-                recording.record_conflict(
+            else:
+                target = self.archive.instance_path(
+                    obj.study_uid, obj.series_uid, obj.sop_instance_uid
+                )
+            place(staged, target)
+            return str(target)
+
+        lock = self._locks[zlib.crc32(obj.sop_instance_uid.encode()) % _STRIPES]
+        try:
+            with lock:
+                outcome = recording.record_instance(
                     self.db,
                     obj,
-                    archive_path=str(path),
                     digest=digest,
                     size=len(data),
                     calling_ae=calling_ae,
                     actor=self.actor,
+                    place=put,
                 )
-                log.warning(
-                    "conflict: %s from %s differs from the copy held; both kept, study flagged",
-                    obj.sop_instance_uid,
-                    calling_ae,
-                )
-                return statuses.SUCCESS
-            path = self.archive.instance_path(obj.study_uid, obj.series_uid, obj.sop_instance_uid)
-            write_durably(path, data)
-            recording.record_new(
-                self.db,
-                obj,
-                archive_path=str(path),
-                digest=digest,
-                size=len(data),
-                calling_ae=calling_ae,
-                actor=self.actor,
+        finally:
+            staged.unlink(missing_ok=True)  # still there: duplicate, or the transaction failed
+        if outcome == recording.Outcome.DUPLICATE:
+            log.info("duplicate %s from %s: already held", obj.sop_instance_uid, calling_ae)
+        elif outcome == recording.Outcome.CONFLICT:
+            log.warning(
+                "conflict: %s from %s differs from the copy held; both kept, study flagged",
+                obj.sop_instance_uid,
+                calling_ae,
             )
         return statuses.SUCCESS
 
