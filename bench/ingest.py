@@ -17,7 +17,8 @@ Instances per second for ONE dcmtk `storescu` association that sends a corpus of
 
 The time is wall clock from the start of `storescu` to its exit, so it includes association
 set-up and storescu's own reading of the files (which are in the page cache: they are read once
-before timing). Every receiver runs fresh (new process, empty storage and database) for each of
+before timing; and `sync` runs before each timed send, so that no run pays for flushing another
+run's writes). Every receiver runs fresh (new process, empty storage and database) for each of
 3 repetitions, the receivers take turns within a repetition, and the table shows the median. A
 run counts only if storescu exits 0 and the receiver holds all N instances afterwards (radai:
 `radai studies --json`; storescp: files in its folder; Orthanc: its /statistics); a failed
@@ -159,6 +160,12 @@ def warm_cache(paths: list[Path]) -> None:
         p.read_bytes()
 
 
+def settle() -> None:
+    """Flush dirty pages (the corpus just written, the last receiver's files) before a timed run,
+    so that no run pays for the write-back of another's data in its fsyncs."""
+    os.sync()
+
+
 # --------------------------------------------------------------------------------------------
 # Processes
 
@@ -207,11 +214,11 @@ def echo_ok(aet: str, port: int) -> bool:
     return result.returncode == 0
 
 
-def wait_for_echo(proc: subprocess.Popen, aet: str, port: int, log: Path) -> None:
+def wait_for_echo(proc: subprocess.Popen, aet: str, port: int) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before answering C-ECHO; see {log}")
+            raise RuntimeError(f"exited with {proc.returncode} before answering C-ECHO")
         if echo_ok(aet, port):
             return
         time.sleep(0.2)
@@ -268,7 +275,7 @@ class Receiver:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = self.procs.start(self.argv(), env=self.env(), log=self.log)
-        wait_for_echo(self.proc, self.aet, self.port, self.log)
+        wait_for_echo(self.proc, self.aet, self.port)
 
     def count(self) -> int:
         raise NotImplementedError
@@ -441,8 +448,10 @@ def measure_once(receiver: Receiver, files: list[Path]) -> tuple[float | None, l
         receiver.start()
     except Exception as exc:  # noqa: BLE001 - a receiver that did not start is reported
         receiver.stop()
-        return None, [f"did not start: {exc}"]
+        tail = receiver.log.read_text(errors="replace").splitlines()[-5:]
+        return None, [f"did not start: {exc}", *(f"log: {ln}" for ln in tail)]
     try:
+        settle()
         sent = storescu(files, receiver.aet, receiver.port)
         held = receiver.count()
         notes += [f"storescu: {p}" for p in sent.problems[:5]]
@@ -495,6 +504,7 @@ def memory_run(files: list[Path], work: Path, procs: Processes, stable_seconds: 
     node = RadaiNode(procs, work / "radai-memory", stable_seconds)
     node.start()
     try:
+        settle()
         sent = storescu(files, node.aet, node.port)
         peaks = node.peak_memory_kb()  # read while the node still runs
         held = node.count()
@@ -554,6 +564,13 @@ def print_machine(corpus: Path) -> None:
         f"pynetdicom {pynetdicom.__version__}"
     )
     print(f"  {_first_line([STORESCU, '--version'])}; {_first_line([ORTHANC, '--version'])}")
+    print_load("at start")
+
+
+def print_load(when: str) -> None:
+    # Other work on the machine skews every number: show it, so a noisy run can be recognised.
+    one, five, _ = os.getloadavg()
+    print(f"  load average {when}: {one:.2f} (1 min), {five:.2f} (5 min)")
 
 
 def print_table(outcomes: dict[str, Outcome], n: int) -> None:
@@ -635,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  run {rep} {name}: {shown}", flush=True)
 
             outcomes = run_comparison(corpus, work / "runs", procs, args.stable_seconds, progress)
+            print_load("after the comparison")
             print_table(outcomes, len(corpus))
 
             if not args.skip_memory:
