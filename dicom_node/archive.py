@@ -22,9 +22,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def ensure_dir(folder: Path) -> None:
+    """Create `folder` and missing parents, making each new directory entry durable."""
+    if folder.is_dir():
+        return
+    ensure_dir(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return
+    _fsync_dir(folder.parent)
+
+
 def stage(folder: Path, data: bytes) -> Path:
     """Write `data` durably under a temporary name in `folder`; `place` gives it its name."""
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_dir(folder)
     tmp = folder / f".{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as fh:
@@ -38,7 +50,8 @@ def stage(folder: Path, data: bytes) -> Path:
 
 
 def place(staged: Path, path: Path) -> None:
-    """Rename a staged file into place (same folder: atomic) and make the rename durable."""
+    """Rename a staged file into place (same filesystem: atomic) and make the rename durable."""
+    ensure_dir(path.parent)
     os.replace(staged, path)
     _fsync_dir(path.parent)
 
@@ -65,6 +78,8 @@ class Archive:
     def __init__(self, root: Path, quarantine: Path) -> None:
         self.root = root
         self.quarantine = quarantine
+        # Incoming data is written here while it is being checked, then renamed into place.
+        self.staging = root / ".staging"
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"

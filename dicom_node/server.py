@@ -2,15 +2,20 @@
 the instance is on disk durably and recorded in the database.
 
 Every refusal answers a specific status (see `statuses`), keeps the bytes in quarantine, writes an
-`ingest_failures` row and an audit entry, and logs a line with UIDs and AE titles only.
+`ingest_failures` row and an audit entry, and logs a line with UIDs and AE titles only. With a
+certificate and key the node speaks only TLS (see `tls`); with an allow-list of networks, an
+association from any other address is rejected (A-ASSOCIATE-RJ) and audited.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +23,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 
+from db import audit
 from db.session import Database
-from dicom_node import recording, statuses
+from dicom_node import recording, statuses, tls
 from dicom_node.archive import Archive, free_mb, place, sha256, stage
 from dicom_node.inspection import ReceivedObject, inspect_received
 from dicom_node.statuses import Refusal
@@ -27,6 +33,12 @@ from dicom_node.statuses import Refusal
 log = logging.getLogger("radai.node")
 
 _STRIPES = 64
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given. The standard has no
+# diagnostic for "address not allowed"; the reason goes to the log and the audit trail instead.
+_REJECT_NOT_ALLOWED = (0x01, 0x01, 0x01)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -39,6 +51,34 @@ class NodeConfig:
     min_free_disk_mb: float = 1024.0
     network_timeout: float = 60.0
     max_associations: int = 32
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    allowed_networks: list[str] = field(default_factory=list)
+
+
+def parse_networks(values: list[str]) -> list[Network]:
+    """CIDRs (or single addresses) as networks; ValueError names the one that does not parse."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP network in CIDR notation: {value!r}") from None
+    return networks
+
+
+def address_allowed(address: str, networks: list[Network]) -> bool:
+    """Whether `address` lies in one of `networks`; an empty list allows every address."""
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
+    return any(ip in net for net in networks)
 
 
 class DicomNode:
@@ -53,6 +93,7 @@ class DicomNode:
         # under the same UID cannot both take the primary file.
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
         self._server = None
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="radai-store")
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -78,24 +119,93 @@ class DicomNode:
             raise RuntimeError("the node is not running")
         return self._server.server_address[1]
 
+    @property
+    def uses_tls(self) -> bool:
+        return self.config.tls_cert is not None
+
     def start(self) -> None:
+        context: ssl.SSLContext | None = None
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            # Built here, not in __init__, so a renewed certificate is picked up on restart.
+            context = tls.server_context(
+                self.config.tls_cert, self.config.tls_key, self.config.tls_ca
+            )
         handlers = [
+            # The handshake goes first: nothing else may read or write a socket still shaking hands.
+            (evt.EVT_CONN_OPEN, self._handshake),
+            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_REQUESTED, self._check_peer),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_CONN_OPEN, _set_nodelay),
         ]
         self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=context,
         )
         log.info(
-            "DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.port
+            "DICOM node %s listening on %s:%d (%s%s%s)",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            "TLS only" if context else "no TLS",
+            ", client certificates required" if self.config.tls_ca else "",
+            f", allowed networks {', '.join(map(str, self.networks))}" if self.networks else "",
         )
+
+    def _handshake(self, event: evt.Event) -> None:
+        # Runs in the connection's own thread, before pynetdicom's DUL reads the socket.
+        assoc_socket = event.assoc.dul.socket
+        sock = getattr(assoc_socket, "socket", None)
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        host, port = event.address[0], event.address[1]
+        try:
+            tls.complete_handshake(sock, timeout=float(self.ae.acse_timeout or 30))
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s:%d failed: %s", host, port, _tls_reason(exc))
+            assoc_socket.close()
+            # No A-ASSOCIATE-RQ can follow: end the association now instead of after the ACSE
+            # timeout, so failed handshakes do not hold association slots.
+            event.assoc.acse_timeout = 0
+            return
+        log.info("TLS connection from %s:%d: %s", host, port, tls.describe(sock))
+
+    def _check_peer(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        address = assoc.requestor.address
+        if address_allowed(address, self.networks):
+            return
+        primitive = assoc.requestor.primitive
+        calling_ae = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        peer = f"{address}:{assoc.requestor.port}"
+        reason = "address not in the allowed networks"
+        log.warning("association from %s (%s) rejected: %s", calling_ae or "?", peer, reason)
+        # pynetdicom skips its own negotiation once a handler of EVT_REQUESTED has rejected.
+        assoc.acse.send_reject(*_REJECT_NOT_ALLOWED)
+        try:
+            with self.db.session() as s:
+                audit.append(
+                    s,
+                    self.actor,
+                    "association.refused",
+                    None,
+                    {"peer": peer, "calling_ae": calling_ae, "reason": reason},
+                )
+        except Exception:  # noqa: BLE001 - the log line above is the record of last resort
+            log.exception("could not record the refused association in the database")
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ has gone out
+        # before the connection is closed.
+        assoc.kill()
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        self._pool.shutdown(wait=True)
 
     def handle_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
@@ -117,9 +227,15 @@ class DicomNode:
                     statuses.DISK_LOW,
                     f"free disk below {self.config.min_free_disk_mb:.0f} MB; refusing new data",
                 )
-            obj = inspect_received(data, sop_class, sop_instance)
-            status = self._store(obj, data, calling_ae)
-            return status
+            # Writing (with its fsync) and hashing release the GIL: they run while we parse.
+            staged = self._pool.submit(stage, self.archive.staging, data)
+            digest = self._pool.submit(sha256, data)
+            try:
+                obj = inspect_received(data, sop_class, sop_instance)
+            except Refusal:
+                _discard(staged)
+                raise
+            return self._store(obj, staged, digest, len(data), calling_ae)
         except Refusal as refusal:
             self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
             return refusal.status
@@ -130,10 +246,16 @@ class DicomNode:
             self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
             return status
 
-    def _store(self, obj: ReceivedObject, data: bytes, calling_ae: str) -> int:
-        digest = sha256(data)
-        folder = self.archive.instance_path(obj.study_uid, obj.series_uid, "x").parent
-        staged = stage(folder, data)
+    def _store(
+        self,
+        obj: ReceivedObject,
+        staged_future: Future,
+        digest_future: Future,
+        size: int,
+        calling_ae: str,
+    ) -> int:
+        staged: Path = staged_future.result()
+        digest: str = digest_future.result()
 
         def put(outcome: recording.Outcome) -> str:
             if outcome == recording.Outcome.CONFLICT:
@@ -154,7 +276,7 @@ class DicomNode:
                     self.db,
                     obj,
                     digest=digest,
-                    size=len(data),
+                    size=size,
                     calling_ae=calling_ae,
                     actor=self.actor,
                     place=put,
@@ -214,6 +336,13 @@ class DicomNode:
             log.exception("could not record the refusal in the database")
 
 
+def _discard(staged: Future) -> None:
+    try:
+        staged.result().unlink(missing_ok=True)
+    except OSError:
+        pass  # the write itself failed: nothing to remove
+
+
 def _peek_study_uid(data: bytes) -> str | None:
     if not data:
         return None
@@ -237,6 +366,14 @@ def _is_db_error(exc: Exception) -> bool:
 
 def _handle_echo(event: evt.Event) -> int:
     return statuses.SUCCESS
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.strerror or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _set_nodelay(event: evt.Event) -> None:
