@@ -93,6 +93,11 @@ class DicomNode:
         # under the same UID cannot both take the primary file.
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
         self._server = None
+        self.networks = parse_networks(config.allowed_networks)
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if config.tls_ca is not None and config.tls_cert is None:
+            raise ValueError("a TLS CA is given but no certificate and key")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="radai-store")
         self.ae = self._build_ae()
 
@@ -118,10 +123,6 @@ class DicomNode:
         if self._server is None:
             raise RuntimeError("the node is not running")
         return self._server.server_address[1]
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.config.tls_cert is not None
 
     def start(self) -> None:
         context: ssl.SSLContext | None = None

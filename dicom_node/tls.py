@@ -44,7 +44,9 @@ def _refuse_password() -> str:
     raise TLSConfigError("the private key is encrypted; give an unencrypted PEM key")
 
 
-def server_context(cert: Path | str, key: Path | str, ca: Path | str | None = None) -> ssl.SSLContext:
+def server_context(
+    cert: Path | str, key: Path | str, ca: Path | str | None = None
+) -> ssl.SSLContext:
     """A server context for `cert`/`key` (PEM); with `ca`, clients must present a certificate
     that chains to it."""
     ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
@@ -81,9 +83,7 @@ def describe(sock: ssl.SSLSocket) -> str:
     """Protocol, cipher and the client certificate's subject, for a log line (no secrets)."""
     cipher = sock.cipher()
     peer = sock.getpeercert() or {}
-    subject = ", ".join(
-        f"{name}={value}" for rdn in peer.get("subject", ()) for name, value in rdn
-    )
+    subject = ", ".join(f"{name}={value}" for rdn in peer.get("subject", ()) for name, value in rdn)
     return (
         f"{sock.version() or '?'} {cipher[0] if cipher else '?'}, "
         f"client certificate: {subject or 'none'}"

@@ -31,6 +31,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
     from dicom_node.service import NodeService
 
     db = _database(settings)
+    tls_cert, tls_key, tls_ca = settings.tls_paths
     config = NodeConfig(
         ae_title=settings.ae_title,
         host=settings.dicom_host,
@@ -38,6 +39,10 @@ def _node_service(settings: Settings):  # noqa: ANN202
         allowed_calling_aets=settings.calling_aets,
         max_instance_bytes=int(settings.max_instance_mb * 1024 * 1024),
         min_free_disk_mb=settings.min_free_disk_mb,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        allowed_networks=settings.networks,
     )
     return NodeService(
         db,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +42,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
     log_level: str = "INFO"
+    tls_cert: str = Field(default="", description="PEM certificate (chain); with tls_key: TLS only")
+    tls_key: str = Field(default="", description="PEM private key, unencrypted")
+    tls_ca: str = Field(default="", description="PEM CA(s); set: client certificates required")
+    tls_required: bool = Field(default=False, description="refuse to start without TLS set up")
+    allowed_networks: str = Field(default="", description="comma list of CIDRs; empty: any")
 
     @field_validator("ae_title")
     @classmethod
@@ -55,6 +61,26 @@ class Settings(BaseSettings):
         for part in filter(None, (p.strip() for p in value.split(","))):
             parse_destination(part)
         return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP network in CIDR notation: {part!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if bool(self.tls_cert.strip()) != bool(self.tls_key.strip()):
+            raise ValueError("RADAI_TLS_CERT and RADAI_TLS_KEY must be set together")
+        if self.tls_ca.strip() and not self.tls_cert.strip():
+            raise ValueError("RADAI_TLS_CA needs RADAI_TLS_CERT and RADAI_TLS_KEY")
+        if self.tls_required and not self.tls_cert.strip():
+            raise ValueError("RADAI_TLS_REQUIRED is set but RADAI_TLS_CERT/RADAI_TLS_KEY are not")
+        return self
 
     @cached_property
     def home_dir(self) -> Path:
@@ -87,6 +113,18 @@ class Settings(BaseSettings):
     @property
     def calling_aets(self) -> list[str]:
         return [a.strip() for a in self.allowed_calling_aets.split(",") if a.strip()]
+
+    @property
+    def networks(self) -> list[str]:
+        return [n.strip() for n in self.allowed_networks.split(",") if n.strip()]
+
+    @property
+    def tls_paths(self) -> tuple[Path | None, Path | None, Path | None]:
+        """(certificate, key, CA) as paths, None where unset."""
+        return tuple(  # type: ignore[return-value]
+            Path(v.strip()).expanduser() if v.strip() else None
+            for v in (self.tls_cert, self.tls_key, self.tls_ca)
+        )
 
     @property
     def destinations(self) -> list[tuple[str, str, int]]:
