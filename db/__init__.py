@@ -15,9 +15,13 @@ from db.models import (
     Job,
     OutboxMessage,
     Output,
+    Review,
+    ReviewDecision,
     Series,
     Study,
     StudyState,
+    User,
+    UserRole,
 )
 from db.session import Database
 
@@ -32,7 +36,11 @@ __all__ = [
     "Job",
     "OutboxMessage",
     "Output",
+    "Review",
+    "ReviewDecision",
     "Series",
     "Study",
     "StudyState",
+    "User",
+    "UserRole",
 ]

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -254,3 +255,67 @@ class AuditEntry(Base):
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class UserRole(enum.StrEnum):
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+    AUDITOR = "auditor"
+
+
+class User(Base):
+    """A dashboard account: never deleted (reviews and the audit name it), disabled instead."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    # "scrypt$n$r$p$salt$hash" (base64): the parameters travel with the hash so they can grow.
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        CheckConstraint("role IN ('radiologist', 'admin', 'auditor')", name="ck_users_role"),
+    )
+
+
+class ReviewDecision(enum.StrEnum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    AMEND = "amend"
+
+
+class Review(Base):
+    """A reader's decision on one lesion of one job's findings (or, label None, the whole study).
+
+    Append-only (database triggers refuse UPDATE and DELETE): a re-review is a new row and the
+    latest one per (job, lesion) is what the dashboard shows. It references the job, and jobs are
+    never deleted, so a later reprocessing of the study leaves it in place.
+    """
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    lesion_label: Mapped[int | None] = mapped_column(Integer)
+    decision: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+
+    user: Mapped[User] = relationship()
+    job: Mapped[Job] = relationship()
+
+    __table_args__ = (
+        CheckConstraint("decision IN ('accept', 'reject', 'amend')", name="ck_reviews_decision"),
+        CheckConstraint(
+            "decision = 'accept' OR (reason IS NOT NULL AND length(trim(reason)) > 0)",
+            name="ck_reviews_reason",
+        ),
+    )

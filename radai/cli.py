@@ -131,7 +131,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     logs.configure(settings.log_level, settings.log_dir, "node")
     service = _node_service(settings)
-    children = [_spawn(["worker"])]
+    children = [_spawn(["worker"]), _spawn(["dashboard"])]
     try:
         return _serve_until_signal(service)
     finally:
@@ -139,6 +139,76 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             child.terminate()
         for child in children:
             child.wait(timeout=30)
+
+
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import subprocess
+    from importlib.util import find_spec
+
+    _database(settings)  # create or migrate first: the app itself never changes the schema
+    app = find_spec("dashboard.app").origin
+    env = {
+        **os.environ,
+        "RADAI_DATABASE_URL": settings.db_url,
+        "RADAI_HOME": str(settings.home_dir),
+    }
+    argv = [
+        sys.executable, "-m", "streamlit", "run", app,
+        "--server.address", args.host,
+        "--server.port", str(args.port or settings.dashboard_port),
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        "--client.showErrorDetails", "type",
+        "--client.toolbarMode", "minimal",
+    ]  # fmt: skip
+    try:
+        return subprocess.call(argv, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_user(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from db.users import add_user
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if password != getpass.getpass("password again: "):
+            print("radai: the passwords differ", file=sys.stderr)
+            return 2
+    db = _database(settings)
+    try:
+        with db.session() as s:
+            add_user(s, args.name, args.role, password, actor=f"cli:{args.by}")
+    except ValueError as exc:
+        print(f"radai: {exc}", file=sys.stderr)
+        return 1
+    print(f"user {args.name} added with role {args.role}")
+    return 0
+
+
+def _demo_user(settings: Settings) -> tuple[str, str]:
+    """The demo's radiologist account: made once, its password kept in RADAI_HOME (mode 0600)."""
+    import os
+    import secrets
+
+    from db.users import add_user
+
+    creds = settings.home_dir / "demo-credentials.txt"
+    if creds.exists():
+        name, password = creds.read_text().split("\n")[:2]
+        return name, password
+    name, password = "demo", secrets.token_urlsafe(12)
+    with _database(settings).session() as s:
+        add_user(s, name, "radiologist", password, actor="cli:demo")
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{name}\n{password}\n")
+    return name, password
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
@@ -305,6 +375,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     service = _node_service(settings)
     service.start()
     children = [_spawn(["worker"])]
+    if not args.exit:
+        children.append(_spawn(["dashboard"]))
     try:
         built = build_sample_studies(settings.home_dir / "samples")
         for case, files in built.items():
@@ -322,7 +394,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         for case, row in zip(SAMPLE_CASES, rows, strict=True):
             _print_findings(case, row)
         print(f"DICOM node: {settings.ae_title}@127.0.0.1:{service.port}")
-        print(f"dashboard: http://127.0.0.1:{settings.dashboard_port}/ (lands with the dashboard)")
+        user, password = _demo_user(settings)
+        print(f"dashboard: http://127.0.0.1:{settings.dashboard_port}/")
+        print(f"demo login: user {user!r}, password {password!r}")
         if args.exit:
             return 0 if all(r and r["state"] == "DONE" for r in rows) else 1
         print("running; Ctrl-C stops")
@@ -348,12 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("up", help="run the service on embedded defaults: node and worker")
+    sub.add_parser("up", help="run the service on embedded defaults: node, worker, dashboard")
     sub.add_parser("node", help="run the DICOM node: listener, study assembly, dispatcher")
     worker = sub.add_parser("worker", help="run a Celery worker for the pipeline and exports")
     worker.add_argument("--queues", default=None, help="comma list (default: both queues)")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--name", default=None, help="Celery node name, e.g. w1@%%h")
+    dash = sub.add_parser("dashboard", help="run the clinicians' dashboard (Streamlit)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    dash.add_argument("--port", type=int, default=None, help="default RADAI_DASHBOARD_PORT")
+    user = sub.add_parser("user", help="dashboard accounts")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="add a dashboard user (asks for the password twice)")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=["radiologist", "admin", "auditor"])
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--by", default="admin", help="who adds the user (recorded in the audit log)")
     retry = sub.add_parser("retry", help="queue a FAILED (or any finished) study again")
     retry.add_argument("study_uid")
     retry.add_argument("--user", default="admin")
@@ -386,6 +470,8 @@ COMMANDS = {
     "up": cmd_up,
     "worker": cmd_worker,
     "retry": cmd_retry,
+    "dashboard": cmd_dashboard,
+    "user": cmd_user,
     "measure": cmd_measure,
     "node": cmd_node,
     "demo": cmd_demo,

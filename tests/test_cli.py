@@ -30,7 +30,20 @@ def _radai(
 
 def test_help_lists_the_commands():
     out = _radai(["--help"], _env(Path("/nonexistent"))).stdout
-    for command in ("up", "node", "demo", "send", "db", "studies", "sample"):
+    for command in (
+        "up",
+        "node",
+        "worker",
+        "dashboard",
+        "user",
+        "retry",
+        "measure",
+        "demo",
+        "send",
+        "db",
+        "studies",
+        "sample",
+    ):
         assert command in out
     assert "NOT FOR CLINICAL USE" in out
 
@@ -42,6 +55,7 @@ def test_demo_processes_samples_and_studies_json_shows_findings(tmp_path):
     assert "sent sample study lung2: 61 of 61 instances stored" in demo.stdout
     assert "dashboard: http://127.0.0.1:" in demo.stdout
     assert "NOT FOR CLINICAL USE" in demo.stdout
+    assert "demo login: user 'demo', password '" in demo.stdout
     assert "SEG: " in demo.stdout and "SR: " in demo.stdout
 
     listing = _radai(["studies", "--json"], env)
@@ -154,3 +168,44 @@ def test_measure_command_matches_pyradiomics(tmp_path, case):
 def test_retry_refuses_unknown_study(tmp_path):
     out = _radai(["retry", "1.2.3.4"], _env(tmp_path / "h"))
     assert out.returncode == 1 and "no study 1.2.3.4" in out.stderr
+
+
+def test_user_add_and_dashboard_serves(tmp_path):
+    import urllib.request
+
+    env = _env(tmp_path / "h", RADAI_DASHBOARD_PORT=str(free_port()))
+    add = subprocess.run(
+        RADAI + ["user", "add", "alice", "--role", "radiologist", "--password-stdin"],
+        input="correct horse battery\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert add.returncode == 0 and "user alice added" in add.stdout, add.stderr
+    again = subprocess.run(
+        RADAI + ["user", "add", "alice", "--role", "admin", "--password-stdin"],
+        input="another password\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 1
+    dash = subprocess.Popen(
+        RADAI + ["dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{env['RADAI_DASHBOARD_PORT']}/_stcore/health"
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as rsp:
+                    return rsp.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout=60, interval=0.5)
+    finally:
+        dash.terminate()
+        dash.wait(timeout=30)

@@ -1,0 +1,742 @@
+"""The clinicians' dashboard (Streamlit): `streamlit run dashboard/app.py`, research software, NOT
+FOR CLINICAL USE.
+
+The database comes from RADAI_DATABASE_URL (default: SQLite in RADAI_HOME, `./var`), read here
+directly so the app depends on `db` alone. Nothing with patient data is shown before login; a
+session ends after RADAI_SESSION_MINUTES (default 30) without interaction. Radiologists see the
+worklist, the study viewer and review; admins see the worklist and study (read-only), retry
+FAILED studies and read the audit trail; auditors read the audit trail only. Patient data stays
+in the page (never in URLs, query parameters or logs); logins, logouts, expiries, opened studies,
+downloads, reviews, retries and chain checks are written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+try:
+    from dashboard import imaging, store
+except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dashboard import imaging, store
+from db import StudyState, User, audit
+from db.requeue import request_retry
+from db.session import Database
+
+log = logging.getLogger("radai.dashboard")
+
+PAGE_SIZE = 50
+REFRESH_SECONDS = 10
+NOT_FOR_CLINICAL_USE = "Research software: NOT FOR CLINICAL USE."
+ROLE_PAGES = {
+    "radiologist": ["Worklist", "Study"],
+    "admin": ["Worklist", "Study", "Audit"],
+    "auditor": ["Audit"],
+}
+CAN_REVIEW = {"radiologist"}
+CAN_RETRY = {"admin"}
+ANY = "any"
+
+
+def database_url() -> str:
+    """RADAI_DATABASE_URL, else SQLite in RADAI_HOME (as radai.settings computes it)."""
+    url = os.environ.get("RADAI_DATABASE_URL", "").strip()
+    if url:
+        return url
+    home = Path(os.environ.get("RADAI_HOME", "./var")).expanduser().resolve()
+    return f"sqlite:///{home / 'radai.sqlite'}"
+
+
+def session_seconds() -> float:
+    try:
+        minutes = float(os.environ.get("RADAI_SESSION_MINUTES", "30"))
+    except ValueError:
+        minutes = 30.0
+    return max(minutes, 0.1) * 60
+
+
+@st.cache_resource(show_spinner=False)
+def get_database(url: str) -> Database:
+    return Database(url, pool_size=5)
+
+
+@st.cache_resource(show_spinner="Loading the series...", max_entries=4)
+def cached_volume(paths: tuple[str, ...]) -> imaging.CTVolume:
+    return imaging.load_ct(paths)
+
+
+@st.cache_resource(show_spinner="Loading the segmentation...", max_entries=4)
+def cached_seg(seg_path: str, paths: tuple[str, ...]) -> imaging.SegOverlay:
+    return imaging.load_seg(seg_path, cached_volume(paths))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cached_saliency(saliency_path: str, paths: tuple[str, ...]) -> np.ndarray:
+    return imaging.load_saliency(saliency_path, cached_volume(paths))
+
+
+# --- session -------------------------------------------------------------------------------
+
+
+@dataclass
+class Activity:
+    """When the session's user last interacted. A mutable object rather than a float so that
+    code running outside the script (deferred downloads) sees expiry and logout too."""
+
+    last: float = field(default_factory=time.time)
+    ended: bool = False
+
+    def expired(self) -> bool:
+        return self.ended or time.time() - self.last > session_seconds()
+
+
+def _expired() -> bool:
+    activity = st.session_state.get("activity")
+    return activity is None or activity.expired()
+
+
+def _live() -> bool:
+    """For widget callbacks, which run before the script checks the session: act only if live."""
+    return st.session_state.get("user") is not None and not _expired()
+
+
+def _touch() -> None:
+    st.session_state["activity"].last = time.time()
+
+
+def _end_session(notice: str | None = None) -> None:
+    activity = st.session_state.get("activity")
+    if activity is not None:
+        activity.ended = True
+    st.session_state.clear()
+    if notice:
+        st.session_state["notice"] = notice
+
+
+@st.fragment(run_every=30)
+def _session_watch() -> None:
+    # Pages without their own timer would keep patient data on screen after expiry until the
+    # next click; this brings the login back within half a minute. It is not activity.
+    if _expired():
+        st.rerun(scope="app")
+
+
+def current_user(db: Database) -> store.SessionUser | None:
+    """The logged-in user, or None; ends (and audits) a session idle for too long."""
+    user = st.session_state.get("user")
+    if user is None:
+        return None
+    if _expired():
+        store.log_event(db, user.name, "user.session_expired", None, {})
+        log.info("session of %s expired", user.name)
+        _end_session("Your session expired after inactivity; please log in again.")
+        return None
+    # A user disabled meanwhile loses access at the next interaction.
+    with db.session() as s:
+        disabled = s.execute(select(User.disabled).where(User.id == user.id)).scalar_one_or_none()
+    if disabled is None or disabled:
+        store.log_event(db, user.name, "user.session_ended", None, {"reason": "account disabled"})
+        _end_session("Your account is disabled.")
+        return None
+    _touch()
+    return user
+
+
+def login_page(db: Database) -> None:
+    st.title("radai")
+    notice = st.session_state.pop("notice", None)
+    if notice:
+        st.info(notice)
+    with st.form("login"):
+        name = st.text_input("User name", key="login_name")
+        password = st.text_input("Password", type="password", key="login_password")
+        submitted = st.form_submit_button("Log in")
+    if not submitted:
+        return
+    user, outcome = store.login(db, name, password)
+    if user is None:
+        log.info("login refused (%s)", outcome)
+        if outcome == "locked":
+            st.error("Too many failed attempts: this account is locked for a while.")
+        else:
+            st.error("Wrong user name or password.")
+        return
+    log.info("login of %s (%s)", user.name, user.role)
+    st.session_state.clear()
+    st.session_state["user"] = user
+    st.session_state["activity"] = Activity()
+    st.rerun()
+
+
+def logout(db: Database, user: store.SessionUser) -> None:
+    store.log_event(db, user.name, "user.logout", None, {})
+    log.info("logout of %s", user.name)
+    _end_session("You are logged out.")
+
+
+# --- worklist ------------------------------------------------------------------------------
+
+
+def _flag(choice: str) -> bool | None:
+    return None if choice == ANY else choice == "yes"
+
+
+def _study_label(row: dict[str, Any]) -> str:
+    prio = "-" if row["priority"] is None else row["priority"]
+    return f"P{prio} · {row['patient_name'] or '(no name)'} · {row['study_date']} · {row['state']}"
+
+
+def _open_study(db: Database, user: store.SessionUser) -> None:
+    # Read the pick now, not when the button was drawn: the list may have refreshed since.
+    study_uid = st.session_state.get("wl_pick")
+    if not study_uid or not _live():
+        return
+    st.session_state["study_uid"] = study_uid
+    st.session_state["page"] = "Study"
+    store.log_event(db, user.name, "study.opened", study_uid, {})
+
+
+def _retry(db: Database, user: store.SessionUser, study_uid: str) -> None:
+    if not _live() or user.role not in CAN_RETRY:
+        return
+    try:
+        with db.session() as s:
+            request_retry(s, study_uid, actor=user.name)
+    except ValueError as exc:
+        st.session_state["retry_notice"] = ("error", str(exc))
+        return
+    log.info("retry of study %s requested by %s", study_uid, user.name)
+    st.session_state["retry_notice"] = ("success", "Retry queued; the study will be reprocessed.")
+
+
+def worklist_page(db: Database, user: store.SessionUser) -> None:
+    st.header("Worklist")
+    c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
+    states = c1.multiselect(
+        "State", [str(s) for s in StudyState], key="f_states", persist_state="session"
+    )
+    flagged = c2.selectbox("Flagged", [ANY, "yes", "no"], key="f_flagged", persist_state="session")
+    reviewed = c3.selectbox(
+        "Reviewed", [ANY, "yes", "no"], key="f_reviewed", persist_state="session"
+    )
+    page = c4.number_input("Page", min_value=1, step=1, key="f_page", persist_state="session")
+    worklist_table(db, user, tuple(states), _flag(flagged), _flag(reviewed), int(page))
+
+
+@st.fragment(run_every=REFRESH_SECONDS)
+def worklist_table(
+    db: Database,
+    user: store.SessionUser,
+    states: tuple[str, ...],
+    flagged: bool | None,
+    reviewed: bool | None,
+    page: int,
+) -> None:
+    # The timer reruns only this fragment: it must notice an expired session itself, and it
+    # does not count as activity.
+    if _expired():
+        st.rerun(scope="app")
+    with db.session() as s:
+        wl = store.worklist(
+            s,
+            states=list(states) or None,
+            flagged=flagged,
+            reviewed=reviewed,
+            page=page,
+            page_size=PAGE_SIZE,
+        )
+    now = datetime.now(UTC).strftime("%H:%M:%S")
+    st.caption(
+        f"{wl.total} studies · page {wl.page} of {wl.pages} · refreshed {now} UTC "
+        f"(every {REFRESH_SECONDS} s)"
+    )
+    frame = pd.DataFrame(
+        [
+            {
+                "Priority": r["priority"],
+                "State": r["state"],
+                "Patient": r["patient_name"],
+                "Patient ID": r["patient_id"],
+                "Study date": r["study_date"],
+                "Description": r["description"],
+                "Instances": r["instances"],
+                "Suspicion": r["probability"],
+                "Lesions": r["lesions"],
+                "Flagged": r["flagged"],
+                "Reviewed": "yes" if r["reviewed"] else "no",
+                "Error": r["error"] or "",
+                "Study UID": r["study_uid"],
+            }
+            for r in wl.rows
+        ],
+        columns=[
+            "Priority",
+            "State",
+            "Patient",
+            "Patient ID",
+            "Study date",
+            "Description",
+            "Instances",
+            "Suspicion",
+            "Lesions",
+            "Flagged",
+            "Reviewed",
+            "Error",
+            "Study UID",
+        ],
+    )
+    st.dataframe(
+        frame,
+        hide_index=True,
+        column_config={
+            "Priority": st.column_config.NumberColumn(help="1 is the most urgent"),
+            "Suspicion": st.column_config.ProgressColumn(
+                format="percent", min_value=0.0, max_value=1.0
+            ),
+        },
+        key="worklist_table",
+    )
+    if not wl.rows:
+        st.info("No studies match.")
+        return
+    by_uid = {r["study_uid"]: r for r in wl.rows}
+    st.selectbox(
+        "Study", list(by_uid), format_func=lambda uid: _study_label(by_uid[uid]), key="wl_pick"
+    )
+    if st.button("Open study", key="wl_open", on_click=_open_study, args=(db, user)):
+        st.rerun(scope="app")
+    if user.role in CAN_RETRY:
+        kind, text = st.session_state.pop("retry_notice", (None, None))
+        if kind:
+            getattr(st, kind)(text)
+        failed = [r for r in wl.rows if r["state"] == StudyState.FAILED]
+        for r in failed:
+            st.button(
+                f"Retry: {_study_label(r)}",
+                key=f"retry_{r['study_uid']}",
+                on_click=_retry,
+                args=(db, user, r["study_uid"]),
+                help=r["error"] or None,
+            )
+
+
+# --- study ---------------------------------------------------------------------------------
+
+
+def _set_slice(key: str, value: int) -> None:
+    if _live():
+        st.session_state[key] = value
+
+
+def _serve_output(
+    db: Database, activity: Activity, user_name: str, study_uid: str, sop_uid: str, path: str
+) -> bytes:
+    # Runs when the file is actually requested (Streamlit's deferred download, on its own
+    # thread, outside the script): the audit entry records a download, not a page that merely
+    # offered one, and a page left open past expiry or logout serves nothing.
+    if activity.expired():
+        raise PermissionError("session expired")
+    data = Path(path).read_bytes()
+    store.log_event(db, user_name, "study.output_downloaded", study_uid, {"sop_instance": sop_uid})
+    return data
+
+
+def study_page(db: Database, user: store.SessionUser) -> None:
+    study_uid = st.session_state.get("study_uid")
+    if not study_uid:
+        st.info("Open a study from the worklist.")
+        return
+    with db.session() as s:
+        d = store.study_detail(s, study_uid)
+    if d is None:
+        st.error("This study is no longer in the database.")
+        return
+    st.header(f"{d['patient_name'] or '(no name)'} · {d['patient_id']}")
+    st.caption(
+        f"Study date {d['study_date']} · {d['description']} · accession {d['accession_number']}"
+        f" · {d['instances']} instances · state {d['state']} · priority {d['priority']}"
+        f" · UID {d['study_uid']}"
+    )
+    if d["error"]:
+        st.warning(f"{d['state']}: {d['error']}")
+    if d["flagged"]:
+        st.warning(f"Flagged: {d['flag_reason']}")
+    jobs = [j for j in d["jobs"] if j["findings"]]
+    if not jobs:
+        st.info("No findings for this study yet.")
+        return
+    by_id = {j["id"]: j for j in jobs}
+    default = d["current_job_id"] if d["current_job_id"] in by_id else jobs[0]["id"]
+    job_id = default
+    if len(jobs) > 1:
+        job_id = st.selectbox(
+            "Result",
+            list(by_id),
+            index=list(by_id).index(default),
+            format_func=lambda i: (
+                f"job {i} · {by_id[i]['model'][0]} {by_id[i]['model'][1]}"
+                + (" (superseded)" if by_id[i]["superseded"] else " (current)")
+            ),
+            key=f"job_{study_uid}",
+        )
+    job = by_id[job_id]
+    f = job["findings"]
+    if job["superseded"]:
+        st.warning("This result was superseded by a later processing of the study.")
+    name, version = job["model"]
+    finished = job["finished_at"].strftime("%Y-%m-%d %H:%M UTC") if job["finished_at"] else "-"
+    st.caption(
+        f"Model {name} {version} · pipeline {job['pipeline']} {job['pipeline_version']} · "
+        f"job {job['id']} finished {finished} · {NOT_FOR_CLINICAL_USE}"
+    )
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Suspicion", f"{f.get('screening_probability', 0):.0%}")
+    m2.metric("Priority", f.get("priority", "-"))
+    m3.metric("Lung volume", f"{f.get('lung_volume_ml', 0) / 1000:.1f} l")
+    m4.metric("Lesions", len(f.get("lesions", [])))
+
+    slice_key = f"slice_{job['id']}"
+    viewer(db, d, job, slice_key)
+    latest = store.latest_reviews(d["reviews"], job["id"])
+    lesion_table(job, latest, slice_key)
+    if user.role in CAN_REVIEW:
+        review_forms(db, user, d, job, latest)
+    review_history(d["reviews"])
+    downloads(db, user, d, job)
+
+
+def viewer(db: Database, d: dict[str, Any], job: dict[str, Any], slice_key: str) -> None:
+    f = job["findings"]
+    with db.session() as s:
+        paths = tuple(store.series_paths(s, d["id"], f.get("series_uid", "")))
+    try:
+        volume = cached_volume(paths)
+    except imaging.ImagingError as exc:
+        st.warning(f"The images cannot be shown: {exc}")
+        return
+    seg_path = next((o["path"] for o in job["outputs"] if o["modality"] == "SEG"), None)
+    seg = None
+    if seg_path and Path(seg_path).exists():
+        try:
+            seg = cached_seg(seg_path, paths)
+        except imaging.ImagingError as exc:
+            st.warning(f"The segmentation cannot be shown: {exc}")
+    saliency = None
+    if f.get("saliency_path") and Path(f["saliency_path"]).exists():
+        try:
+            saliency = cached_saliency(f["saliency_path"], paths)
+        except imaging.ImagingError as exc:
+            st.warning(f"The saliency map cannot be shown: {exc}")
+
+    if slice_key not in st.session_state:
+        lesions = f.get("lesions") or []
+        first = lesions[0]["slice_index"] if lesions else volume.slices // 2
+        st.session_state[slice_key] = int(first) + 1
+    image_col, controls = st.columns([3, 1])
+    with controls:
+        preset = st.radio(
+            "Window", list(imaging.WINDOW_PRESETS), key="window", persist_state="session"
+        )
+        center, width = imaging.WINDOW_PRESETS[preset]
+        number = st.slider("Slice", 1, volume.slices, key=slice_key)
+        shown: list[int] = []
+        opacity = 0.0
+        if seg is not None:
+            st.markdown("**Segments**")
+            for segment in seg.segments:
+                if st.checkbox(segment.label, value=True, key=f"seg_{job['id']}_{segment.number}"):
+                    shown.append(segment.number)
+            opacity = st.slider("Segment opacity", 0.0, 1.0, 0.4, 0.05, key="seg_opacity")
+        sal_opacity = 0.0
+        if saliency is not None:
+            if st.checkbox("Saliency map", value=False, key="saliency_on"):
+                sal_opacity = st.slider("Saliency opacity", 0.0, 1.0, 0.5, 0.05, key="sal_opacity")
+    z = number - 1
+    rgb = imaging.compose(
+        volume,
+        z,
+        center,
+        width,
+        seg=seg,
+        show_segments=tuple(shown),
+        seg_opacity=opacity,
+        saliency=saliency,
+        saliency_opacity=sal_opacity,
+    )
+    here = [s.label for s in seg.segments if z in s.slices and s.label != "Lung"] if seg else []
+    with image_col:
+        st.image(
+            rgb,
+            caption=f"Slice {number} of {volume.slices} · {preset} (C {center:g} / W {width:g})"
+            + (f" · {', '.join(here)}" if here else ""),
+            width="stretch",
+        )
+
+
+def _review_text(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "not reviewed"
+    return f"{r['decision']} by {r['user']} ({r['created_at']:%Y-%m-%d %H:%M})"
+
+
+def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key: str) -> None:
+    lesions = job["findings"].get("lesions") or []
+    st.subheader("Lesions")
+    if not lesions:
+        st.info("No lesion candidates in this result.")
+        return
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "Lesion": les["label"],
+                    "Slice": les["slice_index"] + 1,
+                    "Volume (ml)": round(les["volume_mm3"] / 1000, 2),
+                    "Max 3D diameter (mm)": les["max_3d_diameter_mm"],
+                    "Max axial diameter (mm)": les["max_2d_axial_diameter_mm"],
+                    "Mean HU": les["mean_hu"],
+                    "Location": les["location"],
+                    "Review": _review_text(latest.get(int(les["label"]))),
+                }
+                for les in lesions
+            ]
+        ),
+        hide_index=True,
+    )
+    cols = st.columns(min(len(lesions), 6))
+    for i, les in enumerate(lesions):
+        cols[i % len(cols)].button(
+            f"Go to lesion {les['label']}",
+            key=f"goto_{job['id']}_{les['label']}",
+            on_click=_set_slice,
+            args=(slice_key, int(les["slice_index"]) + 1),
+        )
+
+
+def review_forms(
+    db: Database,
+    user: store.SessionUser,
+    d: dict[str, Any],
+    job: dict[str, Any],
+    latest: dict[int | None, dict],
+) -> None:
+    st.subheader("Review")
+    notice = st.session_state.pop("review_notice", None)
+    if notice:
+        st.success(notice)
+    targets: list[int | None] = [int(les["label"]) for les in job["findings"].get("lesions", [])]
+    targets.append(None)
+    for label in targets:
+        title = "Whole study" if label is None else f"Lesion {label}"
+        tag = "study" if label is None else str(label)
+        # A saved review starts the next one on fresh widgets (new keys); a refused one keeps
+        # what was typed so the reader only adds what was missing.
+        gen_key = f"review_gen_{job['id']}_{tag}"
+        gen = st.session_state.setdefault(gen_key, 0)
+        with st.expander(f"{title}: {_review_text(latest.get(label))}"):
+            with st.form(f"review_{job['id']}_{tag}_{gen}"):
+                decision = st.radio(
+                    "Decision",
+                    ["accept", "reject", "amend"],
+                    index=None,
+                    horizontal=True,
+                    key=f"decision_{job['id']}_{tag}_{gen}",
+                )
+                reason = st.text_input(
+                    "Reason (required to reject or amend)",
+                    key=f"reason_{job['id']}_{tag}_{gen}",
+                )
+                note = st.text_area("Note", key=f"note_{job['id']}_{tag}_{gen}")
+                submitted = st.form_submit_button("Save review")
+            if submitted:
+                try:
+                    with db.session() as s:
+                        review = store.add_review(
+                            s,
+                            study_uid=d["study_uid"],
+                            job_id=job["id"],
+                            lesion_label=label,
+                            decision=decision,
+                            reason=reason,
+                            note=note,
+                            user=user,
+                        )
+                        review_id = review.id
+                except ValueError as exc:
+                    st.error(str(exc))
+                    continue
+                log.info("review %s of study %s by %s", review_id, d["study_uid"], user.name)
+                st.session_state[gen_key] = gen + 1
+                st.session_state["review_notice"] = f"{title}: {decision} saved."
+                st.rerun()
+
+
+def review_history(reviews: list[dict[str, Any]]) -> None:
+    if not reviews:
+        return
+    st.subheader("Review history")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "When (UTC)": r["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+                    "User": r["user"],
+                    "Job": r["job_id"],
+                    "Lesion": "study" if r["lesion_label"] is None else r["lesion_label"],
+                    "Decision": r["decision"],
+                    "Reason": r["reason"] or "",
+                    "Note": r["note"] or "",
+                    "Model": r["model"],
+                }
+                for r in reversed(reviews)
+            ]
+        ),
+        hide_index=True,
+    )
+
+
+def downloads(
+    db: Database, user: store.SessionUser, d: dict[str, Any], job: dict[str, Any]
+) -> None:
+    outputs = [o for o in job["outputs"] if Path(o["path"]).exists()]
+    if not outputs:
+        return
+    st.subheader("Results as DICOM")
+    cols = st.columns(len(outputs))
+    for col, o in zip(cols, outputs, strict=True):
+        col.download_button(
+            f"Download {o['modality']}",
+            data=functools.partial(
+                _serve_output,
+                db,
+                st.session_state["activity"],
+                user.name,
+                d["study_uid"],
+                o["sop_instance_uid"],
+                o["path"],
+            ),
+            file_name=f"{o['modality'].lower()}-{o['sop_instance_uid']}.dcm",
+            mime="application/dicom",
+            key=f"dl_{o['sop_instance_uid']}",
+            on_click="ignore",
+        )
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def audit_page(db: Database, user: store.SessionUser) -> None:
+    st.header("Audit trail")
+    with db.session() as s:
+        actors = store.audit_actors(s)
+    c1, c2, c3, c4 = st.columns(4)
+    study_uid = c1.text_input("Study UID", key="a_study", persist_state="session").strip()
+    actor = c2.selectbox("User (actor)", [ANY, *actors], key="a_actor", persist_state="session")
+    since = c3.datetime_input("From (UTC)", value=None, key="a_since", persist_state="session")
+    until = c4.datetime_input("Until (UTC)", value=None, key="a_until", persist_state="session")
+    with db.session() as s:
+        rows = store.audit_entries(
+            s,
+            study_uid=study_uid or None,
+            actor=None if actor == ANY else actor,
+            since=_aware(since),
+            until=_aware(until),
+        )
+    st.caption(f"{len(rows)} entries shown (newest first, at most 500)")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "Seq": r["seq"],
+                    "At (UTC)": r["at"].strftime("%Y-%m-%d %H:%M:%S"),
+                    "Actor": r["actor"],
+                    "Action": r["action"],
+                    "Study UID": r["study_uid"],
+                    "Detail": json.dumps(r["detail"], sort_keys=True),
+                    "Hash": r["entry_hash"],
+                }
+                for r in rows
+            ],
+            columns=["Seq", "At (UTC)", "Actor", "Action", "Study UID", "Detail", "Hash"],
+        ),
+        hide_index=True,
+    )
+    if st.button("Verify chain", key="verify_chain"):
+        with db.session() as s:
+            report = audit.verify(s)
+        store.log_event(
+            db,
+            user.name,
+            "audit.verified",
+            None,
+            {"ok": report.ok, "entries": report.entries, "broken_at_seq": report.broken_at_seq},
+        )
+        if report.ok:
+            st.success(f"Chain OK: {report.entries} entries verified.")
+        else:
+            st.error(
+                f"Chain BROKEN at seq {report.broken_at_seq}: {report.problem} "
+                f"(checked {report.entries} entries)."
+            )
+
+
+# --- main ----------------------------------------------------------------------------------
+
+PAGES = {"Worklist": worklist_page, "Study": study_page, "Audit": audit_page}
+
+
+def main() -> None:
+    st.set_page_config(page_title="radai", layout="wide")
+    # Tracebacks can quote data values; the server log keeps them, the page does not.
+    st.set_option("client.showErrorDetails", "type")
+    # Patient lists leave through the reviewed DICOM outputs only, not as CSV from any table.
+    st.set_option("client.disableDataExport", True)
+    st.set_option("client.toolbarMode", "minimal")
+    st.caption(NOT_FOR_CLINICAL_USE)
+    db = get_database(database_url())
+    try:
+        user = current_user(db)
+    except SQLAlchemyError as exc:
+        log.error("database unavailable: %s", type(exc).__name__)
+        st.error("The database is unavailable or not set up (run `radai db upgrade`).")
+        st.stop()
+    if user is None:
+        login_page(db)
+        return
+    _session_watch()
+    pages = ROLE_PAGES.get(user.role, [])
+    with st.sidebar:
+        st.markdown(f"**{user.name}** ({user.role})")
+        if st.session_state.get("page") not in pages and pages:
+            st.session_state["page"] = pages[0]
+        page = st.radio("Page", pages, key="page")
+        if st.button("Log out", key="logout"):
+            logout(db, user)
+            st.rerun()
+        st.caption(NOT_FOR_CLINICAL_USE)
+    if page:
+        PAGES[page](db, user)
+
+
+main()

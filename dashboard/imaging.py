@@ -1,0 +1,207 @@
+"""Images for the study viewer: a CT series as a Hounsfield volume, SEG segments and the saliency
+map on the same grid, and axial slices composed into RGB with window/level and overlays.
+
+Slices are ordered as the pipeline orders them (by ImagePositionPatient along the slice normal),
+so the findings' `slice_index`, the saliency array and the SEG frames (matched by referenced SOP
+Instance UID) all line up with the volume's first axis. Pure numpy, pydicom and highdicom: no
+Streamlit here, so the app can cache these objects and tests can check them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+# (center, width) in HU
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "Lung": (-600.0, 1500.0),
+    "Mediastinum": (40.0, 400.0),
+    "Bone": (400.0, 1800.0),
+}
+
+LUNG_COLOR = (0, 150, 255)
+LESION_COLORS = [
+    (255, 60, 60),
+    (255, 200, 0),
+    (0, 220, 120),
+    (230, 0, 230),
+    (255, 130, 0),
+    (0, 230, 230),
+    (160, 100, 255),
+]
+
+
+class ImagingError(Exception):
+    """The series or an overlay cannot be shown; the message is for people (no patient data)."""
+
+
+@dataclass(frozen=True)
+class CTVolume:
+    hu: np.ndarray  # int16 (z, y, x), read-only: shared between sessions by the app's cache
+    sop_instance_uids: tuple[str, ...]  # in volume order
+
+    @property
+    def slices(self) -> int:
+        return int(self.hu.shape[0])
+
+
+@dataclass(frozen=True)
+class Segment:
+    number: int
+    label: str
+    color: tuple[int, int, int]
+    layer: int  # index into SegOverlay.layers
+    slices: tuple[int, ...]  # volume indices where the segment has pixels
+
+
+@dataclass(frozen=True)
+class SegOverlay:
+    segments: tuple[Segment, ...]
+    # Each layer holds segments that do not overlap, as segment numbers (0: none): the lung and
+    # its lesions overlap, so one label map would lose pixels, and one boolean volume per segment
+    # would cost far more memory on long series.
+    layers: tuple[np.ndarray, ...]
+
+
+def load_ct(paths: list[str] | tuple[str, ...]) -> CTVolume:
+    """Read a single-frame CT series and stack it in position order, in HU (int16)."""
+    if not paths:
+        raise ImagingError("the series has no instances in the archive")
+    items = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ImagingError(f"cannot read {Path(path).name}: {type(exc).__name__}") from None
+        if "PixelData" not in ds or "ImageOrientationPatient" not in ds:
+            continue  # not an image slice of this volume (e.g. a scout or a report)
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        normal = np.cross(orientation[:3], orientation[3:])
+        position = float(np.dot([float(v) for v in ds.ImagePositionPatient], normal))
+        items.append((position, str(ds.SOPInstanceUID), ds))
+    if not items:
+        raise ImagingError("the series holds no CT slices")
+    items.sort(key=lambda t: t[0])
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, _, ds in items}
+    if len(shapes) != 1:
+        raise ImagingError("the slices of the series differ in size")
+    hu = np.empty((len(items), *shapes.pop()), dtype=np.int16)
+    for i, (_, _, ds) in enumerate(items):
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "cannot show"
+            raise ImagingError(f"cannot decode the pixels: {type(exc).__name__}") from None
+        hu[i] = np.clip(pixels.astype(np.float32) * slope + intercept, -32768, 32767)
+    hu.setflags(write=False)
+    return CTVolume(hu=hu, sop_instance_uids=tuple(uid for _, uid, _ in items))
+
+
+def load_seg(path: str, volume: CTVolume) -> SegOverlay:
+    """The segments of a SEG instance on the volume's grid, matched by source SOP Instance UID."""
+    try:
+        return _seg_overlay(hd.seg.segread(path), volume)
+    except ImagingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreadable SEG must not take the viewer down
+        raise ImagingError(f"cannot read the SEG: {type(exc).__name__}") from None
+
+
+def _seg_overlay(seg: hd.seg.Segmentation, volume: CTVolume) -> SegOverlay:
+    referenced = {
+        str(inst.ReferencedSOPInstanceUID)
+        for series in seg.get("ReferencedSeriesSequence", [])
+        for inst in series.ReferencedInstanceSequence
+    }
+    # Instances the SEG never referenced stay empty (highdicom refuses unknown UIDs).
+    present = [i for i, uid in enumerate(volume.sop_instance_uids) if uid in referenced]
+    if not present:
+        raise ImagingError("the SEG does not reference this series")
+    uids = [volume.sop_instance_uids[i] for i in present]
+    shape = volume.hu.shape
+    layers: list[np.ndarray] = []
+    segments: list[Segment] = []
+    dtype = np.uint8 if len(seg.SegmentSequence) < 256 else np.uint16
+    lesion_colors = iter(LESION_COLORS * (1 + len(seg.SegmentSequence) // len(LESION_COLORS)))
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids,
+            segment_numbers=[number],
+            assert_missing_frames_are_empty=True,
+            dtype=bool,
+        )[..., 0]
+        mask = np.zeros(shape, dtype=bool)
+        mask[present] = pixels
+        layer = next((i for i, lay in enumerate(layers) if not (lay[mask] != 0).any()), None)
+        if layer is None:
+            layers.append(np.zeros(shape, dtype=dtype))
+            layer = len(layers) - 1
+        layers[layer][mask] = number
+        label = str(item.get("SegmentLabel", f"Segment {number}"))
+        color = LUNG_COLOR if label.lower() == "lung" else next(lesion_colors)
+        slices = tuple(int(z) for z in np.nonzero(mask.any(axis=(1, 2)))[0])
+        segments.append(Segment(number, label, color, layer, slices))
+    for lay in layers:
+        lay.setflags(write=False)
+    return SegOverlay(segments=tuple(segments), layers=tuple(layers))
+
+
+def load_saliency(path: str, volume: CTVolume) -> np.ndarray:
+    """The saliency map (float16, volume order, 0..1), checked against the volume's shape."""
+    try:
+        with np.load(path) as data:
+            sal = np.asarray(data["saliency"], dtype=np.float32)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ImagingError(f"cannot read the saliency map: {type(exc).__name__}") from None
+    if sal.shape != volume.hu.shape:
+        raise ImagingError(f"saliency map {sal.shape} does not match the series {volume.hu.shape}")
+    # The pipeline writes scores in 0..1; they are shown as they are, not stretched per study,
+    # so that a weak map looks weak.
+    out = np.clip(np.nan_to_num(sal, nan=0.0), 0.0, 1.0).astype(np.float16)
+    out.setflags(write=False)
+    return out
+
+
+def window(hu_slice: np.ndarray, center: float, width: float) -> np.ndarray:
+    """uint8 grey levels of a HU slice under a window (center, width)."""
+    width = max(float(width), 1.0)
+    low = center - width / 2
+    scaled = (hu_slice.astype(np.float32) - low) * (255.0 / width)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def compose(
+    volume: CTVolume,
+    z: int,
+    center: float,
+    width: float,
+    *,
+    seg: SegOverlay | None = None,
+    show_segments: tuple[int, ...] = (),
+    seg_opacity: float = 0.4,
+    saliency: np.ndarray | None = None,
+    saliency_opacity: float = 0.0,
+) -> np.ndarray:
+    """One axial slice as uint8 RGB (y, x, 3), overlays alpha-blended onto the windowed CT."""
+    grey = window(volume.hu[z], center, width).astype(np.float32)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if saliency is not None and saliency_opacity > 0:
+        heat = saliency[z].astype(np.float32)
+        # Faint saliency is noise to the eye: only the upper part of the range is tinted.
+        alpha = (saliency_opacity * np.clip((heat - 0.2) / 0.8, 0, 1))[..., None]
+        color = np.stack([np.full_like(heat, 255), 255 * (1 - heat), np.zeros_like(heat)], -1)
+        rgb = rgb * (1 - alpha) + color * alpha
+    if seg is not None and show_segments and seg_opacity > 0:
+        for segment in seg.segments:
+            if segment.number not in show_segments:
+                continue
+            mask = seg.layers[segment.layer][z] == segment.number
+            if mask.any():
+                rgb[mask] = rgb[mask] * (1 - seg_opacity) + np.asarray(segment.color) * seg_opacity
+    return np.clip(rgb, 0, 255).astype(np.uint8)

@@ -1,0 +1,386 @@
+"""The dashboard's reads and writes, in `db` terms: login with auditing and lockout, the worklist,
+one study with its jobs, outputs and reviews, recording a review, and the audit trail.
+
+Every function takes a session (the caller's transaction) or a `Database`, returns plain data
+(dicts and dataclasses, no ORM objects that would outlive their session) and never logs patient
+names or IDs. Reviews are append-only: a re-review adds a row, the latest per lesion is shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select
+from sqlalchemy.orm import Session
+
+from db import (
+    AuditEntry,
+    Instance,
+    Job,
+    Output,
+    Review,
+    ReviewDecision,
+    Series,
+    Study,
+    StudyState,
+    User,
+    audit,
+)
+from db.models import utcnow
+from db.session import Database
+from db.users import check_credentials
+
+LOCKOUT_FAILURES = 5
+LOCKOUT_WINDOW = timedelta(minutes=15)
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class SessionUser:
+    id: int
+    name: str
+    role: str
+
+
+def _recent_failures(session: Session, name: str) -> int:
+    return session.execute(
+        select(func.count())
+        .select_from(AuditEntry)
+        .where(
+            AuditEntry.action == "user.login_failed",
+            AuditEntry.actor == name,
+            AuditEntry.at > utcnow() - LOCKOUT_WINDOW,
+        )
+    ).scalar_one()
+
+
+def login(db: Database, name: str, password: str) -> tuple[SessionUser | None, str]:
+    """Check a login and audit it ("user.login" or "user.login_failed", never the password).
+
+    A failed login for an unknown name is audited under "anonymous" so that a password typed
+    into the name field does not land in the audit trail. A known name with LOCKOUT_FAILURES
+    failures within LOCKOUT_WINDOW is refused without checking the password.
+    """
+    name = name.strip()
+    with db.session() as s:
+        user, outcome = check_credentials(s, name, password)
+        if outcome != "unknown user" and _recent_failures(s, name) >= LOCKOUT_FAILURES:
+            user, outcome = None, "locked"
+        if user is None:
+            actor = ANONYMOUS if outcome == "unknown user" else name
+            audit.append(s, actor, "user.login_failed", None, {"reason": outcome})
+            return None, outcome
+        audit.append(s, user.name, "user.login", None, {"role": user.role})
+        return SessionUser(user.id, user.name, user.role), outcome
+
+
+def log_event(
+    db: Database, actor: str, action: str, study_uid: str | None = None, detail: dict | None = None
+) -> None:
+    """One audit entry in its own transaction (logout, expiry, study opened, chain checked)."""
+    with db.session() as s:
+        audit.append(s, actor, action, study_uid, detail or {})
+
+
+def _current_job_id():  # noqa: ANN202 - a correlated scalar subquery
+    # The same notion of "current" as db.queries.study_summaries: the newest job not superseded.
+    return (
+        select(func.max(Job.id))
+        .where(Job.study_id == Study.id, Job.superseded.is_(False))
+        .correlate(Study)
+        .scalar_subquery()
+    )
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    rows: list[dict[str, Any]]
+    total: int
+    page: int
+    pages: int
+
+
+def worklist(
+    session: Session,
+    *,
+    states: list[str] | None = None,
+    flagged: bool | None = None,
+    reviewed: bool | None = None,
+    page: int = 1,
+    page_size: int = 50,
+) -> WorklistPage:
+    """Studies by AI priority (1 most urgent, none last), then arrival; filtered and paged.
+
+    "Reviewed" means some review exists for the study's current job: after reprocessing, the new
+    result needs a new review (the old reviews stay, attached to the old job).
+    """
+    current = _current_job_id()
+    is_reviewed = exists().where(Review.job_id == current)
+    query = select(Study, current.label("job_id"), is_reviewed.label("reviewed"))
+    if states:
+        query = query.where(Study.state.in_(states))
+    if flagged is not None:
+        query = query.where(Study.flagged.is_(flagged))
+    if reviewed is not None:
+        query = query.where(is_reviewed if reviewed else ~is_reviewed)
+    total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+    pages = max(1, -(-total // page_size))
+    page = min(max(1, page), pages)
+    query = query.order_by(
+        Study.priority.is_(None), Study.priority, Study.first_received_at, Study.id
+    )
+    result = session.execute(query.offset((page - 1) * page_size).limit(page_size)).all()
+    job_ids = [job_id for _, job_id, _ in result if job_id is not None]
+    findings = dict(
+        session.execute(select(Job.id, Job.findings).where(Job.id.in_(job_ids))).all()
+        if job_ids
+        else []
+    )
+    rows = []
+    for study, job_id, was_reviewed in result:
+        f = findings.get(job_id) or {}
+        rows.append(
+            {
+                "study_uid": study.study_uid,
+                "priority": study.priority,
+                "state": study.state,
+                "patient_name": display_name(study.patient_name),
+                "patient_id": study.patient_id or "",
+                "study_date": display_date(study.study_date),
+                "description": study.study_description or "",
+                "instances": study.instance_count,
+                "probability": f.get("screening_probability"),
+                "lesions": len(f["lesions"]) if "lesions" in f else None,
+                "flagged": study.flagged,
+                "reviewed": bool(was_reviewed),
+                "error": study.error
+                if study.state in (StudyState.FAILED, StudyState.NOT_APPLICABLE)
+                else None,
+                "job_id": job_id,
+            }
+        )
+    return WorklistPage(rows=rows, total=total, page=page, pages=pages)
+
+
+def display_name(pn: str | None) -> str:
+    """A DICOM person name (FAMILY^GIVEN^...) as people write it."""
+    if not pn:
+        return ""
+    parts = [p for p in str(pn).split("=")[0].split("^") if p]
+    return f"{parts[0]}, {' '.join(parts[1:])}" if len(parts) > 1 else (parts[0] if parts else "")
+
+
+def display_date(da: str | None) -> str:
+    if da and len(da) == 8 and da.isdigit():
+        return f"{da[:4]}-{da[4:6]}-{da[6:]}"
+    return da or ""
+
+
+def model_of(job: Job) -> tuple[str, str]:
+    """The model name and version a job's findings came from (its recorded model versions)."""
+    versions = job.model_versions or {}
+    if not versions:
+        return job.pipeline, job.pipeline_version
+    return "+".join(versions), "+".join(str(v) for v in versions.values())
+
+
+def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
+    """A study with its jobs (newest first), their outputs, and every review of any of its jobs."""
+    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    if study is None:
+        return None
+    jobs = list(
+        session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id.desc()))
+        .scalars()
+        .all()
+    )
+    outputs = session.execute(
+        select(Output).where(Output.study_id == study.id).order_by(Output.id)
+    ).scalars()
+    by_job: dict[int, list[dict[str, Any]]] = {}
+    for o in outputs:
+        by_job.setdefault(o.job_id, []).append(
+            {"modality": o.modality, "path": o.path, "sop_instance_uid": o.sop_instance_uid}
+        )
+    current = next((j.id for j in jobs if not j.superseded), None)
+    return {
+        "id": study.id,
+        "study_uid": study.study_uid,
+        "state": study.state,
+        "priority": study.priority,
+        "patient_name": display_name(study.patient_name),
+        "patient_id": study.patient_id or "",
+        "accession_number": study.accession_number or "",
+        "study_date": display_date(study.study_date),
+        "description": study.study_description or "",
+        "instances": study.instance_count,
+        "flagged": study.flagged,
+        "flag_reason": study.flag_reason,
+        "error": study.error,
+        "current_job_id": current,
+        "jobs": [
+            {
+                "id": j.id,
+                "state": j.state,
+                "pipeline": j.pipeline,
+                "pipeline_version": j.pipeline_version,
+                "model": model_of(j),
+                "model_versions": j.model_versions or {},
+                "findings": j.findings,
+                "finished_at": j.finished_at,
+                "superseded": j.superseded,
+                "outputs": by_job.get(j.id, []),
+            }
+            for j in jobs
+        ],
+        "reviews": reviews_of(session, study.id),
+    }
+
+
+def reviews_of(session: Session, study_id: int) -> list[dict[str, Any]]:
+    """All reviews of a study, oldest first (so that later entries win when folded by lesion)."""
+    rows = session.execute(
+        select(Review, User.name)
+        .join(User, User.id == Review.user_id)
+        .where(Review.study_id == study_id)
+        .order_by(Review.created_at, Review.id)
+    ).all()
+    return [
+        {
+            "id": r.id,
+            "job_id": r.job_id,
+            "lesion_label": r.lesion_label,
+            "decision": r.decision,
+            "reason": r.reason,
+            "note": r.note,
+            "user": user_name,
+            "created_at": r.created_at,
+            "model": f"{r.model_name} {r.model_version}",
+        }
+        for r, user_name in rows
+    ]
+
+
+def latest_reviews(reviews: list[dict[str, Any]], job_id: int) -> dict[int | None, dict]:
+    """The newest review per lesion label (None: the whole study) of one job."""
+    latest: dict[int | None, dict] = {}
+    for r in reviews:
+        if r["job_id"] == job_id:
+            latest[r["lesion_label"]] = r
+    return latest
+
+
+def series_paths(session: Session, study_id: int, series_uid: str) -> list[str]:
+    """Archive paths of a series' instances (order does not matter: the viewer sorts)."""
+    return list(
+        session.execute(
+            select(Instance.archive_path)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.series_uid == series_uid, Instance.study_id == study_id)
+            .order_by(Instance.id)
+        ).scalars()
+    )
+
+
+def add_review(
+    session: Session,
+    *,
+    study_uid: str,
+    job_id: int,
+    lesion_label: int | None,
+    decision: str | None,
+    reason: str | None,
+    note: str | None,
+    user: SessionUser,
+) -> Review:
+    """Store a review and its audit entry ("review.<decision>") in the caller's transaction.
+
+    ValueError (message for the reader) when the decision is unknown, a reject or amend has no
+    reason, the job is not this study's or has no findings, or the lesion is not in them.
+    """
+    if decision not in set(ReviewDecision):  # also None: the reader chose nothing
+        raise ValueError(f"decision must be one of {', '.join(ReviewDecision)}")
+    reason = (reason or "").strip() or None
+    note = (note or "").strip() or None
+    if decision != ReviewDecision.ACCEPT and not reason:
+        raise ValueError(f"a reason is required to {decision}")
+    job = session.execute(
+        select(Job)
+        .join(Study, Study.id == Job.study_id)
+        .where(and_(Job.id == job_id, Study.study_uid == study_uid))
+    ).scalar_one_or_none()
+    if job is None or not job.findings:
+        raise ValueError("this result has no findings to review")
+    labels = {int(les["label"]) for les in job.findings.get("lesions", [])}
+    if lesion_label is not None and lesion_label not in labels:
+        raise ValueError(f"lesion {lesion_label} is not in this result")
+    name, version = model_of(job)
+    review = Review(
+        study_id=job.study_id,
+        job_id=job.id,
+        lesion_label=lesion_label,
+        decision=decision,
+        reason=reason,
+        note=note,
+        user_id=user.id,
+        model_name=name,
+        model_version=version,
+    )
+    session.add(review)
+    session.flush()
+    audit.append(
+        session,
+        user.name,
+        f"review.{decision}",
+        study_uid,
+        {
+            "review": review.id,
+            "job": job.id,
+            "lesion": lesion_label,
+            "reason": reason,
+            "note": note,
+            "model": {"name": name, "version": version},
+        },
+    )
+    return review
+
+
+def audit_actors(session: Session) -> list[str]:
+    query = select(AuditEntry.actor).distinct().order_by(AuditEntry.actor)
+    return list(session.execute(query).scalars())
+
+
+def audit_entries(
+    session: Session,
+    *,
+    study_uid: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 500,
+) -> list[dict[str, Any]]:
+    """Audit entries, newest first, filtered by study, actor and time range [since, until)."""
+    query = select(AuditEntry)
+    if study_uid:
+        query = query.where(AuditEntry.study_uid == study_uid)
+    if actor:
+        query = query.where(AuditEntry.actor == actor)
+    if since is not None:
+        query = query.where(AuditEntry.at >= since)
+    if until is not None:
+        query = query.where(AuditEntry.at < until)
+    rows = session.execute(query.order_by(AuditEntry.seq.desc()).limit(limit)).scalars()
+    return [
+        {
+            "seq": r.seq,
+            "at": r.at,
+            "actor": r.actor,
+            "action": r.action,
+            "study_uid": r.study_uid or "",
+            "detail": r.detail,
+            "entry_hash": r.entry_hash[:16],
+        }
+        for r in rows
+    ]

@@ -1,0 +1,204 @@
+"""The dashboard's database side on SQLite and PostgreSQL: accounts and password hashes, the retry
+request, reviews (validated, audited, append-only, kept across reprocessing) and the worklist's
+order and "reviewed" flag."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from dashboard import store
+from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState, User, audit
+from db.models import utcnow
+from db.requeue import request_retry
+from db.users import add_user, authenticate, check_credentials, hash_password, verify_password
+
+
+def test_password_hashes_are_salted_scrypt():
+    a, b = hash_password("s3cret-pass"), hash_password("s3cret-pass")
+    assert a != b and a.startswith("scrypt$16384$8$1$")
+    assert verify_password("s3cret-pass", a) and not verify_password("s3cret-pasS", a)
+    assert not verify_password("s3cret-pass", "md5$garbage") and not verify_password("x", "")
+
+
+def test_users_authenticate_by_name_and_password(database):
+    with database.session() as s:
+        add_user(s, "alice", "radiologist", "long enough", actor="test")
+        with pytest.raises(ValueError, match="already exists"):
+            add_user(s, "alice", "admin", "long enough")
+        with pytest.raises(ValueError, match="role"):
+            add_user(s, "bob", "janitor", "long enough")
+        with pytest.raises(ValueError, match="at least"):
+            add_user(s, "bob", "admin", "short")
+    with database.session() as s:
+        user = authenticate(s, "alice", "long enough")
+        assert user is not None and user.role == "radiologist" and not user.disabled
+        assert "long enough" not in user.password_hash
+        assert authenticate(s, "alice", "wrong") is None
+        assert check_credentials(s, "nobody", "long enough") == (None, "unknown user")
+        user.disabled = True
+    with database.session() as s:
+        assert check_credentials(s, "alice", "long enough") == (None, "disabled")
+        [entry] = s.execute(select(AuditEntry).where(AuditEntry.action == "user.added")).scalars()
+        assert entry.actor == "test" and entry.detail == {"name": "alice", "role": "radiologist"}
+    with pytest.raises(IntegrityError):
+        with database.session() as s:
+            s.add(User(name="mallory", role="superuser", password_hash="x"))
+
+
+def test_login_locks_a_name_after_repeated_failures(database):
+    with database.session() as s:
+        add_user(s, "alice", "radiologist", "long enough")
+    for _ in range(store.LOCKOUT_FAILURES):
+        assert store.login(database, "alice", "guess")[1] == "wrong password"
+    assert store.login(database, "alice", "long enough") == (None, "locked")
+    assert store.login(database, "ghost", "guess")[1] == "unknown user"
+    with database.session() as s:
+        actors = [e.actor for e in s.execute(select(AuditEntry)).scalars()]
+        assert actors.count("anonymous") == 1 and "ghost" not in actors
+
+
+def _study(db, uid: str, state: str = StudyState.DONE, **kw) -> int:  # noqa: ANN001
+    with db.session() as s:
+        study = Study(study_uid=uid, state=state, instance_count=kw.pop("instances", 2), **kw)
+        s.add(study)
+        s.flush()
+        return study.id
+
+
+def _job(db, study_id: int, key: str, lesions=(1, 2), **kw) -> int:  # noqa: ANN001
+    findings = {
+        "screening_probability": 0.7,
+        "lesions": [{"label": n, "slice_index": n} for n in lesions],
+        "series_uid": "1.2.3.4",
+    }
+    with db.session() as s:
+        job = Job(
+            study_id=study_id,
+            pipeline="p",
+            pipeline_version="0.1.0",
+            input_hash=key,
+            state=StudyState.DONE,
+            findings=findings,
+            model_versions={"model-a": "1.0"},
+            **kw,
+        )
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def test_retry_request_writes_state_outbox_and_audit_in_one_go(database):
+    _study(database, "1.2.9", StudyState.FAILED, error="boom", instances=7)
+    _study(database, "1.2.10", StudyState.RECEIVING)
+    with database.session() as s:
+        request_retry(s, "1.2.9", actor="root")
+    with database.session() as s:
+        study = s.execute(select(Study).where(Study.study_uid == "1.2.9")).scalar_one()
+        [msg] = s.execute(select(OutboxMessage)).scalars()
+        [entry] = s.execute(select(AuditEntry).where(AuditEntry.action == "study.retry")).scalars()
+    assert study.state == StudyState.STABLE and study.error is None
+    assert msg.task == "radai.process_study" and msg.published_at is None
+    assert msg.payload == {"study_uid": "1.2.9", "instances": 7}
+    assert entry.actor == "root" and entry.detail["from_state"] == "FAILED"
+    for uid, match in (("1.2.10", "RECEIVING"), ("9.9.9", "no study")):
+        with pytest.raises(ValueError, match=match):
+            with database.session() as s:
+                request_retry(s, uid, actor="root")
+    with database.session() as s:
+        assert len(s.execute(select(OutboxMessage)).all()) == 1 and audit.verify(s).ok
+
+
+def test_reviews_are_validated_audited_append_only_and_survive_reprocessing(database):
+    study_id = _study(database, "1.2.20", priority=2)
+    job1 = _job(database, study_id, "a")
+    with database.session() as s:
+        user = add_user(s, "doc", "radiologist", "long enough")
+        me = store.SessionUser(user.id, user.name, user.role)
+    common = {"study_uid": "1.2.20", "job_id": job1, "note": None, "user": me}
+    for kw, match in (
+        ({"lesion_label": 1, "decision": "reject", "reason": " "}, "reason is required"),
+        ({"lesion_label": 1, "decision": "maybe", "reason": "x"}, "decision"),
+        ({"lesion_label": 7, "decision": "accept", "reason": None}, "not in this result"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            with database.session() as s:
+                store.add_review(s, **common, **kw)
+    with database.session() as s:
+        store.add_review(s, **common, lesion_label=1, decision="accept", reason=None)
+        store.add_review(s, **common, lesion_label=1, decision="reject", reason="artefact")
+        store.add_review(s, **common, lesion_label=None, decision="amend", reason="two nodules")
+    with database.session() as s:
+        page = store.worklist(s)
+        reviews = store.reviews_of(s, study_id)
+        actions = [
+            e.action for e in s.execute(select(AuditEntry).order_by(AuditEntry.seq)).scalars()
+        ]
+    assert page.rows[0]["reviewed"] is True
+    latest = store.latest_reviews(reviews, job1)
+    assert latest[1]["decision"] == "reject" and latest[None]["decision"] == "amend"
+    assert reviews[0]["model"] == "model-a 1.0" and reviews[0]["user"] == "doc"
+    assert actions[-3:] == ["review.accept", "review.reject", "review.amend"]
+
+    # The database itself refuses to edit or delete a review.
+    for sql in ("UPDATE reviews SET decision = 'accept'", "DELETE FROM reviews"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            with database.engine.begin() as conn:
+                conn.execute(text(sql))
+
+    # Reprocessing: a new job supersedes the old; the reviews stay with the old job.
+    with database.session() as s:
+        s.execute(update(Job).where(Job.id == job1).values(superseded=True))
+    job2 = _job(database, study_id, "b", lesions=(1,))
+    with database.session() as s:
+        assert len(s.execute(select(Review)).all()) == 3
+        row = store.worklist(s).rows[0]
+        assert row["job_id"] == job2 and row["reviewed"] is False
+        assert store.worklist(s, reviewed=False).total == 1
+        assert store.worklist(s, reviewed=True).total == 0
+        detail = store.study_detail(s, "1.2.20")
+    assert detail["current_job_id"] == job2 and len(detail["reviews"]) == 3
+    assert store.latest_reviews(detail["reviews"], job2) == {}
+
+
+def test_worklist_order_filters_and_pages(database):
+    t0 = utcnow()
+    specs = [("1.1", 3, 0), ("1.2", None, 1), ("1.3", 1, 2), ("1.4", 3, -1), ("1.5", None, -2)]
+    for uid, prio, minutes in specs:
+        _study(database, uid, priority=prio, first_received_at=t0 + timedelta(minutes=minutes))
+    _study(
+        database,
+        "1.6",
+        StudyState.FAILED,
+        error="x",
+        flagged=True,
+        flag_reason="conflict",
+        first_received_at=t0 + timedelta(minutes=5),
+    )
+    with database.session() as s:
+        page = store.worklist(s)
+        assert [r["study_uid"] for r in page.rows] == ["1.3", "1.4", "1.1", "1.5", "1.2", "1.6"]
+        failed = store.worklist(s, states=["FAILED"], flagged=True)
+        assert [r["study_uid"] for r in failed.rows] == ["1.6"] and failed.rows[0]["error"] == "x"
+        assert store.worklist(s, flagged=False).total == 5
+        second = store.worklist(s, page=2, page_size=4)
+        assert second.pages == 2 and [r["study_uid"] for r in second.rows] == ["1.2", "1.6"]
+        assert store.worklist(s, page=99, page_size=4).page == 2
+
+
+def test_audit_entries_filter_by_study_actor_and_time(database):
+    with database.session() as s:
+        audit.append(s, "alice", "study.opened", "1.2.3", {})
+        audit.append(s, "bob", "study.opened", "1.2.4", {})
+        audit.append(s, "alice", "user.logout", None, {})
+    now = utcnow()
+    with database.session() as s:
+        assert [e["seq"] for e in store.audit_entries(s)] == [3, 2, 1]
+        assert [e["seq"] for e in store.audit_entries(s, actor="alice")] == [3, 1]
+        assert [e["seq"] for e in store.audit_entries(s, study_uid="1.2.4")] == [2]
+        assert store.audit_entries(s, since=now + timedelta(seconds=1)) == []
+        assert len(store.audit_entries(s, since=now - timedelta(hours=1), until=now)) == 3
+        assert store.audit_actors(s) == ["alice", "bob"]
