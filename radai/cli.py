@@ -143,7 +143,6 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     import os
-    import subprocess
     from importlib.util import find_spec
 
     _database(settings)  # create or migrate first: the app itself never changes the schema
@@ -162,10 +161,9 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
         "--client.showErrorDetails", "type",
         "--client.toolbarMode", "minimal",
     ]  # fmt: skip
-    try:
-        return subprocess.call(argv, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # Replace this process: a signal to `radai dashboard` then reaches Streamlit itself.
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached
 
 
 def cmd_user(args: argparse.Namespace, settings: Settings) -> int:

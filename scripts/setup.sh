@@ -8,7 +8,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=()
-for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc redis-server:redis-server; do
+for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc redis-server:redis-server \
+            chromium:chromium chromedriver:chromium-driver; do
   exe=${pair%%:*}; pkg=${pair##*:}
   command -v "$exe" >/dev/null 2>&1 || [ -x "/usr/sbin/$exe" ] || need_apt+=("$pkg")
 done

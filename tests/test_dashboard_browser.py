@@ -1,0 +1,312 @@
+"""The dashboard end to end in a real browser: `radai dashboard` started as a process on a copy of
+the processed sample study's database (built as in test_dashboard), driven with Selenium through
+Debian's headless Chromium: login (no patient data before it), worklist, the study with its SEG
+overlay toggled, and a review that reaches the database and the audit trail.
+
+Needs Debian's `chromium` and `chromium-driver`; without them the test is skipped, except under
+CI (CI=true), where it fails. Screenshots go to the test's tmp_path and to var/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db import AuditEntry, Job, Review
+from db.session import Database
+from db.users import add_user
+from tests import test_dashboard
+from tests.conftest import free_port, wait_for
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # checked in the browser fixture: skipped outside CI, a failure in CI
+    webdriver = None
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOTS = ROOT / "var" / "screenshots"
+USER = "dr_browser"
+PASSWORD = "browser battery staple"
+PATIENT = "DEMO, LUNG1"
+NOTE = "solid nodule, seen in the browser"
+TIMEOUT = 30
+
+# The processed sample study, built once per module exactly as test_dashboard builds it.
+template = test_dashboard.template
+
+
+@pytest.fixture
+def dashboard(template: Path, tmp_path: Path) -> Iterator[tuple[str, Database]]:
+    """`python -m radai dashboard` on a private copy of the template database; its URL and db."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = home / "radai.sqlite"
+    shutil.copy(template, path)
+    url = f"sqlite:///{path}"
+    db = Database(url)
+    with db.session() as s:
+        add_user(s, USER, "radiologist", PASSWORD, actor="test")
+    port = free_port()
+    env = {
+        **os.environ,
+        "RADAI_HOME": str(home),
+        "RADAI_DATABASE_URL": url,
+        "RADAI_SESSION_MINUTES": "30",
+    }
+    log = (tmp_path / "dashboard.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radai", "dashboard", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: streamlit runs as a child of radai
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"the dashboard exited ({proc.returncode}): {_tail(tmp_path)}")
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    try:
+        wait_for(healthy, timeout=60, interval=0.3)
+        yield base, db
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=5)
+        log.close()
+        db.dispose()
+
+
+def _tail(tmp_path: Path) -> str:
+    path = tmp_path / "dashboard.log"
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if webdriver is None:
+        missing.append("the selenium package")
+    if missing:
+        message = f"{', '.join(missing)} missing (apt-get install chromium chromium-driver; pip)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# --- page helpers ---------------------------------------------------------------------------
+
+
+def _until(driver: WebDriver, condition: Callable, what: str, timeout: float = TIMEOUT):
+    """Wait for condition(driver); Streamlit redraws elements, so stale ones are retried."""
+    wait = WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.2,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+    return wait.until(condition, message=f"waiting for {what}")
+
+
+def _idle(driver: WebDriver) -> None:
+    """Wait until the script run that the last action started has finished."""
+    time.sleep(0.3)
+    _until(
+        driver,
+        lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'),
+        "the app to finish running",
+    )
+
+
+def _body(driver: WebDriver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def _css(driver: WebDriver, selector: str) -> WebElement:
+    return _until(
+        driver,
+        lambda d: next(
+            (e for e in d.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()), None
+        ),
+        selector,
+    )
+
+
+def _click(driver: WebDriver, selector: str, text: str | None = None) -> None:
+    """Click the first visible element matching selector (and containing text)."""
+
+    def click(d: WebDriver) -> bool:
+        for e in d.find_elements(By.CSS_SELECTOR, selector):
+            if e.is_displayed() and (text is None or text in e.text):
+                d.execute_script("arguments[0].scrollIntoView({block: 'center'});", e)
+                e.click()
+                return True
+        return False
+
+    _until(driver, click, f"{selector} {text or ''}".strip())
+
+
+def _image_src(driver: WebDriver) -> str:
+    return _css(driver, '[data-testid="stImage"] img').get_attribute("src")
+
+
+def _shot(driver: WebDriver, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    assert driver.save_screenshot(str(path)), f"no screenshot {name}"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SCREENSHOTS / path.name)
+    return path
+
+
+# --- the test -------------------------------------------------------------------------------
+
+
+def test_login_worklist_study_overlay_and_review_in_a_browser(dashboard, browser, tmp_path):
+    (SCREENSHOTS / "failure.png").unlink(missing_ok=True)  # left by an earlier failed run
+    try:
+        _walk_through(*dashboard, browser, tmp_path)
+    except BaseException:
+        # What the page showed, for diagnosis (also copied to var/screenshots/).
+        _shot(browser, tmp_path, "failure")
+        (tmp_path / "failure.html").write_text(browser.page_source)
+        raise
+
+
+def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) -> None:
+    with db.session() as s:
+        job = s.execute(select(Job)).scalars().one()
+        job_id, lesion = job.id, job.findings["lesions"][0]
+    label = lesion["label"]
+
+    # Login page: nothing of a patient before login.
+    try:
+        driver.get(base + "/")
+    except WebDriverException as exc:  # pragma: no cover - diagnostic
+        pytest.fail(f"the browser cannot load {base}: {exc}\n{_tail(tmp_path)}")
+    _css(driver, ".st-key-login_name input")
+    _idle(driver)
+    assert "Log in" in _body(driver)
+    assert "DEMO" not in driver.page_source and "SYNTH" not in driver.page_source
+    _shot(driver, tmp_path, "1-login")
+
+    _css(driver, ".st-key-login_name input").send_keys(USER)
+    _css(driver, ".st-key-login_password input").send_keys(PASSWORD)
+    _click(driver, '[data-testid="stFormSubmitButton"] button', "Log in")
+
+    # Worklist: pick the processed study by its patient's name.
+    _until(driver, lambda d: "Worklist" in _body(d), "the worklist")
+    _css(driver, ".st-key-wl_pick")
+    _idle(driver)
+    _click(driver, ".st-key-wl_pick input")
+    pick = _css(driver, ".st-key-wl_pick input")
+    pick.send_keys("LUNG1")
+    pick.send_keys(Keys.ENTER)
+    # The picked study's label (with the patient's name) is shown in the combobox.
+    _until(
+        driver,
+        lambda d: PATIENT in _css(d, ".st-key-wl_pick input").get_attribute("value"),
+        "the study picked",
+    )
+    _idle(driver)
+    _shot(driver, tmp_path, "2-worklist")
+
+    _click(driver, ".st-key-wl_open button")
+    _until(
+        driver,
+        lambda d: PATIENT in d.find_element(By.CSS_SELECTOR, '[data-testid="stHeading"]').text,
+        "the study page",
+    )
+    src_on = _image_src(driver)
+    _idle(driver)
+
+    # The lesion's SEG overlay off and on again: the picture changes each time.
+    lesion_box = '[data-testid="stCheckbox"]'
+    _click(driver, lesion_box, f"Lesion {label}")
+    _until(driver, lambda d: _image_src(d) != src_on, "the image without the lesion overlay")
+    _idle(driver)
+    src_off = _image_src(driver)
+    _click(driver, lesion_box, f"Lesion {label}")
+    _until(driver, lambda d: _image_src(d) != src_off, "the image with the lesion overlay")
+    _idle(driver)
+    _shot(driver, tmp_path, "3-study-overlay")
+
+    # Review: accept lesion `label` with a note.
+    tag = f"{job_id}_{label}_0"
+    _click(driver, '[data-testid="stExpander"] summary', f"Lesion {label}:")
+    _click(driver, f".st-key-decision_{tag} label", "accept")
+    _css(driver, f".st-key-note_{tag} textarea").send_keys(NOTE)
+    _click(
+        driver,
+        '[data-testid="stExpander"] [data-testid="stFormSubmitButton"] button',
+        "Save review",
+    )
+    _until(driver, lambda d: f"Lesion {label}: accept saved." in _body(d), "the review saved")
+    _idle(driver)
+    _shot(driver, tmp_path, "4-after-review")
+
+    with db.session() as s:
+        reviews = list(s.execute(select(Review)).scalars())
+        accepted = list(
+            s.execute(select(AuditEntry).where(AuditEntry.action == "review.accept")).scalars()
+        )
+    assert [(r.decision, r.lesion_label, r.job_id, r.note) for r in reviews] == [
+        ("accept", label, job_id, NOTE)
+    ]
+    assert [(e.actor, e.study_uid) for e in accepted] == [(USER, test_dashboard.LUNG1)]
+    assert accepted[0].detail["review"] == reviews[0].id
