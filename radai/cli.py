@@ -78,6 +78,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker_config(settings: Settings):  # noqa: ANN202
     from workers.app import WorkerConfig
+    from workers.export import format_destination
 
     return WorkerConfig(
         database_url=settings.db_url,
@@ -87,6 +88,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         io_queue=settings.io_queue,
         device=settings.device,
         export_to=settings.destinations,
+        deidentified={format_destination(d) for d in settings.deidentified_destinations},
         visibility_timeout=settings.visibility_timeout,
         calling_aet=settings.ae_title,
     )

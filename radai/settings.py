@@ -22,6 +22,13 @@ def parse_destination(text: str) -> tuple[str, str, int]:
         raise ValueError(f"not a DICOM destination of the form AET@HOST:PORT: {text!r}") from None
 
 
+def _canonical(destination: tuple[str, str, int]) -> tuple[str, str, int]:
+    # Host names compare case-insensitively and IPv6 may be written with brackets; the same
+    # destination written two ways must still match.
+    aet, host, port = destination
+    return aet, host.strip("[]").lower(), port
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RADAI_", extra="ignore")
 
@@ -34,6 +41,9 @@ class Settings(BaseSettings):
     allowed_calling_aets: str = Field(default="", description="comma list; empty accepts any")
     stable_seconds: float = 5.0
     export_to: str = Field(default="", description="comma list of AET@HOST:PORT")
+    export_deidentified: str = Field(
+        default="", description="comma list of RADAI_EXPORT_TO destinations sent de-identified"
+    )
     dashboard_port: int = 8501
     max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
     min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
@@ -61,6 +71,16 @@ class Settings(BaseSettings):
         for part in filter(None, (p.strip() for p in value.split(","))):
             parse_destination(part)
         return value
+
+    @model_validator(mode="after")
+    def _deidentified_are_destinations(self) -> Settings:
+        configured = {_canonical(d) for d in self.destinations}
+        for part in filter(None, (p.strip() for p in self.export_deidentified.split(","))):
+            if _canonical(parse_destination(part)) not in configured:
+                raise ValueError(
+                    f"RADAI_EXPORT_DEIDENTIFIED names {part!r}, which is not in RADAI_EXPORT_TO"
+                )
+        return self
 
     @field_validator("allowed_networks")
     @classmethod
@@ -129,6 +149,16 @@ class Settings(BaseSettings):
     @property
     def destinations(self) -> list[tuple[str, str, int]]:
         return [parse_destination(p) for p in self.export_to.split(",") if p.strip()]
+
+    @property
+    def deidentified_destinations(self) -> list[tuple[str, str, int]]:
+        """The RADAI_EXPORT_DEIDENTIFIED destinations, as parsed from RADAI_EXPORT_TO."""
+        wanted = {
+            _canonical(parse_destination(p))
+            for p in self.export_deidentified.split(",")
+            if p.strip()
+        }
+        return [d for d in self.destinations if _canonical(d) in wanted]
 
     def ensure_dirs(self) -> None:
         for path in (self.archive_dir, self.quarantine_dir, self.outputs_dir, self.log_dir):

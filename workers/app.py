@@ -33,6 +33,8 @@ class WorkerConfig:
     export_timeout: float = 10.0
     calling_aet: str = "RADAI"
     export_backoff_cap: float = 300.0
+    # Formatted destinations (AET@HOST:PORT) whose exports are de-identified copies.
+    deidentified: set[str] = field(default_factory=set)
 
     @property
     def outputs_dir(self) -> Path:

@@ -8,6 +8,7 @@ trail; a transient failure returns the delay before the next attempt.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from sqlalchemy import select
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from db import Export, Output, audit
 from db.models import utcnow
 from db.session import Database
+from workers.deidentify import deidentify_file, load_salt
 from workers.export import Destination, ExportError, backoff_seconds, send_to_destination
 
 log = logging.getLogger("radai.export")
@@ -31,8 +33,14 @@ def run_export(
     timeout: float = 10.0,
     max_attempts: int = 8,
     backoff_cap: float = 300.0,
+    deidentified: frozenset[str] | set[str] = frozenset(),
+    home: Path | None = None,
 ) -> float | None:
-    """Try one export once; return seconds until the next try, or None when it is settled."""
+    """Try one export once; return seconds until the next try, or None when it is settled.
+
+    A destination named in `deidentified` gets de-identified copies, made in a temporary folder
+    with the salt kept in `home`; the stored outputs are never changed.
+    """
     with db.session() as s:
         export = s.get(Export, export_id)
         if export is None or export.state != "PENDING":
@@ -45,13 +53,20 @@ def run_export(
         ]
         name = export.destination
     destination = destinations.get(name)
+    deid = name in deidentified
     error: str | None = None
     permanent = False
     if destination is None:
         error, permanent = f"{name} is no longer a configured destination", True
+    elif deid and home is None:
+        # Sending the originals instead would leak exactly what the setting is there to protect.
+        error, permanent = "de-identification needs the home folder (salt) and none was given", True
     else:
         try:
-            send_to_destination(paths, destination, calling_aet=calling_aet, timeout=timeout)
+            if deid:
+                _send_deidentified(paths, destination, home, calling_aet, timeout)
+            else:
+                send_to_destination(paths, destination, calling_aet=calling_aet, timeout=timeout)
         except ExportError as exc:
             error, permanent = exc.reason, exc.permanent
         except OSError as exc:
@@ -64,8 +79,17 @@ def run_export(
         study_uid = export.job.study.study_uid if export.job else None
         if error is None:
             export.state, export.last_error = "SENT", None
-            audit.append(s, ACTOR, "export.sent", study_uid, {"to": name, "files": len(paths)})
-            log.info("export %d to %s: sent %d file(s)", export_id, name, len(paths))
+            detail = {"to": name, "files": len(paths)}
+            if deid:
+                detail["deidentified"] = True
+            audit.append(s, ACTOR, "export.sent", study_uid, detail)
+            log.info(
+                "export %d to %s: sent %d file(s)%s",
+                export_id,
+                name,
+                len(paths),
+                " de-identified" if deid else "",
+            )
             return None
         export.last_error = error[:2000]
         if permanent or export.attempts >= max_attempts:
@@ -82,3 +106,21 @@ def run_export(
         delay = backoff_seconds(export.attempts - 1, cap=backoff_cap)
     log.info("export %d to %s failed (%s); retry in %.0f s", export_id, name, error, delay)
     return delay
+
+
+def _send_deidentified(
+    paths: list[Path], destination: Destination, home: Path, calling_aet: str, timeout: float
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="radai-deid-") as tmp:
+        copies = []
+        try:
+            salt = load_salt(home)
+            for index, path in enumerate(paths):
+                copy = Path(tmp) / f"{index:04d}.dcm"
+                deidentify_file(path, copy, salt=salt)
+                copies.append(copy)
+        except Exception as exc:
+            # Whatever goes wrong here, nothing may leave: a retry would fail the same way.
+            reason = f"de-identification failed: {type(exc).__name__}: {exc}"
+            raise ExportError(destination, reason, True) from exc
+        send_to_destination(copies, destination, calling_aet=calling_aet, timeout=timeout)

@@ -54,6 +54,8 @@ def export_output(self, export_id: int) -> str:  # noqa: ANN001
         timeout=rt.config.export_timeout,
         max_attempts=rt.config.export_max_attempts,
         backoff_cap=rt.config.export_backoff_cap,
+        deidentified=rt.config.deidentified,
+        home=rt.config.home,
     )
     if delay is not None:
         raise self.retry(countdown=delay)
