@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from db import audit
 from db.models import OutboxMessage, Study, StudyState, utcnow
 
-PROCESS_STUDY_TASK = "radai.process_study"
+PROCESS_STUDY_TASK = "radai.process_study"  # the name the node publishes and the workers serve
 RETRYABLE = frozenset({StudyState.FAILED, StudyState.NOT_APPLICABLE, StudyState.DONE})
 
 

@@ -13,11 +13,10 @@ from sqlalchemy import select, update
 
 from db import OutboxMessage, Study, StudyState, audit
 from db.models import utcnow
+from db.requeue import PROCESS_STUDY_TASK
 from db.session import Database
 
 log = logging.getLogger("radai.assembly")
-
-PROCESS_STUDY_TASK = "radai.process_study"
 
 
 def mark_stable(
@@ -60,29 +59,3 @@ def mark_stable(
         declared.append(study_uid)
         log.info("study %s stable with %d instances", study_uid, count)
     return declared
-
-
-def requeue(db: Database, study_uid: str, actor: str) -> None:
-    """Send a finished study (typically FAILED) through the pipeline again, via the outbox."""
-    now = utcnow()
-    with db.session() as s:
-        study = s.execute(
-            select(Study).where(Study.study_uid == study_uid).with_for_update()
-        ).scalar_one_or_none()
-        if study is None:
-            raise ValueError(f"no study {study_uid}")
-        if study.state in (StudyState.RECEIVING, StudyState.STABLE):
-            raise ValueError(f"study {study_uid} is {study.state}; it will be queued by itself")
-        previous = study.state
-        study.state = StudyState.STABLE
-        study.state_changed_at = now
-        study.error = None
-        s.add(
-            OutboxMessage(
-                task=PROCESS_STUDY_TASK,
-                payload={"study_uid": study_uid, "instances": study.instance_count},
-                study_uid=study_uid,
-                next_attempt_at=now,
-            )
-        )
-        audit.append(s, actor, "study.retry", study_uid, {"from_state": previous})

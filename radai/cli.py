@@ -212,11 +212,12 @@ def _demo_user(settings: Settings) -> tuple[str, str]:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from dicom_node.assembly import requeue
+    from db.requeue import request_retry
 
     db = _database(settings)
     try:
-        requeue(db, args.study_uid, actor=f"cli:{args.user}")
+        with db.session() as s:
+            request_retry(s, args.study_uid, actor=f"cli:{args.user}")
     except ValueError as exc:
         print(f"radai: {exc}", file=sys.stderr)
         return 1

@@ -120,9 +120,10 @@ def test_unexpected_error_leaves_study_retryable(database, queued_lung1, tmp_pat
     study = study_row(database, LUNG1)
     assert study.state == StudyState.FAILED and "disk on fire" in study.error
     monkeypatch.undo()
-    from dicom_node.assembly import requeue
+    from db.requeue import request_retry
 
-    requeue(database, LUNG1, actor="test")
+    with database.session() as s:
+        request_retry(s, LUNG1, actor="test")
     wait_for(lambda: study_state(database, LUNG1) == StudyState.QUEUED)
     assert processing.process_study(database, LUNG1, tmp_path / "out") == "DONE"
     [job] = _jobs(database)
