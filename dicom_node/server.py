@@ -106,7 +106,9 @@ class DicomNode:
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.network_timeout = self.config.network_timeout
-        ae.acse_timeout = 30
+        # A peer that sent something other than an association request holds a slot until this
+        # runs out: keep it no longer than the network timeout.
+        ae.acse_timeout = min(30.0, self.config.network_timeout)
         ae.dimse_timeout = 60
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
@@ -134,7 +136,7 @@ class DicomNode:
         handlers = [
             # The handshake goes first: nothing else may read or write a socket still shaking hands.
             (evt.EVT_CONN_OPEN, self._handshake),
-            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_CONN_OPEN, self._tune_socket),
             (evt.EVT_REQUESTED, self._check_peer),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
@@ -154,6 +156,9 @@ class DicomNode:
             ", client certificates required" if self.config.tls_ca else "",
             f", allowed networks {', '.join(map(str, self.networks))}" if self.networks else "",
         )
+
+    def _tune_socket(self, event: evt.Event) -> None:
+        _tune_socket(event, self.config.network_timeout)
 
     def _handshake(self, event: evt.Event) -> None:
         # Runs in the connection's own thread, before pynetdicom's DUL reads the socket.
@@ -377,11 +382,15 @@ def _tls_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _set_nodelay(event: evt.Event) -> None:
-    # Nagle's algorithm delays the small PDUs of DIMSE responses: 8-25x slower transfers.
+def _tune_socket(event: evt.Event, network_timeout: float) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    if sock is None:
+        return
+    try:
+        # Nagle's algorithm delays the small PDUs of DIMSE responses: 8-25x slower transfers.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Accepted sockets do not inherit the listener's timeout: without one, a peer that stops
+        # in the middle of a PDU blocks its reader in recv() and holds its slot for good.
+        sock.settimeout(network_timeout)
+    except OSError:
+        pass
