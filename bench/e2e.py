@@ -44,7 +44,8 @@ so that no job is deduplicated, and sent with dcmtk's `storescu` over loopback.
 Other work on the machine skews everything, the two-worker run most: for each phase the script
 prints the CPU its own processes used (node, workers, storescu, itself) and what everything
 else used (`CPU other`, in cores busy on average, from /proc/stat), and flags a phase where
-other processes kept more than a quarter of a core busy.
+other processes kept more than a quarter of a core busy. `--quiet-wait S` waits (up to S
+seconds) before each phase until the rest of the machine is idle.
 
 How to read it
 --------------
@@ -283,6 +284,21 @@ class CpuMeter:
         busy = (_machine_busy_seconds() - self.busy0) / wall
         ours = (self._ours(pids) - self.ours0) / wall
         return CpuShare(wall, busy, ours, max(0.0, busy - ours))
+
+
+def wait_quiet(pids: list[int], limit_s: float, window: float = 2.0, needed: int = 3) -> str:
+    """Wait (up to `limit_s`) until other processes use under OTHER_CPU_LIMIT cores for
+    `needed` windows in a row; say how it went. A shared machine is rarely idle for long."""
+    if limit_s <= 0:
+        return ""
+    t0, calm = time.monotonic(), 0
+    while time.monotonic() - t0 < limit_s:
+        meter = CpuMeter(pids)
+        time.sleep(window)
+        calm = calm + 1 if meter.stop(pids).other_cores < OTHER_CPU_LIMIT else 0
+        if calm >= needed:
+            return f"machine quiet after {time.monotonic() - t0:.0f} s"
+    return f"machine still busy after {limit_s:.0f} s: went on"
 
 
 @dataclass
@@ -601,12 +617,20 @@ class Throughput:
 
 
 def run_throughput(
-    svc: Service, factory: StudyFactory, n: int, workers: int, timeout: float, rnd: int
+    svc: Service,
+    factory: StudyFactory,
+    n: int,
+    workers: int,
+    timeout: float,
+    rnd: int,
+    quiet_wait: float = 0.0,
 ) -> tuple[Throughput, list[Memory], list[str]]:
     ws = [svc.start_worker(f"r{rnd}t{workers}w{i + 1}") for i in range(workers)]
     studies = [factory.make(f"thr{rnd}-{workers}-{i}") for i in range(n)]
     uids = [u for u, _ in studies]
     pids = [svc.node.pid if svc.node else -1] + [w.proc.pid for w in ws]
+    if said := wait_quiet(pids, quiet_wait):
+        print(f"  {said}", flush=True)
     meter = CpuMeter(pids)
     send = storescu(interleave([p for _, p in studies]), svc.port)
     notes = [f"storescu: {p}" for p in send.problems[:5]]
@@ -777,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="throughput rounds, 1 then 2 workers (default 1)"
     )
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each phase, wait up to this many s for other processes to go idle",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="s to wait for results")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (RADAI_HOME, logs) and print it"
@@ -817,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         memory: list[Memory] = []
         worker = svc.start_worker("lat1")
         lat_pids = [svc.node.pid if svc.node else -1, worker.proc.pid]
+        if said := wait_quiet(lat_pids, args.quiet_wait):
+            print(f"  {said}", flush=True)
         lat_cpu = CpuMeter(lat_pids)
         rows: list[dict[str, float | None]] = []
         cold: dict[str, float | None] | None = None
@@ -849,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_throughput:
             for rnd, n_workers in itertools.product(range(1, args.rounds + 1), (1, 2)):
                 res, mem, more = run_throughput(
-                    svc, factory, args.studies, n_workers, args.timeout, rnd
+                    svc, factory, args.studies, n_workers, args.timeout, rnd, args.quiet_wait
                 )
                 shown = "FAILED" if res.seconds is None else f"{res.seconds:.2f} s"
                 print(f"  throughput round {rnd}, {n_workers} worker(s): {shown}", flush=True)
