@@ -429,8 +429,10 @@ class Service:
         notes = self.stop_workers()
         if self.node is not None:
             rc = self.procs.stop(self.node)
-            if rc != 0:
-                notes.append(f"node exited {rc} on SIGTERM")
+            if rc is None:
+                notes.append("node did not stop on SIGTERM within 30 s: killed")
+            elif rc != 0:
+                notes.append(f"node exited {rc} (on SIGTERM, or before it)")
         return notes
 
     # Reading the service's database. Read-only sqlite3, not the project's engine: that one
@@ -460,8 +462,8 @@ class Service:
                 return states
             if time.monotonic() > deadline:
                 return states
-            dead = [f"worker {w.name} rc={w.proc.returncode}" for w in self.workers]
-            dead = [d for d, w in zip(dead, self.workers, strict=True) if w.proc.poll() is not None]
+            dead = [f"worker {w.name} rc={w.proc.poll()}" for w in self.workers]
+            dead = [d for d in dead if not d.endswith("rc=None")]
             if self.node is not None and self.node.poll() is not None:
                 dead.append(f"node rc={self.node.returncode}")
             if dead:
