@@ -719,6 +719,10 @@ def print_latency(
             print("-" * len(header))
     if cold is not None:
         print("cold = the first study of a freshly started worker (warm-up, not in the median)")
+    print(
+        "CPU other = cores kept busy by other processes on the machine during the run "
+        f"(above {OTHER_CPU_LIMIT} the run is skewed)"
+    )
 
 
 def print_memory(readings: list[Memory]) -> None:
@@ -774,6 +778,17 @@ def print_throughput(results: list[Throughput]) -> None:
             f"WARNING: other processes kept {r.cpu.other_cores:.2f} cores busy during round "
             f"{r.round} with {r.workers} worker(s): that row is skewed; rerun on a quiet machine"
         )
+    _print_ratio("ratio two / one workers", results)
+    clean_rounds = {r.round for r in results} - {r.round for r in busy}
+    if busy and clean_rounds:
+        clean = [r for r in results if r.round in clean_rounds]
+        names = ", ".join(map(str, sorted(clean_rounds)))
+        _print_ratio(f"ratio from the quiet round(s) only ({names})", clean)
+    elif busy:
+        print("no round ran with the rest of the machine quiet: the ratio is skewed")
+
+
+def _print_ratio(label: str, results: list[Throughput]) -> None:
     rates: dict[int, list[float]] = {}
     for r in results:
         if r.per_minute is not None:
@@ -782,9 +797,7 @@ def print_throughput(results: list[Throughput]) -> None:
         one, two = statistics.median(rates[1]), statistics.median(rates[2])
         rounds = len(rates[1])
         how = f"medians of {rounds} rounds: " if rounds > 1 else ""
-        print(
-            f"ratio two / one workers: {two / one:.2f}x ({how}{two:.2f} vs {one:.2f} studies/min)"
-        )
+        print(f"{label}: {two / one:.2f}x ({how}{two:.2f} vs {one:.2f} studies/min)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,16 +869,19 @@ def main(argv: list[str] | None = None) -> int:
         cold: dict[str, float | None] | None = None
         for i in range(args.warmup + args.repeats):
             uid, files = factory.make(f"lat{i}")
+            run_cpu = CpuMeter(lat_pids)
             send = storescu(files, svc.port)
             if send.returncode != 0:
                 notes.append(f"latency run {i}: storescu exited {send.returncode}")
             svc.wait_finished([uid], args.timeout)
+            other = run_cpu.stop(lat_pids).other_cores
             rec = svc.record(uid)
             if rec.state != "DONE":
                 notes.append(f"latency run {i}: study ended {rec.state}: {rec.error}")
                 failed = True
                 continue
             row = latency_row(send, rec, args.stable_seconds)
+            row["(CPU other, cores)"] = other
             label = "warm-up" if i < args.warmup else f"run {i - args.warmup + 1}"
             print(f"  latency {label}: total {row['total']:.2f} s", flush=True)
             if i >= args.warmup:
