@@ -73,8 +73,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -88,11 +86,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
+from common import HOST, Processes, dcmtk_env, free_port
 from pydicom.uid import generate_uid
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
-HOST = "127.0.0.1"
 AET = "RADAI"
 CALLING_AET = "BENCHE2E"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -101,16 +99,6 @@ POLL = 0.05
 OTHER_CPU_LIMIT = 0.25  # cores busy with other people's work above which a phase is flagged
 _RADAI_EXE = Path(sys.executable).with_name("radai")
 PIPELINE_STAGES = ("lungs", "lesions", "score", "saliency")
-
-
-def _dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -182,7 +170,7 @@ def storescu(files: list[Path], port: int) -> Send:
     argv = [STORESCU, "-aet", CALLING_AET, "-aec", AET, HOST, str(port), *map(str, files)]
     t0 = time.perf_counter()
     result = subprocess.run(
-        argv, env=_dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        argv, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     ended = datetime.now(UTC)
     problems = [ln for ln in result.stderr.splitlines() if ln.startswith(("E:", "W:", "F:"))]
@@ -191,40 +179,6 @@ def storescu(files: list[Path], port: int) -> Send:
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-class Processes:
-    """Every process the benchmark starts, so that all of them are stopped whatever happens."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen:
-        with open(log, "ab") as fh:
-            proc = subprocess.Popen(
-                argv, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; returns the exit code (None if it was killed)."""
-        killed = False
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                killed = True
-        with contextlib.suppress(ValueError):
-            self._procs.remove(proc)
-        return None if killed else proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in list(self._procs):
-            self.stop(proc, timeout=15.0)
 
 
 def _proc_status(pid: int, key: str) -> int | None:
@@ -387,7 +341,7 @@ class Service:
                 raise RuntimeError(f"node exited {self.node.returncode}; see {log}")
             echo = subprocess.run(
                 [ECHOSCU, "-aet", CALLING_AET, "-aec", AET, HOST, str(self.port)],
-                env=_dcmtk_env(),
+                env=dcmtk_env(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 timeout=30,

@@ -49,8 +49,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -66,12 +64,12 @@ from pathlib import Path
 
 import pydicom
 import pynetdicom
+from common import HOST, Processes, dcmtk_env, free_port
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
-HOST = "127.0.0.1"
 CALLING_AET = "BENCHSCU"
 REPEATS = 3
 STUDIES = 6  # the corpus is split into this many studies (one series each), sent one by one
@@ -84,16 +82,6 @@ _RADAI_EXE = Path(sys.executable).with_name("radai")
 def _uid(*parts: str) -> str:
     """A deterministic UID (2.25.<uuid5>), so that the corpus is the same on every run."""
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(parts)).int}"
-
-
-def _dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,43 +158,10 @@ def settle() -> None:
 # Processes
 
 
-class Processes:
-    """Every process the benchmark starts, so that all of them are stopped whatever happens."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen:
-        with open(log, "ab") as fh:
-            proc = subprocess.Popen(
-                argv, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; returns the exit code (None if it was killed)."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return None
-        with contextlib.suppress(ValueError):
-            self._procs.remove(proc)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in list(self._procs):
-            self.stop(proc, timeout=10.0)
-
-
 def echo_ok(aet: str, port: int) -> bool:
     result = subprocess.run(
         [ECHOSCU, "-aet", CALLING_AET, "-aec", aet, HOST, str(port)],
-        env=_dcmtk_env(),
+        env=dcmtk_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         timeout=30,
@@ -237,7 +192,7 @@ def storescu(files: list[Path], aet: str, port: int) -> Send:
     t0 = time.perf_counter()
     result = subprocess.run(
         argv,
-        env=_dcmtk_env(),
+        env=dcmtk_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -270,7 +225,7 @@ class Receiver:
         raise NotImplementedError
 
     def env(self) -> dict[str, str]:
-        return _dcmtk_env()
+        return dcmtk_env()
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
