@@ -1,0 +1,140 @@
+"""Versioned model weights with their model cards, and loading them by name and version.
+
+A model lives in ``<root>/<name>/<version>/``: ``weights.pt`` (a float16 state dict, to keep the
+shipped files small), ``card.json`` (what built it, what it was trained on, its measured metrics
+with intervals, intended use and limits, and the weights' sha256) and ``card.md`` (the same for
+people). Loading checks the sha256, so a swapped or damaged file is refused rather than run.
+
+An external model can be plugged in as a TorchScript file with a ``.json`` card beside it that
+declares the task and the same input contract (see :mod:`ml.networks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ml import networks
+
+MODELS_DIR = Path(__file__).parent / "models"
+SEGMENTER = "radai-lung-lesion-unet"
+SCREENER = "radai-lesion-screen-cnn"
+DEFAULT_VERSION = "1.0.0"
+DEFAULT_REFS = {
+    "segment": f"{SEGMENTER}@{DEFAULT_VERSION}",
+    "screen": f"{SCREENER}@{DEFAULT_VERSION}",
+}
+REQUIRED_CARD_KEYS = ("name", "version", "task")
+
+
+class ModelError(Exception):
+    """A model reference that cannot be resolved, or weights that fail their checks."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    task: str
+    net: torch.nn.Module
+    card: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(
+    net: torch.nn.Module,
+    *,
+    name: str,
+    version: str,
+    task: str,
+    card: dict,
+    root: Path = MODELS_DIR,
+    weights_name: str = "weights.pt",
+) -> Path:
+    """Write weights (float16) and card; return the weights' path. The card gains the sha256."""
+    folder = root / name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to(torch.float16) if v.is_floating_point() else v
+        for k, v in net.state_dict().items()
+    }
+    weights = folder / weights_name
+    torch.save(state, weights)
+    if weights_name == "weights.pt":
+        full = dict(card)
+        full.update(name=name, version=version, task=task, sha256=sha256_file(weights))
+        full.setdefault("weights", weights_name)
+        (folder / "card.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return weights
+
+
+def read_card(name: str, version: str, root: Path = MODELS_DIR) -> dict:
+    path = root / name / version / "card.json"
+    if not path.is_file():
+        raise ModelError(f"no model {name}@{version} in {root}")
+    return json.loads(path.read_text())
+
+
+def write_card(card: dict, root: Path = MODELS_DIR) -> None:
+    path = root / card["name"] / card["version"] / "card.json"
+    path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+
+
+def load_weights(
+    net: torch.nn.Module, path: Path, expected_sha: str | None = None
+) -> torch.nn.Module:
+    if expected_sha is not None and sha256_file(path) != expected_sha:
+        raise ModelError(f"{path}: sha256 differs from its model card; refusing to load it")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return net.eval()
+
+
+def load(ref: str, root: Path = MODELS_DIR) -> LoadedModel:
+    """Resolve ``name@version`` in the registry, or ``torchscript:PATH`` for an external model."""
+    if ref.startswith("torchscript:"):
+        return load_torchscript(Path(ref.removeprefix("torchscript:")))
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version:
+        raise ModelError(f"model reference {ref!r} is not NAME@VERSION or torchscript:PATH")
+    card = read_card(name, version, root)
+    net = networks.build(card["task"], card.get("architecture"))
+    load_weights(net, root / name / version / card.get("weights", "weights.pt"), card["sha256"])
+    return LoadedModel(name, version, card["task"], net, card)
+
+
+def load_torchscript(path: Path) -> LoadedModel:
+    """An external TorchScript model; its card is ``PATH`` with the suffix ``.json``."""
+    card_path = path.with_suffix(".json")
+    if not path.is_file() or not card_path.is_file():
+        raise ModelError(f"TorchScript model needs {path} and its card {card_path}")
+    card = json.loads(card_path.read_text())
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ModelError(f"{card_path} lacks {', '.join(missing)}")
+    if card["task"] not in ("segment", "screen"):
+        raise ModelError(f"{card_path}: task must be 'segment' or 'screen'")
+    if "sha256" in card and sha256_file(path) != card["sha256"]:
+        raise ModelError(f"{path}: sha256 differs from its card; refusing to load it")
+    net = torch.jit.load(str(path), map_location="cpu").eval()
+    return LoadedModel(card["name"], card["version"], card["task"], net, card)
+
+
+def available(root: Path = MODELS_DIR) -> list[dict]:
+    """Cards of every model in the registry, sorted by name and version."""
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/card.json"))]

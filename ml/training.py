@@ -1,0 +1,302 @@
+"""Training of the segmenter and the screener on semi-synthetic slabs, reproducibly.
+
+Every step draws a fresh batch: a background (a real CT with its tumour removed), a slice in its
+lungs, zero to two synthetic lesions drawn near that slice, then flips, small rotations, intensity
+and noise augmentation (MONAI transforms). Seeds fix the whole stream, so a run repeats exactly on
+the same machine and library versions. Progress goes to a bar and a JSON-lines log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import (
+    Compose,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monai.utils import set_determinism
+
+from ml import networks
+from ml.synth import Background, insert_lesions, random_lesion
+
+SLAB_REACH = 4  # slices either side of the sampled one that lesions may be centred in
+LESION_COUNTS = (0, 1, 2)
+LESION_COUNT_P = (0.35, 0.45, 0.2)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    task: str
+    steps: int
+    batch: int
+    learning_rate: float = 2e-3
+    seed: int = 20261125
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+DEFAULTS = {
+    "segment": TrainingConfig("segment", steps=900, batch=8),
+    "screen": TrainingConfig("screen", steps=900, batch=16),
+}
+
+
+def _augment(seed: int) -> Compose:
+    keys = ["image", "label"]
+    aug = Compose(
+        [
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotated(keys, range_x=math.radians(10), prob=0.3, mode=("bilinear", "nearest")),
+            RandScaleIntensityd("image", factors=0.03, prob=0.5),
+            RandShiftIntensityd("image", offsets=20.0, prob=0.5),
+            RandGaussianNoised("image", std=15.0, prob=0.3),
+        ]
+    )
+    aug.set_random_state(seed=seed)
+    return aug
+
+
+class SlabSampler:
+    """Training samples: 2.5-D input in HU, the middle slice's class map, slice label."""
+
+    def __init__(self, backgrounds: Sequence[Background], seed: int) -> None:
+        if not backgrounds:
+            raise ValueError("no background to train on")
+        for b in backgrounds:
+            if b.hu.shape[1:] != (networks.GRID, networks.GRID):
+                raise ValueError(f"{b.name}: backgrounds must be on the {networks.GRID} grid")
+        self.backgrounds = list(backgrounds)
+        self.rng = np.random.default_rng(seed)
+        self.augment = _augment(seed)
+        self.lung_slices = [np.flatnonzero(b.lung.any(axis=(1, 2))) for b in self.backgrounds]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, float]:
+        rng = self.rng
+        k = int(rng.integers(len(self.backgrounds)))
+        bg = self.backgrounds[k]
+        slices = self.lung_slices[k]
+        z = int(rng.choice(slices)) if rng.random() > 0.05 else int(rng.integers(bg.hu.shape[0]))
+        z0, z1 = max(0, z - SLAB_REACH), min(bg.hu.shape[0], z + SLAB_REACH + 1)
+        depth = None if bg.depth is None else bg.depth[z0:z1]
+        slab = Background(
+            bg.name, bg.hu[z0:z1], bg.lung[z0:z1], bg.spacing, bg.tumour[z0:z1], depth
+        )
+        n = int(rng.choice(LESION_COUNTS, p=LESION_COUNT_P))
+        specs = []
+        for _ in range(n * 3):
+            if len(specs) == n:
+                break
+            spec = random_lesion(slab, rng, near_slice=z - z0)
+            if spec is not None:
+                specs.append(spec)
+        hu, labels, _ = insert_lesions(slab.hu, slab.lung, slab.spacing, specs, rng)
+        mid = z - z0
+        context = networks.stack_context(hu)[mid]
+        classes = np.where(labels[mid] > 0, 2, np.where(slab.lung[mid], 1, 0)).astype(np.float32)
+        out = self.augment({"image": context, "label": classes[None]})
+        image = np.asarray(out["image"], dtype=np.float32)
+        label = np.asarray(out["label"], dtype=np.float32)[0]
+        positive = float((label == 2).any())
+        return networks.scale_hu(image), label, positive
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = [self.sample() for _ in range(size)]
+        x = torch.from_numpy(np.stack([i[0] for i in items]))
+        y = torch.from_numpy(np.stack([i[1] for i in items])).long()
+        p = torch.tensor([i[2] for i in items], dtype=torch.float32)
+        return x, y, p
+
+
+def train(
+    config: TrainingConfig,
+    backgrounds: Sequence[Background],
+    *,
+    log_path: Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train a fresh network for ``config.task``; return it (in eval mode) and the loss history."""
+    set_determinism(seed=config.seed)
+    torch.manual_seed(config.seed)
+    net = networks.build(config.task)
+    sampler = SlabSampler(backgrounds, config.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
+    )
+    if config.task == "segment":
+        seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def loss_fn(x, y, p):
+            return seg_loss(net(x), y[:, None])
+    else:
+        bce = torch.nn.BCEWithLogitsLoss()
+
+        def loss_fn(x, y, p):
+            return bce(net(x)[:, 0], p)
+
+    history: list[dict] = []
+    log = log_path.open("a") if log_path else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, desc=f"train {config.task}", unit="step")
+    start = time.perf_counter()
+    running = None
+    net.train()
+    try:
+        for step in range(1, config.steps + 1):
+            x, y, p = sampler.batch(config.batch)
+            loss = loss_fn(x, y, p)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
+            if on_step:
+                on_step(step, value)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+            if step % 25 == 0 or step == config.steps:
+                entry = {
+                    "task": config.task,
+                    "step": step,
+                    "loss": round(value, 5),
+                    "running_loss": round(running, 5),
+                    "lr": round(sched.get_last_lr()[0], 6),
+                    "elapsed_s": round(time.perf_counter() - start, 1),
+                    "positives_in_batch": int(p.sum()),
+                }
+                history.append(entry)
+                if log:
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+    finally:
+        if bar:
+            bar.close()
+        if log:
+            log.close()
+    net.eval()
+    return net, history
+
+
+CASES = ("lung1", "lung2")
+TRAINING_DATA = (
+    "Semi-synthetic only: synthetic lesions (3-60 mm, log-uniform; solid and part-solid; round, "
+    "lobulated and spiculated; free and pleura-attached) drawn by ml.synth into the lungs of two "
+    "real chest CTs (pyradiomics test data lung1 and lung2, BSD-3) whose own tumours were removed "
+    "first. No real lesion label was used for training."
+)
+
+
+def load_backgrounds(data_dir: Path, cases: Sequence[str] = CASES):
+    """Backgrounds and real cases for the named NRRD pairs in ``data_dir``."""
+    from ml.synth import load_nrrd_case, make_background
+
+    backgrounds, reals = {}, {}
+    for i, case in enumerate(cases):
+        hu, mask, spacing = load_nrrd_case(
+            data_dir / f"{case}_image.nrrd", data_dir / f"{case}_label.nrrd"
+        )
+        backgrounds[case], reals[case] = make_background(case, hu, mask, spacing, seed=i)
+    return backgrounds, reals
+
+
+def train_and_register(
+    task: str,
+    data_dir: Path,
+    *,
+    root: Path | None = None,
+    steps: int | None = None,
+    folds: bool = True,
+    progress: bool = True,
+    log_dir: Path | None = None,
+) -> list[Path]:
+    """Train the shipped model for ``task`` on every case, and one per held-out case for the
+    leave-one-patient-out evaluation; write weights and card to the registry."""
+    from ml import registry
+
+    root = root or registry.MODELS_DIR
+    name = registry.SEGMENTER if task == "segment" else registry.SCREENER
+    version = registry.DEFAULT_VERSION
+    base = DEFAULTS[task]
+    config = TrainingConfig(task, steps or base.steps, base.batch, base.learning_rate, base.seed)
+    backgrounds, _ = load_backgrounds(data_dir)
+    log_dir = log_dir or (root / name / version)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[tuple[str, list[str]]] = [("all", list(CASES))]
+    if folds:
+        runs += [(f"holdout-{c}", [o for o in CASES if o != c]) for c in CASES]
+    written: list[Path] = []
+    card_training: dict = {}
+    for run, cases in runs:
+        log_path = log_dir / f"training-{run}.jsonl"
+        log_path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        net, history = train(
+            config, [backgrounds[c] for c in cases], log_path=log_path, progress=progress
+        )
+        seconds = time.perf_counter() - start
+        summary = {
+            "cases": cases,
+            "seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "first_loss": history[0]["running_loss"],
+            "final_loss": history[-1]["running_loss"],
+        }
+        if run == "all":
+            card_training = summary
+            continue_card = {
+                "architecture": (
+                    networks.SEGMENTER_ARCH if task == "segment" else networks.SCREENER_ARCH
+                ),
+                "input": {
+                    "grid": networks.GRID,
+                    "context_slices": networks.CONTEXT,
+                    "hu_range": list(networks.HU_RANGE),
+                    "classes": list(networks.SEG_CLASSES) if task == "segment" else ["lesion"],
+                },
+                "training": {"config": config.to_dict(), "data": TRAINING_DATA, **summary},
+                "folds": {},
+            }
+            written.append(
+                registry.save(
+                    net, name=name, version=version, task=task, card=continue_card, root=root
+                )
+            )
+        else:
+            path = registry.save(
+                net,
+                name=name,
+                version=version,
+                task=task,
+                card={},
+                root=root,
+                weights_name=f"fold-{run}.pt",
+            )
+            card = registry.read_card(name, version, root)
+            card["folds"][run] = {
+                **summary,
+                "weights": path.name,
+                "sha256": registry.sha256_file(path),
+            }
+            registry.write_card(card, root)
+            written.append(path)
+    del card_training
+    return written
