@@ -18,11 +18,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -34,7 +36,7 @@ try:
 except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dashboard import imaging, store
-from db import StudyState, User, audit
+from db import StudyState, User, UserRole, audit, monitoring, users
 from db.requeue import request_retry
 from db.session import Database
 
@@ -44,12 +46,15 @@ PAGE_SIZE = 50
 REFRESH_SECONDS = 10
 NOT_FOR_CLINICAL_USE = "Research software: NOT FOR CLINICAL USE."
 ROLE_PAGES = {
-    "radiologist": ["Worklist", "Study"],
-    "admin": ["Worklist", "Study", "Audit"],
-    "auditor": ["Audit"],
+    "radiologist": ["Worklist", "Study", "Monitoring"],
+    "admin": ["Worklist", "Study", "Audit", "Monitoring", "Users"],
+    "auditor": ["Audit", "Monitoring"],
 }
 CAN_REVIEW = {"radiologist"}
 CAN_RETRY = {"admin"}
+CAN_MANAGE_USERS = {"admin"}
+MONITORING_PERIODS = {"Last 7 days": 7, "Last 30 days": 30, "Last 90 days": 90, "All time": None}
+MONITORING_TTL = 30  # seconds a computed monitoring page is reused across reruns and sessions
 ANY = "any"
 
 
@@ -265,43 +270,8 @@ def worklist_table(
         f"{wl.total} studies · page {wl.page} of {wl.pages} · refreshed {now} UTC "
         f"(every {REFRESH_SECONDS} s)"
     )
-    frame = pd.DataFrame(
-        [
-            {
-                "Priority": r["priority"],
-                "State": r["state"],
-                "Patient": r["patient_name"],
-                "Patient ID": r["patient_id"],
-                "Study date": r["study_date"],
-                "Description": r["description"],
-                "Instances": r["instances"],
-                "Suspicion": r["probability"],
-                "Lesions": r["lesions"],
-                "Flagged": r["flagged"],
-                "Reviewed": "yes" if r["reviewed"] else "no",
-                "Error": r["error"] or "",
-                "Study UID": r["study_uid"],
-            }
-            for r in wl.rows
-        ],
-        columns=[
-            "Priority",
-            "State",
-            "Patient",
-            "Patient ID",
-            "Study date",
-            "Description",
-            "Instances",
-            "Suspicion",
-            "Lesions",
-            "Flagged",
-            "Reviewed",
-            "Error",
-            "Study UID",
-        ],
-    )
     st.dataframe(
-        frame,
+        worklist_frame(wl.rows),
         hide_index=True,
         column_config={
             "Priority": st.column_config.NumberColumn(help="1 is the most urgent"),
@@ -333,6 +303,45 @@ def worklist_table(
                 args=(db, user, r["study_uid"]),
                 help=r["error"] or None,
             )
+
+
+def worklist_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The worklist table as shown (one page of `store.worklist` rows)."""
+    return pd.DataFrame(
+        [
+            {
+                "Priority": r["priority"],
+                "State": r["state"],
+                "Patient": r["patient_name"],
+                "Patient ID": r["patient_id"],
+                "Study date": r["study_date"],
+                "Description": r["description"],
+                "Instances": r["instances"],
+                "Suspicion": r["probability"],
+                "Lesions": r["lesions"],
+                "Flagged": r["flagged"],
+                "Reviewed": "yes" if r["reviewed"] else "no",
+                "Error": r["error"] or "",
+                "Study UID": r["study_uid"],
+            }
+            for r in rows
+        ],
+        columns=[
+            "Priority",
+            "State",
+            "Patient",
+            "Patient ID",
+            "Study date",
+            "Description",
+            "Instances",
+            "Suspicion",
+            "Lesions",
+            "Flagged",
+            "Reviewed",
+            "Error",
+            "Study UID",
+        ],
+    )
 
 
 # --- study ---------------------------------------------------------------------------------
@@ -512,6 +521,9 @@ def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key:
                     "Mean HU": les["mean_hu"],
                     "Location": les["location"],
                     "Review": _review_text(latest.get(int(les["label"]))),
+                    "Corrected by reader": store.describe_corrections(
+                        (latest.get(int(les["label"])) or {}).get("corrections")
+                    ),
                 }
                 for les in lesions
             ]
@@ -539,8 +551,8 @@ def review_forms(
     notice = st.session_state.pop("review_notice", None)
     if notice:
         st.success(notice)
-    targets: list[int | None] = [int(les["label"]) for les in job["findings"].get("lesions", [])]
-    targets.append(None)
+    lesions = {int(les["label"]): les for les in job["findings"].get("lesions", [])}
+    targets: list[int | None] = [*lesions, None]
     for label in targets:
         title = "Whole study" if label is None else f"Lesion {label}"
         tag = "study" if label is None else str(label)
@@ -562,6 +574,11 @@ def review_forms(
                     key=f"reason_{job['id']}_{tag}_{gen}",
                 )
                 note = st.text_area("Note", key=f"note_{job['id']}_{tag}_{gen}")
+                corrections = (
+                    None
+                    if label is None
+                    else correction_inputs(lesions[label], f"{job['id']}_{tag}_{gen}")
+                )
                 submitted = st.form_submit_button("Save review")
             if submitted:
                 try:
@@ -575,6 +592,7 @@ def review_forms(
                             reason=reason,
                             note=note,
                             user=user,
+                            corrections=corrections,
                         )
                         review_id = review.id
                 except ValueError as exc:
@@ -584,6 +602,32 @@ def review_forms(
                 st.session_state[gen_key] = gen + 1
                 st.session_state["review_notice"] = f"{title}: {decision} saved."
                 st.rerun()
+
+
+def correction_inputs(lesion: dict[str, Any], tag: str) -> dict[str, Any]:
+    """The amend form's corrected values (None: unchanged), typed in mm, ml and words."""
+    st.caption("Corrected values (amend only; leave empty to keep the model's)")
+    cols = st.columns(4)
+    values: dict[str, Any] = {}
+    for col, c in zip(cols, store.CORRECTABLE.values(), strict=False):
+        model = lesion.get(c.key)
+        shown = "-" if model is None else f"{model / c.to_stored:g}"
+        values[c.key] = col.number_input(
+            f"{c.name.capitalize()} ({c.unit})",
+            value=None,
+            step=0.1 if c.unit == "mm" else 0.01,
+            format="%.1f" if c.unit == "mm" else "%.3f",
+            help=f"model: {shown} {c.unit}; allowed {c.low:g} to {c.high:g} {c.unit}",
+            key=f"corr_{c.key}_{tag}",
+        )
+    options = ["", *store.LOCATIONS]
+    values[store.LOCATION] = cols[3].selectbox(
+        "Location",
+        options,
+        format_func=lambda o: o or f"unchanged ({lesion.get('location') or '-'})",
+        key=f"corr_location_{tag}",
+    )
+    return values
 
 
 def review_history(reviews: list[dict[str, Any]]) -> None:
@@ -601,6 +645,7 @@ def review_history(reviews: list[dict[str, Any]]) -> None:
                     "Decision": r["decision"],
                     "Reason": r["reason"] or "",
                     "Note": r["note"] or "",
+                    "Corrections": store.describe_corrections(r["corrections"]),
                     "Model": r["model"],
                 }
                 for r in reversed(reviews)
@@ -701,9 +746,296 @@ def audit_page(db: Database, user: store.SessionUser) -> None:
             )
 
 
+# --- monitoring ----------------------------------------------------------------------------
+
+
+@st.cache_data(ttl=MONITORING_TTL, show_spinner="Computing...", max_entries=16)
+def cached_monitoring(url: str, days: int | None, today: str) -> monitoring.Monitoring:
+    # `today` is in the key so that a period never straddles midnight in a stale entry.
+    since = None
+    if days is not None:
+        since = datetime.fromisoformat(today).replace(tzinfo=UTC) - timedelta(days=days - 1)
+    with get_database(url).session() as s:
+        return monitoring.monitoring(s, since=since)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def monitoring_page(db: Database, user: store.SessionUser) -> None:
+    st.header("Monitoring")
+    period = st.selectbox(
+        "Period (by study arrival)",
+        list(MONITORING_PERIODS),
+        key="m_period",
+        persist_state="session",
+    )
+    today = datetime.now(UTC).date().isoformat()
+    m = cached_monitoring(db.url, MONITORING_PERIODS[period], today)
+    st.caption(
+        f"Computed at most {MONITORING_TTL} s ago. A reviewed finding is a lesion with a review "
+        "(its latest decision counts); acceptance = accepted / reviewed, amended findings are "
+        "counted apart. Turnaround of finished jobs: received = first instance, result = job "
+        "finished, reviewed = first review of that result. p90: 90th percentile."
+    )
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Studies", m.studies)
+    c2.metric("Done", m.study_states.get(StudyState.DONE, 0))
+    c3.metric("Failed", m.study_states.get(StudyState.FAILED, 0))
+    c4.metric("Not applicable", m.study_states.get(StudyState.NOT_APPLICABLE, 0))
+    if not m.models and not m.per_day:
+        st.info("No studies in this period.")
+        return
+
+    st.subheader("Per model version")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "Model version": x.label,
+                    "Jobs": x.jobs,
+                    "Done": x.states.get(StudyState.DONE, 0),
+                    "Failed": x.failed,
+                    "Not applicable": x.not_applicable,
+                    "Findings": x.findings,
+                    "Reviewed": x.reviewed,
+                    "Accepted": x.accepted,
+                    "Rejected": x.rejected,
+                    "Amended": x.amended,
+                    "Acceptance": _rate(x.acceptance_rate),
+                    "Received→result median": _duration(x.received_to_result.median_s),
+                    "Received→result p90": _duration(x.received_to_result.p90_s),
+                    "Result→review median": _duration(x.result_to_review.median_s),
+                    "Result→review p90": _duration(x.result_to_review.p90_s),
+                    "Received→review median": _duration(x.received_to_review.median_s),
+                    "Received→review p90": _duration(x.received_to_review.p90_s),
+                    "Whole-study reviews": ", ".join(
+                        f"{k} {v}" for k, v in sorted(x.study_reviews.items())
+                    ),
+                }
+                for x in m.models
+            ]
+        ),
+        hide_index=True,
+        key="m_models",
+    )
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Reviewed findings by decision**")
+        decisions = pd.DataFrame(
+            [
+                {"Model version": x.label, "Decision": d, "Findings": n}
+                for x in m.models
+                for d, n in (
+                    ("accepted", x.accepted),
+                    ("amended", x.amended),
+                    ("rejected", x.rejected),
+                )
+                if n
+            ],
+            columns=["Model version", "Decision", "Findings"],
+        )
+        if decisions.empty:
+            st.caption("No reviewed findings yet.")
+        else:
+            st.altair_chart(
+                alt.Chart(decisions)
+                .mark_bar()
+                .encode(
+                    x=alt.X("sum(Findings):Q", title="findings", stack="normalize"),
+                    y=alt.Y("Model version:N", title=None),
+                    color=alt.Color(
+                        "Decision:N",
+                        scale=alt.Scale(
+                            domain=["accepted", "amended", "rejected"],
+                            range=["#2e7d32", "#f9a825", "#c62828"],
+                        ),
+                    ),
+                    tooltip=["Model version", "Decision", "Findings"],
+                ),
+                width="stretch",
+            )
+    with right:
+        st.markdown("**Turnaround (minutes): median and p90**")
+        spans = pd.DataFrame(
+            [
+                {"Model version": x.label, "Span": span, "Statistic": stat, "Minutes": v / 60}
+                for x in m.models
+                for span, spread in (
+                    ("received→result", x.received_to_result),
+                    ("result→review", x.result_to_review),
+                )
+                for stat, v in (("median", spread.median_s), ("p90", spread.p90_s))
+                if v is not None
+            ],
+            columns=["Model version", "Span", "Statistic", "Minutes"],
+        )
+        if spans.empty:
+            st.caption("No finished jobs yet.")
+        else:
+            st.altair_chart(
+                alt.Chart(spans)
+                .mark_bar()
+                .encode(
+                    x=alt.X("Minutes:Q"),
+                    y=alt.Y("Span:N", title=None),
+                    yOffset="Statistic:N",
+                    color="Statistic:N",
+                    row=alt.Row("Model version:N", title=None),
+                    tooltip=[
+                        "Model version",
+                        "Span",
+                        "Statistic",
+                        alt.Tooltip("Minutes:Q", format=".1f"),
+                    ],
+                ),
+            )
+
+    st.subheader("Studies per day")
+    if m.per_day:
+        states = sorted({k for d in m.per_day for k in d.states})
+        per_day = pd.DataFrame(
+            [
+                {"Day": d.day.isoformat(), **{k: d.states.get(k, 0) for k in states}}
+                for d in m.per_day
+            ]
+        ).set_index("Day")
+        st.bar_chart(per_day, x_label="day of arrival (UTC)", y_label="studies")
+
+    st.subheader("Failures and not applicable, by reason")
+    reasons = [
+        {"Model version": x.label, "State": state, "Reason": reason, "Jobs": n}
+        for x in m.models
+        for state, reason, n in x.failure_reasons
+    ]
+    if reasons:
+        st.dataframe(pd.DataFrame(reasons), hide_index=True, key="m_failures")
+    else:
+        st.caption("None in this period.")
+
+
+# --- users ---------------------------------------------------------------------------------
+
+
+def _user_change(
+    db: Database, user: store.SessionUser, what: str, change: Callable[[Any], Any]
+) -> None:
+    """Apply one account change in a transaction; the outcome is shown after the rerun."""
+    try:
+        with db.session() as s:
+            change(s)
+    except ValueError as exc:
+        st.session_state["users_notice"] = ("error", str(exc))
+        return
+    log.info("%s by %s", what, user.name)
+    st.session_state["users_notice"] = ("success", what[0].upper() + what[1:] + ".")
+
+
+def users_page(db: Database, user: store.SessionUser) -> None:
+    if user.role not in CAN_MANAGE_USERS:  # the page list already hides it; never trust that
+        st.error("Only admins manage users.")
+        return
+    st.header("Users")
+    kind, text = st.session_state.pop("users_notice", (None, None))
+    if kind:
+        getattr(st, kind)(text)
+    with db.session() as s:
+        accounts = users.list_users(s)
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "User": a["name"],
+                    "Role": a["role"],
+                    "Created (UTC)": a["created_at"].strftime("%Y-%m-%d %H:%M"),
+                    "Status": "disabled" if a["disabled"] else "enabled",
+                }
+                for a in accounts
+            ],
+            columns=["User", "Role", "Created (UTC)", "Status"],
+        ),
+        hide_index=True,
+        key="users_table",
+    )
+    add_col, change_col = st.columns(2)
+    with add_col, st.form("add_user", clear_on_submit=True):
+        st.markdown("**Add a user**")
+        name = st.text_input("User name", key="u_new_name")
+        role = st.selectbox("Role", list(UserRole), key="u_new_role")
+        pw = st.text_input("Password", type="password", key="u_new_pw")
+        pw2 = st.text_input("Password again", type="password", key="u_new_pw2")
+        if st.form_submit_button("Add user"):
+            if pw != pw2:
+                st.session_state["users_notice"] = ("error", "the two passwords differ")
+            else:
+                _user_change(
+                    db,
+                    user,
+                    f"user {name.strip()} added as {role}",
+                    lambda s: users.add_user(s, name, role, pw, actor=user.name),
+                )
+            st.rerun()
+    with change_col:
+        st.markdown("**Change a user**")
+        by_name = {a["name"]: a for a in accounts}
+        target = st.selectbox("User", list(by_name), key="u_target")
+        if target:
+            disabled = by_name[target]["disabled"]
+            st.button(
+                f"{'Enable' if disabled else 'Disable'} {target}",
+                key="u_toggle",
+                on_click=_when_live,
+                args=(
+                    _user_change,
+                    db,
+                    user,
+                    f"user {target} {'enabled' if disabled else 'disabled'}",
+                    lambda s: users.set_disabled(s, target, not disabled, actor=user.name),
+                ),
+            )
+            with st.form("reset_password", clear_on_submit=True):
+                new = st.text_input("New password", type="password", key="u_reset_pw")
+                new2 = st.text_input("New password again", type="password", key="u_reset_pw2")
+                if st.form_submit_button(f"Reset password of {target}"):
+                    if new != new2:
+                        st.session_state["users_notice"] = ("error", "the two passwords differ")
+                    else:
+                        _user_change(
+                            db,
+                            user,
+                            f"password of {target} reset",
+                            lambda s: users.reset_password(s, target, new, actor=user.name),
+                        )
+                    st.rerun()
+
+
+def _when_live(fn: Callable[..., None], *args: Any) -> None:
+    if _live():
+        fn(*args)
+
+
 # --- main ----------------------------------------------------------------------------------
 
-PAGES = {"Worklist": worklist_page, "Study": study_page, "Audit": audit_page}
+PAGES = {
+    "Worklist": worklist_page,
+    "Study": study_page,
+    "Audit": audit_page,
+    "Monitoring": monitoring_page,
+    "Users": users_page,
+}
 
 
 def main() -> None:

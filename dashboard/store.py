@@ -8,6 +8,7 @@ names or IDs. Reviews are append-only: a re-review adds a row, the latest per le
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -258,6 +259,7 @@ def reviews_of(session: Session, study_id: int) -> list[dict[str, Any]]:
             "user": user_name,
             "created_at": r.created_at,
             "model": f"{r.model_name} {r.model_version}",
+            "corrections": r.corrections,
         }
         for r, user_name in rows
     ]
@@ -284,6 +286,114 @@ def series_paths(session: Session, study_id: int, series_uid: str) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class Correctable:
+    """A lesion measurement a reader may correct when amending: its findings key, its name for
+    people, the unit people type, the factor from that unit to the stored one, and the range
+    (in the typed unit) outside which a value is a typing mistake rather than a lesion."""
+
+    key: str
+    name: str
+    unit: str
+    to_stored: float
+    low: float
+    high: float
+
+
+# Ranges: a lung nodule or mass is at most about 30 cm across (a hemithorax); below 0.5 mm a
+# value is below the CT's own resolution. Volumes follow (about 1/6 pi d^3 at 30 cm is 14 l, but
+# a lesion filling a lung is under 3 l).
+CORRECTABLE = {
+    c.key: c
+    for c in (
+        Correctable("max_2d_axial_diameter_mm", "long-axis diameter", "mm", 1.0, 0.5, 300.0),
+        Correctable("max_3d_diameter_mm", "maximum 3D diameter", "mm", 1.0, 0.5, 300.0),
+        Correctable("volume_mm3", "volume", "ml", 1000.0, 0.001, 3000.0),
+    )
+}
+LOCATION = "location"
+LOCATIONS = [
+    f"{side} lung, {zone} zone"
+    for side in ("right", "left")
+    for zone in ("upper", "middle", "lower")
+]
+MAX_LOCATION_LENGTH = 64
+
+
+def _number(c: Correctable, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"corrected {c.name} must be a number of {c.unit}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"corrected {c.name} must be a positive number of {c.unit}")
+    if not c.low <= number <= c.high:
+        raise ValueError(
+            f"corrected {c.name} must be between {c.low:g} and {c.high:g} {c.unit} (got {number:g})"
+        )
+    return number
+
+
+def validate_corrections(
+    lesion: dict[str, Any], corrections: dict[str, Any] | None
+) -> dict[str, dict[str, Any]] | None:
+    """The corrections to store, {key: {"model": value, "corrected": value}} in stored units.
+
+    `corrections` maps a CORRECTABLE key to a value in its typed unit (mm, ml) or LOCATION to a
+    text; empty values (None, "") mean "unchanged" and are dropped, as are values equal to the
+    model's. ValueError (message for the reader) for a value that is not a positive number in
+    its range, a diameter pair or volume no lesion can have, or an unknown field.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in (corrections or {}).items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if key == LOCATION:
+            text = " ".join(str(value).split())
+            if len(text) > MAX_LOCATION_LENGTH or not text.isprintable():
+                raise ValueError(
+                    f"corrected location must be printable text of at most "
+                    f"{MAX_LOCATION_LENGTH} characters"
+                )
+            if text != lesion.get(LOCATION):
+                out[LOCATION] = {"model": lesion.get(LOCATION), "corrected": text}
+            continue
+        c = CORRECTABLE.get(key)
+        if c is None:
+            raise ValueError(f"{key!r} cannot be corrected")
+        stored = round(_number(c, value) * c.to_stored, 3)
+        if stored != lesion.get(key):
+            out[key] = {"model": lesion.get(key), "corrected": stored}
+
+    def effective(key: str) -> float | None:
+        v = out[key]["corrected"] if key in out else lesion.get(key)
+        return float(v) if v is not None else None
+
+    axial, d3, volume = (
+        effective("max_2d_axial_diameter_mm"),
+        effective("max_3d_diameter_mm"),
+        effective("volume_mm3"),
+    )
+    touched = out.keys() & CORRECTABLE.keys()
+    # Geometry, checked only when a correction is involved: an axial diameter is one of the 3D
+    # diameters, and no body is larger than the sphere of its largest diameter.
+    if touched & {"max_2d_axial_diameter_mm", "max_3d_diameter_mm"} and axial and d3:
+        if axial > d3 * 1.01:
+            raise ValueError(
+                f"the long-axis diameter ({axial:g} mm) cannot exceed the maximum 3D "
+                f"diameter ({d3:g} mm): correct that one too"
+            )
+    if touched & {"volume_mm3", "max_3d_diameter_mm"} and volume and d3:
+        sphere = math.pi * d3**3 / 6
+        if volume > sphere * 1.01:
+            raise ValueError(
+                f"a volume of {volume / 1000:g} ml does not fit in a lesion whose largest "
+                f"diameter is {d3:g} mm (at most {sphere / 1000:.3g} ml): correct the "
+                "maximum 3D diameter too"
+            )
+    return out or None
+
+
 def add_review(
     session: Session,
     *,
@@ -294,11 +404,13 @@ def add_review(
     reason: str | None,
     note: str | None,
     user: SessionUser,
+    corrections: dict[str, Any] | None = None,
 ) -> Review:
     """Store a review and its audit entry ("review.<decision>") in the caller's transaction.
 
     ValueError (message for the reader) when the decision is unknown, a reject or amend has no
-    reason, the job is not this study's or has no findings, or the lesion is not in them.
+    reason, the job is not this study's or has no findings, the lesion is not in them, or
+    corrections come with anything but an amend of one lesion or fail `validate_corrections`.
     """
     if decision not in set(ReviewDecision):  # also None: the reader chose nothing
         raise ValueError(f"decision must be one of {', '.join(ReviewDecision)}")
@@ -313,9 +425,18 @@ def add_review(
     ).scalar_one_or_none()
     if job is None or not job.findings:
         raise ValueError("this result has no findings to review")
-    labels = {int(les["label"]) for les in job.findings.get("lesions", [])}
-    if lesion_label is not None and lesion_label not in labels:
+    lesions = {int(les["label"]): les for les in job.findings.get("lesions", [])}
+    if lesion_label is not None and lesion_label not in lesions:
         raise ValueError(f"lesion {lesion_label} is not in this result")
+    has_values = any(
+        v is not None and not (isinstance(v, str) and not v.strip())
+        for v in (corrections or {}).values()
+    )
+    stored_corrections = None
+    if has_values:
+        if decision != ReviewDecision.AMEND or lesion_label is None:
+            raise ValueError("corrected values go with an amend of one lesion")
+        stored_corrections = validate_corrections(lesions[lesion_label], corrections)
     name, version = model_of(job)
     review = Review(
         study_id=job.study_id,
@@ -327,6 +448,7 @@ def add_review(
         user_id=user.id,
         model_name=name,
         model_version=version,
+        corrections=stored_corrections,
     )
     session.add(review)
     session.flush()
@@ -342,9 +464,24 @@ def add_review(
             "reason": reason,
             "note": note,
             "model": {"name": name, "version": version},
+            "corrections": stored_corrections,
         },
     )
     return review
+
+
+def describe_corrections(corrections: dict[str, dict[str, Any]] | None) -> str:
+    """Corrections as people read them: "long-axis diameter 9.5 mm (model 12.3)"."""
+    parts = []
+    for key, pair in (corrections or {}).items():
+        c = CORRECTABLE.get(key)
+        if c is None:
+            parts.append(f"{key} {pair.get('corrected')} (model {pair.get('model')})")
+            continue
+        new, old = pair.get("corrected"), pair.get("model")
+        shown_old = "-" if old is None else f"{old / c.to_stored:g}"
+        parts.append(f"{c.name} {new / c.to_stored:g} {c.unit} (model {shown_old})")
+    return "; ".join(parts)
 
 
 def audit_actors(session: Session) -> list[str]:

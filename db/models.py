@@ -308,6 +308,8 @@ class Review(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(64))
+    # An amend's corrected values beside the model's: {field: {"model": x, "corrected": y}}.
+    corrections: Mapped[dict | None] = mapped_column(JSON)
 
     user: Mapped[User] = relationship()
     job: Mapped[Job] = relationship()

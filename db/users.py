@@ -1,4 +1,5 @@
-"""Dashboard accounts: adding users and checking their passwords.
+"""Dashboard accounts: adding, listing, disabling and enabling users, resetting and checking
+passwords; every change is audited.
 
 Passwords are hashed with scrypt from the standard library (n=2**14, r=8, p=1, a random 16-byte
 salt per password) and compared in constant time; the stored string carries its parameters, so
@@ -14,7 +15,7 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -72,14 +73,72 @@ def add_user(
         raise ValueError("user name must be 1 to 64 characters")
     if role not in set(UserRole):
         raise ValueError(f"role must be one of {', '.join(UserRole)}, not {role!r}")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise ValueError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    _check_password(password)
     if session.execute(select(User.id).where(User.name == name)).first() is not None:
         raise ValueError(f"user {name!r} already exists")
     user = User(name=name, role=role, password_hash=hash_password(password), disabled=False)
     session.add(user)
     session.flush()
     audit.append(session, actor, "user.added", None, {"name": name, "role": role})
+    return user
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def list_users(session: Session) -> list[dict]:
+    """Every account, by name: id, name, role, created_at, disabled (never the hash)."""
+    rows = session.execute(
+        select(User.id, User.name, User.role, User.created_at, User.disabled).order_by(User.name)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def _get(session: Session, name: str) -> User:
+    user = session.execute(
+        select(User).where(User.name == name).with_for_update()
+    ).scalar_one_or_none()
+    if user is None:
+        raise ValueError(f"no user {name!r}")
+    return user
+
+
+def set_disabled(session: Session, name: str, disabled: bool, *, actor: str) -> User:
+    """Disable or enable an account (audited as "user.disabled" / "user.enabled").
+
+    ValueError for an unknown name, an account already in that state, an admin disabling
+    themselves, or disabling the last enabled admin (nobody could manage accounts any more).
+    """
+    user = _get(session, name)
+    if user.disabled == disabled:
+        raise ValueError(f"user {name!r} is already {'disabled' if disabled else 'enabled'}")
+    if disabled:
+        if name == actor:
+            raise ValueError("you cannot disable your own account")
+        if user.role == UserRole.ADMIN:
+            admins = session.execute(
+                select(func.count())
+                .select_from(User)
+                .where(User.role == UserRole.ADMIN, User.disabled.is_(False))
+            ).scalar_one()
+            if admins <= 1:
+                raise ValueError("the last enabled admin cannot be disabled")
+    user.disabled = disabled
+    session.flush()
+    action = "user.disabled" if disabled else "user.enabled"
+    audit.append(session, actor, action, None, {"name": name, "role": user.role})
+    return user
+
+
+def reset_password(session: Session, name: str, password: str, *, actor: str) -> User:
+    """Give an account a new password (audited as "user.password_reset", without it)."""
+    _check_password(password)
+    user = _get(session, name)
+    user.password_hash = hash_password(password)
+    session.flush()
+    audit.append(session, actor, "user.password_reset", None, {"name": name})
     return user
 
 

@@ -304,10 +304,179 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
 
 def test_roles_limit_the_pages(dash):
     at = _login(_app().run(), "eve")
-    assert at.radio(key="page").options == ["Audit"]
+    assert at.radio(key="page").options == ["Audit", "Monitoring"]
     assert "DEMO" not in at.dataframe[0].value.to_csv()
     at = _login(_app().run(), "drhouse")
-    assert at.radio(key="page").options == ["Worklist", "Study"]
+    assert at.radio(key="page").options == ["Worklist", "Study", "Monitoring"]
+    at = _login(_app().run(), "root")
+    assert at.radio(key="page").options == [
+        "Worklist",
+        "Study",
+        "Audit",
+        "Monitoring",
+        "Users",
+    ]
+
+
+@pytest.mark.parametrize("name", ["drhouse", "eve"])
+def test_non_admins_cannot_reach_user_management(dash, name):
+    at = _login(_app().run(), name)
+    assert "Users" not in at.radio(key="page").options
+    # A session that asks for the page anyway (as a crafted widget state would) falls back to
+    # the role's first page.
+    forged = _app()
+    for key in ("user", "activity"):
+        forged.session_state[key] = at.session_state[key]
+    forged.session_state["page"] = "Users"
+    at = forged.run()
+    assert not at.exception
+    assert at.radio(key="page").value != "Users"
+    assert not [h for h in at.header if h.value == "Users"]
+    assert "u_new_name" not in [t.key for t in at.text_input]
+    assert "correct horse" not in _text(at)
+
+
+def test_admin_manages_users_and_every_change_is_audited(dash):
+    at = _login(_app().run(), "root")
+    at.radio(key="page").set_value("Users").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["User"]) == sorted(USERS) and set(table["Status"]) == {"enabled"}
+    assert "password" not in " ".join(table.columns).lower()
+
+    # Add: mismatched and short passwords are refused with a message; nothing is stored.
+    at.text_input(key="u_new_name").input("newdoc")
+    at.selectbox(key="u_new_role").set_value("radiologist")
+    at.text_input(key="u_new_pw").input("first password")
+    at.text_input(key="u_new_pw2").input("other password")
+    at.button(key="FormSubmitter:add_user-Add user").click().run()
+    assert at.error and "passwords differ" in at.error[0].value
+    at.text_input(key="u_new_name").input("newdoc")
+    at.text_input(key="u_new_pw").input("short")
+    at.text_input(key="u_new_pw2").input("short")
+    at.button(key="FormSubmitter:add_user-Add user").click().run()
+    assert at.error and "at least 8" in at.error[0].value
+    at.text_input(key="u_new_name").input("newdoc")
+    at.selectbox(key="u_new_role").set_value("auditor")
+    at.text_input(key="u_new_pw").input("first password")
+    at.text_input(key="u_new_pw2").input("first password")
+    at.button(key="FormSubmitter:add_user-Add user").click().run()
+    assert at.success and "newdoc added as auditor" in at.success[0].value
+    table = at.dataframe[0].value
+    assert table[table["User"] == "newdoc"].iloc[0]["Role"] == "auditor"
+    assert _login(_app().run(), "newdoc", "first password").radio(key="page").options == [
+        "Audit",
+        "Monitoring",
+    ]
+
+    # Disable: the user can no longer log in; an admin cannot disable themselves.
+    at.selectbox(key="u_target").set_value("root").run()
+    at.button(key="u_toggle").click().run()
+    assert at.error and "your own account" in at.error[0].value
+    at.selectbox(key="u_target").set_value("drhouse").run()
+    at.button(key="u_toggle").click().run()
+    assert at.success and "drhouse disabled" in at.success[0].value
+    other = _login(_app().run(), "drhouse")
+    assert other.error and not other.dataframe
+    at.button(key="u_toggle").click().run()  # now labelled "Enable drhouse"
+    assert at.success and "drhouse enabled" in at.success[0].value
+
+    # Reset: the old password stops working, the new one works.
+    at.text_input(key="u_reset_pw").input("a brand new secret")
+    at.text_input(key="u_reset_pw2").input("a brand new secret")
+    at.button(key="FormSubmitter:reset_password-Reset password of drhouse").click().run()
+    assert at.success and "Password of drhouse reset" in at.success[0].value
+    assert _login(_app().run(), "drhouse").error
+    assert _login(_app().run(), "drhouse", "a brand new secret").dataframe
+
+    changes = [
+        (e.actor, e.action, e.detail.get("name"))
+        for e in _audit(dash)
+        if e.action.startswith("user.") and e.action not in ("user.login", "user.login_failed")
+    ]
+    assert changes[-4:] == [
+        ("root", "user.added", "newdoc"),
+        ("root", "user.disabled", "drhouse"),
+        ("root", "user.enabled", "drhouse"),
+        ("root", "user.password_reset", "drhouse"),
+    ]
+    everything = json.dumps([e.detail for e in _audit(dash)])
+    assert "first password" not in everything and "brand new secret" not in everything
+
+
+def test_monitoring_page_shows_the_reviewed_real_study(dash):
+    with dash.session() as s:
+        job = s.execute(select(Job)).scalars().one()
+    lesions = [les["label"] for les in job.findings["lesions"]]
+    at = _open_lung1(_login(_app().run(), "drhouse"))
+    tag = f"{job.id}_{lesions[0]}_0"
+    at.radio(key=f"decision_{tag}").set_value("accept")
+    at.button(key=f"FormSubmitter:review_{tag}-Save review").click().run()
+    assert not at.exception
+
+    at = _login(_app().run(), "eve")
+    at.radio(key="page").set_value("Monitoring").run()
+    assert not at.exception
+    models = at.dataframe[0].value
+    [row] = models.to_dict("records")
+    name, version = processing.baseline.BASELINE_NAME, processing.baseline.BASELINE_VERSION
+    assert f"{name} {version}" in row["Model version"]
+    assert (row["Jobs"], row["Done"], row["Findings"]) == (1, 1, len(lesions))
+    assert (row["Reviewed"], row["Accepted"], row["Acceptance"]) == (1, 1, "100%")
+    assert row["Received→result median"] != "-" and row["Result→review median"] != "-"
+    # Six studies arrived (lung1 and the synthetic ones), shown in the metrics and per day.
+    assert at.metric[0].value == "6"
+    assert len(at.get("vega_lite_chart")) == 3  # decisions, turnaround, studies per day
+    assert "DEMO" not in _text(at) and LUNG1 not in _text(at)
+
+
+def test_amend_with_corrected_measurements(dash):
+    with dash.session() as s:
+        job = s.execute(select(Job)).scalars().one()
+    lesion = job.findings["lesions"][0]
+    at = _open_lung1(_login(_app().run(), "drhouse"))
+    tag = f"{job.id}_{lesion['label']}_0"
+    submit = f"FormSubmitter:review_{tag}-Save review"
+    axial = f"corr_max_2d_axial_diameter_mm_{tag}"
+    at.radio(key=f"decision_{tag}").set_value("amend")
+    at.text_input(key=f"reason_{tag}").input("measured on the lung window")
+    at.number_input(key=axial).set_value(-4.0)
+    at.button(key=submit).click().run()
+    assert at.error and "positive number of mm" in at.error[0].value
+    at.number_input(key=axial).set_value(900.0)
+    at.button(key=submit).click().run()
+    assert at.error and "between 0.5 and 300 mm" in at.error[0].value
+    assert _audit(dash, "review.amend") == []
+
+    corrected = round(lesion["max_2d_axial_diameter_mm"] * 0.8, 1)
+    at.number_input(key=axial).set_value(corrected)
+    at.selectbox(key=f"corr_location_{tag}").set_value("left lung, lower zone")
+    at.button(key=submit).click().run()
+    assert not at.exception and not at.error
+    with dash.session() as s:
+        [review] = s.execute(select(Review)).scalars()
+    assert review.decision == "amend" and review.corrections == {
+        "max_2d_axial_diameter_mm": {
+            "model": lesion["max_2d_axial_diameter_mm"],
+            "corrected": corrected,
+        },
+        "location": {"model": lesion["location"], "corrected": "left lung, lower zone"},
+    }
+    [entry] = _audit(dash, "review.amend")
+    assert entry.detail["corrections"] == review.corrections
+    # The study view shows the corrected values beside the model's, in the lesion table and
+    # in the history; the audit page shows the entry's detail.
+    table = at.dataframe[0].value
+    shown = table.iloc[0]["Corrected by reader"]
+    assert f"long-axis diameter {corrected:g} mm" in shown
+    assert f"(model {lesion['max_2d_axial_diameter_mm']:g})" in shown
+    assert "left lung, lower zone" in shown
+    assert f"{corrected:g} mm" in at.dataframe[1].value.iloc[0]["Corrections"]
+    at = _login(_app().run(), "eve")
+    at.text_input(key="a_study").input(LUNG1).run()
+    audit_rows = at.dataframe[0].value
+    amend = audit_rows[audit_rows["Action"] == "review.amend"].iloc[0]
+    assert '"corrected": "left lung, lower zone"' in amend["Detail"]
 
 
 def test_audit_page_verifies_and_finds_tampering(dash):

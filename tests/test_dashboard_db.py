@@ -14,7 +14,16 @@ from dashboard import store
 from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState, User, audit
 from db.models import utcnow
 from db.requeue import request_retry
-from db.users import add_user, authenticate, check_credentials, hash_password, verify_password
+from db.users import (
+    add_user,
+    authenticate,
+    check_credentials,
+    hash_password,
+    list_users,
+    reset_password,
+    set_disabled,
+    verify_password,
+)
 
 
 def test_password_hashes_are_salted_scrypt():
@@ -202,3 +211,157 @@ def test_audit_entries_filter_by_study_actor_and_time(database):
         assert store.audit_entries(s, since=now + timedelta(seconds=1)) == []
         assert len(store.audit_entries(s, since=now - timedelta(hours=1), until=now)) == 3
         assert store.audit_actors(s) == ["alice", "bob"]
+
+
+LESION = {
+    "label": 1,
+    "slice_index": 1,
+    "volume_mm3": 900.0,
+    "max_3d_diameter_mm": 15.0,
+    "max_2d_axial_diameter_mm": 13.0,
+    "location": "right lung, upper zone",
+}
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"max_2d_axial_diameter_mm": -2}, "positive number of mm"),
+        ({"max_2d_axial_diameter_mm": 0}, "positive number of mm"),
+        ({"max_3d_diameter_mm": "twelve"}, "must be a number of mm"),
+        ({"max_3d_diameter_mm": float("nan")}, "positive number"),
+        ({"max_2d_axial_diameter_mm": 450}, "between 0.5 and 300 mm"),
+        ({"volume_mm3": 5000}, "between 0.001 and 3000 ml"),
+        # An axial diameter is one of the 3D diameters; no lesion outgrows its sphere.
+        ({"max_2d_axial_diameter_mm": 20}, "cannot exceed the maximum 3D diameter"),
+        ({"volume_mm3": 2.5}, "does not fit in a lesion whose largest diameter is 15 mm"),
+        ({"location": "x" * 65}, "at most 64 characters"),
+        ({"mean_hu": 40}, "cannot be corrected"),
+    ],
+)
+def test_corrections_are_validated_with_clear_messages(given, message):
+    with pytest.raises(ValueError, match=message):
+        store.validate_corrections(LESION, given)
+
+
+def test_corrections_keep_the_model_value_beside_the_corrected_one():
+    assert store.validate_corrections(LESION, {}) is None
+    # Empty fields and values equal to the model's are "unchanged".
+    unchanged = {"max_3d_diameter_mm": None, "volume_mm3": 0.9, "location": " "}
+    assert store.validate_corrections(LESION, unchanged) is None
+    out = store.validate_corrections(
+        LESION,
+        {"max_2d_axial_diameter_mm": 19.5, "max_3d_diameter_mm": 21, "volume_mm3": 2.5},
+    )
+    assert out == {
+        "max_2d_axial_diameter_mm": {"model": 13.0, "corrected": 19.5},
+        "max_3d_diameter_mm": {"model": 15.0, "corrected": 21.0},
+        "volume_mm3": {"model": 900.0, "corrected": 2500.0},  # typed in ml, stored in mm3
+    }
+    text = store.describe_corrections(out)
+    assert "long-axis diameter 19.5 mm (model 13)" in text and "volume 2.5 ml (model 0.9)" in text
+
+
+def test_amend_stores_corrections_append_only(database):
+    study_id = _study(database, "1.2.30", priority=2)
+    job = _job(database, study_id, "a")
+    with database.session() as s:
+        user = add_user(s, "doc", "radiologist", "long enough")
+        me = store.SessionUser(user.id, user.name, user.role)
+    common = {"study_uid": "1.2.30", "job_id": job, "note": None, "user": me}
+    fix = {"max_3d_diameter_mm": 8.0}
+    for kw in (
+        {"lesion_label": 1, "decision": "accept", "reason": None},
+        {"lesion_label": None, "decision": "amend", "reason": "x"},
+    ):
+        with pytest.raises(ValueError, match="go with an amend of one lesion"):
+            with database.session() as s:
+                store.add_review(s, **common, **kw, corrections=fix)
+    with database.session() as s:
+        store.add_review(
+            s, **common, lesion_label=2, decision="amend", reason="smaller", corrections=fix
+        )
+    with database.session() as s:
+        [review] = store.reviews_of(s, study_id)
+        [entry] = s.execute(select(AuditEntry).where(AuditEntry.action == "review.amend"))
+    # The test job's lesions carry no measurements: the model value is recorded as unknown.
+    expected = {"max_3d_diameter_mm": {"model": None, "corrected": 8.0}}
+    assert review["corrections"] == expected and entry[0].detail["corrections"] == expected
+    assert "maximum 3D diameter 8 mm (model -)" in store.describe_corrections(expected)
+    # Migration 0004 added the column without losing 0003's triggers.
+    for sql in ("UPDATE reviews SET corrections = NULL", "DELETE FROM reviews"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            with database.engine.begin() as conn:
+                conn.execute(text(sql))
+
+
+def test_account_changes_are_audited_and_guarded(database):
+    with database.session() as s:
+        add_user(s, "root", "admin", "long enough")
+        add_user(s, "doc", "radiologist", "long enough")
+    with database.session() as s:
+        set_disabled(s, "doc", True, actor="root")
+    with database.session() as s:
+        assert check_credentials(s, "doc", "long enough") == (None, "disabled")
+        with pytest.raises(ValueError, match="already disabled"):
+            set_disabled(s, "doc", True, actor="root")
+        with pytest.raises(ValueError, match="your own account"):
+            set_disabled(s, "root", True, actor="root")
+        with pytest.raises(ValueError, match="last enabled admin"):
+            set_disabled(s, "root", True, actor="someone")
+        with pytest.raises(ValueError, match="no user"):
+            set_disabled(s, "ghost", True, actor="root")
+        with pytest.raises(ValueError, match="at least"):
+            reset_password(s, "doc", "short", actor="root")
+    with database.session() as s:
+        set_disabled(s, "doc", False, actor="root")
+        reset_password(s, "doc", "another long one", actor="root")
+    with database.session() as s:
+        assert check_credentials(s, "doc", "long enough") == (None, "wrong password")
+        assert authenticate(s, "doc", "another long one") is not None
+        listed = list_users(s)
+        entries = [
+            (e.actor, e.action, e.detail)
+            for e in s.execute(select(AuditEntry).order_by(AuditEntry.seq)).scalars()
+        ]
+    assert [(u["name"], u["role"], u["disabled"]) for u in listed] == [
+        ("doc", "radiologist", False),
+        ("root", "admin", False),
+    ]
+    assert all("password_hash" not in u for u in listed)
+    assert entries[2:] == [
+        ("root", "user.disabled", {"name": "doc", "role": "radiologist"}),
+        ("root", "user.enabled", {"name": "doc", "role": "radiologist"}),
+        ("root", "user.password_reset", {"name": "doc"}),
+    ]
+    assert "another long one" not in str(entries)
+
+
+def test_migration_0004_downgrades_and_upgrades_keeping_reviews_append_only(database):
+    from alembic import command
+
+    study_id = _study(database, "1.2.40")
+    job = _job(database, study_id, "a")
+    with database.session() as s:
+        user = add_user(s, "doc", "radiologist", "long enough")
+        s.add(
+            Review(
+                study_id=study_id,
+                job_id=job,
+                decision="accept",
+                user_id=user.id,
+                model_name="m",
+                model_version="v",
+            )
+        )
+    command.downgrade(database.alembic_config(), "0003")
+    with database.engine.connect() as conn:
+        columns = list(conn.execute(text("SELECT * FROM reviews")).keys())
+    assert "corrections" not in columns
+    with pytest.raises(DBAPIError, match="append-only"):
+        with database.engine.begin() as conn:
+            conn.execute(text("DELETE FROM reviews"))
+    database.upgrade()
+    with database.session() as s:
+        [review] = s.execute(select(Review)).scalars()
+        assert review.corrections is None and review.decision == "accept"
