@@ -151,12 +151,19 @@ def current_user(db: Database) -> store.SessionUser | None:
         log.info("session of %s expired", user.name)
         _end_session("Your session expired after inactivity; please log in again.")
         return None
-    # A user disabled meanwhile loses access at the next interaction.
+    # A user disabled, or whose password was reset, meanwhile loses access at the next
+    # interaction.
     with db.session() as s:
-        disabled = s.execute(select(User.disabled).where(User.id == user.id)).scalar_one_or_none()
-    if disabled is None or disabled:
+        row = s.execute(
+            select(User.disabled, User.password_hash).where(User.id == user.id)
+        ).one_or_none()
+    if row is None or row.disabled:
         store.log_event(db, user.name, "user.session_ended", None, {"reason": "account disabled"})
         _end_session("Your account is disabled.")
+        return None
+    if user.credential and store.credential_stamp(row.password_hash) != user.credential:
+        store.log_event(db, user.name, "user.session_ended", None, {"reason": "password reset"})
+        _end_session("Your password was reset; please log in again.")
         return None
     _touch()
     return user

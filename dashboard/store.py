@@ -8,6 +8,7 @@ names or IDs. Reviews are append-only: a re-review adds a row, the latest per le
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,6 +44,12 @@ class SessionUser:
     id: int
     name: str
     role: str
+    # Which password the session logged in with (a digest of its stored hash): a reset ends it.
+    credential: str = ""
+
+
+def credential_stamp(password_hash: str) -> str:
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
 
 
 def _recent_failures(session: Session, name: str) -> int:
@@ -74,7 +81,8 @@ def login(db: Database, name: str, password: str) -> tuple[SessionUser | None, s
             audit.append(s, actor, "user.login_failed", None, {"reason": outcome})
             return None, outcome
         audit.append(s, user.name, "user.login", None, {"role": user.role})
-        return SessionUser(user.id, user.name, user.role), outcome
+        stamp = credential_stamp(user.password_hash)
+        return SessionUser(user.id, user.name, user.role, stamp), outcome
 
 
 def log_event(

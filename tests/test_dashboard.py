@@ -381,18 +381,21 @@ def test_admin_manages_users_and_every_change_is_audited(dash):
     at.button(key="u_toggle").click().run()  # now labelled "Enable drhouse"
     assert at.success and "drhouse enabled" in at.success[0].value
 
-    # Reset: the old password stops working, the new one works.
+    # Reset: the old password stops working, the new one works, open sessions end.
+    open_session = _login(_app().run(), "drhouse")
     at.text_input(key="u_reset_pw").input("a brand new secret")
     at.text_input(key="u_reset_pw2").input("a brand new secret")
     at.button(key="FormSubmitter:reset_password-Reset password of drhouse").click().run()
     assert at.success and "Password of drhouse reset" in at.success[0].value
     assert _login(_app().run(), "drhouse").error
     assert _login(_app().run(), "drhouse", "a brand new secret").dataframe
+    open_session.run()
+    assert not open_session.dataframe and "password was reset" in open_session.info[0].value
 
     changes = [
         (e.actor, e.action, e.detail.get("name"))
         for e in _audit(dash)
-        if e.action.startswith("user.") and e.action not in ("user.login", "user.login_failed")
+        if e.action in ("user.added", "user.disabled", "user.enabled", "user.password_reset")
     ]
     assert changes[-4:] == [
         ("root", "user.added", "newdoc"),
@@ -400,6 +403,8 @@ def test_admin_manages_users_and_every_change_is_audited(dash):
         ("root", "user.enabled", "drhouse"),
         ("root", "user.password_reset", "drhouse"),
     ]
+    [ended] = _audit(dash, "user.session_ended")
+    assert (ended.actor, ended.detail) == ("drhouse", {"reason": "password reset"})
     everything = json.dumps([e.detail for e in _audit(dash)])
     assert "first password" not in everything and "brand new secret" not in everything
 
