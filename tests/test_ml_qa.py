@@ -1,0 +1,209 @@
+"""Tests for ml.qa: both sample chest CTs pass, and each crafted defect (heavy noise, cropped
+field of view, no aerated lung, raw unscaled values, an empty volume, thick or irregular slices)
+fails with its own reason and only where expected."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ml.baseline import segment_lungs
+from ml.qa import THRESHOLDS, QAReport, assess, estimate_noise_hu
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+CASES = ("lung1", "lung2")
+Volume = tuple[np.ndarray, tuple[float, float, float]]
+
+
+def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> np.ndarray:
+    """White Gaussian noise (float32 draws: several times faster than float64 on 16 M voxels)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * np.float32(sigma)
+
+
+@pytest.fixture(scope="module")
+def samples() -> dict[str, Volume]:
+    out = {}
+    for name in CASES:
+        image = sitk.ReadImage(str(SAMPLES / f"{name}_image.nrrd"))
+        spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+        out[name] = (sitk.GetArrayFromImage(image), spacing)
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_real_samples_are_analysable(samples: dict[str, Volume], name: str) -> None:
+    vol, spacing = samples[name]
+    report = assess(vol, spacing)
+    assert isinstance(report, QAReport)
+    assert report.analysable, report.reasons
+    assert report.reasons == [] and report.failed == []
+    # Measured values are those of a chest CT in HU.
+    assert 2000 < report.lung_volume_ml < 8000
+    assert 0 < report.noise_hu < 20
+    assert report.hu_min <= -1000 and 500 < report.hu_max <= 3071
+    assert report.air_fraction > 0.2
+    assert report.truncated_fraction == 0.0
+    assert report.spacing == spacing
+    # 5 mm slices pass but are worth a note to the reader.
+    assert any("5.0 mm" in w for w in report.warnings)
+    json.dumps(report.to_dict())
+
+
+def test_input_is_not_modified(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung1"]
+    copy = vol.copy()
+    assess(vol, spacing)
+    np.testing.assert_array_equal(vol, copy)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_heavy_noise_fails_on_noise_only(samples: dict[str, Volume], name: str) -> None:
+    vol, spacing = samples[name]
+    noisy = vol + _noise(vol.shape, 300, 0)
+    report = assess(noisy, spacing)
+    assert not report.analysable
+    assert report.failed == ["noise"], report.reasons
+    assert "noise" in report.reasons[0] and "exceeds 150 HU" in report.reasons[0]
+    assert report.noise_hu == pytest.approx(300, rel=0.1)
+
+
+def test_sharp_kernel_noise_level_still_passes(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung1"]
+    noisy = vol + _noise(vol.shape, 80, 1)
+    report = assess(noisy, spacing)
+    assert report.analysable, report.reasons
+    assert report.noise_hu == pytest.approx(80, rel=0.1)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cropped_field_of_view_is_truncated(samples: dict[str, Volume], name: str) -> None:
+    vol, spacing = samples[name]
+    # 60 pixels (~35 mm) off every side cuts through both lungs.
+    report = assess(vol[:, 60:-60, 60:-60], spacing)
+    assert not report.analysable
+    assert report.failed == ["truncated"], report.reasons
+    assert report.truncated_fraction > 0.5
+    assert "field of view" in report.reasons[0]
+    # The cut lungs still count as lung, so the body-part check does not fire as well.
+    assert report.lung_volume_ml > 2000
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_no_aerated_lung_is_not_a_chest(samples: dict[str, Volume], name: str) -> None:
+    vol, spacing = samples[name]
+    filled = vol.copy()
+    filled[segment_lungs(vol, spacing)] = 40  # lungs replaced by soft tissue, as in an abdomen
+    report = assess(filled, spacing)
+    assert not report.analysable
+    assert report.failed == ["not_chest"], report.reasons
+    assert report.lung_volume_ml < THRESHOLDS.min_lung_volume_ml
+    assert "below 300 ml" in report.reasons[0]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_raw_values_without_rescale_fail_the_hu_check(
+    samples: dict[str, Volume], name: str
+) -> None:
+    vol, spacing = samples[name]
+    raw = (vol.astype(np.int32) + 1024).astype(np.uint16)  # stored 0..4095, intercept dropped
+    report = assess(raw, spacing)
+    assert not report.analysable
+    assert "hu_range" in report.failed
+    assert report.air_fraction < THRESHOLDS.min_air_fraction
+    assert any("rescale" in r for r in report.reasons)
+
+
+def test_zero_volume_fails_the_hu_check() -> None:
+    report = assess(np.zeros((20, 64, 64), dtype=np.int16), (2.0, 0.7, 0.7))
+    assert not report.analysable
+    assert report.failed[0] == "hu_range"
+    assert "constant" in report.reasons[0]
+
+
+def test_non_finite_values_fail_the_hu_check(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung1"]
+    bad = vol.astype(np.float32)
+    bad[10, 100:110, 100:110] = np.nan
+    report = assess(bad, spacing)
+    assert not report.analysable and report.failed == ["hu_range"]
+    assert "NaN" in report.reasons[0]
+
+
+def test_absurd_values_fail_the_hu_check(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung1"]
+    bad = vol.astype(np.float32)
+    bad[5, 0, 0] = 1e6
+    report = assess(bad, spacing)
+    assert report.failed == ["hu_range"], report.reasons
+
+
+def test_thick_slices_fail_the_spacing_check(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung1"]
+    report = assess(vol, (10.0, spacing[1], spacing[2]))
+    assert not report.analysable
+    assert report.failed == ["spacing"]
+    assert report.reasons == ["slice spacing 10.0 mm exceeds 5.0 mm"]
+
+
+def test_coarse_pixels_fail_the_spacing_check(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung2"]
+    # Every second pixel with the spacing doubled is fine (1.25 mm); every fourth is not.
+    assert assess(vol[:, ::2, ::2], (spacing[0], 2 * spacing[1], 2 * spacing[2])).analysable
+    report = assess(vol[:, ::4, ::4], (spacing[0], 4 * spacing[1], 4 * spacing[2]))
+    assert "spacing" in report.failed and "pixel spacing 2.51 mm" in report.reasons[0]
+
+
+def test_slice_positions_regular_pass_and_a_missing_slice_fails(
+    samples: dict[str, Volume],
+) -> None:
+    vol, spacing = samples["lung1"]
+    positions = -300.0 + spacing[0] * np.arange(vol.shape[0])
+    assert assess(vol, spacing, slice_positions_mm=positions[::-1]).analysable
+    missing = np.delete(vol, 20, axis=0)
+    report = assess(missing, spacing, slice_positions_mm=np.delete(positions, 20))
+    assert not report.analysable and report.failed == ["spacing"]
+    assert report.reasons[0].startswith("irregular slice spacing: gaps from 5.00 to 10.00 mm")
+    duplicated = np.concatenate([vol[:21], vol[20:]])
+    dup_positions = np.concatenate([positions[:21], positions[20:]])
+    assert "spacing" in assess(duplicated, spacing, slice_positions_mm=dup_positions).failed
+
+
+def test_invalid_spacing_is_a_reason_and_wrong_rank_an_error() -> None:
+    report = assess(np.zeros((4, 8, 8)), (0.0, 1.0, 1.0))
+    assert not report.analysable and report.failed == ["spacing"]
+    with pytest.raises(ValueError):
+        assess(np.zeros((8, 8)), (1.0, 1.0))
+
+
+def test_thresholds_are_honoured(samples: dict[str, Volume]) -> None:
+    vol, spacing = samples["lung2"]
+    strict = replace(THRESHOLDS, max_noise_hu=1.0, max_slice_spacing_mm=2.0)
+    report = assess(vol, spacing, thresholds=strict)
+    assert report.failed == ["noise", "spacing"], report.reasons
+
+
+def test_noise_estimate_reads_white_noise_sd() -> None:
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:256, :256]
+    body = (yy - 128) ** 2 + ((xx - 128) / 1.3) ** 2 < 100**2
+    plane = np.where(body, 40.0, -1000.0)
+    plane[(yy - 128) ** 2 + (xx - 90) ** 2 < 25**2] = -100.0  # fat: an edge inside tissue
+    vol = np.repeat(plane[None], 8, axis=0)
+    for sigma in (5.0, 25.0, 120.0):
+        noisy = vol + rng.normal(0, sigma, vol.shape)
+        assert estimate_noise_hu(noisy) == pytest.approx(sigma, rel=0.1)
+    assert math.isnan(estimate_noise_hu(np.full((4, 64, 64), -1000.0)))
+
+
+def test_noise_estimate_adds_in_quadrature_on_real_data(samples: dict[str, Volume]) -> None:
+    vol, _ = samples["lung2"]
+    base = estimate_noise_hu(vol)
+    noisy = vol + _noise(vol.shape, 40, 5)
+    added = math.sqrt(estimate_noise_hu(noisy) ** 2 - base**2)
+    assert added == pytest.approx(40, rel=0.1)
