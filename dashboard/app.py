@@ -798,11 +798,15 @@ def monitoring_page(db: Database, user: store.SessionUser) -> None:
         "counted apart. Turnaround of finished jobs: received = first instance, result = job "
         "finished, reviewed = first review of that result. p90: 90th percentile."
     )
-    c1, c2, c3, c4 = st.columns(4)
+    reviewed = sum(x.reviewed for x in m.models)
+    accepted = sum(x.accepted for x in m.models)
+    c1, c2, c3, c4, c5, c6 = st.columns(6)
     c1.metric("Studies", m.studies)
     c2.metric("Done", m.study_states.get(StudyState.DONE, 0))
     c3.metric("Failed", m.study_states.get(StudyState.FAILED, 0))
     c4.metric("Not applicable", m.study_states.get(StudyState.NOT_APPLICABLE, 0))
+    c5.metric("Reviewed findings", reviewed)
+    c6.metric("Accepted", _rate(accepted / reviewed if reviewed else None))
     if not m.models and not m.per_day:
         st.info("No studies in this period.")
         return
