@@ -75,8 +75,10 @@ class QAThresholds:
     # Fraction of slices with lung on which the lung is cut by the field of view before the
     # study fails: one or two slices of apex or base cut leave the rest analysable.
     max_truncated_fraction: float = 0.1
-    # In-plane size of the block means used for the lung and truncation checks.
+    # In-plane size of the block means used for the lung and truncation checks, and the slice
+    # spacing they need: thinner series use every k-th slice (the lung mask works at 5 mm).
     coarse_pixel_mm: float = 2.5
+    coarse_slice_mm: float = 5.0
     # Slices used by the noise estimate (spread evenly over the volume).
     noise_slices: int = 12
 
@@ -305,7 +307,7 @@ def assess(
     # HU range. A stride keeps the statistics cheap; 1 voxel in 8 in-plane is ample for fractions.
     sample = arr[:, ::4, ::2].astype(np.float32)
     finite = np.isfinite(sample)
-    if not finite.all() or not np.isfinite(arr).all():
+    if not finite.all() or (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
         fail("hu_range", "volume contains NaN or infinite values")
         sample = np.where(finite, sample, 0.0)
         arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -343,9 +345,11 @@ def assess(
     warnings.extend(w)
 
     # Lungs and truncation on block means: noise averages out and the lung mask is 10x faster.
+    # Thin-slice series keep every k-th slice (volumes stay unbiased with the spacing scaled).
     factor = max(1, int(t.coarse_pixel_mm / max(spacing_zyx[1:])))
-    coarse = _block_mean(arr, factor)
-    coarse_sp = (spacing_zyx[0], spacing_zyx[1] * factor, spacing_zyx[2] * factor)
+    z_step = max(1, int(t.coarse_slice_mm / spacing_zyx[0]))
+    coarse = _block_mean(arr[::z_step], factor)
+    coarse_sp = (spacing_zyx[0] * z_step, spacing_zyx[1] * factor, spacing_zyx[2] * factor)
     voxel_ml = coarse_sp[0] * coarse_sp[1] * coarse_sp[2] / 1000.0
     lungs = segment_lungs(coarse, coarse_sp)
     inside_ml = float(lungs.sum(dtype=np.int64) * voxel_ml)
