@@ -265,10 +265,11 @@ def normalise_for_network(
 ) -> np.ndarray:
     """The network input: float32 of the input's shape.
 
-    ``lung_window`` (the default, and what the models are trained with): :func:`window` with the
-    lung preset (-600/1500), so -1350 HU -> 0, -600 -> 0.5, +150 -> 1. A fixed mapping keeps the
-    same tissue at the same value across scanners and fields of view, and the window spans all
-    that matters for lung lesions (air, parenchyma, nodules, vessels); bone saturates at 1.
+    ``lung_window`` (the default): :func:`window` with the lung preset (-600/1500), so -1350 HU
+    -> 0, -600 -> 0.5, +150 -> 1. A fixed mapping keeps the same tissue at the same value across
+    scanners and fields of view, and the window spans all that matters for lung lesions (air,
+    parenchyma, nodules, vessels); bone saturates at 1. A model must be run with the
+    normalisation it was trained with: record the method in its metadata.
 
     ``zscore``: HU clipped to [-1024, 3071], minus the mean and divided by the standard deviation
     of the voxels inside the body (> -500 HU), so the statistics do not depend on how much air
