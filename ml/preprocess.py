@@ -6,9 +6,10 @@ Volumes are (z, y, x) arrays in Hounsfield units (any real dtype); spacings are 
 Every function returns a new array and leaves its input untouched.
 
 Timings on one core (``sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)``) for the 512x512x61
-sample CT: window and normalise < 0.1 s; CLAHE 1.7 s; denoise ``curvature_flow`` per slice 1.2 s
-(3 iterations), ``median`` 1.4 s, ``gaussian`` 0.5 s, ``anisotropic`` about 6 s (not fast: use it
-offline); resample to 1 mm in-plane 0.2-0.5 s. SimpleITK filters use all cores by default.
+sample CT, measured on a shared, loaded machine: window and normalise < 0.1 s; CLAHE 0.9 s;
+denoise per slice: ``curvature_flow`` 1.1 s (3 iterations), ``median`` 1.5 s, ``gaussian`` 0.3 s,
+``anisotropic`` 5.4 s (not fast: use it offline); ``curvature_flow`` in 3-D 2.6 s; resample to
+1 mm isotropic 0.7 s (a mask 0.3 s). SimpleITK filters use all cores by default.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def enhance_contrast(
     The volume is first windowed (default: lung window) to [0, 1]; each slice is then equalised on
     its own, so contrast is never borrowed across 5 mm of anatomy. ``kernel_size`` is the tile
     size in pixels (default: 1/8 of the slice, skimage's default); ``clip_limit`` bounds the
-    amplification of noise in flat regions. Returns float32 in [0, 1]. About 30 ms per 512x512
-    slice on one core (1.7 s for 61 slices).
+    amplification of noise in flat regions. Returns float32 in [0, 1]. About 15-30 ms per
+    512x512 slice on one core.
     """
     windowed = window(_check_volume(hu), level, width)
     out = np.empty_like(windowed)
