@@ -1,6 +1,6 @@
 """Intensity and geometry preprocessing of CT volumes for display and for the networks: HU windows,
-per-slice contrast enhancement (CLAHE), denoising, resampling to a spacing or shape, and the one
-normalisation the networks are trained with.
+per-slice contrast enhancement (CLAHE), denoising, resampling to a spacing or shape, and a
+normalisation for network input.
 
 Volumes are (z, y, x) arrays in Hounsfield units (any real dtype); spacings are (z, y, x) in mm.
 Every function returns a new array and leaves its input untouched.

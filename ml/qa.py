@@ -93,7 +93,6 @@ _SELECT_SIZE = 7
 # Residual of a 3x3 mean: for white noise of SD s its SD is s * sqrt(8/9).
 _RESIDUAL_GAIN = math.sqrt(8.0 / 9.0)
 _MIN_NOISE_PIXELS = 500
-_BODY_HU = -500.0
 
 
 @dataclass(frozen=True)
@@ -116,10 +115,19 @@ class QAReport:
     measures: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-serialisable (NaN stays NaN: json.dumps writes it as NaN)."""
-        d = asdict(self)
-        d["spacing"] = list(self.spacing)
-        return d
+        """Strict-JSON-serialisable: unmeasured (NaN) values become None, as PostgreSQL's JSON
+        types and most parsers reject NaN."""
+
+        def clean(value: object) -> object:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        return {k: clean(v) for k, v in asdict(self).items()}
 
 
 def estimate_noise_hu(volume_hu: np.ndarray, *, max_slices: int = THRESHOLDS.noise_slices) -> float:

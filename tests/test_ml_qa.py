@@ -52,7 +52,7 @@ def test_real_samples_are_analysable(samples: dict[str, Volume], name: str) -> N
     assert report.spacing == spacing
     # 5 mm slices pass but are worth a note to the reader.
     assert any("5.0 mm" in w for w in report.warnings)
-    json.dumps(report.to_dict())
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["spacing"] == list(spacing)
 
 
 def test_input_is_not_modified(samples: dict[str, Volume]) -> None:
@@ -177,6 +177,9 @@ def test_slice_positions_regular_pass_and_a_missing_slice_fails(
 def test_invalid_spacing_is_a_reason_and_wrong_rank_an_error() -> None:
     report = assess(np.zeros((4, 8, 8)), (0.0, 1.0, 1.0))
     assert not report.analysable and report.failed == ["spacing"]
+    # Nothing was measured: strict JSON gets nulls, not NaN.
+    as_json = json.dumps(report.to_dict(), allow_nan=False)
+    assert json.loads(as_json)["noise_hu"] is None
     with pytest.raises(ValueError):
         assess(np.zeros((8, 8)), (1.0, 1.0))
 
