@@ -309,6 +309,9 @@ def assess(
     nan = float("nan")
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         fail("spacing", f"spacing {spacing} is not three positive numbers (z, y, x) in mm")
+    if arr.size == 0:
+        fail("hu_range", f"volume is empty (shape {arr.shape})")
+    if failed:
         return QAReport(False, reasons, failed, warnings, nan, nan, nan, nan, nan, nan,
                         (nan, nan, nan))  # fmt: skip
     spacing_zyx: tuple[float, float, float] = sp  # type: ignore[assignment]

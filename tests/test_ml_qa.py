@@ -182,6 +182,8 @@ def test_invalid_spacing_is_a_reason_and_wrong_rank_an_error() -> None:
     assert json.loads(as_json)["noise_hu"] is None
     with pytest.raises(ValueError):
         assess(np.zeros((8, 8)), (1.0, 1.0))
+    empty = assess(np.zeros((0, 8, 8)), (1.0, 1.0, 1.0))
+    assert not empty.analysable and empty.failed == ["hu_range"]
 
 
 def test_thresholds_are_honoured(samples: dict[str, Volume]) -> None:
