@@ -107,6 +107,10 @@ def enhance_contrast(
     windowed = window(_check_volume(hu), level, width)
     out = np.empty_like(windowed)
     for z, plane in enumerate(windowed):
+        if plane.min() == plane.max():
+            # skimage stretches each image to its own range first: a flat slice would turn white.
+            out[z] = plane
+            continue
         out[z] = exposure.equalize_adapthist(plane, kernel_size=kernel_size, clip_limit=clip_limit)
     return out
 

@@ -78,6 +78,9 @@ def test_clahe_raises_local_contrast_of_a_faint_structure() -> None:
         gap_before = before[z][inside].mean() - before[z][outside].mean()
         gap_after = after[z][inside].mean() - after[z][outside].mean()
         assert gap_after > 3 * gap_before > 0
+    # A flat slice (all air) stays what the window makes of it instead of turning white.
+    flat = enhance_contrast(np.full((1, 32, 32), -1000.0))
+    np.testing.assert_allclose(flat, window_preset(np.full((1, 32, 32), -1000.0), "lung"))
 
 
 @pytest.mark.parametrize("method", DENOISE_METHODS)
