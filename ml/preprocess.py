@@ -99,10 +99,11 @@ def enhance_contrast(
     """CLAHE (``skimage.exposure.equalize_adapthist``) of each axial slice of a windowed volume.
 
     The volume is first windowed (default: lung window) to [0, 1]; each slice is then equalised on
-    its own, so contrast is never borrowed across 5 mm of anatomy. ``kernel_size`` is the tile
-    size in pixels (default: 1/8 of the slice, skimage's default); ``clip_limit`` bounds the
-    amplification of noise in flat regions. Returns float32 in [0, 1]. About 15-30 ms per
-    512x512 slice on one core.
+    its own, so contrast is never borrowed across 5 mm of anatomy (skimage also stretches each
+    slice to its own range first, so the window sets what is clipped, not the final scale).
+    ``kernel_size`` is the tile size in pixels (default: 1/8 of the slice, skimage's default);
+    ``clip_limit`` bounds the amplification of noise in flat regions. Returns float32 in [0, 1].
+    About 15-30 ms per 512x512 slice on one core.
     """
     windowed = window(_check_volume(hu), level, width)
     out = np.empty_like(windowed)
