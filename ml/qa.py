@@ -68,6 +68,9 @@ class QAThresholds:
     cut_lung_min_mean_hu: float = -920.0
     # ... and larger than this (smaller cut pockets are skin folds or clothing).
     cut_lung_min_volume_ml: float = 50.0
+    # Outside a circular reconstruction the image is padded with -1024 to -3072 HU (-2000 is
+    # common): block means below this are padding, the edge of the field of view.
+    padding_below_hu: float = -1500.0
     # The patient table is an extrusion along z: its air pockets have the same cross-section
     # 20 mm apart (IoU 0.97-0.99 on the samples), a lung's changes (0.4-0.8). Components above
     # this median IoU are not lung.
@@ -199,21 +202,34 @@ def _is_z_invariant(mask: np.ndarray, step: int, min_iou: float) -> bool:
 
 def _cut_lungs(
     coarse: np.ndarray, voxel_ml: float, slice_mm: float, t: QAThresholds
-) -> tuple[np.ndarray, float]:
-    """Air components that look like lung cut by the in-plane edge of the image: denser than
-    the air around the patient, large, changing along z (unlike the table), and meeting an edge
-    between stretches of tissue. Returns
-    (per-slice flag that such a cut is on that slice, their volume in ml)."""
-    air = coarse < AIR_THRESHOLD_HU
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Air components that look like lung cut by the edge of the field of view: denser than
+    the air around the patient, large, changing along z (unlike the table), and either meeting
+    an image edge between stretches of tissue or touching the padding outside a circular
+    reconstruction. Returns per-slice flags (such a cut is on the slice; such a lung is on the
+    slice) and their volume in ml."""
+    padding = coarse < t.padding_below_hu
+    if padding.any():
+        # Blocks straddling the circle average padding with what is inside; as air they would
+        # bridge a cut lung to the air around the patient.
+        padding = ndimage.binary_dilation(padding, np.ones((1, 3, 3), dtype=bool))
+    air = (coarse < AIR_THRESHOLD_HU) & ~padding
     labels, n = ndimage.label(air)
     flags = np.zeros(coarse.shape[0], dtype=bool)
+    present = np.zeros(coarse.shape[0], dtype=bool)
     if n == 0:
-        return flags, 0.0
+        return flags, present, 0.0
     edges = (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1])
-    on_edge = np.unique(np.concatenate([e.ravel() for e in edges]))
+    touching = [np.concatenate([e.ravel() for e in edges])]
+    by_padding = None
+    if padding.any():
+        rim = ndimage.binary_dilation(padding, np.ones((1, 3, 3), dtype=bool)) & ~padding
+        by_padding = np.where(rim, labels, 0)
+        touching.append(by_padding.ravel())
+    on_edge = np.unique(np.concatenate(touching))
     on_edge = on_edge[on_edge > 0]
     if on_edge.size == 0:
-        return flags, 0.0
+        return flags, present, 0.0
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     sums = np.bincount(labels.ravel(), weights=coarse.ravel(), minlength=n + 1)
     means = sums[on_edge] / np.maximum(sizes[on_edge], 1)
@@ -225,15 +241,19 @@ def _cut_lungs(
     boxes = ndimage.find_objects(labels)
     for label in candidates:
         box = boxes[label - 1]
-        if _is_z_invariant(labels[box] == label, step, t.z_invariant_min_iou):
+        component = labels[box] == label
+        if _is_z_invariant(component, step, t.z_invariant_min_iou):
             continue
         hit = np.array(
             [any(_edge_runs_enclosed(e[z] == label) for e in edges) for z in range(len(flags))]
         )
+        if by_padding is not None:
+            hit |= (by_padding == label).any(axis=(1, 2))
         if hit.any():
             flags |= hit
+            present[box[0]] |= component.any(axis=(1, 2))
             cut_ml += float(sizes[label]) * voxel_ml
-    return flags, cut_ml
+    return flags, present, cut_ml
 
 
 def _spacing_checks(
@@ -365,9 +385,9 @@ def assess(
     voxel_ml = coarse_sp[0] * coarse_sp[1] * coarse_sp[2] / 1000.0
     lungs = segment_lungs(coarse, coarse_sp)
     inside_ml = float(lungs.sum(dtype=np.int64) * voxel_ml)
-    cut_flags, cut_ml = _cut_lungs(coarse, voxel_ml, coarse_sp[0], t)
+    cut_flags, cut_present, cut_ml = _cut_lungs(coarse, voxel_ml, coarse_sp[0], t)
     lung_ml = inside_ml + cut_ml
-    lung_slices = lungs.any(axis=(1, 2)) | cut_flags
+    lung_slices = lungs.any(axis=(1, 2)) | cut_present
     truncated_fraction = float(cut_flags.sum() / lung_slices.sum()) if lung_slices.any() else 0.0
     measures.update(lung_inside_ml=inside_ml, lung_cut_ml=cut_ml)
     if truncated_fraction > t.max_truncated_fraction:
