@@ -778,6 +778,27 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+# Finished states in the colours people expect; waiting ones in greys and blues.
+STATE_COLORS = {
+    StudyState.DONE: "#2e7d32",
+    StudyState.NOT_APPLICABLE: "#9e9e9e",
+    StudyState.FAILED: "#c62828",
+    StudyState.PROCESSING: "#1565c0",
+    StudyState.QUEUED: "#64b5f6",
+    StudyState.STABLE: "#bbdefb",
+    StudyState.RECEIVING: "#cfd8dc",
+}
+
+
+def _chart_labels(models: list[monitoring.ModelStats]) -> list[str]:
+    """Short names for charts: the models and their versions, unless two would look alike."""
+    short = [
+        ", ".join(f"{n} {v}" for n, v in sorted(x.model_versions.items())) or x.label
+        for x in models
+    ]
+    return short if len(set(short)) == len(short) else [x.label for x in models]
+
+
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -843,13 +864,14 @@ def monitoring_page(db: Database, user: store.SessionUser) -> None:
         hide_index=True,
         key="m_models",
     )
+    labels = _chart_labels(m.models)
     left, right = st.columns(2)
     with left:
         st.markdown("**Reviewed findings by decision**")
         decisions = pd.DataFrame(
             [
-                {"Model version": x.label, "Decision": d, "Findings": n}
-                for x in m.models
+                {"Model": labels[i], "Decision": d, "Findings": n}
+                for i, x in enumerate(m.models)
                 for d, n in (
                     ("accepted", x.accepted),
                     ("amended", x.amended),
@@ -857,7 +879,7 @@ def monitoring_page(db: Database, user: store.SessionUser) -> None:
                 )
                 if n
             ],
-            columns=["Model version", "Decision", "Findings"],
+            columns=["Model", "Decision", "Findings"],
         )
         if decisions.empty:
             st.caption("No reviewed findings yet.")
@@ -866,67 +888,110 @@ def monitoring_page(db: Database, user: store.SessionUser) -> None:
                 alt.Chart(decisions)
                 .mark_bar()
                 .encode(
-                    x=alt.X("sum(Findings):Q", title="findings", stack="normalize"),
-                    y=alt.Y("Model version:N", title=None),
+                    x=alt.X(
+                        "sum(Findings):Q",
+                        title="share of reviewed findings",
+                        stack="normalize",
+                        axis=alt.Axis(format="%"),
+                    ),
+                    y=alt.Y("Model:N", title=None, axis=alt.Axis(labelLimit=260)),
                     color=alt.Color(
                         "Decision:N",
                         scale=alt.Scale(
                             domain=["accepted", "amended", "rejected"],
                             range=["#2e7d32", "#f9a825", "#c62828"],
                         ),
+                        legend=alt.Legend(orient="bottom", title=None),
                     ),
-                    tooltip=["Model version", "Decision", "Findings"],
+                    tooltip=["Model", "Decision", "Findings"],
                 ),
                 width="stretch",
             )
     with right:
-        st.markdown("**Turnaround (minutes): median and p90**")
-        spans = pd.DataFrame(
+        spans = [
+            (labels[i], span, stat, v)
+            for i, x in enumerate(m.models)
+            for span, spread in (
+                ("received → result", x.received_to_result),
+                ("result → review", x.result_to_review),
+            )
+            for stat, v in (("median", spread.median_s), ("p90", spread.p90_s))
+            if v is not None
+        ]
+        top = max((v for *_, v in spans), default=0.0)
+        unit, per = ("s", 1) if top < 120 else ("min", 60) if top < 7200 else ("h", 3600)
+        st.markdown(f"**Turnaround ({unit}): median and p90**")
+        one = len({label for label, *_ in spans}) == 1
+        frame = pd.DataFrame(
             [
-                {"Model version": x.label, "Span": span, "Statistic": stat, "Minutes": v / 60}
-                for x in m.models
-                for span, spread in (
-                    ("received→result", x.received_to_result),
-                    ("result→review", x.result_to_review),
-                )
-                for stat, v in (("median", spread.median_s), ("p90", spread.p90_s))
-                if v is not None
+                {
+                    "Model": label,
+                    "Span": span if one else f"{label} · {span}",
+                    "Statistic": stat,
+                    unit: v / per,
+                }
+                for label, span, stat, v in spans
             ],
-            columns=["Model version", "Span", "Statistic", "Minutes"],
+            columns=["Model", "Span", "Statistic", unit],
         )
-        if spans.empty:
+        if frame.empty:
             st.caption("No finished jobs yet.")
         else:
             st.altair_chart(
-                alt.Chart(spans)
+                alt.Chart(frame)
                 .mark_bar()
                 .encode(
-                    x=alt.X("Minutes:Q"),
-                    y=alt.Y("Span:N", title=None),
-                    yOffset="Statistic:N",
-                    color="Statistic:N",
-                    row=alt.Row("Model version:N", title=None),
-                    tooltip=[
-                        "Model version",
-                        "Span",
-                        "Statistic",
-                        alt.Tooltip("Minutes:Q", format=".1f"),
-                    ],
+                    x=alt.X(f"{unit}:Q", title=unit),
+                    y=alt.Y("Span:N", title=None, axis=alt.Axis(labelLimit=300)),
+                    yOffset=alt.YOffset("Statistic:N", sort=["median", "p90"]),
+                    color=alt.Color(
+                        "Statistic:N",
+                        scale=alt.Scale(domain=["median", "p90"], range=["#1565c0", "#90caf9"]),
+                        legend=alt.Legend(orient="bottom", title=None),
+                    ),
+                    tooltip=["Model", "Span", "Statistic", alt.Tooltip(f"{unit}:Q", format=".1f")],
                 ),
+                width="stretch",
             )
 
     st.subheader("Studies per day")
     if m.per_day:
-        states = sorted({k for d in m.per_day for k in d.states})
         per_day = pd.DataFrame(
             [
-                {"Day": d.day.isoformat(), **{k: d.states.get(k, 0) for k in states}}
+                {"Day": d.day.isoformat(), "State": state, "Studies": n}
                 for d in m.per_day
+                for state, n in d.states.items()
             ]
-        ).set_index("Day")
-        st.bar_chart(per_day, x_label="day of arrival (UTC)", y_label="studies")
+        )
+        st.altair_chart(
+            alt.Chart(per_day)
+            .mark_bar(size=max(4, min(36, 700 // len(m.per_day))))
+            .encode(
+                x=alt.X("Day:O", title="day of arrival (UTC)", axis=alt.Axis(labelAngle=-45)),
+                y=alt.Y("sum(Studies):Q", title="studies"),
+                color=alt.Color(
+                    "State:N",
+                    scale=alt.Scale(
+                        domain=[str(s) for s in STATE_COLORS],
+                        range=list(STATE_COLORS.values()),
+                    ),
+                    legend=alt.Legend(orient="bottom", title=None),
+                ),
+                tooltip=["Day", "State", "Studies"],
+            )
+            .properties(height=260),
+            width="stretch",
+        )
 
     st.subheader("Failures and not applicable, by reason")
+    if m.study_failures:
+        st.markdown("**Studies in these states now**")
+        st.dataframe(
+            pd.DataFrame(m.study_failures, columns=["State", "Reason", "Studies"]),
+            hide_index=True,
+            key="m_study_failures",
+        )
+    st.markdown("**Jobs, per model version**")
     reasons = [
         {"Model version": x.label, "State": state, "Reason": reason, "Jobs": n}
         for x in m.models

@@ -197,11 +197,32 @@ def compose(
         alpha = (saliency_opacity * np.clip((heat - 0.2) / 0.8, 0, 1))[..., None]
         color = np.stack([np.full_like(heat, 255), 255 * (1 - heat), np.zeros_like(heat)], -1)
         rgb = rgb * (1 - alpha) + color * alpha
-    if seg is not None and show_segments and seg_opacity > 0:
+    if seg is not None and show_segments:
         for segment in seg.segments:
             if segment.number not in show_segments:
                 continue
             mask = seg.layers[segment.layer][z] == segment.number
-            if mask.any():
-                rgb[mask] = rgb[mask] * (1 - seg_opacity) + np.asarray(segment.color) * seg_opacity
+            if not mask.any():
+                continue
+            color = np.asarray(segment.color, dtype=np.float32)
+            if seg_opacity > 0:
+                rgb[mask] = rgb[mask] * (1 - seg_opacity) + color * seg_opacity
+            # A solid outline keeps a small lesion findable under a faint fill, and the
+            # tissue inside it readable when the fill is turned down to nothing.
+            rgb[outline(mask)] = color
     return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def outline(mask: np.ndarray, thickness: int = 2) -> np.ndarray:
+    """The inner border of a 2D mask, `thickness` pixels wide (4-connected erosion)."""
+    inner = mask.copy()
+    for _ in range(thickness):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        shrunk[0, :] = shrunk[-1, :] = False
+        shrunk[:, 0] = shrunk[:, -1] = False
+        inner = shrunk
+    return mask & ~inner

@@ -15,7 +15,8 @@ Definitions (the dashboard shows them next to the figures):
   finish, reviewed = the first review of that job. Medians and 90th percentiles (linear
   interpolation between closest ranks) in seconds.
 - Failures count jobs whose current state is FAILED or NOT_APPLICABLE, by reason (a job retried
-  successfully is DONE, so its earlier failure is not counted).
+  successfully is DONE, so its earlier failure is not counted); `study_failures` counts studies
+  in those states by their recorded reason, including studies that never got a job.
 
 Only aggregates are returned: no patient names or IDs, no study UIDs.
 """
@@ -107,6 +108,9 @@ class Monitoring:
     per_day: list[DayCount]  # oldest first, days without studies left out
     study_states: dict[str, int]
     studies: int
+    # Studies whose current state is FAILED or NOT_APPLICABLE, by reason, whatever the model
+    # (a study can fail before any job exists): (state, reason, count), most frequent first.
+    study_failures: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 def _key(job_row: Any) -> tuple[str, str, tuple[tuple[str, str], ...]]:
@@ -142,7 +146,7 @@ def monitoring(session: Session, *, since: datetime | None = None) -> Monitoring
         .join(Study, Study.id == Review.study_id)
         .order_by(Review.created_at, Review.id)
     )
-    study_query = select(Study.state, Study.first_received_at)
+    study_query = select(Study.state, Study.first_received_at, Study.error)
     if since is not None:
         job_query = job_query.where(Study.first_received_at >= since)
         review_query = review_query.where(Study.first_received_at >= since)
@@ -211,9 +215,16 @@ def monitoring(session: Session, *, since: datetime | None = None) -> Monitoring
 
     days: dict[date, Counter] = defaultdict(Counter)
     study_states: Counter = Counter()
-    for state, received in session.execute(study_query):
+    study_reasons: Counter = Counter()
+    for state, received, error in session.execute(study_query):
         days[received.date()][state] += 1
         study_states[state] += 1
+        if state in (StudyState.FAILED, StudyState.NOT_APPLICABLE):
+            study_reasons[(state, (error or "(no reason recorded)").strip())] += 1
     per_day = [DayCount(day, sum(c.values()), dict(c)) for day, c in sorted(days.items())]
     models = sorted(stats.values(), key=lambda m: (-m.jobs, m.label))
-    return Monitoring(models, per_day, dict(study_states), sum(study_states.values()))
+    failures = sorted(
+        ((state, reason, n) for (state, reason), n in study_reasons.items()),
+        key=lambda t: (-t[2], t[0], t[1]),
+    )
+    return Monitoring(models, per_day, dict(study_states), sum(study_states.values()), failures)

@@ -439,6 +439,11 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
         ("Accepted", "100%"),
     ]
     assert len(at.get("vega_lite_chart")) == 3  # decisions, turnaround, studies per day
+    # The synthetic FAILED study has no job: it is counted with its reason among studies.
+    failures = at.dataframe[1].value
+    assert failures.to_dict("records") == [
+        {"State": "FAILED", "Reason": "pixel data undecodable", "Studies": 1}
+    ]
     assert "DEMO" not in _text(at) and LUNG1 not in _text(at)
 
 

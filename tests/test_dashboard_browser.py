@@ -1,7 +1,8 @@
 """The dashboard end to end in a real browser: `radai dashboard` started as a process on a copy of
 the processed sample study's database (built as in test_dashboard), driven with Selenium through
-Debian's headless Chromium: login (no patient data before it), worklist, the study with its SEG
-overlay toggled, and a review that reaches the database and the audit trail.
+Debian's headless Chromium: login (no patient data before it), the worklist in priority order,
+the study with its SEG overlay toggled, a review that reaches the database, the same decision
+read in the audit trail by an auditor, and the monitoring page counting it.
 
 Needs Debian's `chromium` and `chromium-driver`; without them the test is skipped, except under
 CI (CI=true), where it fails. Screenshots go to the test's tmp_path and to var/screenshots/.
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db import AuditEntry, Job, Review
+from dashboard import store
+from db import AuditEntry, Job, Review, Study
 from db.session import Database
 from db.users import add_user
 from tests import test_dashboard
@@ -50,6 +52,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOTS = ROOT / "var" / "screenshots"
 USER = "dr_browser"
+AUDITOR = "audit_browser"
 PASSWORD = "browser battery staple"
 PATIENT = "DEMO, LUNG1"
 NOTE = "solid nodule, seen in the browser"
@@ -70,6 +73,7 @@ def dashboard(template: Path, tmp_path: Path) -> Iterator[tuple[str, Database]]:
     db = Database(url)
     with db.session() as s:
         add_user(s, USER, "radiologist", PASSWORD, actor="test")
+        add_user(s, AUDITOR, "auditor", PASSWORD, actor="test")
     port = free_port()
     env = {
         **os.environ,
@@ -206,6 +210,31 @@ def _image_src(driver: WebDriver) -> str:
     return _css(driver, '[data-testid="stImage"] img').get_attribute("src")
 
 
+def _grid_rows(driver: WebDriver) -> list[list[str]]:
+    """The cells of the first table on the page, row by row, as its accessible table holds them
+    (Streamlit draws tables on a canvas; the accessible table lists the rows in view)."""
+    return driver.execute_script(
+        "const grid = document.querySelector('[data-testid=\"stDataFrame\"] table');"
+        "if (!grid) return [];"
+        "return Array.from(grid.querySelectorAll('tbody tr')).map("
+        "  tr => Array.from(tr.querySelectorAll('td')).map(td => td.textContent));"
+    )
+
+
+def _login(driver: WebDriver, name: str) -> None:
+    _css(driver, ".st-key-login_name input").send_keys(name)
+    _css(driver, ".st-key-login_password input").send_keys(PASSWORD)
+    _click(driver, '[data-testid="stFormSubmitButton"] button', "Log in")
+
+
+def _pick(driver: WebDriver, key: str, typed: str) -> None:
+    """Choose in a selectbox by typing part of the option and Enter."""
+    _click(driver, f".st-key-{key} input")
+    box = _css(driver, f".st-key-{key} input")
+    box.send_keys(typed)
+    box.send_keys(Keys.ENTER)
+
+
 def _shot(driver: WebDriver, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.png"
     assert driver.save_screenshot(str(path)), f"no screenshot {name}"
@@ -232,6 +261,7 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     with db.session() as s:
         job = s.execute(select(Job)).scalars().one()
         job_id, lesion = job.id, job.findings["lesions"][0]
+        job_model = f"{job.pipeline} {job.pipeline_version}"
     label = lesion["label"]
 
     # Login page: nothing of a patient before login.
@@ -245,18 +275,19 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     assert "DEMO" not in driver.page_source and "SYNTH" not in driver.page_source
     _shot(driver, tmp_path, "1-login")
 
-    _css(driver, ".st-key-login_name input").send_keys(USER)
-    _css(driver, ".st-key-login_password input").send_keys(PASSWORD)
-    _click(driver, '[data-testid="stFormSubmitButton"] button', "Log in")
+    _login(driver, USER)
 
-    # Worklist: pick the processed study by its patient's name.
+    # Worklist: the sample studies in priority order (as the table shows them), then the
+    # processed study picked by its patient's name.
     _until(driver, lambda d: "Worklist" in _body(d), "the worklist")
     _css(driver, ".st-key-wl_pick")
     _idle(driver)
-    _click(driver, ".st-key-wl_pick input")
-    pick = _css(driver, ".st-key-wl_pick input")
-    pick.send_keys("LUNG1")
-    pick.send_keys(Keys.ENTER)
+    expected = _expected_patients(db)
+    rows = _until(
+        driver, lambda d: len(_grid_rows(d)) == len(expected) and _grid_rows(d), "the table"
+    )
+    assert [row[2] for row in rows] == expected  # Priority, State, Patient, ...
+    _pick(driver, "wl_pick", "LUNG1")
     # The picked study's label (with the patient's name) is shown in the combobox.
     _until(
         driver,
@@ -310,3 +341,61 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     ]
     assert [(e.actor, e.study_uid) for e in accepted] == [(USER, test_dashboard.LUNG1)]
     assert accepted[0].detail["review"] == reviews[0].id
+
+    # The audit trail, as an auditor reads it: the radiologist's decision on this study.
+    _click(driver, ".st-key-logout button")
+    _css(driver, ".st-key-login_name input")
+    _idle(driver)
+    assert "DEMO" not in driver.page_source
+    _login(driver, AUDITOR)
+    _until(driver, lambda d: "Audit trail" in _body(d), "the audit page")
+    _idle(driver)
+    _pick(driver, "a_actor", USER)
+    # Seq, At, Actor, Action, Study UID, ...: once filtered, only the radiologist's entries.
+    rows = _until(
+        driver,
+        lambda d: (rows := _grid_rows(d)) and all(row[2] == USER for row in rows) and rows,
+        "the audit trail filtered by user",
+    )
+    assert [row[3:5] for row in rows if row[3].startswith("review.")] == [
+        ["review.accept", test_dashboard.LUNG1]
+    ]
+    assert {row[3] for row in rows} == {
+        "user.login",
+        "study.opened",
+        "review.accept",
+        "user.logout",
+    }
+    _idle(driver)
+    _shot(driver, tmp_path, "5-audit-trail")
+
+    # Monitoring: the review counted for the model that made the finding.
+    _click(driver, '[data-testid="stSidebar"] [data-testid="stRadio"] label', "Monitoring")
+    _until(driver, lambda d: "Reviewed findings" in _body(d), "the monitoring page")
+    _until(
+        driver,
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]')) >= 3,
+        "the monitoring charts",
+    )
+    _idle(driver)
+    metrics = {
+        m.find_element(By.CSS_SELECTOR, '[data-testid="stMetricLabel"]').text: m.find_element(
+            By.CSS_SELECTOR, '[data-testid="stMetricValue"]'
+        ).text
+        for m in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+    }
+    assert metrics["Reviewed findings"] == "1" and metrics["Accepted"] == "100%"
+    assert metrics["Studies"] == str(len(expected))
+    [model_row] = _grid_rows(driver)
+    assert model_row[0].startswith(job_model)
+    driver.set_window_size(1400, 1500)  # the whole page in one picture
+    _idle(driver)
+    _shot(driver, tmp_path, "6-monitoring")
+
+
+def _expected_patients(db: Database) -> list[str]:
+    """Patients' names in worklist order: priority (none last), then arrival."""
+    with db.session() as s:
+        rows = s.execute(select(Study.patient_name, Study.priority, Study.first_received_at)).all()
+    rows.sort(key=lambda r: (r.priority is None, r.priority or 0, r.first_received_at))
+    return [store.display_name(r.patient_name) for r in rows]

@@ -34,10 +34,11 @@ def _fill(db) -> None:  # noqa: ANN001
         s.flush()
         uid = iter(range(1, 100))
 
-        def study(received: datetime, state: str) -> Study:
+        def study(received: datetime, state: str, error: str | None = None) -> Study:
             st = Study(
                 study_uid=f"1.2.3.{next(uid)}",
                 state=state,
+                error=error,
                 first_received_at=received,
                 instance_count=1,
             )
@@ -92,9 +93,9 @@ def _fill(db) -> None:  # noqa: ANN001
         review(j2, 1, "amend", T0 + DAY + 90 * MIN)
         review(j2, None, "accept", T0 + DAY + 95 * MIN)
 
-        s3 = study(T0 + DAY + MIN, StudyState.FAILED)
+        s3 = study(T0 + DAY + MIN, StudyState.FAILED, "pixel data undecodable")
         job(s3, A, StudyState.FAILED, T0 + DAY + 2 * MIN, error="pixel data undecodable")
-        s4 = study(T0 + DAY + 2 * MIN, StudyState.NOT_APPLICABLE)
+        s4 = study(T0 + DAY + 2 * MIN, StudyState.NOT_APPLICABLE, "modality MR is not CT")
         job(s4, A, StudyState.NOT_APPLICABLE, T0 + DAY + 3 * MIN, error="modality MR is not CT")
         s5 = study(T0 + 2 * DAY, StudyState.NOT_APPLICABLE)
         job(s5, A, StudyState.NOT_APPLICABLE, T0 + 2 * DAY + MIN, error="modality MR is not CT")
@@ -139,6 +140,12 @@ def test_figures_per_model_version(database):
         ("FAILED", "pixel data undecodable", 1),
     ]
 
+    # Studies by their own recorded reason (S5's is missing here).
+    assert m.study_failures == [
+        ("FAILED", "pixel data undecodable", 1),
+        ("NOT_APPLICABLE", "(no reason recorded)", 1),
+        ("NOT_APPLICABLE", "modality MR is not CT", 1),
+    ]
     assert b.jobs == 1 and b.model_versions == {"cnn": "1.2", "unet": "0.3"}
     assert (b.reviewed, b.accepted, b.acceptance_rate) == (1, 1, 1.0)
     assert b.received_to_result == Spread(1, 300.0, 300.0)

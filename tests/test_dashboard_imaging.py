@@ -1,0 +1,45 @@
+"""The viewer's overlay drawing on hand-made arrays: outlines and fills of SEG segments."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dashboard.imaging import CTVolume, Segment, SegOverlay, compose, outline
+
+RED = (255, 60, 60)
+
+
+def _square(size: int = 9, lo: int = 2, hi: int = 7) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[lo:hi, lo:hi] = True
+    return mask
+
+
+def test_outline_is_the_inner_border():
+    mask = _square()  # 5x5
+    ring = outline(mask, thickness=1)
+    assert ring.sum() == 16 and not ring[4, 4] and ring[2, 2] and not (ring & ~mask).any()
+    assert outline(mask, thickness=2).sum() == 24  # all but the centre pixel
+    edge = np.ones((4, 4), dtype=bool)  # touching the image border: still outlined there
+    assert outline(edge, thickness=1).sum() == 12
+
+
+def test_compose_outlines_shown_segments_even_without_fill():
+    hu = np.full((1, 9, 9), 40, dtype=np.int16)
+    labels = np.where(_square(), 2, 0).astype(np.uint8)[None]
+    seg = SegOverlay(
+        segments=(Segment(number=2, label="Lesion 1", color=RED, layer=0, slices=(0,)),),
+        layers=(labels,),
+    )
+    volume = CTVolume(hu=hu, sop_instance_uids=("1.2.3",))
+    plain = compose(volume, 0, 40, 400)
+    grey = tuple(plain[0, 0])
+    assert grey[0] == grey[1] == grey[2]
+
+    unfilled = compose(volume, 0, 40, 400, seg=seg, show_segments=(2,), seg_opacity=0.0)
+    assert tuple(unfilled[2, 2]) == RED and tuple(unfilled[4, 4]) == grey  # border, centre
+    filled = compose(volume, 0, 40, 400, seg=seg, show_segments=(2,), seg_opacity=0.5)
+    assert tuple(filled[2, 2]) == RED and tuple(filled[4, 4]) != grey
+    assert filled[4, 4, 0] > filled[4, 4, 1]  # tinted towards red
+    hidden = compose(volume, 0, 40, 400, seg=seg, show_segments=(), seg_opacity=0.5)
+    assert np.array_equal(hidden, plain)
