@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -305,6 +306,8 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     )
     src_on = _image_src(driver)
     _idle(driver)
+    # Nothing of the study (let alone the patient) travels in the address.
+    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/", "", "")
 
     # The lesion's SEG overlay off and on again: the picture changes each time.
     lesion_box = '[data-testid="stCheckbox"]'
@@ -388,6 +391,7 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     assert metrics["Studies"] == str(len(expected))
     [model_row] = _grid_rows(driver)
     assert model_row[0].startswith(job_model)
+    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/", "", "")
     driver.set_window_size(1400, 1500)  # the whole page in one picture
     _idle(driver)
     _shot(driver, tmp_path, "6-monitoring")
