@@ -23,6 +23,8 @@ monitoring). `--repeats` runs per row, the median shown, and the min and max bes
                     decodes the SEG and saliency map, composes the slice with overlays
   study (warm)      a rerun of the same study page (volume and overlays cached, as when a
                     reader moves the slice slider)
+  study + saliency  the cold study view with the saliency map turned on (read on demand:
+                    decompressing it costs more than reading the series)
   monitoring        the Monitoring page, "All time", its cache cleared before each run
 
 Peers measured in the same run, on the same database server:
@@ -385,6 +387,13 @@ def measure(url: str, repeats: int) -> dict[str, list[float]]:
         # is part of a cold start too).
         out["study view (cold)"] = _timed(open_study, repeats, before=st.cache_resource.clear)
         out["study view (warm)"] = _timed(open_study, repeats)
+
+        def saliency_cold() -> None:
+            st.cache_resource.clear()
+            at.session_state["saliency_on"] = True
+
+        out["study + saliency (cold)"] = _timed(open_study, repeats, before=saliency_cold)
+        at.session_state["saliency_on"] = False
 
         admin = _logged_in(url, "bench_admin")
         admin.session_state["page"] = "Monitoring"

@@ -452,12 +452,9 @@ def viewer(db: Database, d: dict[str, Any], job: dict[str, Any], slice_key: str)
             seg = cached_seg(seg_path, paths)
         except imaging.ImagingError as exc:
             st.warning(f"The segmentation cannot be shown: {exc}")
-    saliency = None
-    if f.get("saliency_path") and Path(f["saliency_path"]).exists():
-        try:
-            saliency = cached_saliency(f["saliency_path"], paths)
-        except imaging.ImagingError as exc:
-            st.warning(f"The saliency map cannot be shown: {exc}")
+    # The map is read when first asked for, not with the study: decompressing it costs more
+    # than reading the whole series, and most readers never turn it on.
+    has_saliency = bool(f.get("saliency_path")) and Path(f["saliency_path"]).exists()
 
     if slice_key not in st.session_state:
         lesions = f.get("lesions") or []
@@ -479,8 +476,13 @@ def viewer(db: Database, d: dict[str, Any], job: dict[str, Any], slice_key: str)
                     shown.append(segment.number)
             opacity = st.slider("Segment opacity", 0.0, 1.0, 0.4, 0.05, key="seg_opacity")
         sal_opacity = 0.0
-        if saliency is not None:
-            if st.checkbox("Saliency map", value=False, key="saliency_on"):
+        saliency = None
+        if has_saliency and st.checkbox("Saliency map", value=False, key="saliency_on"):
+            try:
+                saliency = cached_saliency(f["saliency_path"], paths)
+            except imaging.ImagingError as exc:
+                st.warning(f"The saliency map cannot be shown: {exc}")
+            else:
                 sal_opacity = st.slider("Saliency opacity", 0.0, 1.0, 0.5, 0.05, key="sal_opacity")
     z = number - 1
     rgb = imaging.compose(
