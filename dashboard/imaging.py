@@ -156,14 +156,21 @@ def load_saliency(path: str, volume: CTVolume) -> np.ndarray:
     """The saliency map (float16, volume order, 0..1), checked against the volume's shape."""
     try:
         with np.load(path) as data:
-            sal = np.asarray(data["saliency"], dtype=np.float32)
+            # The pipeline writes float16: kept as it is, cleaned in place (a float32 copy and
+            # two temporaries of a 600-slice map would be gigabytes).
+            out = np.array(data["saliency"], dtype=np.float16)
     except (OSError, KeyError, ValueError) as exc:
         raise ImagingError(f"cannot read the saliency map: {type(exc).__name__}") from None
-    if sal.shape != volume.hu.shape:
-        raise ImagingError(f"saliency map {sal.shape} does not match the series {volume.hu.shape}")
+    if out.shape != volume.hu.shape:
+        raise ImagingError(f"saliency map {out.shape} does not match the series {volume.hu.shape}")
     # The pipeline writes scores in 0..1; they are shown as they are, not stretched per study,
-    # so that a weak map looks weak.
-    out = np.clip(np.nan_to_num(sal, nan=0.0), 0.0, 1.0).astype(np.float16)
+    # so that a weak map looks weak. NaN and negatives become 0, above 1 (and +inf) 1. Done on
+    # the bit patterns: numpy emulates float16 arithmetic, which made this 4x the file's read
+    # time, while positive float16 values sort like their bits as unsigned integers.
+    bits = out.view(np.uint16)
+    bits[(bits & 0x8000) != 0] = 0  # sign set: negatives, -0, -inf, negative NaNs
+    bits[bits > 0x7C00] = 0  # the remaining NaNs (exponent all ones, mantissa not zero)
+    np.minimum(bits, 0x3C00, out=bits)  # 0x3C00 is 1.0; +inf is 0x7C00
     out.setflags(write=False)
     return out
 

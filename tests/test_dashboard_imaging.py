@@ -1,10 +1,20 @@
-"""The viewer's overlay drawing on hand-made arrays: outlines and fills of SEG segments."""
+"""The viewer's images on hand-made arrays: outlines and fills of SEG segments, the saliency
+map's reading and cleaning."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from dashboard.imaging import CTVolume, Segment, SegOverlay, compose, outline
+from dashboard.imaging import (
+    CTVolume,
+    ImagingError,
+    Segment,
+    SegOverlay,
+    compose,
+    load_saliency,
+    outline,
+)
 
 RED = (255, 60, 60)
 
@@ -43,3 +53,21 @@ def test_compose_outlines_shown_segments_even_without_fill():
     assert filled[4, 4, 0] > filled[4, 4, 1]  # tinted towards red
     hidden = compose(volume, 0, 40, 400, seg=seg, show_segments=(), seg_opacity=0.5)
     assert np.array_equal(hidden, plain)
+
+
+def test_saliency_is_read_as_float16_with_nan_and_range_cleaned(tmp_path):
+    raw = np.array(
+        [0.0, 0.25, 1.0, 1.5, -0.5, -0.0, np.nan, -np.nan, np.inf, -np.inf, 0.999, 65504.0],
+        dtype=np.float16,
+    ).reshape(1, 3, 4)
+    path = tmp_path / "saliency.npz"
+    np.savez_compressed(path, saliency=raw)
+    volume = CTVolume(hu=np.zeros((1, 3, 4), dtype=np.int16), sop_instance_uids=("1.2.3",))
+    got = load_saliency(str(path), volume)
+    assert got.dtype == np.float16 and not got.flags.writeable
+    expected = [0.0, 0.25, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.999, 1.0]
+    assert got.ravel().tolist() == np.array(expected, dtype=np.float16).tolist()
+    assert not np.signbit(got).any()
+    wrong = CTVolume(hu=np.zeros((2, 3, 4), dtype=np.int16), sop_instance_uids=("1", "2"))
+    with pytest.raises(ImagingError, match="does not match"):
+        load_saliency(str(path), wrong)
