@@ -23,14 +23,16 @@ Only aggregates are returned: no patient names or IDs, no study UIDs.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from functools import lru_cache
 
-from sqlalchemy import select
+from sqlalchemy import Text, case, cast, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from db.models import Job, Review, ReviewDecision, Study, StudyState
 
@@ -113,13 +115,22 @@ class Monitoring:
     study_failures: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-def _key(job_row: Any) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-    versions = job_row.model_versions or {}
-    return (
-        job_row.pipeline,
-        job_row.pipeline_version,
-        tuple(sorted((str(k), str(v)) for k, v in versions.items())),
-    )
+@lru_cache(maxsize=1024)
+def _versions(text: str | None) -> tuple[tuple[str, str], ...]:
+    # Jobs share a handful of distinct model_versions texts: each is parsed once, not per job.
+    versions = json.loads(text) if text else None
+    if not isinstance(versions, dict):
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in versions.items()))
+
+
+def _lesion_count(dialect: str) -> ColumnElement:
+    """The number of lesions in a job's findings, counted by the database: decoding every
+    job's findings in Python was half the time of this page with 10,000 studies."""
+    if dialect == "postgresql":
+        lesions = Job.findings["lesions"]
+        return case((func.json_typeof(lesions) == "array", func.json_array_length(lesions)))
+    return func.json_array_length(Job.findings, "$.lesions")
 
 
 def _seconds(later: datetime | None, earlier: datetime | None) -> float | None:
@@ -130,14 +141,15 @@ def _seconds(later: datetime | None, earlier: datetime | None) -> float | None:
 
 def monitoring(session: Session, *, since: datetime | None = None) -> Monitoring:
     """The figures above over studies first received at or after `since` (all when None)."""
+    dialect = session.get_bind().dialect.name
     job_query = select(
         Job.id,
         Job.pipeline,
         Job.pipeline_version,
-        Job.model_versions,
+        cast(Job.model_versions, Text).label("model_versions"),
         Job.state,
         Job.error,
-        Job.findings,
+        _lesion_count(dialect).label("lesions"),
         Job.finished_at,
         Study.first_received_at,
     ).join(Study, Study.id == Job.study_id)
@@ -165,7 +177,7 @@ def monitoring(session: Session, *, since: datetime | None = None) -> Monitoring
     durations: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     job_key: dict[int, tuple] = {}
     for j in session.execute(job_query):
-        key = _key(j)
+        key = (j.pipeline, j.pipeline_version, _versions(j.model_versions))
         job_key[j.id] = key
         m = stats.get(key)
         if m is None:
@@ -176,7 +188,7 @@ def monitoring(session: Session, *, since: datetime | None = None) -> Monitoring
             reasons[key][(j.state, (j.error or "(no reason recorded)").strip())] += 1
         if j.state != StudyState.DONE:
             continue
-        m.findings += len((j.findings or {}).get("lesions") or [])
+        m.findings += j.lesions or 0
         d = durations[key]
         for name, value in (
             ("result", _seconds(j.finished_at, j.first_received_at)),
