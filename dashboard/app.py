@@ -3,11 +3,14 @@ FOR CLINICAL USE.
 
 The database comes from RADAI_DATABASE_URL (default: SQLite in RADAI_HOME, `./var`), read here
 directly so the app depends on `db` alone. Nothing with patient data is shown before login; a
-session ends after RADAI_SESSION_MINUTES (default 30) without interaction. Radiologists see the
-worklist, the study viewer and review; admins see the worklist and study (read-only), retry
-FAILED studies and read the audit trail; auditors read the audit trail only. Patient data stays
-in the page (never in URLs, query parameters or logs); logins, logouts, expiries, opened studies,
-downloads, reviews, retries and chain checks are written to the audit trail.
+session ends after RADAI_SESSION_MINUTES (default 30) without interaction, or at the next click
+after the account is disabled or its password reset. Radiologists see the worklist, the study
+viewer and review (accept, reject, or amend with corrected measurements); admins see the
+worklist and study (read-only), retry FAILED studies, read the audit trail and manage users;
+auditors read the audit trail; everyone sees the monitoring page (aggregates per model version,
+no patient data). Patient data stays in the page (never in URLs, query parameters or logs);
+logins, logouts, expiries, opened studies, downloads, reviews, retries, account changes and
+chain checks are written to the audit trail.
 """
 
 from __future__ import annotations
