@@ -135,6 +135,24 @@ def load_torchscript(path: Path) -> LoadedModel:
     return LoadedModel(card["name"], card["version"], card["task"], net, card)
 
 
+def check(ref: str, root: Path = MODELS_DIR) -> None:
+    """Raise ModelError unless ``ref`` resolves to a card and weights with a matching sha256."""
+    if ref.startswith("torchscript:"):
+        path = Path(ref.removeprefix("torchscript:"))
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise ModelError(
+                f"TorchScript model needs {path} and its card {path.with_suffix('.json')}"
+            )
+        return
+    name, sep, version = ref.partition("@")
+    if not sep:
+        raise ModelError(f"model reference {ref!r} is not NAME@VERSION or torchscript:PATH")
+    card = read_card(name, version, root)
+    weights = root / name / version / card.get("weights", "weights.pt")
+    if not weights.is_file() or sha256_file(weights) != card.get("sha256"):
+        raise ModelError(f"{ref}: weights missing or not matching the card's sha256")
+
+
 def available(root: Path = MODELS_DIR) -> list[dict]:
     """Cards of every model in the registry, sorted by name and version."""
     return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/card.json"))]

@@ -87,6 +87,8 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         pipeline_queue=settings.queue,
         io_queue=settings.io_queue,
         device=settings.device,
+        segment_model=settings.segment_model,
+        screen_model=settings.screen_model,
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
         visibility_timeout=settings.visibility_timeout,
@@ -99,6 +101,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     _database(settings)
     logs.configure(settings.log_level, settings.log_dir, "worker")
+    _check_models(settings)
     from workers.app import configure
 
     app = configure(_worker_config(settings))
@@ -119,6 +122,83 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.name:
         argv += ["--hostname", args.name]
     app.worker_main(argv)
+    return 0
+
+
+def _check_models(settings: Settings) -> None:
+    """Fail at start, not on the first study, when a configured model cannot be found."""
+    from ml import registry
+
+    for ref in (settings.segment_model, settings.screen_model):
+        try:
+            registry.check(ref)
+        except registry.ModelError as exc:
+            raise SystemExit(f"radai: bad model setting: {exc}") from None
+
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from ml import registry, training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.registry) if args.registry else registry.MODELS_DIR
+    print(
+        f"training {args.task} on semi-synthetic data from {args.data} into {root} "
+        f"({'with' if not args.no_folds else 'without'} leave-one-patient-out folds)"
+    )
+    written = training.train_and_register(
+        args.task,
+        Path(args.data),
+        root=root,
+        steps=args.steps,
+        folds=not args.no_folds,
+        progress=not args.quiet,
+    )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from ml import evaluation, registry
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.registry) if args.registry else registry.MODELS_DIR
+    out = Path(args.out)
+    results = evaluation.evaluate(
+        Path(args.data),
+        out,
+        root=root,
+        n_per_case=args.studies,
+        robust_per_case=args.robust,
+        progress=lambda msg: print(msg, flush=True),
+        update_cards=not args.no_cards,
+    )
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from ml import registry
+
+    for card in registry.available():
+        ev = card.get("evaluation", {}).get("synthetic_held_out_patient", {})
+        figures = ", ".join(f"{k} {v[0]:.3f}" for k, v in ev.items() if v and v[0] is not None)
+        print(
+            f"{card['name']}@{card['version']}  task={card['task']}  sha256={card['sha256'][:12]}"
+        )
+        if figures:
+            print(f"    synthetic held-out: {figures}")
+    print(f"configured: segment={settings.segment_model} screen={settings.screen_model}")
     return 0
 
 
@@ -464,6 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="build the bundled sample CT studies as DICOM files")
     sample.add_argument("--out", default=None, help="folder (default RADAI_HOME/samples)")
+
+    train = sub.add_parser("train", help="train a model on semi-synthetic data (CPU, minutes)")
+    train.add_argument("task", choices=["segment", "screen"])
+    train.add_argument("--steps", type=int, default=None, help="default: the shipped models' steps")
+    train.add_argument("--no-folds", action="store_true", help="skip the held-out-patient folds")
+    train.add_argument("--data", default=str(DATA_DIR), help="folder with the NRRD cases")
+    train.add_argument("--registry", default=None, help="model registry (default ml/models)")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate = sub.add_parser("evaluate", help="evaluate models and baseline; write the report")
+    evaluate.add_argument("--out", default="docs/models", help="report folder")
+    evaluate.add_argument("--studies", type=int, default=20, help="synthetic studies per patient")
+    evaluate.add_argument("--robust", type=int, default=6, help="studies per robustness condition")
+    evaluate.add_argument("--data", default=str(DATA_DIR), help="folder with the NRRD cases")
+    evaluate.add_argument("--registry", default=None, help="model registry (default ml/models)")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    evaluate.add_argument("--no-cards", action="store_true", help="leave the model cards alone")
+    sub.add_parser("models", help="list the models in the registry and the configured ones")
     return parser
 
 
@@ -480,6 +578,9 @@ COMMANDS = {
     "db": cmd_db,
     "studies": cmd_studies,
     "sample": cmd_sample,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "models": cmd_models,
 }
 
 

@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")
     io_queue: str = Field(default="radai.io", description="Celery queue of exports")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
+    segment_model: str = Field(
+        default="radai-lung-lesion-unet@1.0.0",
+        description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
+    )
+    screen_model: str = Field(
+        default="radai-lesion-screen-cnn@1.0.0",
+        description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
+    )
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
     log_level: str = "INFO"
     tls_cert: str = Field(default="", description="PEM certificate (chain); with tls_key: TLS only")

@@ -286,9 +286,10 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
         ("amend", lesion["label"], job.id),
     ]
     assert reviews[1].reason == "diameter overestimated"
+    # Both models' names and versions: the segmenter drew the lesion, the screener scored it.
     assert (reviews[0].model_name, reviews[0].model_version) == (
-        processing.baseline.BASELINE_NAME,
-        processing.baseline.BASELINE_VERSION,
+        "radai-lung-lesion-unet+radai-lesion-screen-cnn",
+        "1.0.0+1.0.0",
     )
     accepted, amended = _audit(dash, "review.accept") + _audit(dash, "review.amend")
     assert accepted.actor == amended.actor == "drhouse" and amended.study_uid == LUNG1
@@ -424,8 +425,8 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
     assert not at.exception
     models = at.dataframe[0].value
     [row] = models.to_dict("records")
-    name, version = processing.baseline.BASELINE_NAME, processing.baseline.BASELINE_VERSION
-    assert f"{name} {version}" in row["Model version"]
+    for name in ("radai-lung-lesion-unet", "radai-lesion-screen-cnn"):
+        assert f"{name} 1.0.0" in row["Model version"]
     assert (row["Jobs"], row["Done"], row["Findings"]) == (1, 1, len(lesions))
     assert (row["Reviewed"], row["Accepted"], row["Acceptance"]) == (1, 1, "100%")
     assert row["Received→result median"] != "-" and row["Result→review median"] != "-"

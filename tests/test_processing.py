@@ -45,7 +45,13 @@ def test_lung1_is_processed_once_with_findings_seg_and_sr(database, queued_lung1
     assert study.state == StudyState.DONE and study.priority in (1, 2, 3, 4)
     [job] = _jobs(database)
     assert job.findings["lesions"], "the real lung1 nodule was not found"
-    assert job.model_versions == {processing.baseline.BASELINE_NAME: processing.PIPELINE_VERSION}
+    assert job.model_versions == {
+        "radai-lung-lesion-unet": "1.0.0",
+        "radai-lesion-screen-cnn": "1.0.0",
+    }
+    assert job.pipeline_version == f"{processing.PIPELINE_RELEASE}/1.0.0+1.0.0"
+    assert job.findings["input_qa"]["analysable"] is True
+    assert job.findings["saliency_method"].startswith("Grad-CAM of radai-lesion-screen-cnn@1.0.0")
     outputs = _outputs(database)
     assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
     for o in outputs:
@@ -112,7 +118,7 @@ def test_unexpected_error_leaves_study_retryable(database, queued_lung1, tmp_pat
     def boom(*_a, **_k):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(processing.baseline, "run_baseline", boom)
+    monkeypatch.setattr(processing.inference, "analyse", boom)
     with pytest.raises(OSError):
         processing.process_study(database, LUNG1, tmp_path / "out")
     assert study_state(database, LUNG1) == StudyState.PROCESSING

@@ -27,6 +27,8 @@ class WorkerConfig:
     pipeline_queue: str = "radai.pipeline"
     io_queue: str = "radai.io"
     device: str = "auto"  # auto | cpu | cuda
+    segment_model: str = "radai-lung-lesion-unet@1.0.0"
+    screen_model: str = "radai-lesion-screen-cnn@1.0.0"
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900
     export_max_attempts: int = 8

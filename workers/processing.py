@@ -21,9 +21,10 @@ from sqlalchemy import select, update
 from db import Export, Instance, Job, OutboxMessage, Output, Series, Study, StudyState, audit
 from db.models import utcnow
 from db.session import Database
-from ml import baseline
+from ml import inference, qa
 from workers.dicom_out.seg import build_segmentation
 from workers.dicom_out.sr import build_measurement_report
+from workers.models import ModelSet, load_models
 from workers.outputs import write_output
 from workers.selection import SeriesHeader, load_rules, select_series
 from workers.volume import UndecodablePixels, UnusableSeries, Volume, load_series
@@ -31,9 +32,11 @@ from workers.volume import UndecodablePixels, UnusableSeries, Volume, load_serie
 log = logging.getLogger("radai.worker")
 
 PIPELINE = "chest-ct-lung-lesions"
-PIPELINE_VERSION = f"{baseline.BASELINE_VERSION}"
+# The pipeline's own version; a job's key also carries the model versions (see pipeline_version).
+PIPELINE_RELEASE = "2.0"
 ACTOR = "worker"
 RUNNING = "RUNNING"
+DEFAULT_MODELS = ("radai-lung-lesion-unet@1.0.0", "radai-lesion-screen-cnn@1.0.0", "auto")
 MIN_LUNG_ML = 200.0  # less than this in view: not a chest CT we can analyse
 
 
@@ -62,7 +65,12 @@ def input_hash(pairs: list[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _start(db: Database, study_uid: str) -> JobTicket | str:
+def pipeline_version(models: ModelSet) -> str:
+    """What a job's result depends on: this code's release and the models' versions."""
+    return f"{PIPELINE_RELEASE}/{models.pipeline_tag}"[:32]
+
+
+def _start(db: Database, study_uid: str, version: str) -> JobTicket | str:
     """Claim the job for the study's current instances, or say why there is nothing to do."""
     with db.session() as s:
         study = s.execute(
@@ -79,7 +87,7 @@ def _start(db: Database, study_uid: str) -> JobTicket | str:
         job = s.execute(
             select(Job).where(
                 Job.study_id == study.id,
-                Job.pipeline_version == PIPELINE_VERSION,
+                Job.pipeline_version == version,
                 Job.input_hash == key,
             )
         ).scalar_one_or_none()
@@ -92,7 +100,7 @@ def _start(db: Database, study_uid: str) -> JobTicket | str:
             job = Job(
                 study_id=study.id,
                 pipeline=PIPELINE,
-                pipeline_version=PIPELINE_VERSION,
+                pipeline_version=version,
                 input_hash=key,
                 state=RUNNING,
                 attempts=0,
@@ -177,9 +185,14 @@ def lesion_location(centroid_zyx: tuple[float, float, float], lung: np.ndarray, 
     return f"{side} lung, {zone} zone"
 
 
-def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path) -> dict:
+def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path, models: ModelSet) -> dict:
     timings: dict[str, float] = {}
-    result = baseline.run_baseline(volume.hu, volume.spacing_zyx)
+    t0 = time.perf_counter()
+    check = qa.assess(volume.hu, volume.spacing_zyx)
+    timings["qa"] = time.perf_counter() - t0
+    if not check.analysable:
+        raise Finished(StudyState.NOT_APPLICABLE, "not analysable: " + "; ".join(check.reasons))
+    result = inference.analyse(volume.hu, volume.spacing_zyx, models.segmenter, models.screener)
     timings.update(result.timings_s)
     if result.lung_volume_ml < MIN_LUNG_ML:
         raise Finished(
@@ -201,14 +214,15 @@ def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path) -> dict:
                 "slice_index": int(round(m.centroid_zyx[0])),
             }
         )
-    seed = f"{ticket.study_uid}/{PIPELINE_VERSION}/{ticket.input_hash}"
+    seed = f"{ticket.study_uid}/{pipeline_version(models)}/{ticket.input_hash}"
+    seg_model, scr_model = models.segmenter, models.screener
     t0 = time.perf_counter()
     seg = build_segmentation(
         volume.datasets,
         result.lung_mask,
         result.lesion_labels,
-        algorithm_name=baseline.BASELINE_NAME,
-        algorithm_version=baseline.BASELINE_VERSION,
+        algorithm_name=seg_model.name,
+        algorithm_version=seg_model.version,
         instance_uid_seed=seed + "/seg",
     )
     sr = build_measurement_report(
@@ -216,9 +230,10 @@ def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path) -> dict:
         seg,
         lesions,
         lung_volume_ml=result.lung_volume_ml,
-        screening_probability=result.probability,
-        algorithm_name=baseline.BASELINE_NAME,
-        algorithm_version=baseline.BASELINE_VERSION,
+        screening_probability=result.screening_probability,
+        algorithm_name=seg_model.name,
+        algorithm_version=seg_model.version,
+        screening_algorithm=(scr_model.name, scr_model.version),
         instance_uid_seed=seed + "/sr",
     )
     timings["write_dicom"] = time.perf_counter() - t0
@@ -231,13 +246,16 @@ def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path) -> dict:
     np.savez_compressed(saliency_path, saliency=result.saliency.astype(np.float16))
     return {
         "findings": {
-            "screening_probability": round(float(result.probability), 4),
+            "screening_probability": round(float(result.screening_probability), 4),
+            "triage_score": round(float(result.probability), 4),
             "priority": int(result.priority),
             "lung_volume_ml": round(float(result.lung_volume_ml), 1),
             "lesions": lesions,
             "series_uid": str(volume.datasets[0].SeriesInstanceUID),
             "slices": len(volume.datasets),
             "saliency_path": str(saliency_path),
+            "saliency_method": "Grad-CAM of " + scr_model.ref,
+            "input_qa": check.to_dict(),
             "not_for_clinical_use": True,
         },
         "outputs": written,
@@ -257,6 +275,7 @@ def _finish(
     reason: str | None = None,
     analysis: dict | None = None,
     destinations: list[str] = (),
+    model_versions: dict[str, str] | None = None,
 ) -> None:
     now = utcnow()
     with db.session() as s:
@@ -265,7 +284,8 @@ def _finish(
         job.state = state
         job.error = reason
         job.finished_at = now
-        job.model_versions = {baseline.BASELINE_NAME: baseline.BASELINE_VERSION}
+        if model_versions is not None:
+            job.model_versions = model_versions
         if analysis:
             job.findings = analysis["findings"]
             job.timings = analysis["timings"]
@@ -309,7 +329,7 @@ def _finish(
                 probability=f["screening_probability"],
                 lesions=len(f["lesions"]),
                 outputs=[o["sop_instance_uid"] for o in analysis["outputs"]],
-                model={baseline.BASELINE_NAME: baseline.BASELINE_VERSION},
+                model=model_versions,
             )
         audit.append(s, ACTOR, f"job.{str(state).lower()}", ticket.study_uid, detail)
 
@@ -331,10 +351,19 @@ def fail(db: Database, study_uid: str, reason: str) -> None:
 
 
 def process_study(
-    db: Database, study_uid: str, outputs_dir: Path, destinations: list[str] = ()
+    db: Database,
+    study_uid: str,
+    outputs_dir: Path,
+    destinations: list[str] = (),
+    models: ModelSet | None = None,
 ) -> str:
-    """Run the pipeline for one study; return a short description of what happened."""
-    ticket = _start(db, study_uid)
+    """Run the pipeline for one study; return a short description of what happened.
+
+    ``models`` defaults to the shipped models on the CPU-or-GPU ``auto`` device.
+    """
+    models = models or load_models(*DEFAULT_MODELS)
+    versions = models.versions
+    ticket = _start(db, study_uid, pipeline_version(models))
     if isinstance(ticket, str):
         log.info("study %s: nothing to do: %s", study_uid, ticket)
         return ticket
@@ -350,12 +379,19 @@ def process_study(
             raise Finished(StudyState.NOT_APPLICABLE, f"series not usable: {exc}") from None
         except UndecodablePixels as exc:
             raise Finished(StudyState.FAILED, str(exc)) from None
-        analysis = _analyse(ticket, volume, outputs_dir)
+        analysis = _analyse(ticket, volume, outputs_dir, models)
     except Finished as end:
-        _finish(db, ticket, end.state, reason=end.reason)
+        _finish(db, ticket, end.state, reason=end.reason, model_versions=versions)
         log.info("study %s ended %s: %s", study_uid, end.state, end.reason)
         return f"{end.state}: {end.reason}"
-    _finish(db, ticket, StudyState.DONE, analysis=analysis, destinations=list(destinations))
+    _finish(
+        db,
+        ticket,
+        StudyState.DONE,
+        analysis=analysis,
+        destinations=list(destinations),
+        model_versions=versions,
+    )
     f = analysis["findings"]
     log.info(
         "study %s DONE: p=%.3f, %d lesion(s), priority %d",

@@ -13,6 +13,7 @@ import logging
 from workers import exporting, processing
 from workers.app import app, runtime
 from workers.export import format_destination
+from workers.models import load_models
 
 log = logging.getLogger("radai.worker")
 
@@ -32,6 +33,7 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
             study_uid,
             rt.config.outputs_dir,
             destinations=[format_destination(d) for d in rt.config.export_to],
+            models=load_models(rt.config.segment_model, rt.config.screen_model, rt.config.device),
         )
     except Exception as exc:
         if self.request.retries >= MAX_RETRIES:

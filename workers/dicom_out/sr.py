@@ -198,6 +198,7 @@ def build_measurement_report(
     screening_probability: float | None,
     algorithm_name: str,
     algorithm_version: str,
+    screening_algorithm: tuple[str, str] | None = None,
     series_number: int = 902,
     instance_uid_seed: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
@@ -208,9 +209,10 @@ def build_measurement_report(
     referencing the SEG segment tracked as "Lesion <label>" with the same tracking UID, and
     holding volume (mm3), maximum 3D and maximum axial diameters (mm) and mean HU (when not
     None); then, when ``screening_probability`` is given, a TID 1501 group "Screening" holding
-    it. A Qualitative Evaluations container states NOT FOR CLINICAL USE and, without lesions,
-    that none was found. Each lesion dict has label, volume_mm3, max_3d_diameter_mm,
-    max_2d_axial_diameter_mm, mean_hu and location (free text or None).
+    it, identified by ``screening_algorithm`` (name, version) when a different model scored the
+    study than segmented it. A Qualitative Evaluations container states NOT FOR CLINICAL USE
+    and, without lesions, that none was found. Each lesion dict has label, volume_mm3,
+    max_3d_diameter_mm, max_2d_axial_diameter_mm, mean_hu and location (free text or None).
     """
     if not source_images:
         raise ValueError("source_images is empty")
@@ -254,6 +256,14 @@ def build_measurement_report(
         )
         for lesion in lesions
     ]
+    screener = algorithm
+    if screening_algorithm is not None:
+        screener = hd.sr.AlgorithmIdentification(
+            name=screening_algorithm[0],
+            version=screening_algorithm[1],
+            family=codes.DCM.ArtificialIntelligence,
+            manufacturer="radai",
+        )
     if screening_probability is not None:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -261,7 +271,7 @@ def build_measurement_report(
                     uid=_uid(instance_uid_seed, "sr.tracking.screening"),
                     identifier=SCREENING_TRACKING_ID,
                 ),
-                algorithm_id=algorithm,
+                algorithm_id=screener,
                 measurements=[_measurement(SCREENING_PROBABILITY, screening_probability)],
             )
         )

@@ -1,0 +1,63 @@
+"""The models a worker process runs, loaded once per process from the configured references.
+
+References come from `RADAI_SEGMENT_MODEL` and `RADAI_SCREEN_MODEL`: `NAME@VERSION` from the
+registry shipped in `ml/models/`, or `torchscript:PATH` for an external model with its card beside
+it. `RADAI_DEVICE` places them: `cuda` needs a GPU, `auto` uses one when torch sees it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ml import registry
+from ml.registry import LoadedModel
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    segmenter: LoadedModel
+    screener: LoadedModel
+    device: str
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {
+            self.segmenter.name: self.segmenter.version,
+            self.screener.name: self.screener.version,
+        }
+
+    @property
+    def pipeline_tag(self) -> str:
+        """Short tag of the model versions for the job key (the column holds 32 characters)."""
+        return f"{self.segmenter.version}+{self.screener.version}"[:24]
+
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str, str], ModelSet] = {}
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("RADAI_DEVICE=cuda but torch sees no CUDA device")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_models(segment_ref: str, screen_ref: str, device: str = "auto") -> ModelSet:
+    """Load (once per process) and check that each model does the task it is configured for."""
+    key = (segment_ref, screen_ref, device)
+    with _lock:
+        if key not in _cache:
+            where = resolve_device(device)
+            seg = registry.load(segment_ref)
+            scr = registry.load(screen_ref)
+            for model, task in ((seg, "segment"), (scr, "screen")):
+                if model.task != task:
+                    raise registry.ModelError(f"{model.ref} is a {model.task} model, not {task}")
+                model.net.to(where)
+            _cache[key] = ModelSet(seg, scr, where)
+        return _cache[key]
