@@ -1,8 +1,12 @@
 """Checks on a received C-STORE dataset before anything is stored as an instance.
 
-Parses the bytes as sent (no pixel decoding), and refuses what cannot be filed safely: missing
-or malformed UIDs (they become path names), a dataset that contradicts its C-STORE request, and
-uncompressed pixel data whose length does not fit its own image description.
+Parses the bytes as sent (no pixel decoding), and refuses what cannot be filed safely: a stream
+that is truncated or does not read in its transfer syntax (lengths that lie, unknown VRs),
+missing or malformed UIDs (they become path names) or UID attributes encoded as something else,
+a dataset that contradicts its C-STORE request, pixel data encoded otherwise than its transfer
+syntax requires, and uncompressed pixel data whose length does not fit its own image description.
+Optional attributes that do not fit the database (integers beyond 32 bits, NULs in text) are
+dropped or cleaned rather than refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
+from pydicom.valuerep import VR
 
 from dicom_node import statuses
 from dicom_node.statuses import Refusal
@@ -25,6 +30,15 @@ pydicom.config.assume_implicit_vr_switch = False
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = 0x7FE00010
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+_UID_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+# Database columns for integers are 32-bit; IS allows no more (PS3.5 6.2), senders may still.
+_INT_RANGE = range(-(2**31), 2**31)
 
 
 def valid_uid(value: object) -> bool:
@@ -59,23 +73,34 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
         return None
     if value is None or value == "":
         return None
-    return str(value)[:limit]
+    # PostgreSQL text cannot hold NUL: a value padded or broken up with NULs keeps the rest.
+    return str(value).replace("\x00", "")[:limit] or None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except Exception:  # noqa: BLE001
         return None
+    return number if number is None or number in _INT_RANGE else None
 
 
-def _check_pixel_length(ds: Dataset, transfer_syntax: str) -> None:
+def _check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     if _PIXEL_DATA not in ds:
         return
     elem = ds[_PIXEL_DATA]
-    if elem.is_undefined_length or pydicom.uid.UID(transfer_syntax).is_compressed:
-        return  # encapsulated: its length depends on the codec
+    syntax = pydicom.uid.UID(transfer_syntax)
+    # Encapsulated transfer syntaxes carry pixel data as fragments of undefined length, native
+    # ones as one value of defined length (PS3.5 A.4, 7.1): anything else cannot be decoded.
+    if syntax.is_encapsulated != elem.is_undefined_length:
+        kind = "native" if syntax.is_encapsulated else "encapsulated"
+        raise Refusal(
+            statuses.CANNOT_UNDERSTAND,
+            f"{kind} pixel data does not fit the transfer syntax {syntax.name}",
+        )
+    if syntax.is_encapsulated:
+        return  # its length depends on the codec
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
@@ -97,6 +122,10 @@ def _check_pixel_length(ds: Dataset, transfer_syntax: str) -> None:
             f"pixel data holds {actual} bytes; {rows}x{cols}x{samples} samples of {bits} bits "
             f"in {frames} frame(s) need {expected}",
         )
+
+
+class _NotAUid(Exception):
+    """A UID attribute encoded with another VR (its value would be read as something else)."""
 
 
 def _parse(encoded: bytes) -> tuple[Dataset, str]:
@@ -123,14 +152,22 @@ def _parse(encoded: bytes) -> tuple[Dataset, str]:
     if not declared.is_implicit_VR and not (first[4:6].isalpha() and first[4:6].isupper()):
         raise ValueError(f"the body is not encoded as its transfer syntax, {declared.name}")
     elements = {}
+    end = fp.tell()
     for raw in data_element_generator(fp, declared.is_implicit_VR, declared.is_little_endian):
         if raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
             raise ValueError(
                 f"element {raw.tag} declares {raw.length} bytes but only {len(raw.value)} follow"
             )
+        if not declared.is_implicit_VR and raw.VR not in _KNOWN_VRS:
+            raise ValueError(f"element {raw.tag} has an unknown VR {raw.VR!r}")
+        if raw.tag in _UID_TAGS and raw.VR not in (None, "UI", "UN"):
+            raise _NotAUid(f"{_UID_TAGS[raw.tag]} is encoded as {raw.VR}, not as a UID (UI)")
         elements[raw.tag] = raw
-    if fp.tell() != len(encoded):
-        raise ValueError(f"{len(encoded) - fp.tell()} stray bytes end the dataset (truncated?)")
+        end = fp.tell()
+    # The reader stops quietly at a partial element header or a stray delimiter: what is left
+    # after the last whole element is a truncated or corrupt stream.
+    if end != len(encoded):
+        raise ValueError(f"{len(encoded) - end} stray bytes end the dataset (truncated?)")
     ds = Dataset(elements)
     ds.set_original_encoding(declared.is_implicit_VR, declared.is_little_endian)
     ds.file_meta = meta
@@ -147,6 +184,8 @@ def inspect_received(
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             value = ds.get(keyword)
             uids[keyword] = str(value) if value is not None else None
+    except _NotAUid as exc:
+        raise Refusal(statuses.MISSING_UID, str(exc)) from None
     except (InvalidDicomError, EOFError, ValueError, OverflowError, KeyError, TypeError) as exc:
         raise Refusal(statuses.CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on hostile input
@@ -170,7 +209,7 @@ def inspect_received(
             f"dataset SOP Instance UID {uids['SOPInstanceUID']} differs from the request's "
             f"{requested_sop_instance}",
         )
-    _check_pixel_length(ds, transfer_syntax)
+    _check_pixel_data(ds, transfer_syntax)
     return ReceivedObject(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],

@@ -1,7 +1,8 @@
 """Recording received instances in the database: studies, series, duplicates and conflicts.
 
 Each function is one transaction. A study that receives an instance after it was declared stable
-(or processed) is reopened: back to RECEIVING, so it is assembled and queued again.
+(or processed) is reopened: back to RECEIVING, so it is assembled and queued again. A study whose
+instances name different patients (Patient ID) is kept whole and flagged for a person to look at.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def _insert_ignore(session: Session, table, **values) -> bool:  # noqa: ANN001
 
 Place = Callable[[Outcome], str]
 
+MIXED_PATIENTS = (
+    "instances of more than one patient under one Study Instance UID (their Patient ID "
+    "differs); all are kept"
+)
+
 # Built once: this path runs for every instance received, and building statements per call costs
 # more than executing them.
 _I = Instance.__table__
@@ -48,7 +54,7 @@ _TOUCH = (
     .values(last_instance_at=bindparam("now"))
 )
 _STUDY_ROW = (
-    select(_S.c.id, _S.c.state, _S.c.modalities)
+    select(_S.c.id, _S.c.state, _S.c.modalities, _S.c.patient_id, _S.c.flag_reason)
     .where(_S.c.study_uid == bindparam("uid"))
     .with_for_update()
 )
@@ -82,7 +88,7 @@ def record_instance(
         if known == digest:
             conn.execute(_TOUCH, {"uid": obj.study_uid, "now": now})
             return Outcome.DUPLICATE
-        study_id, state, modalities = _upsert_study(s, obj, now, actor)
+        study_id, state, modalities, patient_id, flag_reason = _upsert_study(s, obj, now, actor)
         if known is not None:
             _record_conflict(
                 s, obj, study_id, place(Outcome.CONFLICT), digest, size, calling_ae, now, actor
@@ -113,6 +119,18 @@ def record_instance(
         if state != StudyState.RECEIVING:
             values.update(state=StudyState.RECEIVING, state_changed_at=now)
             audit.append(s, actor, "study.reopened", obj.study_uid, {"from_state": state})
+        mixed = obj.patient_id and patient_id and obj.patient_id != patient_id
+        if mixed and MIXED_PATIENTS not in (flag_reason or ""):
+            reason = f"{flag_reason}; {MIXED_PATIENTS}" if flag_reason else MIXED_PATIENTS
+            values.update(flagged=True, flag_reason=reason)
+            # Which instance, never which patients: the audit trail holds no patient data.
+            audit.append(
+                s,
+                actor,
+                "study.patients_mixed",
+                obj.study_uid,
+                {"sop_instance_uid": obj.sop_instance_uid, "calling_ae": calling_ae},
+            )
         conn.execute(update(_S).where(_S.c.id == study_id).values(**values))
         return Outcome.NEW
 
@@ -155,11 +173,12 @@ def _record_conflict(
 
 def _upsert_study(
     session: Session, obj: ReceivedObject, now: datetime, actor: str
-) -> tuple[int, str, str]:
+) -> tuple[int, str, str, str | None, str | None]:
+    """(id, state, modalities, patient ID, flag reason) of the study, created if new."""
     conn = session.connection()
     row = conn.execute(_STUDY_ROW, {"uid": obj.study_uid}).first()
     if row is not None:
-        return row[0], row[1], row[2]
+        return tuple(row)  # type: ignore[return-value]
     created = _insert_ignore(
         session,
         Study,
@@ -181,7 +200,7 @@ def _upsert_study(
     if created:
         audit.append(session, actor, "study.received", obj.study_uid, {})
     row = conn.execute(_STUDY_ROW, {"uid": obj.study_uid}).one()
-    return row[0], row[1], row[2]
+    return tuple(row)  # type: ignore[return-value]
 
 
 def _upsert_series(session: Session, obj: ReceivedObject, study_id: int) -> int:

@@ -9,6 +9,7 @@ association from any other address is rejected (A-ASSOCIATE-RJ) and audited.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -33,6 +34,7 @@ from dicom_node.statuses import Refusal
 log = logging.getLogger("radai.node")
 
 _STRIPES = 64
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given. The standard has no
 # diagnostic for "address not allowed"; the reason goes to the log and the audit trail instead.
@@ -245,12 +247,32 @@ class DicomNode:
         except Refusal as refusal:
             self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
             return refusal.status
-        except Exception as exc:  # noqa: BLE001 - the association must get an answer
-            log.exception("C-STORE from %s failed unexpectedly", calling_ae)
-            status = statuses.CANNOT_RECORD if _is_db_error(exc) else statuses.PROCESSING_FAILURE
-            refusal = Refusal(status, f"{type(exc).__name__}: {str(exc)[:300]}")
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                return self._unexpected(exc, data, calling_ae, peer, sop_class, sop_instance)
+            # The filesystem filled up under the free-space check (other writers, a check
+            # configured off): out of resources, like the check's own refusal, so that senders
+            # retry later; the failed write left no partial file.
+            refusal = Refusal(statuses.DISK_LOW, f"the archive's filesystem is full: {exc}")
             self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
-            return status
+            return refusal.status
+        except Exception as exc:  # noqa: BLE001 - the association must get an answer
+            return self._unexpected(exc, data, calling_ae, peer, sop_class, sop_instance)
+
+    def _unexpected(
+        self,
+        exc: Exception,
+        data: bytes,
+        calling_ae: str,
+        peer: str,
+        sop_class: str,
+        sop_instance: str,
+    ) -> int:
+        log.exception("C-STORE from %s failed unexpectedly", calling_ae)
+        status = statuses.CANNOT_RECORD if _is_db_error(exc) else statuses.PROCESSING_FAILURE
+        refusal = Refusal(status, f"{type(exc).__name__}: {str(exc)[:300]}")
+        self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
+        return status
 
     def _store(
         self,

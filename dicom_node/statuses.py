@@ -9,7 +9,7 @@ from __future__ import annotations
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # generic
 TOO_LARGE = 0xA701  # instance exceeds RADAI_MAX_INSTANCE_MB
-DISK_LOW = 0xA702  # free disk below RADAI_MIN_FREE_DISK_MB
+DISK_LOW = 0xA702  # free disk below RADAI_MIN_FREE_DISK_MB, or the filesystem full (ENOSPC)
 CANNOT_RECORD = 0xA703  # the database cannot be written: never acknowledge an unrecorded instance
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 SOP_CLASS_MISMATCH = 0xA900  # dataset's SOP Class UID differs from the request's

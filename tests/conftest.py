@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -236,3 +237,111 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], int]]:
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def radai_env(home: Path, db_url: str, broker_url: str, queue: str, **extra: str) -> dict:
+    """The environment of a `radai` subprocess: this one's, minus RADAI_*, plus the given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
+    env.update(
+        RADAI_HOME=str(home),
+        RADAI_DATABASE_URL=db_url,
+        RADAI_BROKER_URL=broker_url,
+        RADAI_QUEUE=queue,
+        RADAI_IO_QUEUE=queue + ".io",
+        **extra,
+    )
+    return env
+
+
+@pytest.fixture
+def radai_workers(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start `radai worker` processes (solo pool, one task at a time); stopped at teardown.
+
+    Each writes its stdout and stderr to tmp_path/<name>.log."""
+    procs: list[subprocess.Popen] = []
+
+    def start(env: dict, name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "radai", "worker", "--name", f"{name}@%h"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        proc.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a fixed port, that can be stopped and started again.
+
+    Persistence as in docker-compose.yml (append-only file): what the broker held before a stop
+    is there after the start."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _up(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._up, timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM, as `docker compose stop` does: redis flushes its append-only file and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+        wait_for(lambda: not self._up(), timeout=10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    yield redis
+    if redis.proc is not None and redis.proc.poll() is None:
+        redis.proc.terminate()
+        redis.proc.wait(timeout=10)

@@ -119,3 +119,79 @@ def send_raw(assoc, path: Path, data: bytes) -> int:  # noqa: ANN001
     rsp = assoc.send_c_store(path)
     assert rsp is not None and "Status" in rsp, "no C-STORE response"
     return int(rsp.Status)
+
+
+def small_chest_ct_studies(
+    lung_slices: list[Path],
+    out: Path,
+    studies: int,
+    *,
+    slices: int = 20,
+    first: int = 20,
+    step: int = 2,
+) -> dict[str, list[Path]]:
+    """`studies` small chest CT studies that still pass the chest-CT selection rules.
+
+    Each is one axial series of `slices` contiguous slices of a sample study (slices
+    first+1..first+slices of lung2 by default: the middle of the lungs), subsampled by `step` in
+    plane (512x512 to 256x256, pixel spacing scaled to match: 1.25 mm, within the 2 mm that image
+    QA accepts; 5 mm slices), under new Study, Series and SOP Instance UIDs. Returns
+    {study UID: files}.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    templates = []
+    for path in lung_slices[first : first + slices]:
+        ds = pydicom.dcmread(path)
+        pixels = np.ascontiguousarray(ds.pixel_array[::step, ::step])
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = pixels.tobytes()
+        ds.PixelSpacing = [float(v) * step for v in ds.PixelSpacing]
+        templates.append(ds)
+    result: dict[str, list[Path]] = {}
+    for n in range(studies):
+        study_uid, series_uid = generate_uid(), generate_uid()
+        folder = out / f"study{n:03d}"
+        folder.mkdir(parents=True)
+        files = []
+        for i, ds in enumerate(templates):
+            sop = generate_uid()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.AccessionNumber = f"SMALL{n:04d}"
+            path = folder / f"CT{i + 1:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        result[study_uid] = files
+    return result
+
+
+def jobs_and_outputs(db: Database) -> tuple[list, list]:
+    """Every job and every output row (detached, attributes loaded)."""
+    from db import Job, Output
+
+    with db.session() as s:
+        jobs = list(s.execute(select(Job).order_by(Job.id)).scalars())
+        outputs = list(s.execute(select(Output).order_by(Output.id)).scalars())
+    return jobs, outputs
+
+
+def storescu_statuses(output: str) -> dict[str, int | None]:
+    """{file: DIMSE status} from the output of `storescu -d`; None where no response came."""
+    import re
+
+    statuses: dict[str, int | None] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        sending = re.match(r"I: Sending file: (.+)$", line)
+        if sending:
+            current = sending.group(1).strip()
+            statuses[current] = None
+            continue
+        status = re.match(r"D: DIMSE Status\s*: 0x([0-9a-fA-F]{4})", line)
+        if status and current is not None:
+            statuses[current] = int(status.group(1), 16)
+            current = None
+    return statuses

@@ -1,6 +1,7 @@
 """Load: 8 concurrent dcmtk senders, 2,000 instances in 5 studies, some studies interleaved
-between all senders. Every instance must be on disk once and recorded once, every study queued
-exactly once with its full instance count, and nothing refused."""
+between all senders, with the node on SQLite and on PostgreSQL. Every instance must be on disk
+once and recorded once, every study queued exactly once with its full instance count, and nothing
+refused."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _assign(ordered: list[Path]) -> list[list[Path]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_eight_senders_two_thousand_instances(sqlite_db, node_factory, samples, tmp_path):
+def test_eight_senders_two_thousand_instances(database, node_factory, samples, tmp_path):
     t0 = time.monotonic()
     per_study, ordered = _build_instances(samples["lung1"][0], tmp_path / "load")
     parts = _assign(ordered)
@@ -80,7 +81,7 @@ def test_eight_senders_two_thousand_instances(sqlite_db, node_factory, samples, 
 
     publisher = RecordingPublisher()
     home = tmp_path / "home"
-    node = node_factory(sqlite_db, publish=publisher, home=home, stable_seconds=3.0)
+    node = node_factory(database, publish=publisher, home=home, stable_seconds=3.0)
     results: list = [None] * SENDERS
 
     def send(i: int) -> None:
@@ -97,7 +98,7 @@ def test_eight_senders_two_thousand_instances(sqlite_db, node_factory, samples, 
     for r in results:
         assert (r.stdout + r.stderr).count("Received Store Response (Success)") == 250
 
-    held = instances(sqlite_db)
+    held = instances(database)
     assert len(held) == len(ordered) == 2000
     assert len({i.sop_instance_uid for i in held}) == 2000
     assert len({i.archive_path for i in held}) == 2000
@@ -106,16 +107,20 @@ def test_eight_senders_two_thousand_instances(sqlite_db, node_factory, samples, 
     assert len(on_disk) == 2000
     assert {str(p) for p in on_disk} == {i.archive_path for i in held}
     assert list(home.rglob("*.partial")) == []
-    assert failures(sqlite_db) == []
+    assert failures(database) == []
 
     for study_uid, files in per_study.items():
-        assert study_row(sqlite_db, study_uid).instance_count == len(files) == PER_STUDY
+        assert study_row(database, study_uid).instance_count == len(files) == PER_STUDY
     wait_for(
-        lambda: all(study_state(sqlite_db, u) == StudyState.QUEUED for u in per_study),
+        lambda: all(study_state(database, u) == StudyState.QUEUED for u in per_study),
         timeout=60,
     )
     time.sleep(1.0)  # nothing further may be published
     assert sorted(p["study_uid"] for _, p in publisher.sent) == sorted(per_study)
     assert all(task == "radai.process_study" for task, _ in publisher.sent)
     assert all(p["instances"] == PER_STUDY for _, p in publisher.sent)
-    print(f"built {built:.1f} s, sent 2000 instances with {SENDERS} senders in {sent:.1f} s")
+    kind = "SQLite" if database.is_sqlite else "PostgreSQL"
+    print(
+        f"{kind}: built {built:.1f} s, sent 2000 instances with {SENDERS} senders in {sent:.1f} s "
+        f"({2000 / sent:.0f} instances/s)"
+    )
