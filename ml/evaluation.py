@@ -232,6 +232,8 @@ def _run_synthetic(
         }
         studies = synthetic_set(bg, n_per_case)
         for cond, degrade in conditions(bg.spacing).items():
+            if cond != "clean" and robust_per_case <= 0:
+                continue
             subset = studies if cond == "clean" else _robust_subset(studies, robust_per_case)
             for seed, hu, labels in subset:
                 img = degrade(hu, np.random.default_rng(seed)).astype(np.float32)

@@ -28,7 +28,13 @@ from ml.baseline import lesion_probability, priority_from_probability
 from ml.measure import RegionMeasurement, measure_regions
 from ml.registry import LoadedModel
 
-MIN_LESION_MM3 = 20.0  # below a 3 mm sphere's volume on 5 mm slices: noise, not a nodule
+MIN_LESION_MM3 = 30.0  # about a 3 mm nodule on 5 mm slices; smaller specks are noise
+# False-positive filters measured on the real CTs: lesion calls in aerated lung (dependent
+# density, mean far below any solid or part-solid nodule) and calls with no lung around them
+# (heart, bowel, neck) were most of the first models' false positives.
+MIN_MEAN_HU = -600.0
+MIN_LUNG_CONTACT = 0.15  # share of the in-plane rim around a lesion that is lung
+RIM_MM = 2.5
 CAM_SLICES = 4  # Grad-CAM on the most suspicious slices only; the others contribute nothing
 CAM_MIN_PROBABILITY = 0.05
 BATCH = 16
@@ -106,19 +112,40 @@ def screen(model: LoadedModel, volume_hu: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def lesion_components(
-    lesion_mask: np.ndarray, spacing: tuple[float, float, float]
+    lesion_mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    hu: np.ndarray | None = None,
+    lung: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Connected lesion components (26-connected) of at least MIN_LESION_MM3, relabelled 1..n."""
+    """Connected lesion components (26-connected), relabelled 1..n, keeping those of at least
+    MIN_LESION_MM3 and, when ``hu`` and ``lung`` (lung without lesion) are given, with a mean
+    above MIN_MEAN_HU and at least MIN_LUNG_CONTACT of their in-plane rim in the lung."""
     labels, n = ndimage.label(lesion_mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return labels.astype(np.int32), 0
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = np.flatnonzero(sizes * voxel_mm3 >= MIN_LESION_MM3)
-    keep = keep[keep > 0]
+    keep = [i for i in range(1, n + 1) if sizes[i] * voxel_mm3 >= MIN_LESION_MM3]
+    if hu is not None and lung is not None and keep:
+        r = max(1, int(round(RIM_MM / spacing[1])))
+        rim_struct = np.zeros((3, 2 * r + 1, 2 * r + 1), dtype=bool)
+        rim_struct[1] = True
+        boxes = ndimage.find_objects(labels)
+        kept = []
+        for i in keep:
+            box = tuple(
+                slice(max(0, b.start - (1 if k == 0 else r)), b.stop + (1 if k == 0 else r))
+                for k, b in enumerate(boxes[i - 1])
+            )
+            comp = labels[box] == i
+            rim = ndimage.binary_dilation(comp, structure=rim_struct) & ~comp
+            contact = float(lung[box][rim].mean()) if rim.any() else 0.0
+            if float(hu[box][comp].mean()) > MIN_MEAN_HU and contact >= MIN_LUNG_CONTACT:
+                kept.append(i)
+        keep = kept
     lut = np.zeros(n + 1, dtype=np.int32)
-    lut[keep] = np.arange(1, keep.size + 1)
-    return lut[labels], int(keep.size)
+    lut[keep] = np.arange(1, len(keep) + 1)
+    return lut[labels], len(keep)
 
 
 def triage_score(screening_probability: float, lesions: list[RegionMeasurement]) -> float:
@@ -148,7 +175,7 @@ def analyse(
 
     lung, lesion = segment(segmenter, volume_hu)
     lap("segment")
-    labels, _ = lesion_components(lesion, spacing)
+    labels, _ = lesion_components(lesion, spacing, volume_hu, lung & ~lesion)
     lesions = measure_regions(labels, spacing, volume_hu)
     lap("measure")
     slice_probs, saliency = screen(screener, volume_hu)

@@ -84,13 +84,27 @@ def save(
 
 
 def read_card(name: str, version: str, root: Path = MODELS_DIR) -> dict:
-    path = root / name / version / "card.json"
+    """The card, with the leave-one-patient-out fold models (their own files) under "folds"."""
+    folder = root / name / version
+    path = folder / "card.json"
     if not path.is_file():
         raise ModelError(f"no model {name}@{version} in {root}")
-    return json.loads(path.read_text())
+    card = json.loads(path.read_text())
+    card["folds"] = {
+        p.stem.removeprefix("fold-"): json.loads(p.read_text())
+        for p in sorted(folder.glob("fold-*.json"))
+    }
+    return card
+
+
+def write_fold(name: str, version: str, run: str, info: dict, root: Path = MODELS_DIR) -> None:
+    """Record a fold model (trained apart from the shipped one, so it has its own file)."""
+    path = root / name / version / f"fold-{run}.json"
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def write_card(card: dict, root: Path = MODELS_DIR) -> None:
+    card = {k: v for k, v in card.items() if k != "folds"}  # folds live in their own files
     path = root / card["name"] / card["version"] / "card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 

@@ -547,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model on semi-synthetic data (CPU, minutes)")
     train.add_argument("task", choices=["segment", "screen"])
-    train.add_argument("--steps", type=int, default=None, help="default: the shipped models' steps")
+    train.add_argument(
+        "--steps", type=int, default=None, help="steps of every run (default: the shipped ones')"
+    )
     train.add_argument("--no-folds", action="store_true", help="skip the held-out-patient folds")
     train.add_argument("--data", default=str(DATA_DIR), help="folder with the NRRD cases")
     train.add_argument("--registry", default=None, help="model registry (default ml/models)")
@@ -556,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate models and baseline; write the report")
     evaluate.add_argument("--out", default="docs/models", help="report folder")
     evaluate.add_argument("--studies", type=int, default=20, help="synthetic studies per patient")
-    evaluate.add_argument("--robust", type=int, default=6, help="studies per robustness condition")
+    evaluate.add_argument(
+        "--robust", type=int, default=6, help="studies per robustness condition (0: none)"
+    )
     evaluate.add_argument("--data", default=str(DATA_DIR), help="folder with the NRRD cases")
     evaluate.add_argument("--registry", default=None, help="model registry (default ml/models)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")

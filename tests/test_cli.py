@@ -43,6 +43,9 @@ def test_help_lists_the_commands():
         "db",
         "studies",
         "sample",
+        "train",
+        "evaluate",
+        "models",
     ):
         assert command in out
     assert "NOT FOR CLINICAL USE" in out
@@ -209,3 +212,52 @@ def test_user_add_and_dashboard_serves(tmp_path):
     finally:
         dash.terminate()
         dash.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_from_the_command_line(tmp_path):
+    """A tiny run of both commands into a scratch registry: weights, cards, folds, report."""
+    env = _env(tmp_path)
+    registry = tmp_path / "registry"
+    for task in ("segment", "screen"):
+        r = _radai(
+            ["train", task, "--steps", "3", "--registry", str(registry), "--quiet"], env, 600
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("wrote ") == 3  # shipped model and two held-out-patient folds
+    cards = sorted(registry.glob("*/*/card.json"))
+    assert len(cards) == 2
+    log = next(registry.glob("radai-lung-lesion-unet/1.0.0/training-all.jsonl"))
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == 3
+    out = tmp_path / "report"
+    r = _radai(
+        [
+            "evaluate",
+            "--registry",
+            str(registry),
+            "--out",
+            str(out),
+            "--studies",
+            "2",
+            "--robust",
+            "0",
+        ],
+        env,
+        900,
+    )
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert {(row["case"], row["method"]) for row in results["real"]} == {
+        (case, method)
+        for case in ("lung1", "lung2")
+        for method in ("model, patient held out", "shipped model", "baseline")
+    }
+    assert results["synthetic"]["clean"]["baseline"]["studies"] == 4
+    report = (out / "report.md").read_text()
+    assert "Real expert-labelled tumours" in report and "NOT FOR CLINICAL USE" in report
+    for png in ("roc.png", "dice.png", "overlays.png"):
+        assert (out / png).stat().st_size > 1000
+    card = (registry / "radai-lung-lesion-unet/1.0.0/card.md").read_text()
+    assert "synthetic held-out patient" in card and "NOT FOR CLINICAL USE" in card
+    bad = _radai(["worker"], _env(tmp_path, RADAI_SEGMENT_MODEL="nope@0"))
+    assert bad.returncode != 0 and "bad model setting" in bad.stderr

@@ -88,6 +88,19 @@ def test_tiny_components_are_dropped_and_the_rest_relabelled() -> None:
     assert n == 1 and set(np.unique(labels)) == {0, 1} and labels.sum() == 36
 
 
+def test_lesion_calls_need_density_and_lung_around_them() -> None:
+    mask = np.zeros((3, 20, 20), dtype=bool)
+    mask[1, 2:8, 2:8] = True
+    hu = np.full(mask.shape, -850.0, dtype=np.float32)
+    hu[mask] = 30.0
+    spacing = (1.0, 1.0, 1.0)
+    assert inference.lesion_components(mask, spacing, hu, ~mask)[1] == 1  # nodule in lung
+    no_lung = np.zeros_like(mask)
+    assert inference.lesion_components(mask, spacing, hu, no_lung)[1] == 0  # e.g. in the heart
+    hu[mask] = -720.0  # aerated: dependent lung density, not a nodule
+    assert inference.lesion_components(mask, spacing, hu, ~mask)[1] == 0
+
+
 def test_triage_score_takes_the_more_suspicious_of_screen_and_size() -> None:
     assert inference.triage_score(0.3, []) == pytest.approx(0.3)
     mask = np.zeros((8, 60, 60), dtype=np.uint8)
