@@ -133,7 +133,7 @@ def _score_one(
 def model_runner(segmenter: LoadedModel, screener: LoadedModel, spacing):
     def run(hu: np.ndarray):
         r = inference.analyse(hu, spacing, segmenter, screener)
-        return r.probability, r.lesion_labels, r.lung_mask
+        return r.screening_probability, r.lesion_labels, r.lung_mask
 
     return run
 

@@ -260,6 +260,28 @@ def update_cards(root: Path, methods, results: dict) -> None:
         (root / model.name / model.version / "card.md").write_text(card_markdown(card))
 
 
+def _training_text(card: dict) -> str:
+    t = card["training"]
+    folds = ", ".join(card.get("folds", {}))
+    if "derived_from" in t:
+        return (
+            f"Not trained on its own: the weights of {t['derived_from']} "
+            f"(`{t['segmenter_weights']}`, sha256 `{t['segmenter_sha256'][:16]}...`), read as a "
+            f"slice classifier. Fold models ({folds}) are derived from that model's folds."
+        )
+    return (
+        f"Trained {t['config']['steps']} steps of batch {t['config']['batch']} "
+        f"(seed {t['config']['seed']}) on {', '.join(t['cases'])} in {t['seconds']:.0f} s "
+        f"with {t['threads']} CPU threads; loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}. "
+        "Fold models for the leave-one-patient-out evaluation: "
+        + ", ".join(
+            f"{k} ({v['steps']} steps, {v['seconds']:.0f} s)"
+            for k, v in card.get("folds", {}).items()
+        )
+        + "."
+    )
+
+
 def card_markdown(card: dict) -> str:
     import json
 
@@ -270,7 +292,7 @@ def card_markdown(card: dict) -> str:
         "**NOT FOR CLINICAL USE.**",
         "",
         f"- Task: {card['task']} ({', '.join(card['input']['classes'])})",
-        f"- Network: MONAI {'UNet' if card['task'] == 'segment' else 'Classifier'} "
+        f"- Network: MONAI {'UNet' if card['task'] == 'segment' else 'UNet read as a classifier'} "
         f"`{json.dumps(card['architecture'])}`",
         f"- Input: {card['input']['context_slices']} adjacent axial slices on a "
         f"{card['input']['grid']} x {card['input']['grid']} grid, HU clipped to "
@@ -281,11 +303,7 @@ def card_markdown(card: dict) -> str:
         "",
         t["data"],
         "",
-        f"Trained {t['config']['steps']} steps of batch {t['config']['batch']} "
-        f"(seed {t['config']['seed']}) on {', '.join(t['cases'])} in {t['seconds']:.0f} s "
-        f"with {t['threads']} CPU threads; loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}. "
-        "Fold models for the leave-one-patient-out evaluation: "
-        + ", ".join(f"{k} ({v['seconds']:.0f} s)" for k, v in card.get("folds", {}).items()),
+        _training_text(card),
         "",
         "## Evaluation",
         "",

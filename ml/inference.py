@@ -5,11 +5,13 @@ grid by area averaging, and the segmenter's class probabilities go back to the o
 bilinear interpolation before the arg-max, so outlines are not blocky. Lesions are the connected
 components of the lesion class, measured by :mod:`ml.measure` on the original grid.
 
-The screener scores every slice; the study's probability is the highest slice score. Grad-CAM
-(MONAI) on the most suspicious slices, weighted by their scores, is the saliency map of that
-decision. A study's triage score is the larger of the screening probability and the size-based
-suspicion of its largest segmented lesion (Lung-RADS anchors, as in the baseline), so either
-model alone can raise a study's priority: for triage a miss costs more than a false alarm.
+The screener scores every slice; the study's probability is the highest slice score (for the
+shipped screener: the highest lesion probability among the lesion calls that passed the
+false-positive filters). Grad-CAM (MONAI) on the most suspicious slices, weighted by their
+scores, is the saliency map of that decision. A study's triage score is the larger of the
+screening probability and the size-based suspicion of its largest segmented lesion (Lung-RADS
+anchors, as in the baseline), so either can raise a study's priority: for triage a miss costs
+more than a false alarm.
 """
 
 from __future__ import annotations
@@ -85,20 +87,37 @@ def segment(model: LoadedModel, volume_hu: np.ndarray) -> tuple[np.ndarray, np.n
     return classes > 0, classes == 2
 
 
-def screen(model: LoadedModel, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice lesion probabilities and a Grad-CAM saliency volume on the volume's grid."""
+def screen(
+    model: LoadedModel, volume_hu: np.ndarray, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice lesion probabilities and a Grad-CAM saliency volume on the volume's grid.
+
+    For our screener (the U-Net read as a classifier) a slice's probability is its highest
+    lesion probability inside ``keep`` (the lesion calls that passed the false-positive
+    filters), so a filtered-out call cannot raise the study's score; other models' own outputs
+    are used as they are.
+    """
     x = _inputs(to_grid(volume_hu))
+    net = model.net
     with torch.no_grad():
-        probs = torch.cat(
-            [torch.sigmoid(model.net(x[i : i + BATCH])[:, 0]) for i in range(0, len(x), BATCH)]
-        )
+        if isinstance(net, networks.LesionScreener) and keep is not None:
+            allowed = to_grid(keep.astype(np.float32)) > 0
+            chunks = []
+            for i in range(0, len(x), BATCH):
+                p = net.lesion_probability(x[i : i + BATCH]) * allowed[i : i + BATCH]
+                chunks.append(torch.amax(p, dim=(1, 2)))
+            probs = torch.cat(chunks)
+        else:
+            probs = torch.cat(
+                [torch.sigmoid(net(x[i : i + BATCH])[:, 0]) for i in range(0, len(x), BATCH)]
+            )
     probs_np = probs.numpy().astype(np.float32)
     saliency = np.zeros(volume_hu.shape, dtype=np.float32)
-    if isinstance(model.net, torch.jit.ScriptModule):
+    if isinstance(net, torch.jit.ScriptModule):
         return probs_np, saliency  # no hooks on TorchScript: an external model gives no map
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=model.net, target_layers=networks.SCREENER_CAM_LAYER)
+    cam = GradCAM(nn_module=net, target_layers=networks.SCREENER_CAM_LAYER)
     order = np.argsort(probs_np)[::-1][:CAM_SLICES]
     h, w = volume_hu.shape[1:]
     for i in order:
@@ -178,7 +197,7 @@ def analyse(
     labels, _ = lesion_components(lesion, spacing, volume_hu, lung & ~lesion)
     lesions = measure_regions(labels, spacing, volume_hu)
     lap("measure")
-    slice_probs, saliency = screen(screener, volume_hu)
+    slice_probs, saliency = screen(screener, volume_hu, labels > 0)
     lap("screen_and_gradcam")
     p_screen = float(slice_probs.max()) if slice_probs.size else 0.0
     score = triage_score(p_screen, lesions)
