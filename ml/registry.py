@@ -169,4 +169,7 @@ def check(ref: str, root: Path = MODELS_DIR) -> None:
 
 def available(root: Path = MODELS_DIR) -> list[dict]:
     """Cards of every model in the registry, sorted by name and version."""
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/card.json"))]
+    return [
+        read_card(p.parent.parent.name, p.parent.name, root)
+        for p in sorted(root.glob("*/*/card.json"))
+    ]
