@@ -109,7 +109,8 @@ def test_late_instances_reopen_a_queued_study(database, node_factory, samples):
     assert study_state(database, LUNG2) in (StudyState.RECEIVING, StudyState.STABLE)
     wait_for(lambda: len(publisher.sent) == 2)
     assert [p["instances"] for _, p in publisher.sent] == [30, 61]
-    assert study_state(database, LUNG2) == StudyState.QUEUED
+    # QUEUED is written just after the publish returns, in its own transaction.
+    wait_for(lambda: study_state(database, LUNG2) == StudyState.QUEUED, timeout=10)
     with database.session() as s:
         actions = [e.action for e in s.query(audit.AuditEntry).order_by(audit.AuditEntry.seq)]
     assert "study.reopened" in actions
