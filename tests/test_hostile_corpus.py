@@ -17,9 +17,7 @@ value and an IS value beyond 32 bits were answered 0xA703 (cannot record) instea
 from __future__ import annotations
 
 import logging
-import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,24 +216,9 @@ def _stall(node: NodeService) -> None:
 def _flood(node: NodeService) -> None:
     """30 connections at once (garbage, silence, a valid A-ASSOCIATE-RQ), then all hang up."""
     from tests.test_network_faults import _association_request
+    from tests.test_network_faults import _flood as flood_port
 
-    request = _association_request()
-    socks = []
-    try:
-        for i in range(30):
-            s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
-            socks.append(s)
-            try:
-                if i % 3 == 0:
-                    s.sendall(bytes((i * 37 + k) % 256 for k in range(64)))
-                elif i % 3 == 2:
-                    s.sendall(request)
-            except OSError:
-                pass
-        time.sleep(0.5)
-    finally:
-        for s in socks:
-            s.close()
+    flood_port(node.port, _association_request(), n=30)
     server = node.node._server
     wait_for(lambda: len(server.active_associations) == 0, timeout=NETWORK_TIMEOUT + 20)
 

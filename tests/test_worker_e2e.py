@@ -14,7 +14,7 @@ import pytest
 from db import StudyState
 from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
-from tests.conftest import storescu, wait_for
+from tests.conftest import radai_env, storescu, wait_for
 from tests.helpers import study_row, study_state
 
 LUNG2 = sample_study_uid("lung2")
@@ -25,14 +25,7 @@ def worker_process(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def start(db_url: str, broker_url: str, queue: str, home) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
-        env.update(
-            RADAI_HOME=str(home),
-            RADAI_DATABASE_URL=db_url,
-            RADAI_BROKER_URL=broker_url,
-            RADAI_QUEUE=queue,
-            RADAI_IO_QUEUE=queue + ".io",
-        )
+        env = radai_env(home, db_url, broker_url, queue)
         log = open(tmp_path / f"worker-{len(procs)}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "radai", "worker"], env=env, stdout=log, stderr=log
