@@ -15,6 +15,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from db.session import Database
+from ml.registry import DEFAULT_REFS
 
 app = Celery("radai", include=["workers.tasks"])
 
@@ -27,8 +28,8 @@ class WorkerConfig:
     pipeline_queue: str = "radai.pipeline"
     io_queue: str = "radai.io"
     device: str = "auto"  # auto | cpu | cuda
-    segment_model: str = "radai-lung-lesion-unet@1.0.0"
-    screen_model: str = "radai-lesion-screen-cnn@1.0.0"
+    segment_model: str = DEFAULT_REFS["segment"]
+    screen_model: str = DEFAULT_REFS["screen"]
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900
     export_max_attempts: int = 8

@@ -22,6 +22,7 @@ from db import Export, Instance, Job, OutboxMessage, Output, Series, Study, Stud
 from db.models import utcnow
 from db.session import Database
 from ml import inference, qa
+from ml.registry import DEFAULT_REFS
 from workers.dicom_out.seg import build_segmentation
 from workers.dicom_out.sr import build_measurement_report
 from workers.models import ModelSet, load_models
@@ -36,7 +37,7 @@ PIPELINE = "chest-ct-lung-lesions"
 PIPELINE_RELEASE = "2.0"
 ACTOR = "worker"
 RUNNING = "RUNNING"
-DEFAULT_MODELS = ("radai-lung-lesion-unet@1.0.0", "radai-lesion-screen-cnn@1.0.0", "auto")
+DEFAULT_MODELS = (DEFAULT_REFS["segment"], DEFAULT_REFS["screen"], "auto")
 MIN_LUNG_ML = 200.0  # less than this in view: not a chest CT we can analyse
 
 
