@@ -76,7 +76,7 @@ def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
                 type(model.net)(**_arch(model)), folder / info["weights"], info["sha256"]
             )
             case = run.removeprefix("holdout-")
-            out[case] = LoadedModel(model.name, f"{model.version}-{run}", model.task, net, {})
+            out[case] = LoadedModel(model.name, f"{model.version}-{run}", model.task, net, info)
         return out
 
     return Methods(seg, scr, folds(seg), folds(scr))

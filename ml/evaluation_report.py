@@ -262,12 +262,33 @@ def update_cards(root: Path, methods, results: dict) -> None:
 
 def _training_text(card: dict) -> str:
     t = card["training"]
-    folds = ", ".join(card.get("folds", {}))
-    if "derived_from" in t:
+    if card["task"] == "screen":
+        c = t["candidates"]
+        op = card.get("operating_point", {})
+        made = (
+            f"made in {t['candidate_seconds']:.0f} s"
+            if t.get("candidate_seconds")
+            else "made beforehand, not counted: see docs/PERFORMANCE.md"
+        )
         return (
-            f"Not trained on its own: the weights of {t['derived_from']} "
-            f"(`{t['segmenter_weights']}`, sha256 `{t['segmenter_sha256'][:16]}...`), read as a "
-            f"slice classifier. Fold models ({folds}) are derived from that model's folds."
+            f"Trained {t['config']['steps']} steps of batch {t['config']['batch']} "
+            f"(seed {t['config']['seed']}) in {t['seconds']:.0f} s with {t['threads']} CPU "
+            f"threads (the candidates {made}), on the lesion calls of {t['segmenter']} "
+            f"(`{t['segmenter_weights']}`) in "
+            f"{c['studies']} semi-synthetic studies of {', '.join(t['cases'])} (calls seeded at "
+            f"lesion probability {t['candidate_seed_p']}): {c['lesion_calls']} lesion calls, "
+            f"{c['false_positive_calls']} false calls and {c['missed_lesions_added']} missed "
+            f"lesions added as positives; loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}. "
+            f"Operating threshold {op.get('threshold', 0.5):.3f} (keeps 95 % of the held-back "
+            f"lesion calls; held-back AUC {op.get('validation_auc')}, false calls kept "
+            f"{op.get('validation_false_positives_kept')}). Fold models, each on its fold "
+            "segmenter's calls: "
+            + ", ".join(
+                f"{k} ({v['seconds']:.0f} s, "
+                f"threshold {v['operating_point'].get('threshold', 0.5):.3f})"
+                for k, v in card.get("folds", {}).items()
+            )
+            + "."
         )
     return (
         f"Trained {t['config']['steps']} steps of batch {t['config']['batch']} "
@@ -282,6 +303,20 @@ def _training_text(card: dict) -> str:
     )
 
 
+def _input_text(spec: dict) -> str:
+    grid = (
+        f"the {spec['grid']} x {spec['grid']} grid, HU clipped to {spec['hu_range']} and "
+        "scaled to [0, 1]"
+    )
+    if "patch" in spec:
+        return (
+            f"one lesion call of the segmenter: {spec['patch']} x {spec['patch']} patches of "
+            f"{spec['context_slices']} adjacent slices around it, its slice over "
+            f"{spec['wide']} x {spec['wide']} pooled, and its outline, on {grid}"
+        )
+    return f"{spec['context_slices']} adjacent axial slices on {grid}"
+
+
 def card_markdown(card: dict) -> str:
     import json
 
@@ -292,11 +327,9 @@ def card_markdown(card: dict) -> str:
         "**NOT FOR CLINICAL USE.**",
         "",
         f"- Task: {card['task']} ({', '.join(card['input']['classes'])})",
-        f"- Network: MONAI {'UNet' if card['task'] == 'segment' else 'UNet read as a classifier'} "
+        f"- Network: MONAI {'UNet' if card['task'] == 'segment' else 'Classifier'} "
         f"`{json.dumps(card['architecture'])}`",
-        f"- Input: {card['input']['context_slices']} adjacent axial slices on a "
-        f"{card['input']['grid']} x {card['input']['grid']} grid, HU clipped to "
-        f"{card['input']['hu_range']} and scaled to [0, 1]",
+        f"- Input: {_input_text(card['input'])}",
         f"- Weights: `{card['weights']}`, sha256 `{card['sha256']}` (float16)",
         "",
         "## Training data",

@@ -5,19 +5,20 @@ grid by area averaging, and the segmenter's class probabilities go back to the o
 bilinear interpolation before the arg-max, so outlines are not blocky. Lesions are the connected
 components of the lesion class, measured by :mod:`ml.measure` on the original grid.
 
-The screener scores every slice; the study's probability is the highest slice score (for the
-shipped screener: the highest lesion probability among the lesion calls that passed the
-false-positive filters). Grad-CAM (MONAI) on the most suspicious slices, weighted by their
-scores, is the saliency map of that decision. A study's triage score is the larger of the
-screening probability and the size-based suspicion of its largest segmented lesion (Lung-RADS
-anchors, as in the baseline), so either can raise a study's priority: for triage a miss costs
-more than a false alarm.
+Lesion calls that pass the size, density and lung-contact filters are candidates; the screening
+CNN scores each one (:mod:`ml.candidates`), calls below the screener's operating threshold (from
+its model card) are dropped, and the study's screening probability is the highest candidate
+score. Grad-CAM (MONAI) on the most suspicious candidates, weighted by their scores, is the
+saliency map of that decision. A study's triage score (its worklist priority) weighs each kept
+lesion's size-based suspicion (Lung-RADS anchors, as in the baseline) by the screener's
+probability for it, so a large call the screener doubts no longer makes every study urgent.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ml import networks
-from ml.baseline import lesion_probability, priority_from_probability
+from ml import candidates, networks
+from ml.baseline import lesion_probability, priority_from_probability, screen_probability
 from ml.measure import RegionMeasurement, measure_regions
 from ml.registry import LoadedModel
 
+LESION_SEED_P = 0.5
+LESION_EXTENT_P = 0.05
 MIN_LESION_MM3 = 30.0  # about a 3 mm nodule on 5 mm slices; smaller specks are noise
 # False-positive filters measured on the real CTs: lesion calls in aerated lung (dependent
 # density, mean far below any solid or part-solid nodule) and calls with no lung around them
@@ -37,7 +40,7 @@ MIN_LESION_MM3 = 30.0  # about a 3 mm nodule on 5 mm slices; smaller specks are 
 MIN_MEAN_HU = -600.0
 MIN_LUNG_CONTACT = 0.15  # share of the in-plane rim around a lesion that is lung
 RIM_MM = 2.5
-CAM_SLICES = 4  # Grad-CAM on the most suspicious slices only; the others contribute nothing
+CAM_SLICES = 4  # Grad-CAM on the most suspicious candidates only; the others add nothing
 CAM_MIN_PROBABILITY = 0.05
 BATCH = 16
 
@@ -49,10 +52,11 @@ class ModelResult:
     lung_mask: np.ndarray
     lesion_labels: np.ndarray
     lesions: list[RegionMeasurement]
+    lesion_probabilities: list[float]  # the screener's, for each of ``lesions``
     lung_volume_ml: float
     probability: float
     screening_probability: float
-    slice_probabilities: np.ndarray
+    candidate_probabilities: np.ndarray  # every lesion call, kept or not
     priority: int
     saliency: np.ndarray
     models: dict[str, str]
@@ -74,60 +78,95 @@ def _inputs(grid_hu: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segment(model: LoadedModel, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean lung and lesion masks on the volume's own grid."""
+def segment(
+    model: LoadedModel,
+    volume_hu: np.ndarray,
+    seed_p: float = LESION_SEED_P,
+    extent_p: float = LESION_EXTENT_P,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean lung and lesion masks on the volume's own grid.
+
+    Lesions by hysteresis on the lesion probability: a region where it reaches ``extent_p`` is
+    a lesion call when it reaches ``seed_p`` somewhere. The arg-max alone outlined only about
+    half of each real tumour (every missed voxel solid tissue, on its edge); the lower extent
+    threshold recovers the edge without adding calls. The training of the screener lowers
+    ``seed_p`` to collect the segmenter's near misses as well.
+    """
     x = _inputs(to_grid(volume_hu))
     z, h, w = volume_hu.shape
-    classes = np.empty((z, h, w), dtype=np.uint8)
+    tissue = np.empty((z, h, w), dtype=bool)
+    lesion_p = np.empty((z, h, w), dtype=np.float32)
     for i in range(0, z, BATCH):
         logits = model.net(x[i : i + BATCH])
         if (h, w) != logits.shape[-2:]:
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        classes[i : i + BATCH] = logits.argmax(dim=1).numpy().astype(np.uint8)
-    return classes > 0, classes == 2
+        # arg-max > 0 without torch's arg-max over channels, which took 0.7 s per batch here
+        tissue[i : i + BATCH] = (logits[:, 0] < logits[:, 1:].amax(dim=1)).numpy()
+        lesion_p[i : i + BATCH] = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS].numpy()
+    extent, n = ndimage.label(lesion_p >= extent_p, structure=np.ones((3, 3, 3), dtype=bool))
+    seeded = np.zeros(n + 1, dtype=bool)
+    seeded[extent[lesion_p >= seed_p]] = True
+    seeded[0] = False
+    lesion = seeded[extent]
+    return tissue | lesion, lesion
+
+
+def candidate_inputs(
+    volume_hu: np.ndarray, labels: np.ndarray, n: int
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The screener's input for lesion calls 1..n of ``labels`` and their centres on the grid."""
+    g = networks.GRID
+    h, w = volume_hu.shape[1:]
+    grid = networks.scale_hu(to_grid(volume_hu).numpy())
+    calls = to_grid((labels > 0).astype(np.float32)).numpy() >= 0.25
+    at = [
+        (z, min(g - 1, int(y * g / h)), min(g - 1, int(x * g / w)))
+        for z, y, x in candidates.centres(labels, n)
+    ]
+    return candidates.patches(grid, calls, at), at
+
+
+def operating_threshold(screener: LoadedModel) -> float:
+    """The candidate probability below which a lesion call is dropped (from the model card)."""
+    card = screener.card
+    return float(card.get("operating_point", {}).get("threshold", card.get("threshold", 0.5)))
 
 
 def screen(
-    model: LoadedModel, volume_hu: np.ndarray, keep: np.ndarray | None = None
+    model: LoadedModel, volume_hu: np.ndarray, labels: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice lesion probabilities and a Grad-CAM saliency volume on the volume's grid.
-
-    For our screener (the U-Net read as a classifier) a slice's probability is its highest
-    lesion probability inside ``keep`` (the lesion calls that passed the false-positive
-    filters), so a filtered-out call cannot raise the study's score; other models' own outputs
-    are used as they are.
-    """
-    x = _inputs(to_grid(volume_hu))
+    """Probability that each lesion call 1..n is a lesion, and a Grad-CAM saliency volume on the
+    volume's grid (the most probable candidates' maps, weighted by their probability)."""
+    saliency = np.zeros(volume_hu.shape, dtype=np.float32)
+    if n == 0:
+        return np.zeros(0, dtype=np.float32), saliency
+    x_np, at = candidate_inputs(volume_hu, labels, n)
+    x = torch.from_numpy(x_np)
     net = model.net
     with torch.no_grad():
-        if isinstance(net, networks.LesionScreener) and keep is not None:
-            allowed = to_grid(keep.astype(np.float32)) > 0
-            chunks = []
-            for i in range(0, len(x), BATCH):
-                p = net.lesion_probability(x[i : i + BATCH]) * allowed[i : i + BATCH]
-                chunks.append(torch.amax(p, dim=(1, 2)))
-            probs = torch.cat(chunks)
-        else:
-            probs = torch.cat(
-                [torch.sigmoid(net(x[i : i + BATCH])[:, 0]) for i in range(0, len(x), BATCH)]
-            )
-    probs_np = probs.numpy().astype(np.float32)
-    saliency = np.zeros(volume_hu.shape, dtype=np.float32)
+        logits = torch.cat([net(x[i : i + BATCH * 4]) for i in range(0, n, BATCH * 4)])
+    probs = torch.sigmoid(logits[:, 0]).numpy().astype(np.float32)
     if isinstance(net, torch.jit.ScriptModule):
-        return probs_np, saliency  # no hooks on TorchScript: an external model gives no map
+        return probs, saliency  # no hooks on TorchScript: an external model gives no map
     from monai.visualize import GradCAM
 
     cam = GradCAM(nn_module=net, target_layers=networks.SCREENER_CAM_LAYER)
-    order = np.argsort(probs_np)[::-1][:CAM_SLICES]
-    h, w = volume_hu.shape[1:]
+    order = [i for i in np.argsort(probs)[::-1][:CAM_SLICES] if probs[i] >= CAM_MIN_PROBABILITY]
+    if not order:
+        return probs, saliency
+    maps = []
     for i in order:
-        if probs_np[i] < CAM_MIN_PROBABILITY:
-            break
         with torch.enable_grad():
             m = cam(x[i : i + 1], class_idx=0)
-        m = F.interpolate(torch.as_tensor(m, dtype=torch.float32), size=(h, w), mode="bilinear")
-        saliency[i] = m[0, 0].numpy() * probs_np[i]
-    return probs_np, np.clip(saliency, 0.0, 1.0)
+        maps.append(np.asarray(m, dtype=np.float32)[0, 0] * probs[i])
+    z, h, w = volume_hu.shape
+    grid = candidates.paste(
+        np.stack(maps), [at[i] for i in order], (z, networks.GRID, networks.GRID)
+    )
+    for k in sorted({at[i][0] for i in order}):
+        up = F.interpolate(torch.from_numpy(grid[k])[None, None], size=(h, w), mode="bilinear")
+        saliency[k] = up[0, 0].numpy()
+    return probs, np.clip(saliency, 0.0, 1.0)
 
 
 def lesion_components(
@@ -167,9 +206,18 @@ def lesion_components(
     return lut[labels], len(keep)
 
 
-def triage_score(screening_probability: float, lesions: list[RegionMeasurement]) -> float:
-    size_score = max((lesion_probability(m) for m in lesions), default=0.0)
-    return float(max(screening_probability, size_score))
+def triage_score(lesions: list[RegionMeasurement], probabilities: Sequence[float]) -> float:
+    """Worklist suspicion of a study: the highest, over its kept lesions, of the screener's
+    probability that the call is a lesion times the size-based suspicion of the lesion
+    (Lung-RADS anchors, as in the baseline). A large call the screener doubts ranks below a
+    large call it believes; with no lesion the score is the size mapping's floor."""
+    floor = lesion_probability_floor()
+    scores = [p * lesion_probability(m) for m, p in zip(lesions, probabilities, strict=True)]
+    return float(max(scores, default=floor))
+
+
+def lesion_probability_floor() -> float:
+    return float(screen_probability([]))
 
 
 def analyse(
@@ -194,23 +242,29 @@ def analyse(
 
     lung, lesion = segment(segmenter, volume_hu)
     lap("segment")
-    labels, _ = lesion_components(lesion, spacing, volume_hu, lung & ~lesion)
+    labels, n = lesion_components(lesion, spacing, volume_hu, lung & ~lesion)
+    probs, saliency = screen(screener, volume_hu, labels, n)
+    lap("screen_and_gradcam")
+    kept = np.flatnonzero(probs >= operating_threshold(screener)) + 1
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[kept] = np.arange(1, len(kept) + 1)
+    labels = lut[labels]
     lesions = measure_regions(labels, spacing, volume_hu)
     lap("measure")
-    slice_probs, saliency = screen(screener, volume_hu, labels > 0)
-    lap("screen_and_gradcam")
-    p_screen = float(slice_probs.max()) if slice_probs.size else 0.0
-    score = triage_score(p_screen, lesions)
+    p_screen = float(probs.max()) if probs.size else 0.0
+    lesion_probs = [float(p) for p in probs[kept - 1]]
+    score = triage_score(lesions, lesion_probs)
     timings["total"] = time.perf_counter() - start
     voxel_ml = math.prod(spacing) / 1000.0
     return ModelResult(
         lung_mask=lung,
         lesion_labels=labels,
         lesions=lesions,
+        lesion_probabilities=lesion_probs,
         lung_volume_ml=float(lung.sum(dtype=np.int64) * voxel_ml),
         probability=score,
         screening_probability=p_screen,
-        slice_probabilities=slice_probs,
+        candidate_probabilities=probs,
         priority=priority_from_probability(score),
         saliency=saliency,
         models={segmenter.name: segmenter.version, screener.name: screener.version},

@@ -1,24 +1,25 @@
 """The two networks, built from MONAI, and the input they expect.
 
-Both see 2.5-D input: a slice and its two neighbours as three channels, on a 256 x 256 grid that
-covers the whole reconstructed field of view (about 1.2 mm pixels for a typical chest CT), in HU
-scaled by :func:`scale_hu`. The segmenter (a U-Net) labels every pixel background, lung or lesion;
-the screener gives the probability that the middle slice shows a lesion, and a study's
-probability is the highest of its slices.
+The segmenter (a U-Net) sees 2.5-D input: a slice and its two neighbours as three channels, on a
+256 x 256 grid that covers the whole reconstructed field of view (about 1.2 mm pixels for a
+typical chest CT), in HU scaled by :func:`scale_hu`, and labels every pixel background, lung or
+lesion. The screener (a CNN classifier) sees one lesion call of the segmenter at a time, as the
+patches of :mod:`ml.candidates`, and gives the probability that it is a lesion; a study's
+screening probability is the highest of its candidates.
 
-The screener is the U-Net read as a classifier: a slice's score is its highest lesion
-probability (multiple-instance pooling), and Grad-CAM explains that score. A separately trained
-CNN classifier was tried twice on the CPU budget of a session (MONAI's ``Classifier``, then a
-max-pooled evidence map with a dense auxiliary loss): both stayed at chance (AUC 0.5-0.6 on
-synthetic held-out studies, the same score for every study), so the shipped screener shares the
-segmenter's weights rather than pretending to be an independent model.
+Two earlier screeners were trained on whole slices (MONAI's ``Classifier``, then a max-pooled
+evidence map): both stayed at chance on held-out synthetic studies. Classifying the segmenter's
+candidates is the smaller problem the CPU budget can learn, and it is where the segmenter's
+false positives had to be removed anyway.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import Classifier, UNet
+
+from ml import candidates
 
 GRID = 256
 CONTEXT = 3  # slices per input: the slice and one neighbour on each side
@@ -33,26 +34,18 @@ SEGMENTER_ARCH = {
     "strides": [2, 2, 2, 2],
     "num_res_units": 1,
 }
-SCREENER_ARCH = {"segmenter": SEGMENTER_ARCH}
-# Where Grad-CAM reads activations and gradients: the U-Net's last decoder block at half
-# resolution, fine enough to point at a nodule.
-SCREENER_CAM_LAYER = "unet.model.1.submodule.2"
+SCREENER_ARCH = {
+    "in_shape": [candidates.CHANNELS, candidates.PATCH, candidates.PATCH],
+    "classes": 1,
+    "channels": [16, 32, 64, 128],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 1,
+    "dropout": 0.3,
+}
+# Where Grad-CAM reads activations and gradients: the classifier's third block, 8 x 8 cells of
+# about 9 mm over the candidate's patch.
+SCREENER_CAM_LAYER = "net.layer_2"
 LESION_CLASS = 2
-
-
-class LesionScreener(torch.nn.Module):
-    """Slice screening from a segmentation U-Net: logit of its highest lesion probability."""
-
-    def __init__(self, segmenter: dict) -> None:
-        super().__init__()
-        self.unet = UNet(**segmenter)
-
-    def lesion_probability(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.unet(x), dim=1)[:, LESION_CLASS]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.amax(self.lesion_probability(x), dim=(1, 2)).clamp(1e-6, 1 - 1e-6)
-        return torch.logit(p).reshape(x.shape[0], 1)
 
 
 def build(task: str, arch: dict | None = None) -> torch.nn.Module:
@@ -60,7 +53,7 @@ def build(task: str, arch: dict | None = None) -> torch.nn.Module:
     if task == "segment":
         return UNet(**(arch or SEGMENTER_ARCH))
     if task == "screen":
-        return LesionScreener(**(arch or SCREENER_ARCH))
+        return Classifier(**(arch or SCREENER_ARCH))
     raise ValueError(f"unknown task {task!r}; expected 'segment' or 'screen'")
 
 

@@ -23,10 +23,11 @@ from ml import networks
 MODELS_DIR = Path(__file__).parent / "models"
 SEGMENTER = "radai-lung-lesion-unet"
 SCREENER = "radai-lesion-screen-cnn"
-DEFAULT_VERSION = "1.0.0"
+SEGMENTER_VERSION = "1.0.0"
+SCREENER_VERSION = "2.0.0"  # 1.0.0 was the segmenter read as a slice classifier
 DEFAULT_REFS = {
-    "segment": f"{SEGMENTER}@{DEFAULT_VERSION}",
-    "screen": f"{SCREENER}@{DEFAULT_VERSION}",
+    "segment": f"{SEGMENTER}@{SEGMENTER_VERSION}",
+    "screen": f"{SCREENER}@{SCREENER_VERSION}",
 }
 REQUIRED_CARD_KEYS = ("name", "version", "task")
 

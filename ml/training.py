@@ -65,11 +65,10 @@ class TrainingConfig:
 
 DEFAULTS = {
     "segment": TrainingConfig("segment", steps=2400, batch=16),
-    "screen": TrainingConfig("screen", steps=0, batch=0),
 }
 # The leave-one-patient-out fold models are trained shorter than the shipped ones to fit the CPU
 # budget of a session; their figures therefore understate the shipped models slightly.
-FOLD_STEPS = {"segment": 1600, "screen": 600}
+FOLD_STEPS = {"segment": 1600}
 
 
 def _augment(seed: int) -> Compose:
@@ -197,7 +196,7 @@ def train(
         def loss_fn(x, y, p):
             return seg_loss(net(x), y[:, None])
     else:
-        raise ValueError("only the segmenter is trained; the screener is derived from it")
+        raise ValueError("the screener is trained by ml.screen_training, on candidates")
 
     history: list[dict] = []
     log = log_path.open("a") if log_path else None
@@ -280,16 +279,29 @@ def train_and_register(
     log_dir: Path | None = None,
     only: Sequence[str] | None = None,
     fold_steps: int | None = None,
+    studies: int | None = None,
 ) -> list[Path]:
     """Train the shipped model for ``task`` on every case, and one per held-out case for the
-    leave-one-patient-out evaluation; write weights and card to the registry."""
+    leave-one-patient-out evaluation; write weights and card to the registry. The screener is
+    trained on the lesion calls of the registered segmenter in ``studies`` studies
+    (:mod:`ml.screen_training`)."""
     from ml import registry
 
     root = root or registry.MODELS_DIR
     if task == "screen":
-        return derive_screener(root, folds=folds)
-    name = registry.SEGMENTER if task == "segment" else registry.SCREENER
-    version = registry.DEFAULT_VERSION
+        from ml import screen_training
+
+        return screen_training.train_and_register(
+            data_dir,
+            root=root,
+            studies=studies or screen_training.STUDIES,
+            steps=steps or screen_training.STEPS,
+            folds=folds,
+            only=only,
+            progress=progress,
+        )
+    name = registry.SEGMENTER
+    version = registry.SEGMENTER_VERSION
     base = DEFAULTS[task]
     config = TrainingConfig(task, steps or base.steps, base.batch, base.learning_rate, base.seed)
     backgrounds, _ = load_backgrounds(data_dir)
@@ -356,60 +368,5 @@ def train_and_register(
             )
             fold = {**summary, "weights": path.name, "sha256": registry.sha256_file(path)}
             registry.write_fold(name, version, run, fold, root)
-            written.append(path)
-    return written
-
-
-def derive_screener(root: Path, *, folds: bool = True) -> list[Path]:
-    """Register the screener built on the registered segmenter (its weights, read as a
-    classifier), for the shipped model and each fold model; nothing is trained."""
-    from ml import registry
-
-    seg_ref = f"{registry.SEGMENTER}@{registry.DEFAULT_VERSION}"
-    seg_card = registry.read_card(registry.SEGMENTER, registry.DEFAULT_VERSION, root)
-    seg_dir = root / registry.SEGMENTER / registry.DEFAULT_VERSION
-    version = registry.DEFAULT_VERSION
-    written = []
-    runs = [("all", seg_card["weights"], seg_card["sha256"])]
-    if folds:
-        runs += [(run, f["weights"], f["sha256"]) for run, f in seg_card["folds"].items()]
-    for run, weights, sha in runs:
-        net = networks.build("screen")
-        registry.load_weights(net.unet, seg_dir / weights, sha)
-        derived = {"derived_from": seg_ref, "segmenter_weights": weights, "segmenter_sha256": sha}
-        if run == "all":
-            card = {
-                "architecture": networks.SCREENER_ARCH,
-                "input": {
-                    "grid": networks.GRID,
-                    "context_slices": networks.CONTEXT,
-                    "hu_range": list(networks.HU_RANGE),
-                    "classes": ["lesion in slice"],
-                },
-                "training": {"data": TRAINING_DATA, **derived, "cases": list(CASES)},
-            }
-            written.append(
-                registry.save(
-                    net,
-                    name=registry.SCREENER,
-                    version=version,
-                    task="screen",
-                    card=card,
-                    root=root,
-                )
-            )
-        else:
-            path = registry.save(
-                net,
-                name=registry.SCREENER,
-                version=version,
-                task="screen",
-                card={},
-                root=root,
-                weights_name=f"fold-{run}.pt",
-            )
-            info = {**derived, "weights": path.name, "sha256": registry.sha256_file(path)}
-            info["cases"] = seg_card["folds"][run]["cases"]
-            registry.write_fold(registry.SCREENER, version, run, info, root)
             written.append(path)
     return written

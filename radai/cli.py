@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         steps=args.steps,
         folds=not args.no_folds,
         progress=not args.quiet,
+        studies=args.studies,
     )
     for path in written:
         print(f"wrote {path}")
@@ -551,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=None, help="steps of every run (default: the shipped ones')"
     )
     train.add_argument("--no-folds", action="store_true", help="skip the held-out-patient folds")
+    train.add_argument(
+        "--studies",
+        type=int,
+        default=None,
+        help="screen: semi-synthetic studies whose lesion calls it trains on (default 160)",
+    )
     train.add_argument("--data", default=str(DATA_DIR), help="folder with the NRRD cases")
     train.add_argument("--registry", default=None, help="model registry (default ml/models)")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
     )
     screen_model: str = Field(
-        default="radai-lesion-screen-cnn@1.0.0",
+        default="radai-lesion-screen-cnn@2.0.0",
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
     )
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")

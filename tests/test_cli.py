@@ -221,14 +221,18 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     registry = tmp_path / "registry"
     for task in ("segment", "screen"):
         r = _radai(
-            ["train", task, "--steps", "3", "--registry", str(registry), "--quiet"], env, 600
+            ["train", task, "--steps", "3", "--studies", "4", "--registry", str(registry)]
+            + ["--quiet"],
+            env,
+            600,
         )
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("wrote ") == 3  # shipped model and two held-out-patient folds
     cards = sorted(registry.glob("*/*/card.json"))
     assert len(cards) == 2
-    log = next(registry.glob("radai-lung-lesion-unet/1.0.0/training-all.jsonl"))
-    assert json.loads(log.read_text().splitlines()[-1])["step"] == 3
+    for name in ("radai-lung-lesion-unet/1.0.0", "radai-lesion-screen-cnn/2.0.0"):
+        log = registry / name / "training-all.jsonl"
+        assert json.loads(log.read_text().splitlines()[-1])["step"] == 3
     out = tmp_path / "report"
     r = _radai(
         [

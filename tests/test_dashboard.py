@@ -289,7 +289,7 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
     # Both models' names and versions: the segmenter drew the lesion, the screener scored it.
     assert (reviews[0].model_name, reviews[0].model_version) == (
         "radai-lung-lesion-unet+radai-lesion-screen-cnn",
-        "1.0.0+1.0.0",
+        "1.0.0+2.0.0",
     )
     accepted, amended = _audit(dash, "review.accept") + _audit(dash, "review.amend")
     assert accepted.actor == amended.actor == "drhouse" and amended.study_uid == LUNG1
@@ -425,8 +425,11 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
     assert not at.exception
     models = at.dataframe[0].value
     [row] = models.to_dict("records")
-    for name in ("radai-lung-lesion-unet", "radai-lesion-screen-cnn"):
-        assert f"{name} 1.0.0" in row["Model version"]
+    for name, version in (
+        ("radai-lung-lesion-unet", "1.0.0"),
+        ("radai-lesion-screen-cnn", "2.0.0"),
+    ):
+        assert f"{name} {version}" in row["Model version"]
     assert (row["Jobs"], row["Done"], row["Findings"]) == (1, 1, len(lesions))
     assert (row["Reviewed"], row["Accepted"], row["Acceptance"]) == (1, 1, "100%")
     assert row["Received→result median"] != "-" and row["Result→review median"] != "-"
@@ -467,8 +470,11 @@ def test_amend_with_corrected_measurements(dash):
     assert _audit(dash, "review.amend") == []
 
     corrected = round(lesion["max_2d_axial_diameter_mm"] * 0.8, 1)
+    place = next(
+        p for p in ("left lung, lower zone", "right lung, upper zone") if p != lesion["location"]
+    )
     at.number_input(key=axial).set_value(corrected)
-    at.selectbox(key=f"corr_location_{tag}").set_value("left lung, lower zone")
+    at.selectbox(key=f"corr_location_{tag}").set_value(place)
     at.button(key=submit).click().run()
     assert not at.exception and not at.error
     with dash.session() as s:
@@ -478,7 +484,7 @@ def test_amend_with_corrected_measurements(dash):
             "model": lesion["max_2d_axial_diameter_mm"],
             "corrected": corrected,
         },
-        "location": {"model": lesion["location"], "corrected": "left lung, lower zone"},
+        "location": {"model": lesion["location"], "corrected": place},
     }
     [entry] = _audit(dash, "review.amend")
     assert entry.detail["corrections"] == review.corrections
@@ -488,13 +494,13 @@ def test_amend_with_corrected_measurements(dash):
     shown = table.iloc[0]["Corrected by reader"]
     assert f"long-axis diameter {corrected:g} mm" in shown
     assert f"(model {lesion['max_2d_axial_diameter_mm']:g})" in shown
-    assert "left lung, lower zone" in shown
+    assert place in shown
     assert f"{corrected:g} mm" in at.dataframe[1].value.iloc[0]["Corrections"]
     at = _login(_app().run(), "eve")
     at.text_input(key="a_study").input(LUNG1).run()
     audit_rows = at.dataframe[0].value
     amend = audit_rows[audit_rows["Action"] == "review.amend"].iloc[0]
-    assert '"corrected": "left lung, lower zone"' in amend["Detail"]
+    assert f'"corrected": "{place}"' in amend["Detail"]
 
 
 def test_audit_page_verifies_and_finds_tampering(dash):

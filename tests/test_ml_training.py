@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ml import networks, registry, synth, training
+from ml import candidates, networks, registry, synth, training
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
 
@@ -38,31 +38,6 @@ def test_a_short_training_run_learns(background) -> None:
     after = _held_out_loss(net, held_out)
     assert history[-1]["step"] == 30 and len(history) == 2
     assert after < 0.8 * before, (before, after)
-
-
-def test_the_screener_is_the_segmenter_read_as_a_classifier(background, tmp_path) -> None:
-    config = training.TrainingConfig("segment", steps=2, batch=2, seed=3)
-    seg, _ = training.train(config, [background], progress=False)
-    registry.save(
-        seg,
-        name=registry.SEGMENTER,
-        version="1.0.0",
-        task="segment",
-        card={"architecture": networks.SEGMENTER_ARCH},
-        root=tmp_path,
-    )
-    written = training.derive_screener(tmp_path, folds=False)
-    assert [p.name for p in written] == ["weights.pt"]
-    screener = registry.load(registry.DEFAULT_REFS["screen"], tmp_path)
-    segmenter = registry.load(registry.DEFAULT_REFS["segment"], tmp_path)
-    card = screener.card["training"]
-    assert card["derived_from"] == registry.DEFAULT_REFS["segment"]
-    x = training.SlabSampler([background], seed=4).batch(2)[0]
-    with torch.no_grad():
-        lesion = torch.softmax(segmenter.net(x), dim=1)[:, 2].amax(dim=(1, 2))
-        assert torch.allclose(torch.sigmoid(screener.net(x)[:, 0]), lesion, atol=1e-4)
-    with pytest.raises(ValueError, match="derived"):
-        training.train(training.TrainingConfig("screen", 1, 1), [background], progress=False)
 
 
 def test_training_repeats_exactly_for_a_seed(background) -> None:
@@ -95,7 +70,7 @@ def test_registry_round_trip_and_refusal_of_changed_weights(tmp_path) -> None:
     net = networks.build("screen").eval()
     registry.save(net, name="t-screen", version="0.0.1", task="screen", card={}, root=tmp_path)
     loaded = registry.load("t-screen@0.0.1", tmp_path)
-    x = torch.rand(2, networks.CONTEXT, networks.GRID, networks.GRID)
+    x = torch.rand(2, candidates.CHANNELS, candidates.PATCH, candidates.PATCH)
     with torch.no_grad():
         # Weights are stored as float16: outputs agree to float16 precision.
         assert torch.allclose(net(x), loaded.net(x), atol=2e-2)

@@ -47,11 +47,11 @@ def test_lung1_is_processed_once_with_findings_seg_and_sr(database, queued_lung1
     assert job.findings["lesions"], "the real lung1 nodule was not found"
     assert job.model_versions == {
         "radai-lung-lesion-unet": "1.0.0",
-        "radai-lesion-screen-cnn": "1.0.0",
+        "radai-lesion-screen-cnn": "2.0.0",
     }
-    assert job.pipeline_version == f"{processing.PIPELINE_RELEASE}/1.0.0+1.0.0"
+    assert job.pipeline_version == f"{processing.PIPELINE_RELEASE}/1.0.0+2.0.0"
     assert job.findings["input_qa"]["analysable"] is True
-    assert job.findings["saliency_method"].startswith("Grad-CAM of radai-lesion-screen-cnn@1.0.0")
+    assert job.findings["saliency_method"].startswith("Grad-CAM of radai-lesion-screen-cnn@2.0.0")
     outputs = _outputs(database)
     assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
     for o in outputs:

@@ -202,7 +202,7 @@ def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path, models: Model
             "not a chest CT this pipeline can analyse",
         )
     lesions = []
-    for m in result.lesions:
+    for m, p in zip(result.lesions, result.lesion_probabilities, strict=True):
         lesions.append(
             {
                 "label": m.label,
@@ -213,6 +213,7 @@ def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path, models: Model
                 "location": lesion_location(m.centroid_zyx, result.lung_mask, volume),
                 "centroid_zyx": [round(float(c), 1) for c in m.centroid_zyx],
                 "slice_index": int(round(m.centroid_zyx[0])),
+                "screening_probability": round(p, 4),
             }
         )
     seed = f"{ticket.study_uid}/{pipeline_version(models)}/{ticket.input_hash}"
