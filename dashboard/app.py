@@ -531,6 +531,8 @@ def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key:
                     "Max 3D diameter (mm)": les["max_3d_diameter_mm"],
                     "Max axial diameter (mm)": les["max_2d_axial_diameter_mm"],
                     "Mean HU": les["mean_hu"],
+                    # the screening CNN's belief in this call; absent in results before 2.0.0
+                    "Screener probability": les.get("screening_probability"),
                     "Location": les["location"],
                     "Review": _review_text(latest.get(int(les["label"]))),
                     "Corrected by reader": store.describe_corrections(

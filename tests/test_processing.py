@@ -45,6 +45,9 @@ def test_lung1_is_processed_once_with_findings_seg_and_sr(database, queued_lung1
     assert study.state == StudyState.DONE and study.priority in (1, 2, 3, 4)
     [job] = _jobs(database)
     assert job.findings["lesions"], "the real lung1 nodule was not found"
+    # kept calls outrank every dropped one, so the study's probability is the best kept lesion's
+    kept = [les["screening_probability"] for les in job.findings["lesions"]]
+    assert max(kept) == job.findings["screening_probability"]
     assert job.model_versions == {
         "radai-lung-lesion-unet": "1.0.0",
         "radai-lesion-screen-cnn": "2.0.0",
