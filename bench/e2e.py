@@ -18,8 +18,8 @@ so that no job is deduplicated, and sent with dcmtk's `storescu` over loopback.
    queue wait      `study.queued` -> `jobs.started_at` (broker delivery to an idle worker)
    load + files    job time not covered by `jobs.timings`: reading the series' headers and
                    pixels, writing the SEG, SR and saliency files (fsync), opening the job
-   lungs, lesions, score, saliency, write_dicom
-                   `jobs.timings` (the pipeline's own perf_counter laps; `total` = the first four)
+   qa, segment, screen_and_gradcam, measure, write_dicom
+                   `jobs.timings` (input QA and the models' own perf_counter laps)
    DB write        `jobs.finished_at` -> SR `outputs.created_at` (the result transaction, up to
                    the flush of the output rows; its commit is not included)
 
@@ -98,7 +98,8 @@ START_TIMEOUT = 120.0
 POLL = 0.05
 OTHER_CPU_LIMIT = 0.25  # cores busy with other people's work above which a phase is flagged
 _RADAI_EXE = Path(sys.executable).with_name("radai")
-PIPELINE_STAGES = ("lungs", "lesions", "score", "saliency")
+# The workers' jobs.timings keys: input QA, then ml.inference.analyse's laps.
+PIPELINE_STAGES = ("qa", "segment", "screen_and_gradcam", "measure")
 
 
 def _parse_time(value: str | None) -> datetime | None:
