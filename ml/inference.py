@@ -211,13 +211,9 @@ def triage_score(lesions: list[RegionMeasurement], probabilities: Sequence[float
     probability that the call is a lesion times the size-based suspicion of the lesion
     (Lung-RADS anchors, as in the baseline). A large call the screener doubts ranks below a
     large call it believes; with no lesion the score is the size mapping's floor."""
-    floor = lesion_probability_floor()
+    floor = screen_probability([])  # the baseline's "nothing found" score
     scores = [p * lesion_probability(m) for m, p in zip(lesions, probabilities, strict=True)]
     return float(max(scores, default=floor))
-
-
-def lesion_probability_floor() -> float:
-    return float(screen_probability([]))
 
 
 def analyse(

@@ -16,7 +16,6 @@ because for triage a missed lesion costs more than a false alarm. Everything is 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from monai.utils import set_determinism
 from ml import candidates, inference, metrics, networks, perturb
 from ml.registry import LoadedModel
 from ml.synth import Background, sample_study
+from ml.training_log import TrainingLog
 
 STUDY_SEED = 30_000_000  # the evaluation's held-out studies use 7_000_000 onwards
 STUDIES = 160
@@ -162,10 +162,10 @@ def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     image but never blurred."""
     x = x.clone()
     n = len(x)
-    for dim, flips in ((3, rng.random(n) < 0.5), (2, rng.random(n) < 0.3)):
+    for dim, flips in ((3, rng.random(n) < 0.5), (2, rng.random(n) < 0.3)):  # x, then y
         idx = torch.from_numpy(np.flatnonzero(flips))
         if len(idx):
-            x[idx] = torch.flip(x[idx], dims=(dim - 1,))
+            x[idx] = torch.flip(x[idx], dims=(dim,))
     if AFFINE:
         scale = rng.uniform(*AFFINE_SCALE, n)
         angle = np.radians(rng.uniform(-AFFINE_DEGREES, AFFINE_DEGREES, n))
@@ -216,16 +216,8 @@ def train(
         opt, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.1
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    history: list[dict] = []
-    log = log_path.open("a") if log_path else None
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc="train screen", unit="step")
-    start, running = time.perf_counter(), None
     net.train()
-    try:
+    with TrainingLog("screen", steps, log_path, progress) as log:
         for step in range(1, steps + 1):
             idx = np.concatenate([rng.choice(pos, BATCH // 2), rng.choice(neg, BATCH - BATCH // 2)])
             x = _augment(torch.from_numpy(data.x[idx].astype(np.float32)), rng)
@@ -236,31 +228,9 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            value = float(loss.detach())
-            running = value if running is None else 0.95 * running + 0.05 * value
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}")
-            if step % 25 == 0 or step == steps:
-                entry = {
-                    "task": "screen",
-                    "step": step,
-                    "loss": round(value, 5),
-                    "running_loss": round(running, 5),
-                    "lr": round(sched.get_last_lr()[0], 6),
-                    "elapsed_s": round(time.perf_counter() - start, 1),
-                }
-                history.append(entry)
-                if log:
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
-    finally:
-        if bar:
-            bar.close()
-        if log:
-            log.close()
+            log.step(step, float(loss.detach()), sched.get_last_lr()[0])
     net.eval()
-    return net, history
+    return net, log.history
 
 
 @torch.no_grad()

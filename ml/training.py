@@ -8,7 +8,6 @@ the same machine and library versions. Progress goes to a bar and a JSON-lines l
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from monai.utils import set_determinism
 
 from ml import networks
 from ml.synth import Background, insert_lesions, random_lesion
+from ml.training_log import TrainingLog
 
 SLAB_REACH = 4  # slices either side of the sampled one that lesions may be centred in
 # Both networks are fully convolutional, so they train on patches and run on whole slices.
@@ -198,17 +198,8 @@ def train(
     else:
         raise ValueError("the screener is trained by ml.screen_training, on candidates")
 
-    history: list[dict] = []
-    log = log_path.open("a") if log_path else None
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, desc=f"train {config.task}", unit="step")
-    start = time.perf_counter()
-    running = None
     net.train()
-    try:
+    with TrainingLog(config.task, config.steps, log_path, progress) as log:
         for step in range(1, config.steps + 1):
             x, y, p = sampler.batch(config.batch)
             loss = loss_fn(x, y, p)
@@ -217,33 +208,11 @@ def train(
             opt.step()
             sched.step()
             value = float(loss.detach())
-            running = value if running is None else 0.95 * running + 0.05 * value
             if on_step:
                 on_step(step, value)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}")
-            if step % 25 == 0 or step == config.steps:
-                entry = {
-                    "task": config.task,
-                    "step": step,
-                    "loss": round(value, 5),
-                    "running_loss": round(running, 5),
-                    "lr": round(sched.get_last_lr()[0], 6),
-                    "elapsed_s": round(time.perf_counter() - start, 1),
-                    "positives_in_batch": int(p.sum()),
-                }
-                history.append(entry)
-                if log:
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
-    finally:
-        if bar:
-            bar.close()
-        if log:
-            log.close()
+            log.step(step, value, sched.get_last_lr()[0], positives_in_batch=int(p.sum()))
     net.eval()
-    return net, history
+    return net, log.history
 
 
 CASES = ("lung1", "lung2")

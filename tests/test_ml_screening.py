@@ -45,6 +45,27 @@ def test_patches_carry_context_wide_view_and_outline() -> None:
     assert pasted[0].sum() == (2 + c) * (256 - 250 + c)  # clipped at the volume's edges
 
 
+def test_augmentation_moves_pixels_but_keeps_channels_in_place(monkeypatch) -> None:
+    monkeypatch.setattr(screen_training, "AFFINE", False)
+    monkeypatch.setattr(screen_training, "INTENSITY_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(screen_training, "INTENSITY_SHIFT", 0.0)
+    monkeypatch.setattr(screen_training, "NOISE", 0.0)
+    n, p = 200, candidates.PATCH
+    x = torch.zeros(n, candidates.CHANNELS, p, p)
+    for c in range(candidates.CHANNELS - 1):
+        x[:, c] = 0.1 * (c + 1)  # each image channel its own level
+    x[:, -1, 5:10, 40:50] = 1.0  # the outline, up and to the right
+    out = screen_training._augment(x, np.random.default_rng(0))
+    for c in range(candidates.CHANNELS - 1):
+        assert torch.allclose(out[:, c], x[:, c])  # no channel swapped with another
+    outline = out[:, -1]
+    assert torch.equal(outline.sum(dim=(1, 2)), x[:, -1].sum(dim=(1, 2)))
+    right = outline[:, :, p // 2 :].sum(dim=(1, 2)) > 0
+    top = outline[:, : p // 2].sum(dim=(1, 2)) > 0
+    assert 0.3 < 1 - right.float().mean() < 0.7  # left-right flips about half the time
+    assert 0.1 < 1 - top.float().mean() < 0.5  # up-down flips less often
+
+
 @pytest.fixture(scope="module")
 def segmenter():
     return registry.load(registry.DEFAULT_REFS["segment"])
