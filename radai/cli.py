@@ -127,7 +127,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_models(settings: Settings) -> None:
     """Fail at start, not on the first study, when a configured model cannot be found."""
-    from ml import registry
+    from ml.runtime import registry
 
     for ref in (settings.segment_model, settings.screen_model):
         try:
@@ -142,7 +142,8 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
-    from ml import registry, training
+    from ml.runtime import registry
+    from ml.training import screener, segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,15 +152,24 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         f"training {args.task} on semi-synthetic data from {args.data} into {root} "
         f"({'with' if not args.no_folds else 'without'} leave-one-patient-out folds)"
     )
-    written = training.train_and_register(
-        args.task,
-        Path(args.data),
-        root=root,
-        steps=args.steps,
-        folds=not args.no_folds,
-        progress=not args.quiet,
-        studies=args.studies,
-    )
+    if args.task == "screen":
+        written = screener.train_and_register(
+            Path(args.data),
+            root=root,
+            studies=args.studies or screener.STUDIES,
+            steps=args.steps or screener.STEPS,
+            folds=not args.no_folds,
+            progress=not args.quiet,
+        )
+    else:
+        written = segmenter.train_and_register(
+            args.task,
+            Path(args.data),
+            root=root,
+            steps=args.steps,
+            folds=not args.no_folds,
+            progress=not args.quiet,
+        )
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -168,7 +178,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
-    from ml import evaluation, registry
+    from ml.evaluation import evaluate as evaluation
+    from ml.runtime import registry
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,7 +200,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from ml import registry
+    from ml.runtime import registry
 
     for card in registry.available():
         ev = card.get("evaluation", {}).get("synthetic_held_out_patient", {})
@@ -309,7 +320,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_measure(args: argparse.Namespace, settings: Settings) -> int:
     import SimpleITK as sitk
 
-    from ml.measure import measure_regions
+    from ml.image.measure import measure_regions
 
     image = sitk.ReadImage(str(args.image))
     mask = sitk.ReadImage(str(args.mask))

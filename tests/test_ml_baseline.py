@@ -24,7 +24,7 @@ from ml.baseline import (
     screen_probability,
     segment_lungs,
 )
-from ml.measure import RegionMeasurement, measure_regions
+from ml.image.measure import RegionMeasurement, measure_regions
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 CASES = ("lung1", "lung2")

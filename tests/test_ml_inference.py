@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ml import candidates, inference, metrics, networks, registry, synth
+from ml.data import synth
+from ml.evaluation import metrics
+from ml.runtime import candidates, inference, networks, registry
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
 
@@ -129,7 +131,7 @@ def test_lesion_calls_need_density_and_lung_around_them() -> None:
 
 
 def test_triage_score_weighs_lesion_size_by_the_screeners_belief() -> None:
-    from ml.measure import measure_regions
+    from ml.image.measure import measure_regions
 
     assert inference.triage_score([], []) == pytest.approx(0.02)  # nothing found: the floor
     mask = np.zeros((8, 60, 60), dtype=np.uint8)
@@ -138,7 +140,7 @@ def test_triage_score_weighs_lesion_size_by_the_screeners_belief() -> None:
     big, small = measure_regions(mask, (5.0, 1.0, 1.0))
     assert inference.triage_score([big], [1.0]) > 0.9
     assert inference.triage_score([big], [0.4]) == pytest.approx(0.4 * 0.98, abs=0.01)
-    from ml.baseline import lesion_probability
+    from ml.runtime.triage import lesion_probability
 
     believed_small = inference.triage_score([big, small], [0.1, 0.95])
     assert lesion_probability(small) < 0.6  # about 8 mm

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.distance import pdist
 
-from ml.measure import RegionMeasurement, max_pairwise_distance, measure_regions
+from ml.image.measure import RegionMeasurement, max_pairwise_distance, measure_regions
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ml import metrics
+from ml.evaluation import metrics
 
 
 def _box(shape, z, y, x) -> np.ndarray:

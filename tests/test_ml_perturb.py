@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ml.perturb import (
+from ml.data.perturb import (
     MU_WATER_PER_MM,
     blur,
     gaussian_noise,
@@ -23,7 +23,7 @@ from ml.perturb import (
     thick_slices_on_grid,
     water_equivalent_diameter_mm,
 )
-from ml.qa import estimate_noise_hu
+from ml.runtime.qa import estimate_noise_hu
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 SPACING = (2.5, 2.5, 2.5)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ml.preprocess import (
+from ml.image.preprocess import (
     DENOISE_METHODS,
     WINDOWS,
     denoise,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ml.baseline import segment_lungs
-from ml.qa import THRESHOLDS, QAReport, assess, estimate_noise_hu
+from ml.image.lungs import segment_lungs
+from ml.runtime.qa import THRESHOLDS, QAReport, assess, estimate_noise_hu
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 CASES = ("lung1", "lung2")

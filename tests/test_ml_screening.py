@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ml import candidates, networks, registry, screen_training, synth
+from ml.data import synth
+from ml.runtime import candidates, networks, registry
+from ml.training import screener as screen_training
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml import synth
+from ml.data import synth
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
 

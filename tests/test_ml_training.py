@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ml import candidates, networks, registry, synth, training
+from ml.data import synth
+from ml.runtime import candidates, networks, registry
+from ml.training import segmenter as training
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
 

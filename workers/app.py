@@ -15,7 +15,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from db.session import Database
-from ml.registry import DEFAULT_REFS
+from ml.runtime.registry import DEFAULT_REFS
 
 app = Celery("radai", include=["workers.tasks"])
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ml import registry
-from ml.registry import LoadedModel
+from ml.runtime import registry
+from ml.runtime.registry import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from sqlalchemy import select, update
 from db import Export, Instance, Job, OutboxMessage, Output, Series, Study, StudyState, audit
 from db.models import utcnow
 from db.session import Database
-from ml import inference, qa
-from ml.registry import DEFAULT_REFS
+from ml.runtime import inference, qa
+from ml.runtime.registry import DEFAULT_REFS
 from workers.dicom_out.seg import build_segmentation
 from workers.dicom_out.sr import build_measurement_report
 from workers.models import ModelSet, load_models

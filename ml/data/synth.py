@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ml.baseline import segment_lungs
+from ml.image.lungs import segment_lungs
 
 # Nodules of 3-40 mm, as asked, plus masses up to 60 mm: the real lung2 tumour measures 56 mm in
 # its axial plane and a model that never saw anything that large would not be tested fairly.

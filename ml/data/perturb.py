@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ml.qa import estimate_noise_hu
+from ml.runtime.qa import estimate_noise_hu
 
 __all__ = [
     "blur",

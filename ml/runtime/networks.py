@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.networks.nets import Classifier, UNet
 
-from ml import candidates
+from ml.runtime import candidates
 
 GRID = 256
 CONTEXT = 3  # slices per input: the slice and one neighbour on each side

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from monai.utils import set_determinism
 
-from ml import candidates, inference, metrics, networks, perturb
-from ml.registry import LoadedModel
-from ml.synth import Background, sample_study
-from ml.training_log import TrainingLog
+from ml.data import perturb
+from ml.data.synth import Background, sample_study
+from ml.evaluation import metrics
+from ml.runtime import candidates, inference, networks
+from ml.runtime.registry import LoadedModel
+from ml.training.log import TrainingLog
 
 STUDY_SEED = 30_000_000  # the evaluation's held-out studies use 7_000_000 onwards
 STUDIES = 160
@@ -297,8 +299,8 @@ def train_and_register(
     per held-out case on the matching fold segmenter; write weights and cards to the registry.
     With ``cache``, candidate sets are kept there (by segmenter weights and study count) and
     reused, so the CNN can be retrained without running the segmenter again."""
-    from ml import registry
-    from ml.training import CASES, TRAINING_DATA, load_backgrounds
+    from ml.data.cases import CASES, TRAINING_DATA, load_backgrounds
+    from ml.runtime import registry
 
     root = root or registry.MODELS_DIR
     seg_card = registry.read_card(registry.SEGMENTER, registry.SEGMENTER_VERSION, root)

@@ -27,11 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml import inference, metrics, perturb, preprocess, registry
 from ml.baseline import BASELINE_NAME, BASELINE_VERSION, run_baseline
-from ml.registry import LoadedModel
-from ml.synth import Background, load_nrrd_case, sample_study
-from ml.training import CASES, load_backgrounds
+from ml.data import perturb
+from ml.data.cases import CASES, load_backgrounds
+from ml.data.synth import Background, load_nrrd_case, sample_study
+from ml.evaluation import metrics
+from ml.image import preprocess
+from ml.runtime import inference, registry
+from ml.runtime.registry import LoadedModel
 
 TEST_SEED = 7_000_000  # training streams are seeded elsewhere; these seeds are never trained on
 SIZE_BINS_MM = ((3, 6), (6, 10), (10, 20), (20, 40), (40, 61))
@@ -344,7 +347,7 @@ def evaluate(
         "seconds": round(time.perf_counter() - started, 1),
         "settings": {"n_per_case": n_per_case, "robust_per_case": robust_per_case},
     }
-    from ml import evaluation_report
+    from ml.evaluation import report as evaluation_report
 
     evaluation_report.write(out_dir, results, outcomes, real_arrays, backgrounds)
     if update_cards:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ml import networks
+from ml.runtime import networks
 
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).parent.parent / "models"
 SEGMENTER = "radai-lung-lesion-unet"
 SCREENER = "radai-lesion-screen-cnn"
 SEGMENTER_VERSION = "1.0.0"

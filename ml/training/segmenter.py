@@ -27,9 +27,10 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from ml import networks
-from ml.synth import Background, insert_lesions, random_lesion
-from ml.training_log import TrainingLog
+from ml.data.cases import CASES, TRAINING_DATA, load_backgrounds
+from ml.data.synth import Background, insert_lesions, random_lesion
+from ml.runtime import networks
+from ml.training.log import TrainingLog
 
 SLAB_REACH = 4  # slices either side of the sampled one that lesions may be centred in
 # Both networks are fully convolutional, so they train on patches and run on whole slices.
@@ -196,7 +197,7 @@ def train(
         def loss_fn(x, y, p):
             return seg_loss(net(x), y[:, None])
     else:
-        raise ValueError("the screener is trained by ml.screen_training, on candidates")
+        raise ValueError("the screener is trained by ml.training.screener, on candidates")
 
     net.train()
     with TrainingLog(config.task, config.steps, log_path, progress) as log:
@@ -215,28 +216,6 @@ def train(
     return net, log.history
 
 
-CASES = ("lung1", "lung2")
-TRAINING_DATA = (
-    "Semi-synthetic only: synthetic lesions (3-60 mm, log-uniform; solid and part-solid; round, "
-    "lobulated and spiculated; free and pleura-attached) drawn by ml.synth into the lungs of two "
-    "real chest CTs (pyradiomics test data lung1 and lung2, BSD-3) whose own tumours were removed "
-    "first. No real lesion label was used for training."
-)
-
-
-def load_backgrounds(data_dir: Path, cases: Sequence[str] = CASES):
-    """Backgrounds and real cases for the named NRRD pairs in ``data_dir``."""
-    from ml.synth import load_nrrd_case, make_background
-
-    backgrounds, reals = {}, {}
-    for i, case in enumerate(cases):
-        hu, mask, spacing = load_nrrd_case(
-            data_dir / f"{case}_image.nrrd", data_dir / f"{case}_label.nrrd"
-        )
-        backgrounds[case], reals[case] = make_background(case, hu, mask, spacing, seed=i)
-    return backgrounds, reals
-
-
 def train_and_register(
     task: str,
     data_dir: Path,
@@ -248,27 +227,13 @@ def train_and_register(
     log_dir: Path | None = None,
     only: Sequence[str] | None = None,
     fold_steps: int | None = None,
-    studies: int | None = None,
 ) -> list[Path]:
     """Train the shipped model for ``task`` on every case, and one per held-out case for the
-    leave-one-patient-out evaluation; write weights and card to the registry. The screener is
-    trained on the lesion calls of the registered segmenter in ``studies`` studies
-    (:mod:`ml.screen_training`)."""
-    from ml import registry
+    leave-one-patient-out evaluation; write weights and card to the registry. The screener has its
+    own (:mod:`ml.training.screener`): it trains on this model's lesion calls."""
+    from ml.runtime import registry
 
     root = root or registry.MODELS_DIR
-    if task == "screen":
-        from ml import screen_training
-
-        return screen_training.train_and_register(
-            data_dir,
-            root=root,
-            studies=studies or screen_training.STUDIES,
-            steps=steps or screen_training.STEPS,
-            folds=folds,
-            only=only,
-            progress=progress,
-        )
     name = registry.SEGMENTER
     version = registry.SEGMENTER_VERSION
     base = DEFAULTS[task]

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ml import candidates, networks
-from ml.baseline import lesion_probability, priority_from_probability, screen_probability
-from ml.measure import RegionMeasurement, measure_regions
-from ml.registry import LoadedModel
+from ml.image.measure import RegionMeasurement, measure_regions
+from ml.runtime import candidates, networks
+from ml.runtime.registry import LoadedModel
+from ml.runtime.triage import lesion_probability, priority_from_probability, screen_probability
 
 LESION_SEED_P = 0.5
 LESION_EXTENT_P = 0.05

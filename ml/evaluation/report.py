@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ml import metrics, registry
+from ml.evaluation import metrics
+from ml.runtime import registry
 
 MODEL = "models (held-out patient)"
 BASE = "baseline"

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ml.baseline import AIR_THRESHOLD_HU, segment_lungs
+from ml.image.lungs import AIR_THRESHOLD_HU, segment_lungs
 
 __all__ = ["THRESHOLDS", "QAReport", "QAThresholds", "assess", "estimate_noise_hu"]
 

@@ -1,0 +1,3 @@
+"""Training: the segmentation U-Net (`segmenter`), the screening CNN (`screener`) and their shared
+progress log. Used by `radai train` only. Imports `ml.image`, `ml.runtime`, `ml.data`, `ml.baseline`
+and `ml.evaluation.metrics`."""
