@@ -1,27 +1,30 @@
-"""What the benchmark scripts share: loopback ports, dcmtk's environment, and a registry of the
-processes a benchmark starts so that every one of them is stopped whatever happens."""
+"""What the benchmark scripts share: the test kit (`tests/kit`: loopback ports, dcmtk's storescu
+and echoscu) and a registry of the processes a benchmark starts so that every one of them is
+stopped whatever happens."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
-HOST = "127.0.0.1"  # benchmarks only ever talk to loopback
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.kit.dcmtk import ECHOSCU, STORESCU, dcmtk_env, problems, storescu  # noqa: E402
+from tests.kit.net import HOST, free_port  # noqa: E402
 
-def dcmtk_env() -> dict[str, str]:
-    # dcmtk tools read TCP_NODELAY from the environment; without it Nagle slows them 8-25x.
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+__all__ = [
+    "ECHOSCU",
+    "HOST",
+    "STORESCU",
+    "Processes",
+    "dcmtk_env",
+    "free_port",
+    "problems",
+    "storescu",
+]
 
 
 class Processes:

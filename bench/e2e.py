@@ -86,11 +86,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
-from common import HOST, Processes, dcmtk_env, free_port
+from common import ECHOSCU, HOST, STORESCU, Processes, dcmtk_env, free_port, problems
+from common import storescu as kit_storescu
 from pydicom.uid import generate_uid
 
-STORESCU = "/usr/bin/storescu"
-ECHOSCU = "/usr/bin/echoscu"
 AET = "RADAI"
 CALLING_AET = "BENCHE2E"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -168,14 +167,12 @@ class Send:
 
 
 def storescu(files: list[Path], port: int) -> Send:
-    argv = [STORESCU, "-aet", CALLING_AET, "-aec", AET, HOST, str(port), *map(str, files)]
     t0 = time.perf_counter()
-    result = subprocess.run(
-        argv, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    result = kit_storescu(
+        port, files, aec=AET, aet=CALLING_AET, timeout=None, verbose=False, capture_stdout=False
     )
     ended = datetime.now(UTC)
-    problems = [ln for ln in result.stderr.splitlines() if ln.startswith(("E:", "W:", "F:"))]
-    return Send(time.perf_counter() - t0, ended, result.returncode, problems)
+    return Send(time.perf_counter() - t0, ended, result.returncode, problems(result.stderr))
 
 
 # --------------------------------------------------------------------------------------------

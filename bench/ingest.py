@@ -64,11 +64,11 @@ from pathlib import Path
 
 import pydicom
 import pynetdicom
-from common import HOST, Processes, dcmtk_env, free_port
+from common import ECHOSCU, HOST, STORESCU, Processes, dcmtk_env, free_port, problems
+from common import storescu as kit_storescu
 
-STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
-ECHOSCU = "/usr/bin/echoscu"
+
 ORTHANC = "/usr/sbin/Orthanc"
 CALLING_AET = "BENCHSCU"
 REPEATS = 3
@@ -188,19 +188,18 @@ class Send:
 
 
 def storescu(files: list[Path], aet: str, port: int) -> Send:
-    argv = [STORESCU, "-aet", CALLING_AET, "-aec", aet, HOST, str(port), *map(str, files)]
     t0 = time.perf_counter()
-    result = subprocess.run(
-        argv,
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    result = kit_storescu(
+        port,
+        files,
+        aec=aet,
+        aet=CALLING_AET,
         timeout=SEND_TIMEOUT,
+        verbose=False,
+        capture_stdout=False,
     )
     seconds = time.perf_counter() - t0
-    problems = [ln for ln in result.stderr.splitlines() if ln.startswith(("E:", "W:", "F:"))]
-    return Send(seconds, result.returncode, problems)
+    return Send(seconds, result.returncode, problems(result.stderr))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ peer for the trained models, evaluated beside them on the same studies. Imports 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -23,6 +22,7 @@ from ml.image.morphology import (
     downsample,
     upsample,
 )
+from ml.runtime.laps import Laps
 from ml.runtime.triage import (
     PRIORITY_THRESHOLDS,
     lesion_probability,
@@ -314,14 +314,8 @@ def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float])
     """Run the whole classical pipeline on one (z, y, x) HU volume."""
     spacing = check_volume(volume_hu, spacing_zyx)
     volume_hu = np.asarray(volume_hu)
-    timings: dict[str, float] = {}
-    start = t0 = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        timings[name] = now - t0
-        t0 = now
+    laps = Laps()
+    lap = laps.lap
 
     lung_mask = segment_lungs(volume_hu, spacing)
     lap("lungs")
@@ -332,7 +326,7 @@ def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float])
     lap("score")
     saliency = _saliency(labels, lesions, spacing)
     lap("saliency")
-    timings["total"] = time.perf_counter() - start
+    timings = laps.done()
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     return BaselineResult(
         lung_mask=lung_mask,

@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# Set up a machine for radai: Debian tools, a virtual environment with pinned packages, and the
-# services the tests talk to. Safe to run again: it only adds what is missing.
+# Set up a machine for radai. Safe to run again: it only adds what is missing, and it never stops,
+# disables or reconfigures a service that the machine runs for someone else.
+#   scripts/setup.sh          what the service needs: a virtual environment with the pinned packages
+#   scripts/setup.sh --test   also what only the tests need: Debian's dcmtk, dicom3tools, Orthanc
+#                             (a PACS peer), redis-server, Chromium and its driver (browser test),
+#                             the test packages, and Redis and PostgreSQL started when not running
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+TEST=0
+[ "${1:-}" = "--test" ] && TEST=1
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-need_apt=()
-for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc redis-server:redis-server \
-            chromium:chromium chromedriver:chromium-driver; do
-  exe=${pair%%:*}; pkg=${pair##*:}
-  command -v "$exe" >/dev/null 2>&1 || [ -x "/usr/sbin/$exe" ] || need_apt+=("$pkg")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "setup: installing ${need_apt[*]}"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
+if [ "$TEST" -eq 1 ]; then
+  need_apt=()
+  for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc redis-server:redis-server \
+              chromium:chromium chromedriver:chromium-driver; do
+    exe=${pair%%:*}; pkg=${pair##*:}
+    command -v "$exe" >/dev/null 2>&1 || [ -x "/usr/sbin/$exe" ] || need_apt+=("$pkg")
+  done
+  if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
+  fi
+  # An Orthanc that the machine runs (Debian's service on 4242/8042) is left alone: the tests start
+  # their own on free ports.
 fi
-# Orthanc's Debian package starts a system service on 4242/8042; the tests start their own.
-if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now orthanc 2>/dev/null || true; fi
-pkill -x Orthanc 2>/dev/null || true
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -31,7 +39,12 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q -e '.[test]'
+if [ "$TEST" -eq 1 ]; then
+  .venv/bin/pip install -q -e '.[test]'
+else
+  .venv/bin/pip install -q -e .
+fi
+[ "$TEST" -eq 1 ] || exit 0
 
 # Services the tests use, started when not running (commands as the machine's docs give them).
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command: set up what is missing, check style, run the whole suite (slow tests too).
+# The test command: set up what is missing, check style, the layering rules (import-linter) and
+# types (mypy), then run the whole suite (slow tests too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
+.venv/bin/mypy
 exec .venv/bin/pytest -q "$@"

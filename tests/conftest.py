@@ -7,11 +7,8 @@ when the server at 127.0.0.1:5432 is unreachable, except under CI (CI=true), whe
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,29 +21,27 @@ from dicom_node.archive import Archive
 from dicom_node.server import NodeConfig
 from dicom_node.service import NodeService
 
+# Re-exported: tests import these from here.
+from tests.kit.dcmtk import ECHOSCU, STORESCU, echoscu, storescu  # noqa: F401
+from tests.kit.net import (
+    free_port,  # noqa: F401
+    wait_until,
+)
+from tests.kit.redis import RedisServer
+
+PrivateRedis = RedisServer  # the name the reliability tests know
+
 PG_DSN = os.environ.get("RADAI_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 PG_URL_BASE = os.environ.get("RADAI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
-STORESCU = "/usr/bin/storescu"
-ECHOSCU = "/usr/bin/echoscu"
 SAMPLES_CACHE: dict[str, list[Path]] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.1):
     """Poll until predicate() is truthy; return its value or fail the test with a message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
+    try:
+        return wait_until(predicate, timeout, interval)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def _pg_available() -> bool:
@@ -165,78 +160,23 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     return build_sample_studies(tmp_path_factory.mktemp("samples"))
 
 
-def storescu(
-    port: int,
-    files: list[Path] | list[str],
-    *,
-    aec: str = "RADAI",
-    aet: str = "STORESCU",
-    extra: tuple[str, ...] = (),
-    timeout: float = 120,
-) -> subprocess.CompletedProcess:
-    if not Path(STORESCU).exists():
-        pytest.fail("dcmtk's storescu is missing: install dcmtk (the test command does)")
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    return subprocess.run(
-        [
-            STORESCU,
-            "-v",
-            "-aet",
-            aet,
-            "-aec",
-            aec,
-            *extra,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def echoscu(port: int, aec: str = "RADAI", aet: str = "ECHOSCU") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [ECHOSCU, "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Callable[[], int]]:
     """Start private redis-server processes on free ports (for tests that stop the broker)."""
-    procs: list[subprocess.Popen] = []
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    servers: list[RedisServer] = []
 
     def start(port: int | None = None) -> int:
-        port = port or free_port()
-        proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-
-        def up() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(up, timeout=10)
-        start.proc = proc  # type: ignore[attr-defined]
-        return port
+        server = RedisServer(port=port)
+        server.start()
+        servers.append(server)
+        start.proc = server.proc  # type: ignore[attr-defined]
+        return server.port
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.terminate()
+            server.proc.wait(timeout=10)
 
 
 def radai_env(home: Path, db_url: str, broker_url: str, queue: str, **extra: str) -> dict:
@@ -284,62 +224,10 @@ def radai_workers(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
             proc.wait(timeout=10)
 
 
-class PrivateRedis:
-    """A redis-server of the test's own, on a fixed port, that can be stopped and started again.
-
-    Persistence as in docker-compose.yml (append-only file): what the broker held before a stop
-    is there after the start."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _up(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.folder),
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self._up, timeout=10)
-
-    def stop(self) -> None:
-        """SIGTERM, as `docker compose stop` does: redis flushes its append-only file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-        wait_for(lambda: not self._up(), timeout=10)
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    redis = PrivateRedis(tmp_path / "redis")
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server with an append-only file, as docker-compose.yml runs it."""
+    redis = RedisServer(tmp_path / "redis")
     redis.start()
     yield redis
     if redis.proc is not None and redis.proc.poll() is None:

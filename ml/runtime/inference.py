@@ -17,7 +17,6 @@ probability for it, so a large call the screener doubts no longer makes every st
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from scipy import ndimage
 
 from ml.image.measure import RegionMeasurement, measure_regions
 from ml.runtime import candidates, networks
+from ml.runtime.laps import Laps
 from ml.runtime.registry import LoadedModel
 from ml.runtime.triage import lesion_probability, priority_from_probability, screen_probability
 
@@ -227,14 +227,8 @@ def analyse(
     if volume_hu.ndim != 3 or volume_hu.shape[0] < 1:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume_hu.shape}")
     spacing = tuple(float(s) for s in spacing_zyx)
-    timings: dict[str, float] = {}
-    t0 = start = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        timings[name] = now - t0
-        t0 = now
+    laps = Laps()
+    lap = laps.lap
 
     lung, lesion = segment(segmenter, volume_hu)
     lap("segment")
@@ -250,7 +244,7 @@ def analyse(
     p_screen = float(probs.max()) if probs.size else 0.0
     lesion_probs = [float(p) for p in probs[kept - 1]]
     score = triage_score(lesions, lesion_probs)
-    timings["total"] = time.perf_counter() - start
+    timings = laps.done()
     voxel_ml = math.prod(spacing) / 1000.0
     return ModelResult(
         lung_mask=lung,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ml.data import synth
+from tests.kit.paths import SAMPLES
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
+DATA = SAMPLES
 
 
 @pytest.fixture(scope="module")

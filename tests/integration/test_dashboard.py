@@ -32,10 +32,11 @@ from dicom_node.server import NodeConfig
 from dicom_node.service import NodeService
 from tests.conftest import RecordingPublisher, storescu, wait_for
 from tests.helpers import study_state
-from tests.test_audit import _bypass_triggers
+from tests.kit.paths import REPO
+from tests.unit.db.test_audit import _bypass_triggers
 from workers import processing
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+APP = str(REPO / "dashboard" / "app.py")
 LUNG1 = sample_study_uid("lung1")
 PASSWORD = "correct horse battery"
 USERS = {"drhouse": "radiologist", "root": "admin", "eve": "auditor"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ import SimpleITK as sitk
 from scipy.spatial.distance import pdist
 
 from ml.image.measure import RegionMeasurement, max_pairwise_distance, measure_regions
+from tests.kit.paths import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES = SAMPLES
 
 # pyradiomics 3.0.1, "original" image type, default settings, no resampling, label 1.
 PYRADIOMICS_REFERENCE = {

@@ -43,9 +43,9 @@ from dicom_node.archive import Archive
 from dicom_node.samples import sample_study_uid
 from dicom_node.server import NodeConfig
 from dicom_node.service import NodeService
-from tests import test_bad_input
 from tests.conftest import RecordingPublisher, _make_pg, storescu, wait_for
 from tests.helpers import CT_IMAGE, ct_dataset, encode, failures, part10, raw_association
+from tests.integration import test_bad_input
 
 SR_TEXT = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
@@ -201,7 +201,7 @@ def _patient_name(uid: str, expected: str) -> Callable[[Database], None]:
 def _stall(node: NodeService) -> None:
     """An established association that sends half a P-DATA-TF PDU and then nothing: the node
     must drop it after its network timeout, store nothing and leave no partial file."""
-    from tests.test_network_faults import _stall as stall
+    from tests.system.test_network_faults import _stall as stall
 
     server = node.node._server
     assoc = stall(node.port)
@@ -215,8 +215,8 @@ def _stall(node: NodeService) -> None:
 
 def _flood(node: NodeService) -> None:
     """30 connections at once (garbage, silence, a valid A-ASSOCIATE-RQ), then all hang up."""
-    from tests.test_network_faults import _association_request
-    from tests.test_network_faults import _flood as flood_port
+    from tests.system.test_network_faults import _association_request
+    from tests.system.test_network_faults import _flood as flood_port
 
     flood_port(node.port, _association_request(), n=30)
     server = node.node._server

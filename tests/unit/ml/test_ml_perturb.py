@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,9 @@ from ml.data.perturb import (
     water_equivalent_diameter_mm,
 )
 from ml.runtime.qa import estimate_noise_hu
+from tests.kit.paths import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES = SAMPLES
 SPACING = (2.5, 2.5, 2.5)
 
 

@@ -19,17 +19,13 @@ from types import TracebackType
 
 import pytest
 
+from tests.kit.net import free_port
+
 ORTHANC = os.environ.get("RADAI_TEST_ORTHANC", "/usr/sbin/Orthanc")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 # Bypass any http_proxy from the environment: the API is on loopback only.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def orthanc_executable() -> str:
@@ -85,7 +81,7 @@ class OrthancServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="radai-orthanc-")
         # Free ports are only free until someone else takes them: retry on a lost race.
         for _ in range(3):
-            self.dicom_port, self.http_port = _free_port(), _free_port()
+            self.dicom_port, self.http_port = free_port(), free_port()
             if self.dicom_port == self.http_port:
                 continue
             self._launch(executable)

@@ -28,8 +28,9 @@ from dashboard import store
 from db import AuditEntry, Job, Review, Study
 from db.session import Database
 from db.users import add_user
-from tests import test_dashboard
 from tests.conftest import free_port, wait_for
+from tests.integration import test_dashboard
+from tests.kit.paths import REPO
 
 try:
     from selenium import webdriver
@@ -48,7 +49,7 @@ try:
 except ImportError:  # checked in the browser fixture: skipped outside CI, a failure in CI
     webdriver = None
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOTS = ROOT / "var" / "screenshots"

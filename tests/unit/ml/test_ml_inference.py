@@ -3,8 +3,6 @@ points at them, and the pieces of the analysis behave on known inputs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,9 @@ import torch
 from ml.data import synth
 from ml.evaluation import metrics
 from ml.runtime import candidates, inference, networks, registry
+from tests.kit.paths import SAMPLES
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
+DATA = SAMPLES
 
 
 @pytest.fixture(scope="module")

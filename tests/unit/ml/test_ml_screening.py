@@ -4,7 +4,6 @@ that learns, the operating threshold, and registering it beside its segmenter.""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ import torch
 from ml.data import synth
 from ml.runtime import candidates, networks, registry
 from ml.training import screener as screen_training
+from tests.kit.paths import SAMPLES
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
+DATA = SAMPLES
 
 
 def test_centres_are_on_the_largest_slice_of_each_component() -> None:

@@ -18,7 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, SegmentationStorage
 
-from tests.orthanc import OrthancServer
+from tests.kit.net import free_port
+from tests.kit.orthanc import OrthancServer
 from workers.export import ExportError, backoff_seconds, format_destination, send_to_destination
 
 TESTDATA = Path(pydicom.data.__file__).parent / "test_files"
@@ -29,12 +30,6 @@ SHORT_TIMEOUT = 3.0
 SHORT_BOUND = 15.0
 
 Destination = tuple[str, str, int]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _copy_with_new_uid(name: str, dest: Path, transfer_syntax: str | None = None) -> Path:
@@ -176,11 +171,11 @@ def test_wrong_called_aet_is_a_permanent_rejection(orthanc: OrthancServer, sr: P
 
 
 def test_empty_list_never_connects() -> None:
-    send_to_destination([], ("ANY", "127.0.0.1", _free_port()), timeout=SHORT_TIMEOUT)
+    send_to_destination([], ("ANY", "127.0.0.1", free_port()), timeout=SHORT_TIMEOUT)
 
 
 def test_closed_port_is_transient(sr: Path) -> None:
-    error, elapsed = _export_error([sr], ("ANY", "127.0.0.1", _free_port()), timeout=SHORT_TIMEOUT)
+    error, elapsed = _export_error([sr], ("ANY", "127.0.0.1", free_port()), timeout=SHORT_TIMEOUT)
     assert not error.permanent
     assert "connect" in error.reason
     assert elapsed < SHORT_BOUND

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ import SimpleITK as sitk
 
 from ml.image.lungs import segment_lungs
 from ml.runtime.qa import THRESHOLDS, QAReport, assess, estimate_noise_hu
+from tests.kit.paths import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES = SAMPLES
 CASES = ("lung1", "lung2")
 Volume = tuple[np.ndarray, tuple[float, float, float]]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ import torch
 from ml.data import synth
 from ml.runtime import candidates, networks, registry
 from ml.training import segmenter as training
+from tests.kit.paths import SAMPLES
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
+DATA = SAMPLES
 
 
 @pytest.fixture(scope="module")

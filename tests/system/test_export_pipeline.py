@@ -16,7 +16,7 @@ from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
 from tests.conftest import free_port, storescu, wait_for
 from tests.helpers import study_state
-from tests.orthanc import OrthancServer
+from tests.kit.orthanc import OrthancServer
 from workers import exporting, processing
 from workers.export import format_destination
 

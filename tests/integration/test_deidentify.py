@@ -28,7 +28,7 @@ from radai.cli import _worker_config
 from radai.settings import Settings
 from tests.conftest import storescu, wait_for
 from tests.helpers import study_state
-from tests.orthanc import OrthancServer
+from tests.kit.orthanc import OrthancServer
 from workers import exporting, processing
 from workers.deidentify import deidentify, load_salt, pseudonym_uid
 from workers.export import format_destination

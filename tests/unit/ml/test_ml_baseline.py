@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +24,9 @@ from ml.baseline import (
     segment_lungs,
 )
 from ml.image.measure import RegionMeasurement, measure_regions
+from tests.kit.paths import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES = SAMPLES
 CASES = ("lung1", "lung2")
 
 
