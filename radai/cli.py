@@ -93,6 +93,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
         visibility_timeout=settings.visibility_timeout,
         calling_aet=settings.ae_title,
+        torch_threads=settings.torch_threads,
     )
 
 
@@ -104,7 +105,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _check_models(settings)
     from workers.app import configure
 
-    app = configure(_worker_config(settings))
+    config = _worker_config(settings)
+    config.processes = args.concurrency
+    app = configure(config)
     queues = args.queues or f"{settings.queue},{settings.io_queue}"
     argv = [
         "worker",

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
     )
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
+    torch_threads: int = Field(
+        default=0, ge=0, description="torch threads per worker process; 0: cores / processes"
+    )
     log_level: str = "INFO"
     tls_cert: str = Field(default="", description="PEM certificate (chain); with tls_key: TLS only")
     tls_key: str = Field(default="", description="PEM private key, unencrypted")

@@ -16,6 +16,7 @@ from celery.signals import worker_process_init
 
 from db.session import Database
 from ml.runtime.registry import DEFAULT_REFS
+from workers.models import set_torch_threads, torch_threads
 
 app = Celery("radai", include=["workers.tasks"])
 
@@ -38,6 +39,8 @@ class WorkerConfig:
     export_backoff_cap: float = 300.0
     # Formatted destinations (AET@HOST:PORT) whose exports are de-identified copies.
     deidentified: set[str] = field(default_factory=set)
+    torch_threads: int = 0  # per process; 0: the host's cores shared among `processes`
+    processes: int = 1  # pool processes of this worker (Celery's --concurrency)
 
     @property
     def outputs_dir(self) -> Path:
@@ -72,6 +75,7 @@ def configure(config: WorkerConfig) -> Celery:
     )
     config.outputs_dir.mkdir(parents=True, exist_ok=True)
     _runtime = Runtime(config=config, db=Database(config.database_url))
+    set_torch_threads(torch_threads(config.torch_threads, config.processes))
     return app
 
 
@@ -99,3 +103,5 @@ def _fresh_connections_after_fork(**_kwargs: object) -> None:
     # Pooled database connections must not be shared across a fork.
     if _runtime is not None:
         _runtime.db.engine.dispose(close=False)
+        config = _runtime.config
+        set_torch_threads(torch_threads(config.torch_threads, config.processes))

@@ -3,10 +3,12 @@
 References come from `RADAI_SEGMENT_MODEL` and `RADAI_SCREEN_MODEL`: `NAME@VERSION` from the
 registry shipped in `ml/models/`, or `torchscript:PATH` for an external model with its card beside
 it. `RADAI_DEVICE` places them: `cuda` needs a GPU, `auto` uses one when torch sees it.
+`RADAI_TORCH_THREADS` sets torch's threads per worker process.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +39,20 @@ class ModelSet:
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, str, str], ModelSet] = {}
+
+
+def torch_threads(setting: int, processes: int, cores: int | None = None) -> int:
+    """Threads for torch in one worker process: the setting, or else the host's cores shared
+    among the pool's processes. Without this every process takes every core and two workers on
+    two cores ran at 0.9x of one (docs/PERFORMANCE.md)."""
+    if setting > 0:
+        return setting
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, processes))
+
+
+def set_torch_threads(n: int) -> None:
+    torch.set_num_threads(n)
 
 
 def resolve_device(device: str) -> str:
