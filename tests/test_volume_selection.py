@@ -9,9 +9,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from dicom_io.series import UndecodablePixels, UnusableSeries, load_series
 from dicom_node.samples import SAMPLES_DIR
 from workers.selection import SeriesHeader, load_rules, select_series, why_not
-from workers.volume import UndecodablePixels, UnusableSeries, load_series
 
 
 def _header(**kw) -> SeriesHeader:
