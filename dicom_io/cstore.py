@@ -51,9 +51,9 @@ class StoreResult:
 
     @property
     def permanent(self) -> bool:
-        """Whether sending this file again is futile; 0xA7xx is "out of resources": the
+        """Whether sending this failed file again is futile; 0xA7xx is "out of resources": the
         destination may well accept the same file later, as it may when no response came."""
-        return self.status is not None and self.status & 0xFF00 != 0xA700
+        return not self.ok and self.status is not None and self.status & 0xFF00 != 0xA700
 
     @property
     def reason(self) -> str:

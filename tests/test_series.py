@@ -6,7 +6,6 @@ the same slices in the same order, or both refuse it for the same reason. A find
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,17 +14,10 @@ import pydicom
 import pytest
 
 from dashboard import imaging
+from tests.helpers import copy_files
 from workers import processing
 
 Builder = Callable[[list[Path], Path], list[Path]]
-
-
-def _copy(files: list[Path], tmp_path: Path) -> list[Path]:
-    out = []
-    for f in files:
-        out.append(tmp_path / f.name)
-        shutil.copy(f, out[-1])
-    return out
 
 
 def _rewrite(path: Path, change: Callable[[pydicom.Dataset], None]) -> None:
@@ -45,7 +37,7 @@ def reversed_order(files: list[Path], tmp_path: Path) -> list[Path]:
 
 
 def instance_numbers_backwards(files: list[Path], tmp_path: Path) -> list[Path]:
-    copies = _copy(files[:12], tmp_path)
+    copies = copy_files(files[:12], tmp_path)
     for number, path in zip(range(len(copies), 0, -1), copies, strict=True):
         _rewrite(path, lambda ds, n=number: setattr(ds, "InstanceNumber", n))
     return shuffled(copies, tmp_path)
@@ -53,7 +45,7 @@ def instance_numbers_backwards(files: list[Path], tmp_path: Path) -> list[Path]:
 
 def feet_first(files: list[Path], tmp_path: Path) -> list[Path]:
     # Positions mirrored along z: the file that was the lowest slice is now the highest.
-    copies = _copy(files[:12], tmp_path)
+    copies = copy_files(files[:12], tmp_path)
     for path in copies:
 
         def mirror(ds: pydicom.Dataset) -> None:
@@ -66,7 +58,7 @@ def feet_first(files: list[Path], tmp_path: Path) -> list[Path]:
 
 def normal_pointing_down(files: list[Path], tmp_path: Path) -> list[Path]:
     # Columns run towards anterior: the slice normal is -z, so volume order is head to feet.
-    copies = _copy(files[:12], tmp_path)
+    copies = copy_files(files[:12], tmp_path)
     for path in copies:
         _rewrite(path, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, -1, 0]))
     return copies
@@ -77,7 +69,7 @@ def missing_slice(files: list[Path], tmp_path: Path) -> list[Path]:
 
 
 def object_without_pixels(files: list[Path], tmp_path: Path) -> list[Path]:
-    copies = _copy(files[:8], tmp_path)
+    copies = copy_files(files[:8], tmp_path)
 
     def strip(ds: pydicom.Dataset) -> None:
         for keyword in ("Rows", "Columns", "PixelData"):
@@ -143,7 +135,7 @@ def test_worker_and_viewer_refuse_the_same_broken_series(
 def test_viewer_clips_to_int16_and_keeps_the_volume_read_only(
     samples: dict[str, list[Path]], tmp_path: Path
 ) -> None:
-    copies = _copy(samples["lung1"][:3], tmp_path)
+    copies = copy_files(samples["lung1"][:3], tmp_path)
     # A slope that puts bright pixels far beyond int16: clipped, not wrapped around to negative.
     _rewrite(copies[1], lambda ds: setattr(ds, "RescaleSlope", "100"))
     volume = imaging.load_ct(tuple(str(p) for p in copies))
