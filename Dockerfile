@@ -6,6 +6,7 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY radai radai
 COPY db db
+COPY dicom_io dicom_io
 COPY dicom_node dicom_node
 COPY workers workers
 COPY ml ml

@@ -1,27 +1,22 @@
 """Images for the study viewer: a CT series as a Hounsfield volume, SEG segments and the saliency
 map on the same grid, and axial slices composed into RGB with window/level and overlays.
 
-Slices are ordered as the pipeline orders them (by ImagePositionPatient along the slice normal),
-so the findings' `slice_index`, the saliency array and the SEG frames (matched by referenced SOP
-Instance UID) all line up with the volume's first axis. Pure numpy, pydicom and highdicom: no
-Streamlit here, so the app can cache these objects and tests can check them directly.
+The series is loaded by the pipeline's own loader (`dicom_io.series`), so the findings'
+`slice_index`, the saliency array and the SEG frames (matched by referenced SOP Instance UID) all
+line up with the volume's first axis, and a series the pipeline would refuse is refused here with
+the same reason. Pure numpy, pydicom and highdicom: no Streamlit here, so the app can cache these
+objects and tests can check them directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 
-# (center, width) in HU
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "Lung": (-600.0, 1500.0),
-    "Mediastinum": (40.0, 400.0),
-    "Bone": (400.0, 1800.0),
-}
+from dicom_io.series import SeriesError, load_series
+from dicom_io.windows import WINDOW_PRESETS as WINDOW_PRESETS  # the presets the viewer offers
 
 LUNG_COLOR = (0, 150, 255)
 LESION_COLORS = [
@@ -68,38 +63,15 @@ class SegOverlay:
 
 
 def load_ct(paths: list[str] | tuple[str, ...]) -> CTVolume:
-    """Read a single-frame CT series and stack it in position order, in HU (int16)."""
+    """The series in HU (int16) in the pipeline's slice order (`dicom_io.series.load_series`)."""
     if not paths:
         raise ImagingError("the series has no instances in the archive")
-    items = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise ImagingError(f"cannot read {Path(path).name}: {type(exc).__name__}") from None
-        if "PixelData" not in ds or "ImageOrientationPatient" not in ds:
-            continue  # not an image slice of this volume (e.g. a scout or a report)
-        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-        normal = np.cross(orientation[:3], orientation[3:])
-        position = float(np.dot([float(v) for v in ds.ImagePositionPatient], normal))
-        items.append((position, str(ds.SOPInstanceUID), ds))
-    if not items:
-        raise ImagingError("the series holds no CT slices")
-    items.sort(key=lambda t: t[0])
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, _, ds in items}
-    if len(shapes) != 1:
-        raise ImagingError("the slices of the series differ in size")
-    hu = np.empty((len(items), *shapes.pop()), dtype=np.int16)
-    for i, (_, _, ds) in enumerate(items):
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means "cannot show"
-            raise ImagingError(f"cannot decode the pixels: {type(exc).__name__}") from None
-        hu[i] = np.clip(pixels.astype(np.float32) * slope + intercept, -32768, 32767)
-    hu.setflags(write=False)
-    return CTVolume(hu=hu, sop_instance_uids=tuple(uid for _, uid, _ in items))
+    try:
+        volume = load_series(paths, dtype=np.int16)
+    except SeriesError as exc:
+        raise ImagingError(str(exc)) from None
+    volume.hu.setflags(write=False)
+    return CTVolume(hu=volume.hu, sop_instance_uids=volume.sop_instance_uids)
 
 
 def load_seg(path: str, volume: CTVolume) -> SegOverlay:

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from db import OutboxMessage, Study, StudyState, audit
 from db.models import utcnow
 from db.session import Database
+from dicom_io.backoff import backoff_delay
 from dicom_node.assembly import PROCESS_STUDY_TASK
 
 log = logging.getLogger("radai.dispatcher")
@@ -47,10 +48,6 @@ def celery_publisher(
         )
 
     return publish
-
-
-def backoff(attempts: int, base: float = 1.0, cap: float = 60.0) -> float:
-    return min(cap, base * 2 ** max(0, attempts - 1))
 
 
 class OutboxDispatcher:
@@ -127,7 +124,7 @@ class OutboxDispatcher:
         with self.db.session() as s:
             msg = s.get(OutboxMessage, msg_id)
             msg.attempts += 1
-            delay = backoff(msg.attempts, self.backoff_base, self.backoff_cap)
+            delay = backoff_delay(msg.attempts, base=self.backoff_base, cap=self.backoff_cap)
             msg.next_attempt_at = utcnow() + timedelta(seconds=delay)
             msg.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
         log.warning("broker unavailable for message %d, retry in %.0f s: %s", msg_id, delay, exc)

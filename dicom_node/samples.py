@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from dicom_io.windows import WINDOW_PRESETS
+
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
 SAMPLE_CASES = ("lung1", "lung2")
 
@@ -34,7 +36,6 @@ IMPLEMENTATION_CLASS_UID = _name_uid("implementation", IMPLEMENTATION_VERSION_NA
 
 # Unsigned storage with a -1024 intercept is the common CT convention (air reads as 0).
 _DEFAULT_INTERCEPT = -1024
-_LUNG_WINDOW = (-600, 1500)  # center, width in HU
 # Fixed so that the output is reproducible; the date itself is arbitrary.
 _STUDY_DATE = "20240102"
 _STUDY_TIME = "093000"
@@ -169,8 +170,8 @@ def _base_dataset(case: str, image: sitk.Image, intercept: int, bits_stored: int
     ds.RescaleType = "HU"
 
     # VOI LUT
-    ds.WindowCenter = str(_LUNG_WINDOW[0])
-    ds.WindowWidth = str(_LUNG_WINDOW[1])
+    center, width = WINDOW_PRESETS["Lung"]
+    ds.WindowCenter, ds.WindowWidth = f"{center:g}", f"{width:g}"
     ds.WindowCenterWidthExplanation = "LUNG"
     return ds
 

@@ -77,8 +77,8 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker_config(settings: Settings):  # noqa: ANN202
+    from dicom_io.destinations import format_destination
     from workers.app import WorkerConfig
-    from workers.export import format_destination
 
     return WorkerConfig(
         database_url=settings.db_url,
@@ -381,12 +381,6 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _parse_target(text: str) -> tuple[str, str, int]:
-    from radai.settings import parse_destination
-
-    return parse_destination(text)
-
-
 def _expand(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
@@ -395,18 +389,28 @@ def _expand(paths: list[str]) -> list[Path]:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    from dicom_node.sender import send_files
+    from dicom_io.cstore import StoreError, send_files
+    from dicom_io.destinations import BadDestination, parse_destination
 
-    aet, host, port = _parse_target(args.to)
+    try:
+        destination = parse_destination(args.to)
+    except BadDestination as exc:
+        print(f"radai: {exc}", file=sys.stderr)
+        return 2
     files = _expand(args.paths)
     if not files:
         print("no files to send", file=sys.stderr)
         return 2
-    results = send_files(files, aet, host, port, calling_aet=args.calling_aet)
-    failed = [r for r in results if r.status != 0]
+    try:
+        results = send_files(
+            files, destination, calling_aet=args.calling_aet, timeout=args.timeout, check=False
+        )
+    except StoreError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    failed = [r for r in results if not r.ok]
     for r in failed:
-        status = "none" if r.status is None else f"0x{r.status:04X}"
-        print(f"FAILED {r.path}: status {status} {r.error or ''}", file=sys.stderr)
+        print(f"FAILED {r.reason}", file=sys.stderr)
     print(f"sent {len(results) - len(failed)} of {len(results)} to {args.to}")
     return 1 if failed else 0
 
@@ -463,8 +467,8 @@ def _print_findings(case: str, row: dict | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_io.cstore import send_files
     from dicom_node.samples import SAMPLE_CASES, build_sample_studies, sample_study_uid
-    from dicom_node.sender import send_files
     from radai import logs
 
     logs.configure(settings.log_level, settings.log_dir, "demo")
@@ -476,8 +480,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     try:
         built = build_sample_studies(settings.home_dir / "samples")
         for case, files in built.items():
-            results = send_files(files, settings.ae_title, "127.0.0.1", service.port)
-            ok = sum(r.status == 0 for r in results)
+            node = (settings.ae_title, "127.0.0.1", service.port)
+            results = send_files(files, node, calling_aet="RADAI_SCU", check=False)
+            ok = sum(r.ok for r in results)
             print(f"sent sample study {case}: {ok} of {len(results)} instances stored")
         uids = [sample_study_uid(c) for c in SAMPLE_CASES]
         rows = _wait_for_states(
@@ -549,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("paths", nargs="+")
     send.add_argument("--to", required=True, metavar="AET@HOST:PORT")
     send.add_argument("--calling-aet", default="RADAI_SCU")
+    send.add_argument(
+        "--timeout", type=float, default=60, help="seconds for any one wait or one file's store"
+    )
 
     dbp = sub.add_parser("db", help="database maintenance")
     dbp.add_argument("action", choices=["upgrade"])

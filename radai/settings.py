@@ -9,24 +9,13 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def parse_destination(text: str) -> tuple[str, str, int]:
-    """Split `AET@HOST:PORT` into its parts; raise ValueError with the offending text."""
-    try:
-        aet, address = text.strip().split("@", 1)
-        host, port = address.rsplit(":", 1)
-        if not aet or not host or len(aet) > 16:
-            raise ValueError
-        return aet, host, int(port)
-    except ValueError:
-        raise ValueError(f"not a DICOM destination of the form AET@HOST:PORT: {text!r}") from None
+from dicom_io.destinations import Destination, parse_destination
 
 
-def _canonical(destination: tuple[str, str, int]) -> tuple[str, str, int]:
-    # Host names compare case-insensitively and IPv6 may be written with brackets; the same
-    # destination written two ways must still match.
+def _canonical(destination: Destination) -> Destination:
+    # Host names compare case-insensitively: the same destination written two ways must match.
     aet, host, port = destination
-    return aet, host.strip("[]").lower(), port
+    return Destination(aet, host.lower(), port)
 
 
 class Settings(BaseSettings):
@@ -158,11 +147,11 @@ class Settings(BaseSettings):
         )
 
     @property
-    def destinations(self) -> list[tuple[str, str, int]]:
+    def destinations(self) -> list[Destination]:
         return [parse_destination(p) for p in self.export_to.split(",") if p.strip()]
 
     @property
-    def deidentified_destinations(self) -> list[tuple[str, str, int]]:
+    def deidentified_destinations(self) -> list[Destination]:
         """The RADAI_EXPORT_DEIDENTIFIED destinations, as parsed from RADAI_EXPORT_TO."""
         wanted = {
             _canonical(parse_destination(p))

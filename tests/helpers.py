@@ -1,7 +1,8 @@
-"""Small helpers shared by tests: database look-ups and hostile Part 10 streams."""
+"""Small helpers shared by tests: database look-ups, hostile Part 10 streams, file copies."""
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
@@ -17,6 +18,15 @@ from db.session import Database
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def copy_files(files: list[Path], folder: Path) -> list[Path]:
+    """Copies of `files` in `folder`, same names, same order: for tests that alter a series."""
+    out = []
+    for f in files:
+        out.append(folder / f.name)
+        shutil.copy(f, out[-1])
+    return out
 
 
 def study_row(db: Database, study_uid: str) -> Study | None:

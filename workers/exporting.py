@@ -16,8 +16,10 @@ from sqlalchemy import select
 from db import Export, Output, audit
 from db.models import utcnow
 from db.session import Database
+from dicom_io.backoff import backoff_delay
+from dicom_io.cstore import StoreError, send_files
+from dicom_io.destinations import Destination
 from workers.deidentify import deidentify_file, load_salt
-from workers.export import Destination, ExportError, backoff_seconds, send_to_destination
 
 log = logging.getLogger("radai.export")
 
@@ -32,6 +34,7 @@ def run_export(
     calling_aet: str,
     timeout: float = 10.0,
     max_attempts: int = 8,
+    backoff_base: float = 5.0,
     backoff_cap: float = 300.0,
     deidentified: frozenset[str] | set[str] = frozenset(),
     home: Path | None = None,
@@ -66,8 +69,8 @@ def run_export(
             if deid:
                 _send_deidentified(paths, destination, home, calling_aet, timeout)
             else:
-                send_to_destination(paths, destination, calling_aet=calling_aet, timeout=timeout)
-        except ExportError as exc:
+                send_files(paths, destination, calling_aet=calling_aet, timeout=timeout)
+        except StoreError as exc:
             error, permanent = exc.reason, exc.permanent
         except OSError as exc:
             error, permanent = f"cannot read outputs: {exc}", True
@@ -103,7 +106,7 @@ def run_export(
             )
             log.warning("export %d to %s failed for good: %s", export_id, name, error)
             return None
-        delay = backoff_seconds(export.attempts - 1, cap=backoff_cap)
+        delay = backoff_delay(export.attempts, base=backoff_base, cap=backoff_cap)
     log.info("export %d to %s failed (%s); retry in %.0f s", export_id, name, error, delay)
     return delay
 
@@ -122,5 +125,5 @@ def _send_deidentified(
         except Exception as exc:
             # Whatever goes wrong here, nothing may leave: a retry would fail the same way.
             reason = f"de-identification failed: {type(exc).__name__}: {exc}"
-            raise ExportError(destination, reason, True) from exc
-        send_to_destination(copies, destination, calling_aet=calling_aet, timeout=timeout)
+            raise StoreError(destination, reason, True) from exc
+        send_files(copies, destination, calling_aet=calling_aet, timeout=timeout)

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from db import Export, Instance, Job, OutboxMessage, Output, Series, Study, StudyState, audit
 from db.models import utcnow
 from db.session import Database
+from dicom_io.series import UndecodablePixels, UnusableSeries, Volume, load_series
 from ml.runtime import inference, qa
 from ml.runtime.registry import DEFAULT_REFS
 from workers.dicom_out.seg import build_segmentation
@@ -28,7 +29,6 @@ from workers.dicom_out.sr import build_measurement_report
 from workers.models import ModelSet, load_models
 from workers.outputs import write_output
 from workers.selection import SeriesHeader, load_rules, select_series
-from workers.volume import UndecodablePixels, UnusableSeries, Volume, load_series
 
 log = logging.getLogger("radai.worker")
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import logging
 
+from dicom_io.backoff import backoff_delay
+from dicom_io.destinations import Destination, format_destination
 from workers import exporting, processing
 from workers.app import app, runtime
-from workers.export import format_destination
 from workers.models import load_models
 
 log = logging.getLogger("radai.worker")
 
 MAX_RETRIES = 5
-
-
-def retry_delay(retries: int, base: float = 2.0, cap: float = 120.0) -> float:
-    return min(cap, base * 2**retries)
+RETRY_BASE, RETRY_CAP = 2.0, 120.0  # seconds
 
 
 @app.task(name="radai.process_study", bind=True, acks_late=True, max_retries=MAX_RETRIES)
@@ -42,7 +40,9 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
             processing.fail(rt.db, study_uid, reason[:2000])
             return f"FAILED: {reason}"
         log.warning("study %s: attempt failed (%s); retrying", study_uid, exc)
-        raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+        # `retries` counts the retries already made: this failure is number retries + 1.
+        delay = backoff_delay(self.request.retries + 1, base=RETRY_BASE, cap=RETRY_CAP)
+        raise self.retry(exc=exc, countdown=delay) from exc
 
 
 @app.task(name="radai.export_output", bind=True, acks_late=True, max_retries=None)
@@ -51,7 +51,7 @@ def export_output(self, export_id: int) -> str:  # noqa: ANN001
     delay = exporting.run_export(
         rt.db,
         export_id,
-        {format_destination(d): d for d in rt.config.export_to},
+        {format_destination(d): Destination(*d) for d in rt.config.export_to},
         calling_aet=rt.config.calling_aet,
         timeout=rt.config.export_timeout,
         max_attempts=rt.config.export_max_attempts,

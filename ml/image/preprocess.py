@@ -25,24 +25,20 @@ from skimage import exposure
 
 __all__ = [
     "DENOISE_METHODS",
-    "WINDOWS",
+    "LUNG_WINDOW",
     "denoise",
     "enhance_contrast",
     "normalise_for_network",
     "resample",
     "window",
-    "window_preset",
 ]
 
 Spacing = tuple[float, float, float]
 
-# (level, width) in HU. Lung: parenchyma (-850) mid-grey and nodules/vessels (0..100) near white.
-# Mediastinum: fat (-100) to enhanced vessels (+200). Bone: cortex (+1000) without clipping marrow.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (40.0, 400.0),
-    "bone": (400.0, 1800.0),
-}
+# (level, width) in HU of the networks' input (`normalise_for_network`): parenchyma (-850) low,
+# nodules and vessels (0..100) high. The trained models' contract, not a display preference: it
+# equals the viewer's lung preset (`dicom_io.windows`) today, but changing it means retraining.
+LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 
 DENOISE_METHODS = ("curvature_flow", "anisotropic", "median", "gaussian")
 
@@ -79,19 +75,10 @@ def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def window_preset(hu: np.ndarray, name: str) -> np.ndarray:
-    """:func:`window` with one of :data:`WINDOWS` (``lung``, ``mediastinum``, ``bone``)."""
-    try:
-        level, width = WINDOWS[name]
-    except KeyError:
-        raise ValueError(f"unknown window {name!r}; known: {sorted(WINDOWS)}") from None
-    return window(hu, level, width)
-
-
 def enhance_contrast(
     hu: np.ndarray,
-    level: float = WINDOWS["lung"][0],
-    width: float = WINDOWS["lung"][1],
+    level: float = LUNG_WINDOW[0],
+    width: float = LUNG_WINDOW[1],
     *,
     clip_limit: float = 0.01,
     kernel_size: int | None = None,
@@ -271,7 +258,7 @@ def normalise_for_network(
 ) -> np.ndarray:
     """The network input: float32 of the input's shape.
 
-    ``lung_window`` (the default): :func:`window` with the lung preset (-600/1500), so -1350 HU
+    ``lung_window`` (the default): :func:`window` with :data:`LUNG_WINDOW` (-600/1500), so -1350 HU
     -> 0, -600 -> 0.5, +150 -> 1. A fixed mapping keeps the same tissue at the same value across
     scanners and fields of view, and the window spans all that matters for lung lesions (air,
     parenchyma, nodules, vessels); bone saturates at 1. A model must be run with the
@@ -282,7 +269,7 @@ def normalise_for_network(
     surrounds the patient. Falls back to the whole volume when there is no body.
     """
     if method == "lung_window":
-        return window_preset(hu, "lung")
+        return window(hu, *LUNG_WINDOW)
     if method != "zscore":
         raise ValueError(f"unknown normalisation {method!r}")
     arr = np.clip(np.asarray(hu, dtype=np.float32), *_HU_CLIP)

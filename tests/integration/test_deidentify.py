@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from db import Export, Output, StudyState, audit
+from dicom_io.destinations import format_destination
 from dicom_node.samples import sample_study_uid
 from radai.cli import _worker_config
 from radai.settings import Settings
@@ -31,7 +32,6 @@ from tests.helpers import study_state
 from tests.kit.orthanc import OrthancServer
 from workers import exporting, processing
 from workers.deidentify import deidentify, load_salt, pseudonym_uid
-from workers.export import format_destination
 
 SALT = "0" * 64
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR

@@ -8,7 +8,7 @@ import uuid
 from kombu import Connection
 
 from db import OutboxMessage, StudyState
-from dicom_node.dispatcher import backoff, celery_publisher
+from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
 from tests.conftest import RecordingPublisher, storescu, wait_for
 from tests.helpers import outbox, study_state
@@ -29,10 +29,6 @@ def _drain(broker_url: str, queue: str, expected: int, timeout: float = 10) -> l
         finally:
             q.close()
     return bodies
-
-
-def test_backoff_is_exponential_and_capped():
-    assert [backoff(n, 1.0, 30.0) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
 
 
 def test_broker_down_loses_nothing(database, node_factory, samples):

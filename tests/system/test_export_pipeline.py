@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from db import Export, OutboxMessage, Output, StudyState, audit
+from dicom_io.destinations import format_destination
 from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
 from tests.conftest import free_port, storescu, wait_for
 from tests.helpers import study_state
 from tests.kit.orthanc import OrthancServer
 from workers import exporting, processing
-from workers.export import format_destination
 
 LUNG1 = sample_study_uid("lung1")
 

@@ -9,13 +9,12 @@ from scipy import ndimage
 
 from ml.image.preprocess import (
     DENOISE_METHODS,
-    WINDOWS,
+    LUNG_WINDOW,
     denoise,
     enhance_contrast,
     normalise_for_network,
     resample,
     window,
-    window_preset,
 )
 
 SPACING = (5.0, 0.6, 0.6)
@@ -49,18 +48,18 @@ def test_window_maps_level_to_half_and_clips() -> None:
     assert np.all(np.diff(ramp) >= 0) and ramp[0] == 0 and ramp[-1] == 1
 
 
-@pytest.mark.parametrize("name", sorted(WINDOWS))
-def test_presets_centre_on_their_level(name: str) -> None:
-    level, width = WINDOWS[name]
-    out = window_preset(np.array([[[level, level - width, level + width]]]), name)
+@pytest.mark.parametrize("level_width", [LUNG_WINDOW, (40.0, 400.0), (400.0, 1800.0)])
+def test_window_centres_on_its_level(level_width: tuple[float, float]) -> None:
+    level, width = level_width
+    out = window(np.array([[[level, level - width, level + width]]]), level, width)
     np.testing.assert_allclose(out.ravel(), [0.5, 0.0, 1.0], atol=1e-6)
 
 
-def test_window_rejects_bad_width_and_unknown_preset() -> None:
+def test_window_rejects_bad_width() -> None:
     with pytest.raises(ValueError):
         window(np.zeros((1, 1, 1)), 0, 0)
     with pytest.raises(ValueError):
-        window_preset(np.zeros((1, 1, 1)), "brain")
+        window(np.zeros((1, 1, 1)), 0, -10)
 
 
 def test_clahe_raises_local_contrast_of_a_faint_structure() -> None:
@@ -68,7 +67,7 @@ def test_clahe_raises_local_contrast_of_a_faint_structure() -> None:
     yy, xx = np.mgrid[:128, :128]
     plane = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 20**2, 30.0, 0.0)
     vol = np.stack([plane, plane + 10.0]).astype(np.float32)
-    before = window_preset(vol, "lung")
+    before = window(vol, *LUNG_WINDOW)
     after = enhance_contrast(vol)
     assert after.dtype == np.float32 and after.shape == vol.shape
     assert after.min() >= 0.0 and after.max() <= 1.0
@@ -80,7 +79,7 @@ def test_clahe_raises_local_contrast_of_a_faint_structure() -> None:
         assert gap_after > 3 * gap_before > 0
     # A flat slice (all air) stays what the window makes of it instead of turning white.
     flat = enhance_contrast(np.full((1, 32, 32), -1000.0))
-    np.testing.assert_allclose(flat, window_preset(np.full((1, 32, 32), -1000.0), "lung"))
+    np.testing.assert_allclose(flat, window(np.full((1, 32, 32), -1000.0), *LUNG_WINDOW))
 
 
 @pytest.mark.parametrize("method", DENOISE_METHODS)
@@ -185,7 +184,7 @@ def test_normalise_for_network_lung_window_and_zscore() -> None:
     vol[:, 0, 0] = -3024.0  # padding outside the reconstruction circle
     lung = normalise_for_network(vol)
     assert lung.dtype == np.float32
-    np.testing.assert_allclose(lung, window_preset(vol, "lung"))
+    np.testing.assert_allclose(lung, window(vol, *LUNG_WINDOW))
     assert normalise_for_network(np.array([[[-600.0]]]))[0, 0, 0] == pytest.approx(0.5)
     z = normalise_for_network(vol, "zscore")
     assert z.dtype == np.float32

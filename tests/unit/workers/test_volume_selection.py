@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 
+from dicom_io.series import UndecodablePixels, UnusableSeries, load_series
 from dicom_node.samples import SAMPLES_DIR
+from tests.helpers import copy_files
 from workers.selection import SeriesHeader, load_rules, select_series, why_not
-from workers.volume import UndecodablePixels, UnusableSeries, load_series
 
 
 def _header(**kw) -> SeriesHeader:
@@ -61,14 +60,6 @@ def lung1_files(samples):
     return samples["lung1"]
 
 
-def _copy(files, tmp_path):
-    out = []
-    for f in files:
-        out.append(tmp_path / f.name)
-        shutil.copy(f, out[-1])
-    return out
-
-
 def test_volume_matches_the_source_ct(lung1_files):
     shuffled = list(reversed(lung1_files))  # order must come from positions, not from the caller
     vol = load_series(shuffled)
@@ -86,7 +77,7 @@ def test_missing_slice_is_refused(lung1_files):
 
 
 def test_mixed_sizes_are_refused(lung1_files, tmp_path):
-    files = _copy(lung1_files[:5], tmp_path)
+    files = copy_files(lung1_files[:5], tmp_path)
     ds = pydicom.dcmread(files[2])
     ds.PixelData = ds.pixel_array[:256, :256].tobytes()
     ds.Rows, ds.Columns = 256, 256
@@ -96,7 +87,7 @@ def test_mixed_sizes_are_refused(lung1_files, tmp_path):
 
 
 def test_tilted_slice_is_refused(lung1_files, tmp_path):
-    files = _copy(lung1_files[:5], tmp_path)
+    files = copy_files(lung1_files[:5], tmp_path)
     ds = pydicom.dcmread(files[1])
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
     ds.save_as(files[1])
@@ -105,7 +96,7 @@ def test_tilted_slice_is_refused(lung1_files, tmp_path):
 
 
 def test_non_image_object_is_refused(lung1_files, tmp_path):
-    files = _copy(lung1_files[:5], tmp_path)
+    files = copy_files(lung1_files[:5], tmp_path)
     ds = pydicom.dcmread(files[3])
     for kw in ("Rows", "Columns", "PixelData"):
         delattr(ds, kw)
@@ -115,7 +106,7 @@ def test_non_image_object_is_refused(lung1_files, tmp_path):
 
 
 def test_undecodable_pixels_are_their_own_failure(lung1_files, tmp_path):
-    files = _copy(lung1_files[:3], tmp_path)
+    files = copy_files(lung1_files[:3], tmp_path)
     ds = pydicom.dcmread(files[0])
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG baseline, but raw bytes
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8not a jpeg\xff\xd9"])

@@ -1,11 +1,13 @@
-"""C-STORE export (`workers.export`) against a real Orthanc, scripted pynetdicom SCPs (statuses,
-refused SOP classes, slow or stalled peers), a closed port and a listener that never answers; plus
-the backoff and destination formatting helpers.
+"""The C-STORE client (`dicom_io.cstore`) against a real Orthanc, dcmtk's storescp, scripted
+pynetdicom SCPs (statuses, refused SOP classes, slow or stalled peers), a closed port and a
+listener that never answers: every failure is a `StoreError` marked permanent or transient, or
+(with `check=False`) one result per file.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +20,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, SegmentationStorage
 
-from tests.kit.net import free_port
+from dicom_io.cstore import StoreError, send_files
+from tests.conftest import free_port, wait_for
 from tests.kit.orthanc import OrthancServer
-from workers.export import ExportError, backoff_seconds, format_destination, send_to_destination
 
 TESTDATA = Path(pydicom.data.__file__).parent / "test_files"
 # Bounds on how long failures may take. They are generous so that a loaded machine does not flake:
@@ -28,6 +30,7 @@ TESTDATA = Path(pydicom.data.__file__).parent / "test_files"
 QUICK = 5.0
 SHORT_TIMEOUT = 3.0
 SHORT_BOUND = 15.0
+STORESCP = "/usr/bin/storescp"  # dcmtk's, not pynetdicom's of the same name in the venv
 
 Destination = tuple[str, str, int]
 
@@ -52,12 +55,12 @@ def _uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def _export_error(
+def _store_error(
     paths: list[Path], destination: Destination, **kw: float
-) -> tuple[ExportError, float]:
+) -> tuple[StoreError, float]:
     start = time.monotonic()
-    with pytest.raises(ExportError) as info:
-        send_to_destination(paths, destination, **kw)
+    with pytest.raises(StoreError) as info:
+        send_files(paths, destination, **kw)
     return info.value, time.monotonic() - start
 
 
@@ -119,6 +122,31 @@ def scripted_scp() -> Iterator[Callable[..., ScriptedSCP]]:
 
 
 @pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[Destination, Path]]:
+    """dcmtk's storescp on a free port, writing what it receives into a folder."""
+    if not Path(STORESCP).exists():
+        pytest.skip("dcmtk's storescp is not installed")
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [STORESCP, "-aet", "DCMTK", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(listening, timeout=10, interval=0.05)
+        yield ("DCMTK", "127.0.0.1", port), out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
 def silent_listener() -> Iterator[Destination]:
     """Accepts TCP connections and never sends a byte: a hung PACS, or a black hole past accept."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -147,7 +175,8 @@ def test_seg_sr_and_ct_arrive_in_orthanc(
     orthanc: OrthancServer, seg: Path, sr: Path, ct: Path
 ) -> None:
     before = set(orthanc.instances())
-    send_to_destination([seg, sr, ct], orthanc.destination)
+    results = send_files([seg, sr, ct], orthanc.destination)
+    assert [(r.path, r.ok) for r in results] == [(seg, True), (sr, True), (ct, True)]
 
     new = set(orthanc.instances()) - before
     stored = {orthanc.instance_tags(i)["SOPInstanceUID"]: i for i in new}
@@ -161,7 +190,7 @@ def test_seg_sr_and_ct_arrive_in_orthanc(
 def test_wrong_called_aet_is_a_permanent_rejection(orthanc: OrthancServer, sr: Path) -> None:
     _, host, port = orthanc.destination
     before = set(orthanc.instances())
-    error, elapsed = _export_error([sr], ("NOT_ORTHANC", host, port))
+    error, elapsed = _store_error([sr], ("NOT_ORTHANC", host, port))
     assert error.permanent
     assert "rejected" in error.reason
     assert error.destination == ("NOT_ORTHANC", host, port)
@@ -171,11 +200,11 @@ def test_wrong_called_aet_is_a_permanent_rejection(orthanc: OrthancServer, sr: P
 
 
 def test_empty_list_never_connects() -> None:
-    send_to_destination([], ("ANY", "127.0.0.1", free_port()), timeout=SHORT_TIMEOUT)
+    assert send_files([], ("ANY", "127.0.0.1", free_port()), timeout=SHORT_TIMEOUT) == []
 
 
 def test_closed_port_is_transient(sr: Path) -> None:
-    error, elapsed = _export_error([sr], ("ANY", "127.0.0.1", free_port()), timeout=SHORT_TIMEOUT)
+    error, elapsed = _store_error([sr], ("ANY", "127.0.0.1", free_port()), timeout=SHORT_TIMEOUT)
     assert not error.permanent
     assert "connect" in error.reason
     assert elapsed < SHORT_BOUND
@@ -184,7 +213,7 @@ def test_closed_port_is_transient(sr: Path) -> None:
 def test_listener_that_never_answers_times_out_as_transient(
     silent_listener: Destination, sr: Path
 ) -> None:
-    error, elapsed = _export_error([sr], silent_listener, timeout=SHORT_TIMEOUT)
+    error, elapsed = _store_error([sr], silent_listener, timeout=SHORT_TIMEOUT)
     assert not error.permanent
     assert "not answered" in error.reason
     assert elapsed < SHORT_BOUND
@@ -214,10 +243,10 @@ def test_store_status_classification(
     scp = scripted_scp([SegmentationStorage, BasicTextSRStorage])
     scp.status = status
     if permanent is None:
-        send_to_destination([seg, sr], scp.destination, timeout=SHORT_TIMEOUT)
+        send_files([seg, sr], scp.destination, timeout=SHORT_TIMEOUT)
         assert scp.received == [_uid(seg), _uid(sr)]
         return
-    error, _ = _export_error([seg, sr], scp.destination, timeout=SHORT_TIMEOUT)
+    error, _ = _store_error([seg, sr], scp.destination, timeout=SHORT_TIMEOUT)
     assert error.permanent is permanent
     assert f"0x{status:04X}" in error.reason
     assert seg.name in error.reason
@@ -228,10 +257,10 @@ def test_unaccepted_sop_class_is_permanent_and_sends_nothing(
     scripted_scp: Callable[..., ScriptedSCP], ct: Path, sr: Path
 ) -> None:
     scp = scripted_scp([CTImageStorage])
-    error, _ = _export_error([ct, sr], scp.destination, timeout=SHORT_TIMEOUT)
+    error, _ = _store_error([ct, sr], scp.destination, timeout=SHORT_TIMEOUT)
     assert error.permanent
     assert "Basic Text SR" in error.reason
-    error, _ = _export_error([sr], scp.destination, timeout=SHORT_TIMEOUT)
+    error, _ = _store_error([sr], scp.destination, timeout=SHORT_TIMEOUT)
     assert error.permanent
     assert "no presentation context accepted" in error.reason
     assert scp.received == []
@@ -242,7 +271,7 @@ def test_missing_store_response_is_transient(
 ) -> None:
     scp = scripted_scp([BasicTextSRStorage])
     scp.delay = 3.0
-    error, elapsed = _export_error([sr], scp.destination, timeout=1.0)
+    error, elapsed = _store_error([sr], scp.destination, timeout=1.0)
     assert not error.permanent
     assert "no C-STORE response" in error.reason
     assert elapsed < SHORT_BOUND
@@ -272,7 +301,7 @@ def test_peer_that_stops_reading_times_out_as_transient(tmp_path: Path) -> None:
     )
     try:
         destination = ("STALLED", "127.0.0.1", server.server_address[1])
-        error, elapsed = _export_error([path], destination, timeout=SHORT_TIMEOUT)
+        error, elapsed = _store_error([path], destination, timeout=SHORT_TIMEOUT)
     finally:
         release.set()
         server.shutdown()
@@ -290,24 +319,43 @@ def test_transient_rejection_is_transient(
     assert held.is_established
     try:
         # pynetdicom answers "local limit exceeded", a rejection of result 2 (transient).
-        error, _ = _export_error([sr], scp.destination, timeout=SHORT_TIMEOUT)
+        error, _ = _store_error([sr], scp.destination, timeout=SHORT_TIMEOUT)
     finally:
         held.release()
     assert not error.permanent
     assert "Rejected Transient" in error.reason
 
 
-def test_backoff_grows_and_caps() -> None:
-    delays = [backoff_seconds(n) for n in range(12)]
-    assert delays[:4] == [5.0, 10.0, 20.0, 40.0]
-    assert all(a <= b for a, b in zip(delays, delays[1:], strict=False))
-    assert max(delays) == delays[-1] == 300.0
-    assert backoff_seconds(10_000) == 300.0
-    assert backoff_seconds(3, base=1.0, cap=6.0) == 6.0
-    with pytest.raises(ValueError):
-        backoff_seconds(-1)
+def test_files_arrive_in_dcmtk_storescp(
+    storescp: tuple[Destination, Path], seg: Path, sr: Path, ct: Path
+) -> None:
+    destination, out = storescp
+    results = send_files([seg, sr, ct], destination, calling_aet="RADAI_TEST", check=False)
+    assert [r.status for r in results] == [0x0000, 0x0000, 0x0000]
+    received = {_uid(p) for p in out.iterdir()}
+    assert received == {_uid(seg), _uid(sr), _uid(ct)}
 
 
-def test_format_destination() -> None:
-    assert format_destination(("PACS", "127.0.0.1", 104)) == "PACS@127.0.0.1:104"
-    assert format_destination(("PACS", "::1", 11112)) == "PACS@[::1]:11112"
+def test_without_check_every_file_is_tried_and_reported(
+    scripted_scp: Callable[..., ScriptedSCP], seg: Path, sr: Path
+) -> None:
+    scp = scripted_scp([SegmentationStorage, BasicTextSRStorage])
+    scp.status = 0xA700
+    results = send_files([seg, sr], scp.destination, timeout=SHORT_TIMEOUT, check=False)
+    assert scp.received == [_uid(seg), _uid(sr)]
+    assert [(r.path, r.status) for r in results] == [(seg, 0xA700), (sr, 0xA700)]
+    assert not any(r.ok or r.permanent for r in results)
+    assert all(r.reason.startswith(r.path.name) and "0xA700" in r.reason for r in results)
+
+
+def test_without_check_a_timed_out_store_leaves_the_rest_unanswered(
+    scripted_scp: Callable[..., ScriptedSCP], seg: Path, sr: Path
+) -> None:
+    scp = scripted_scp([SegmentationStorage, BasicTextSRStorage])
+    scp.delay = 3.0
+    start = time.monotonic()
+    results = send_files([seg, sr], scp.destination, timeout=1.0, check=False)
+    assert time.monotonic() - start < SHORT_BOUND
+    assert [r.status for r in results] == [None, None]
+    assert all("no C-STORE response" in r.reason and not r.permanent for r in results)
+    assert scp.received == [_uid(seg)]

@@ -1,38 +1,52 @@
-"""Loading a CT series from the archive into a volume in Hounsfield units, with its geometry.
+"""Loading a CT series into a volume in Hounsfield units, with its geometry: the one loader of
+the pipeline and the viewer, so that a finding's slice index is the viewer's slice index.
 
-Slices are ordered by their position along the slice normal (never by file name or instance
-number); the series is refused with a plain reason when it cannot form one regular volume:
-objects without pixels, mixed sizes or orientations, duplicate positions, missing slices or
-uneven spacing. Pixel data that cannot be decoded is a different failure (`UndecodablePixels`).
+Slices are ordered by their position along the slice normal (never by file name, instance number
+or the caller's order); the series is refused with a plain reason when it cannot form one regular
+volume: objects without pixels, mixed sizes or orientations, duplicate positions, missing slices
+or uneven spacing. Pixel data that cannot be decoded is a different failure (`UndecodablePixels`).
+Reasons name files by their archive name (a content hash), never by anything about the patient.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from numpy.typing import DTypeLike
 from pydicom.dataset import Dataset
 
 
-class UnusableSeries(Exception):
+class SeriesError(Exception):
+    """The series cannot be loaded; the reason is meant for people."""
+
+
+class UnusableSeries(SeriesError):
     """The series cannot be analysed as one volume; the reason is meant for people."""
 
 
-class UndecodablePixels(Exception):
+class UndecodablePixels(SeriesError):
     """Pixel data present but not decodable (unsupported or corrupt compression)."""
 
 
 @dataclass
 class Volume:
-    hu: np.ndarray  # float32, (z, y, x)
+    hu: np.ndarray  # (z, y, x), of the dtype asked for (float32 by default)
     spacing_zyx: tuple[float, float, float]
     origin_xyz: tuple[float, float, float]  # patient coordinates of the first voxel
     row_cosine: tuple[float, float, float]
     column_cosine: tuple[float, float, float]
     datasets: list[Dataset]  # headers in volume order (pixel data released)
     paths: list[Path]
+
+    @property
+    def sop_instance_uids(self) -> tuple[str, ...]:
+        """In volume order: index i of the first axis is the instance named here at i."""
+        return tuple(str(ds.SOPInstanceUID) for ds in self.datasets)
 
 
 def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
@@ -42,12 +56,21 @@ def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
     return np.asarray([float(v) for v in value], dtype=float)
 
 
-def load_series(paths: list[Path], *, spacing_tolerance: float = 0.1) -> Volume:
-    """Read, check and stack a series' files into a HU volume."""
+def load_series(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    spacing_tolerance: float = 0.1,
+    dtype: DTypeLike = np.float32,
+) -> Volume:
+    """Read, check and stack a series' files (in any order) into a HU volume.
+
+    An integer ``dtype`` (the viewer keeps int16 to halve its memory) clips to its range."""
     if not paths:
         raise UnusableSeries("the series holds no instances")
+    dtype = np.dtype(dtype)
+    limits = np.iinfo(dtype) if dtype.kind in "iu" else None
     headers = []
-    for path in paths:
+    for path in map(Path, paths):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - the archive holds only checked files, but still
@@ -99,7 +122,7 @@ def load_series(paths: list[Path], *, spacing_tolerance: float = 0.1) -> Volume:
     dy, dx = float(spacing[0]), float(spacing[1])
 
     rows, cols = sizes.pop()
-    hu = np.empty((len(positions), rows, cols), dtype=np.float32)
+    hu = np.empty((len(positions), rows, cols), dtype=dtype)
     for i, (_, path, _header) in enumerate(positions):
         try:
             ds = pydicom.dcmread(path)
@@ -110,7 +133,8 @@ def load_series(paths: list[Path], *, spacing_tolerance: float = 0.1) -> Volume:
             raise UnusableSeries(f"{path.name}: pixel array {pixels.shape} is not one 2D slice")
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        hu[i] = pixels.astype(np.float32) * slope + intercept
+        values = pixels.astype(np.float32) * slope + intercept
+        hu[i] = values if limits is None else np.clip(values, limits.min, limits.max)
 
     origin = _float_list(first, "ImagePositionPatient", 3, positions[0][1])
     return Volume(
