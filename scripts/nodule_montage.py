@@ -3,7 +3,7 @@
 Run by hand on the real data (never in tests):
     PYTHONPATH=$PWD .venv/bin/python scripts/nodule_montage.py ../shared/data /tmp/montage.png
 Each row is one background; for each placement kind: the background before, after, and after
-with the label outlined (axial slice through the nodule's centre, lung window, 70 mm square).
+with the label outlined (pleural: a source nodule that touched its own chest wall; axial slice through the nodule's centre, lung window, 70 mm square).
 """
 
 from __future__ import annotations
@@ -19,11 +19,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ml.data.backgrounds import ANATOMIES, load_anatomy  # noqa: E402
-from ml.data.compose import KINDS, PlacementIndex, compose  # noqa: E402
+from ml.data.compose import KINDS, PlacementIndex, attachment, compose  # noqa: E402
 from ml.data.nodules import load_crop, read_nodule_table  # noqa: E402
 from ml.data.splits import rows_in  # noqa: E402
 
 FIELD_MM = 70.0
+
+
+def _pick(lidc: Path, rows, rng: np.random.Generator, attached: bool):
+    """A random crop; one touching its own chest wall for the pleura, a free one otherwise."""
+    while True:
+        crop = load_crop(lidc, rows[int(rng.integers(len(rows)))])
+        if (attachment(crop) is not None) == attached:
+            return crop
 
 
 def main(data_dir: Path, out: Path, seed: int = 0) -> None:
@@ -37,8 +45,7 @@ def main(data_dir: Path, out: Path, seed: int = 0) -> None:
         t = time.perf_counter()
         bg = load_anatomy(data_dir, name)
         index = PlacementIndex(bg)
-        picks = [rows[j] for j in rng.choice(len(rows), size=len(KINDS), replace=False)]
-        crops = [load_crop(lidc, r) for r in picks]
+        crops = [_pick(lidc, rows, rng, attached=(kind == "pleural")) for kind in KINDS]
         hu, labels, sample = compose(bg, crops, list(KINDS), seed=seed + i, index=index)
         print(f"{name}: {bg.hu.shape} {bg.spacing} in {time.perf_counter() - t:.1f} s")
         for k, nod in enumerate(sample.nodules):

@@ -14,11 +14,14 @@ from ml.data.compose import (
     CompositeSample,
     PlacementError,
     PlacementIndex,
+    attachment,
     blend,
     compose,
     nodule_on_grid,
+    rotation_between,
     scale_for_volume,
 )
+from ml.data.nodules import NoduleCrop
 from tests.ml_phantoms import phantom_background, phantom_crop
 
 SPACINGS = [(2.5, 0.7, 0.7), (1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (5.0, 0.6, 0.6), (3.0, 0.8, 0.8)]
@@ -148,6 +151,37 @@ def test_provenance_round_trips_through_json(background, index, crop):
     assert d["source_file"].endswith("LIDC-IDRI-9999_R_1.nii.gz")
     assert "CC BY 3.0" in d["licence"]
     assert d["seed"] == 2 and len(d["centre_mm"]) == 3
+
+
+def test_attached_source_goes_only_to_the_pleura_face_first(background, index):
+    crop = phantom_crop(radii_mm=(7.0, 6.0, 6.0), shape=(10, 40, 40), wall=False)
+    # Chest wall under the nodule, touching the mask: the source nodule is juxtapleural.
+    hu = crop.hu.copy()
+    low = np.argwhere(crop.mask)[:, 1].max()
+    hu[:, low + 1 :, :] = 50.0
+    attached = NoduleCrop(crop.row, hu, crop.mask, crop.spacing, crop.source_file)
+    direction = attachment(attached)
+    assert direction is not None and direction[1] > 0.9  # towards +y, where the wall is
+    assert attachment(crop) is None
+    with pytest.raises(ValueError, match="pleural"):
+        compose(background, [attached], ["free"], 0, index=index)
+    _, labels, sample = compose(background, [attached], ["pleural"], 0, index=index)
+    nod = sample.nodules[0]
+    assert nod.source_attached
+    turned = np.asarray(nod.rotation) @ direction
+    assert turned @ index.towards_border(np.asarray(nod.centre_voxel)) > 0.99
+    assert ((labels == 1) & index.surface).any()
+
+
+def test_rotation_between_turns_a_into_b():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.normal(size=3), rng.normal(size=3)
+        r = rotation_between(a, b)
+        assert np.allclose(r @ (a / np.linalg.norm(a)), b / np.linalg.norm(b))
+        assert np.allclose(r @ r.T, np.eye(3)) and np.linalg.det(r) == pytest.approx(1.0)
+    r = rotation_between(np.array([0.0, 1.0, 0.0]), np.array([0.0, -1.0, 0.0]))
+    assert np.allclose(r @ [0, 1, 0], [0, -1, 0]) and np.linalg.det(r) == pytest.approx(1.0)
 
 
 def test_impossible_request_is_a_clear_error(background, index, crop):

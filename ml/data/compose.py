@@ -29,6 +29,11 @@ Blend rule (documented so it can be judged):
 The label is the resampled readers' mask inside the lungs (a part beyond the pleura is chest wall
 and would not be outlined by a reader).
 
+Source nodules that touch their own chest wall (:func:`attachment`; about a third of the LIDC crops)
+have a flat face where the readers stopped at the pleura. Inserted free they look cut off, so they
+are refused for ``free`` and ``fissure_or_vessel`` (ValueError) and, as ``pleural``, turned (the
+smallest rotation) so that the face looks at the nearest point of the background's pleura.
+
 Placement kinds, from the background's lung mask: ``free`` (the whole nodule at least
 `FREE_CLEARANCE_MM` from the lung border), ``pleural`` (centre inside the lung at 0.3-0.9 of the
 equivalent radius from the border, and the label must touch the border), ``fissure_or_vessel``
@@ -73,6 +78,9 @@ PARENCHYMA_MAX_HU = -400.0
 DEFAULT_PARENCHYMA_HU = -850.0
 CANDIDATES_PER_DRAW = 2048
 MAX_DRAWS = 8
+ATTACHED_SHELL_MM = 2.0
+ATTACHED_FRACTION = 0.02
+ATTACHED_MIN_MM3 = 300.0
 # As in ml.image.lungs: an air component of a slice smaller than this is an airway.
 AIRWAY_MAX_AREA_MM2 = 500.0
 
@@ -97,6 +105,8 @@ class InsertedNodule:
     volume_mm3: float  # label voxels x voxel volume on the background grid
     nominal_volume_mm3: float  # readers' mask volume on the crop grid x scale^3
     label_value: int = 1
+    source_attached: bool = False  # the source nodule touched its own chest wall (see attachment)
+    rotation: list[list[float]] = field(default_factory=lambda: np.eye(3).tolist())  # (z, y, x)
     licence: str = LIDC_LICENCE
     background_licence: str = ""
     origin: str = "real LIDC-IDRI nodule and readers' mask, inserted into a real CT"
@@ -167,11 +177,18 @@ class PlacementIndex:
         self.lung_idx = np.flatnonzero(lung)
         if self.lung_idx.size == 0:
             raise PlacementError(f"{background.name}: no lung")
-        self._border = cKDTree(np.argwhere(self.surface) * self.spacing)
+        self._border_mm = np.argwhere(self.surface) * self.spacing
+        self._border = cKDTree(self._border_mm)
         self._dense: cKDTree | None = None
 
     def depth_mm(self, voxels: np.ndarray) -> np.ndarray:
         return self._border.query(voxels * self.spacing)[0]
+
+    def towards_border(self, voxel: np.ndarray) -> np.ndarray:
+        """Unit vector (z, y, x, in mm) from ``voxel`` to the nearest point of the lung border."""
+        p = np.asarray(voxel, dtype=np.float64) * self.spacing
+        d = self._border_mm[self._border.query(p)[1]] - p
+        return d / max(float(np.linalg.norm(d)), 1e-9)
 
     def dense_distance_mm(self, voxels: np.ndarray) -> np.ndarray:
         if self._dense is None:
@@ -231,11 +248,17 @@ def _resample_into(
     box: tuple[slice, ...],
     centre: np.ndarray,
     spacing: np.ndarray,
+    rotation: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop HU and mask fraction on the background voxels of ``box``."""
+    """Crop HU and mask fraction on the background voxels of ``box``, the crop turned by
+    ``rotation`` (z, y, x) about its centroid."""
+    if rotation is None:
+        rotation = np.eye(3)
     size = [b.stop - b.start for b in box]
     origin = (np.array([b.start for b in box]) - centre) * spacing
-    transform = sitk.ScaleTransform(3, (1.0 / scale,) * 3)
+    # Output point p (mm from the centre) samples the crop at R^T p / scale.
+    m = (np.asarray(rotation, dtype=np.float64).T / scale)[::-1, ::-1]
+    transform = sitk.AffineTransform(m.ravel().tolist(), (0.0, 0.0, 0.0))
 
     def sample(img: sitk.Image, default: float) -> np.ndarray:
         out = sitk.Resample(
@@ -252,6 +275,41 @@ def _resample_into(
         return sitk.GetArrayFromImage(out)
 
     return sample(prepared.image, prepared.parenchyma_hu), sample(prepared.mask, 0.0)
+
+
+def attachment(crop: NoduleCrop) -> np.ndarray | None:
+    """Unit vector (z, y, x, mm) from the nodule's centroid towards the large dense structure it
+    touches in its own scan (chest wall, diaphragm, mediastinum), or None for a nodule that
+    touches none. "Touches": at least `ATTACHED_FRACTION` of the crop voxels within
+    `ATTACHED_SHELL_MM` of the mask are > `DENSE_HU` HU and belong to a dense component of at
+    least `ATTACHED_MIN_MM3` (so vessels do not count). Such a nodule has a flat face where the
+    readers' mask meets the wall: it only looks right inserted against a pleura, turned so that
+    face meets it."""
+    sp = np.asarray(crop.spacing, dtype=np.float64)
+    dist = ndimage.distance_transform_edt(~crop.mask, sampling=sp)
+    shell = (dist > 0) & (dist <= ATTACHED_SHELL_MM)
+    comps, _ = ndimage.label((crop.hu > DENSE_HU) & ~crop.mask)
+    sizes = np.bincount(comps.ravel()) * math.prod(crop.spacing)
+    sizes[0] = 0
+    contact = shell & (sizes[comps] >= ATTACHED_MIN_MM3)
+    if not shell.any() or contact.sum() < ATTACHED_FRACTION * shell.sum():
+        return None
+    d = (np.argwhere(contact) - np.argwhere(crop.mask).mean(axis=0)).mean(axis=0) * sp
+    n = float(np.linalg.norm(d))
+    return d / n if n > 1e-6 else None
+
+
+def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest rotation (3 x 3) that turns unit vector ``a`` into unit vector ``b``."""
+    a = np.asarray(a, dtype=np.float64) / np.linalg.norm(a)
+    b = np.asarray(b, dtype=np.float64) / np.linalg.norm(b)
+    v, c = np.cross(a, b), float(a @ b)
+    if c < -1 + 1e-9:  # opposite: half a turn about any axis perpendicular to a
+        axis = np.cross(a, [1.0, 0.0, 0.0] if abs(a[0]) < 0.9 else [0.0, 1.0, 0.0])
+        axis /= np.linalg.norm(axis)
+        return 2.0 * np.outer(axis, axis) - np.eye(3)
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx / (1.0 + c)
 
 
 def nodule_on_grid(
@@ -370,6 +428,12 @@ def insert_nodule(
         raise ValueError(f"scale must be positive, got {scale}")
     bg = index.background
     sp = index.spacing
+    attached = attachment(crop)
+    if attached is not None and kind != "pleural":
+        raise ValueError(
+            f"{crop.row.crop_name} touches its own chest wall (a flat face): insert it as "
+            "'pleural', or choose another nodule"
+        )
     prepared = _prepare_crop(crop, sp, scale)
     r_eq = prepared.radius_eq_mm * scale
     r_max = prepared.radius_max_mm * scale
@@ -383,7 +447,10 @@ def insert_nodule(
         hi = np.minimum(np.floor(centre).astype(int) + half + 1, shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
         lung = index.lung[box]
-        crop_hu, fraction = _resample_into(prepared, scale, box, centre, sp)
+        rotation = np.eye(3)
+        if attached is not None:
+            rotation = rotation_between(attached, index.towards_border(centre))
+        crop_hu, fraction = _resample_into(prepared, scale, box, centre, sp, rotation)
         label = (fraction >= 0.5) & lung
         if not label.any() or (labels[box][ndimage.binary_dilation(label)] != 0).any():
             continue
@@ -412,6 +479,8 @@ def insert_nodule(
             volume_mm3=float(label.sum() * math.prod(sp)),
             nominal_volume_mm3=float(crop.volume_mm3 * scale**3),
             label_value=int(label_value),
+            source_attached=attached is not None,
+            rotation=rotation.tolist(),
             background_licence=LICENCES.get(bg.name, ""),
         )
     raise PlacementError(
