@@ -3,7 +3,8 @@
 Run by hand on the real data (never in tests):
     PYTHONPATH=$PWD .venv/bin/python scripts/nodule_montage.py ../shared/data /tmp/montage.png
 Each row is one background; for each placement kind: the background before, after, and after
-with the label outlined (pleural: a source nodule that touched its own chest wall; axial slice through the nodule's centre, lung window, 70 mm square).
+with the label outlined (axial slice through the nodule's centre, lung window, 70 mm square).
+Pleural nodules are sources that touched their own chest wall; the others are free sources.
 """
 
 from __future__ import annotations
