@@ -155,3 +155,42 @@ def test_leave_one_anatomy_out():
         assert held not in train and len(train) == len(names) - 1
     with pytest.raises(ValueError):
         list(splits.anatomy_folds(["lung1", "lung1"]))
+
+
+def _write_nrrd(path, arr, spacing_zyx):
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def test_anatomies_load_from_the_data_folder_layout(tmp_path):
+    from ml.data.backgrounds import ANATOMIES, load_anatomy
+    from tests.ml_phantoms import phantom_background
+
+    ph = phantom_background(seed=3)
+    hu = np.round(ph.hu).astype(np.int16)
+    tumour = np.zeros(hu.shape, dtype=np.int16)
+    tumour[28:36, 40:50, 22:30] = 1  # inside the left lung
+    hu[tumour > 0] = 40
+    _write_nrrd(tmp_path / "pyradiomics-ct" / "lung1_image.nrrd", hu, ph.spacing)
+    _write_nrrd(tmp_path / "pyradiomics-ct" / "lung1_label.nrrd", tumour, ph.spacing)
+    _write_nrrd(tmp_path / "covid-ct-md" / "normal001.nrrd", hu, ph.spacing)
+    assert len(ANATOMIES) == 6
+
+    clean = load_anatomy(tmp_path, "lung1")
+    assert clean.spacing == pytest.approx(ph.spacing)
+    assert np.array_equal(clean.tumour, tumour > 0)
+    # The tumour is replaced by parenchyma and counted as lung; the rest is the scan as it was.
+    assert np.median(clean.hu[tumour > 0]) < -600
+    assert clean.lung[tumour > 0].all()
+    assert np.array_equal(clean.hu[:, :, 60:], hu[:, :, 60:].astype(np.float32))
+
+    as_is = load_anatomy(tmp_path, "normal001")
+    assert np.array_equal(as_is.hu, hu.astype(np.float32)) and not as_is.tumour.any()
+    assert as_is.lung.sum() > 0.8 * ph.lung.sum()
+
+    with pytest.raises(FileNotFoundError):
+        load_anatomy(tmp_path, "cap001")
+    with pytest.raises(ValueError, match="unknown anatomy"):
+        load_anatomy(tmp_path, "lung3")
