@@ -1,8 +1,8 @@
 """The six real chest anatomies that nodules are inserted into, on their own (native) grids.
 
 - `lung1`, `lung2`: pyradiomics test CTs (`pyradiomics-ct/`, BSD-3), their expert-labelled tumour
-  replaced by parenchyma texture (:func:`ml.data.synth.remove_tumour`, the same rule as
-  :func:`ml.data.synth.make_background`, done here in a box around the tumour);
+  replaced by parenchyma texture (the region of :func:`ml.data.synth.remove_tumour`, with a
+  texture measured on the native grid, see :func:`_remove_tumour_in_box`);
 - `normal001`, `cap001`, `cap002`, `P001`: COVID-CT-MD sample CTs (`covid-ct-md/`) as they are;
   they contain no nodule outline (pneumonia in three of them, a hard negative, not a nodule).
 
@@ -16,13 +16,14 @@ not assume one. Measured on the shared 2-core machine: lung2 (512 x 512 x 61) lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from ml.data.synth import TUMOUR_MARGIN_MM, Background, remove_tumour
+from ml.data.synth import TUMOUR_MARGIN_MM, Background
 from ml.image.lungs import segment_lungs
 
 PYRADIOMICS = ("lung1", "lung2")
@@ -48,6 +49,29 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return sitk.GetArrayFromImage(img), (float(sz), float(sy), float(sx))
 
 
+def _robust_sd(values: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(values - np.median(values)))) if values.size else 0.0
+
+
+def _texture(sub: np.ndarray, ring: np.ndarray) -> tuple[float, float]:
+    """(SD, in-plane correlation length in pixels) of the parenchyma's fine texture in ``ring``:
+    the robust SD of what a 4-pixel Gaussian does not keep, and the sigma of the Gaussian-filtered
+    white noise whose lag-1 autocorrelation rho matches: exp(-1 / (4 sigma^2)) = rho."""
+    residual = sub - ndimage.gaussian_filter(sub, (0.0, 4.0, 4.0))
+    zz, yy, xx = np.nonzero(ring[:, :, :-1])
+    if zz.size < 50:
+        return 20.0, 1.0
+    a, b = residual[zz, yy, xx], residual[zz, yy, xx + 1]
+    rho = float(np.clip(np.corrcoef(a, b)[0, 1], 0.2, 0.98))
+    sigma = float(np.clip(math.sqrt(-1.0 / (4.0 * math.log(rho))), 0.5, 3.0))
+    return min(_robust_sd(residual[ring]), 80.0), sigma
+
+
+def _noise(shape, sigma_px, sd: float, rng: np.random.Generator) -> np.ndarray:
+    n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_px)
+    return n * np.float32(sd / max(float(n.std()), 1e-6))
+
+
 def _remove_tumour_in_box(
     hu: np.ndarray,
     tumour: np.ndarray,
@@ -55,23 +79,38 @@ def _remove_tumour_in_box(
     spacing: tuple[float, float, float],
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`remove_tumour` on a box around the tumour (whole-volume noise is slow at native size)."""
+    """Replace the tumour and a `TUMOUR_MARGIN_MM` margin by parenchyma, in a box around it.
+
+    The region and its soft edge are those of :func:`ml.data.synth.remove_tumour`, but the texture
+    is measured on the native grid: the fill is the surrounding aerated lung's median plus noise
+    with the SD and in-plane correlation length of the surrounding parenchyma's fine texture
+    (:func:`_texture`; lung1 and lung2: about 47 HU and 1.6 pixels). `remove_tumour`'s noise of
+    one pixel, scaled to the ring's plain SD, made a visibly speckled patch at 0.6 mm pixels."""
     box = ndimage.find_objects(tumour.astype(np.uint8))
     if not box:
         return hu, np.zeros(hu.shape, dtype=bool)
-    # The fill's ring reaches 3 voxels beyond the margin; keep the box a few voxels wider.
-    pad = [int(np.ceil(TUMOUR_MARGIN_MM / s)) + 6 for s in spacing]
+    margin = tuple(max(1, int(round(TUMOUR_MARGIN_MM / s))) for s in spacing)
+    pad = [m + 8 for m in margin]
     sl = tuple(
         slice(max(0, b.start - p), min(n, b.stop + p))
         for b, p, n in zip(box[0], pad, hu.shape, strict=True)
     )
-    rng = np.random.default_rng(seed)
-    out = hu.copy()
-    out[sl] = remove_tumour(hu[sl], tumour[sl], lung[sl] | tumour[sl], spacing, rng)
-    margin = tuple(max(1, int(round(TUMOUR_MARGIN_MM / s))) for s in spacing)
+    sub = hu[sl]
     region = ndimage.binary_dilation(
         tumour[sl], structure=np.ones(tuple(2 * m + 1 for m in margin), dtype=bool)
     )
+    aerated = (lung[sl] | tumour[sl]) & (sub < -500) & ~region
+    ring = ndimage.binary_dilation(region, iterations=4) & aerated
+    if ring.sum() < 50:
+        ring = aerated
+    level = float(np.median(sub[ring])) if ring.any() else -850.0
+    sd, corr_px = _texture(sub, ring)
+    rng = np.random.default_rng(seed)
+    fill = level + _noise(sub.shape, (0.0, corr_px, corr_px), sd, rng)
+    weight = ndimage.gaussian_filter(region.astype(np.float32), 1.0)
+    weight[region] = 1.0
+    out = hu.copy()
+    out[sl] = sub * (1 - weight) + fill * weight
     filled = np.zeros(hu.shape, dtype=bool)
     filled[sl] = region
     return out, filled
