@@ -1,7 +1,7 @@
 """Look at inserted nodules: a few real LIDC nodules in each of the six backgrounds, one PNG.
 
 Run by hand on the real data (never in tests):
-    PYTHONPATH=$PWD .venv/bin/python scripts/nodule_montage.py ../shared/data /tmp/montage.png
+    PYTHONPATH=$PWD python scripts/nodule_montage.py ../shared/data /tmp/montage.png [SEED]
 Each row is one background; for each placement kind: the background before, after, and after
 with the label outlined (axial slice through the nodule's centre, lung window, 70 mm square).
 Pleural nodules are sources that touched their own chest wall; the others are free sources.
@@ -79,4 +79,5 @@ def main(data_dir: Path, out: Path, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/montage.png"))
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/montage.png")
+    main(Path(sys.argv[1]), out, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
