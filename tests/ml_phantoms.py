@@ -1,0 +1,73 @@
+"""Small synthetic chest backgrounds and nodule crops for the compositor and augmentation tests
+(the tests never read the real data folder)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ml.data.nodules import NoduleCrop, NoduleRow
+from ml.data.synth import Background
+
+PHANTOM_SPACING = (2.0, 1.0, 1.0)
+
+
+def _ellipsoid(shape, spacing, centre_mm, radii_mm) -> np.ndarray:
+    grids = np.meshgrid(
+        *[(np.arange(n) + 0.5) * s - c for n, s, c in zip(shape, spacing, centre_mm, strict=True)],
+        indexing="ij",
+    )
+    return sum((g / r) ** 2 for g, r in zip(grids, radii_mm, strict=True)) <= 1.0
+
+
+def phantom_background(
+    seed: int = 0, spacing=PHANTOM_SPACING, shape=(64, 96, 96), name: str = "phantom"
+) -> Background:
+    """A body (40 HU) with two air lungs (-850 HU, noise 25 HU) and bright vessels along z."""
+    rng = np.random.default_rng(seed)
+    extent = [n * s for n, s in zip(shape, spacing, strict=True)]
+    zc, yc, xc = (e / 2 for e in extent)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = _ellipsoid(shape, spacing, (zc, yc, xc), (extent[0], 0.45 * extent[1], 0.47 * extent[2]))
+    hu[body] = 40.0
+    lung = np.zeros(shape, dtype=bool)
+    for side in (-1, 1):
+        lung |= _ellipsoid(
+            shape,
+            spacing,
+            (zc, yc, xc + side * 0.22 * extent[2]),
+            (0.4 * extent[0], 0.33 * extent[1], 0.16 * extent[2]),
+        )
+    hu[lung] = -850.0
+    # Vessels: tubes of 1.2 mm radius along z through the lungs.
+    yy, xx = np.meshgrid(
+        (np.arange(shape[1]) + 0.5) * spacing[1],
+        (np.arange(shape[2]) + 0.5) * spacing[2],
+        indexing="ij",
+    )
+    for vy, vx in ((yc - 10, xc - 22), (yc + 12, xc + 20), (yc + 2, xc + 24)):
+        tube = (yy - vy) ** 2 + (xx - vx) ** 2 <= 1.2**2
+        hu[:, tube] = np.where(lung[:, tube], 50.0, hu[:, tube])
+    hu += rng.normal(0.0, 25.0, size=shape).astype(np.float32)
+    return Background(name, hu, lung, tuple(float(s) for s in spacing), np.zeros(shape, bool))
+
+
+def phantom_crop(
+    radii_mm=(6.0, 5.0, 5.0),
+    spacing=(2.5, 0.7, 0.7),
+    shape=(12, 44, 44),
+    seed: int = 0,
+    patient_id: str = "LIDC-IDRI-9999",
+    wall: bool = True,
+) -> NoduleCrop:
+    """A solid ellipsoidal nodule (30 HU) in parenchyma (-800 HU) with, in one corner, a piece of
+    the source scan's chest wall (60 HU) that must never be pasted."""
+    rng = np.random.default_rng(seed)
+    extent = [n * s for n, s in zip(shape, spacing, strict=True)]
+    mask = _ellipsoid(shape, spacing, [e / 2 for e in extent], radii_mm)
+    hu = np.full(shape, -800.0, dtype=np.float32)
+    hu[mask] = 30.0
+    if wall:
+        hu[:, :8, :] = 60.0
+    hu += rng.normal(0.0, 15.0, size=shape).astype(np.float32)
+    row = NoduleRow(patient_id, 1, 2.0 * float(np.mean(radii_mm)), {})
+    return NoduleCrop(row, hu, mask, tuple(float(s) for s in spacing), f"test/{row.crop_name}")
