@@ -84,6 +84,9 @@ DEFAULT_PARENCHYMA_HU = -850.0
 CANDIDATES_PER_DRAW = 2048
 MAX_DRAWS = 8
 ATTACHED_SHELL_MM = 2.0
+# Set on two train nodules (LIDC-IDRI-0469 #1, 0489 #3). Checked again on train and validation
+# crops only: the contact fraction is 0 for 351 of 690, thin (65 crops) over 0-0.03, and most of
+# the rest lie above 0.03, so 0.02 sits in the sparse band. Test patients are not consulted.
 ATTACHED_FRACTION = 0.02
 ATTACHED_MIN_MM3 = 300.0
 # As in ml.image.lungs: an air component of a slice smaller than this is an airway.
@@ -479,8 +482,8 @@ def insert_nodule(
             kind=kind,
             seed=seed,
             scale=float(scale),
-            centre_mm=tuple(float(c) for c in centre * sp),
-            centre_voxel=tuple(float(c) for c in centre),
+            centre_mm=_xyz(centre * sp),
+            centre_voxel=_xyz(centre),
             volume_mm3=float(label.sum() * math.prod(sp)),
             nominal_volume_mm3=float(crop.volume_mm3 * scale**3),
             label_value=int(label_value),
@@ -513,7 +516,7 @@ def compose(
     rng = np.random.default_rng(seed)
     hu = np.array(background.hu, dtype=np.float32, copy=True)
     labels = np.zeros(hu.shape, dtype=np.int16)
-    sample = CompositeSample(background.name, seed, tuple(float(s) for s in background.spacing))
+    sample = CompositeSample(background.name, seed, _xyz(background.spacing))
     for i, (crop, kind) in enumerate(zip(crops, kinds, strict=True)):
         scale = 1.0 if scales is None else float(scales[i])
         sample.nodules.append(
@@ -522,3 +525,8 @@ def compose(
             )
         )
     return hu, labels, sample
+
+
+def _xyz(values) -> tuple[float, float, float]:  # noqa: ANN001
+    a, b, c = (float(v) for v in values)
+    return a, b, c

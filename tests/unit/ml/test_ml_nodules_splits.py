@@ -166,7 +166,7 @@ def _write_nrrd(path, arr, spacing_zyx):
 
 def test_anatomies_load_from_the_data_folder_layout(tmp_path):
     from ml.data.backgrounds import ANATOMIES, load_anatomy
-    from tests.ml_phantoms import phantom_background
+    from tests.kit.phantoms import phantom_background
 
     ph = phantom_background(seed=3)
     hu = np.round(ph.hu).astype(np.int16)

@@ -22,7 +22,7 @@ from ml.data.compose import (
     scale_for_volume,
 )
 from ml.data.nodules import NoduleCrop
-from tests.ml_phantoms import phantom_background, phantom_crop
+from tests.kit.phantoms import phantom_background, phantom_crop
 
 SPACINGS = [(2.5, 0.7, 0.7), (1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (5.0, 0.6, 0.6), (3.0, 0.8, 0.8)]
 OFFSETS = np.random.default_rng(0).uniform(-0.5, 0.5, size=(6, 3))

@@ -8,7 +8,7 @@ import pytest
 from ml.data import scanner_aug
 from ml.data.compose import PlacementIndex, compose
 from ml.runtime.qa import estimate_noise_hu
-from tests.ml_phantoms import phantom_background, phantom_crop
+from tests.kit.phantoms import phantom_background, phantom_crop
 
 
 @pytest.fixture(scope="module")
