@@ -19,7 +19,7 @@ from sqlalchemy import select
 from db import OutboxMessage, Study, StudyState, audit, lifecycle
 from db.audit_actions import AuditAction
 from db.models import utcnow
-from db.outbox_tasks import ProcessStudy, TaskName, payload_of
+from db.outbox_tasks import ExportOutput, ProcessStudy, TaskName, payload_of
 from db.session import Database
 
 log = logging.getLogger("radai.dispatcher")
@@ -146,7 +146,7 @@ class OutboxDispatcher:
             msg.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
         log.warning("broker unavailable for message %d, retry in %.0f s: %s", msg_id, delay, exc)
 
-    def _mark_published(self, msg_id: int, payload: ProcessStudy | object) -> None:
+    def _mark_published(self, msg_id: int, payload: ProcessStudy | ExportOutput) -> None:
         now = utcnow()
         with self.db.session() as s:
             msg = s.get(OutboxMessage, msg_id)
