@@ -31,6 +31,7 @@ from pydicom.filereader import _read_file_meta_info, data_element_generator, rea
 from pydicom.multival import MultiValue
 from pydicom.valuerep import VR, PersonName
 
+from db.flags import FlagKind
 from dicom_node import statuses
 from dicom_node.statuses import Refusal
 
@@ -88,8 +89,8 @@ class Alteration:
     kept: int  # characters kept
 
     @property
-    def flag_kind(self) -> str:
-        return "value_truncated" if self.change == TRUNCATED else "characters_removed"
+    def flag_kind(self) -> FlagKind:
+        return FlagKind.VALUE_TRUNCATED if self.change == TRUNCATED else FlagKind.CHARACTERS_REMOVED
 
     @property
     def reason(self) -> str:
