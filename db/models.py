@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -26,9 +27,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _no_flags() -> list:
+    return []
+
+
 class StudyState(enum.StrEnum):
+    """A study's states; which event leads from one to another is `db.lifecycle.TRANSITIONS`."""
+
     RECEIVING = "RECEIVING"
     STABLE = "STABLE"
+    HELD = "HELD"
     QUEUED = "QUEUED"
     PROCESSING = "PROCESSING"
     DONE = "DONE"
@@ -76,8 +84,13 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(String(64))
     modalities: Mapped[str] = mapped_column(String(64), default="")
     priority: Mapped[int | None] = mapped_column(Integer)
+    # Safety flags accumulate (db/flags.py): `flags` keeps each one with its time; `flag_reason`
+    # is all their reasons joined, for readers that show one line.
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     flag_reason: Mapped[str | None] = mapped_column(Text)
+    flags: Mapped[list] = mapped_column(JSON, default=_no_flags, server_default=text("'[]'"))
+    # Set while the study must wait for a person (HELD instead of STABLE); cleared by release.
+    hold_reason: Mapped[str | None] = mapped_column(Text)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from db.flags import flags_of
 from db.models import Job, Study
 
 
@@ -32,6 +33,9 @@ def study_summaries(session: Session, limit: int | None = None) -> list[dict[str
                 "priority": study.priority,
                 "flagged": study.flagged,
                 "flag_reason": study.flag_reason,
+                # Every flag, oldest first: {"kind", "reason", "at"} (db/flags.py).
+                "flags": flags_of(study),
+                "hold_reason": study.hold_reason,
                 "first_received_at": study.first_received_at.isoformat(),
                 "last_instance_at": study.last_instance_at.isoformat(),
                 "state_changed_at": study.state_changed_at.isoformat(),

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import audit
+from db.audit_actions import AuditAction
 from db.models import User, UserRole
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -79,7 +80,7 @@ def add_user(
     user = User(name=name, role=role, password_hash=hash_password(password), disabled=False)
     session.add(user)
     session.flush()
-    audit.append(session, actor, "user.added", None, {"name": name, "role": role})
+    audit.append(session, actor, AuditAction.USER_ADDED, None, {"name": name, "role": role})
     return user
 
 
@@ -127,7 +128,7 @@ def set_disabled(session: Session, name: str, disabled: bool, *, actor: str) -> 
                 raise ValueError("the last enabled admin cannot be disabled")
     user.disabled = disabled
     session.flush()
-    action = "user.disabled" if disabled else "user.enabled"
+    action = AuditAction.USER_DISABLED if disabled else AuditAction.USER_ENABLED
     audit.append(session, actor, action, None, {"name": name, "role": user.role})
     return user
 
@@ -138,7 +139,7 @@ def reset_password(session: Session, name: str, password: str, *, actor: str) ->
     user = _get(session, name)
     user.password_hash = hash_password(password)
     session.flush()
-    audit.append(session, actor, "user.password_reset", None, {"name": name})
+    audit.append(session, actor, AuditAction.USER_PASSWORD_RESET, None, {"name": name})
     return user
 
 

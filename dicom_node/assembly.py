@@ -1,7 +1,11 @@
-"""Study assembly: a study with no new instance for the stable window is declared STABLE.
+"""Study assembly: a study with no new instance for the stable window is declared STABLE, or
+HELD when something needs a person first (its `hold_reason`, e.g. instances of two patients).
 
 The state change and the outbox message that will queue the study are one transaction, so a
-study can never be stable without its message, whatever crashes in between.
+study can never be stable without its message, whatever crashes in between; a held study gets
+no message (it is queued when a person releases it, `db.requeue.release`). Each change is a
+compare-and-set through `db.lifecycle.transition_where`: an instance that arrives meanwhile moves
+`last_instance_at` past the cutoff and keeps the study open.
 """
 
 from __future__ import annotations
@@ -9,11 +13,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from db import OutboxMessage, Study, StudyState, audit
+from db import Study, StudyState, lifecycle
+from db.audit_actions import AuditAction
 from db.models import utcnow
-from db.requeue import PROCESS_STUDY_TASK
+from db.outbox_tasks import ProcessStudy
 from db.session import Database
 
 log = logging.getLogger("radai.assembly")
@@ -22,7 +27,9 @@ log = logging.getLogger("radai.assembly")
 def mark_stable(
     db: Database, stable_seconds: float, now: datetime | None = None, actor: str = "node"
 ) -> list[str]:
-    """Declare each quiet RECEIVING study STABLE, with its outbox message; return their UIDs."""
+    """Declare each quiet RECEIVING study STABLE (with its outbox message) or HELD.
+
+    Returns the UIDs of the studies declared STABLE."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stable_seconds)
     with db.session() as s:
@@ -34,28 +41,43 @@ def mark_stable(
     declared = []
     for study_id, study_uid in candidates:
         with db.session() as s:
-            # Conditional: an instance that arrived since the select keeps the study open.
-            changed = s.execute(
-                update(Study)
-                .where(
-                    Study.id == study_id,
-                    Study.state == StudyState.RECEIVING,
-                    Study.last_instance_at <= cutoff,
+            count, hold = s.execute(
+                select(Study.instance_count, Study.hold_reason)
+                .where(Study.id == study_id)
+                .with_for_update()
+            ).one()
+            quiet = Study.last_instance_at <= cutoff
+            if hold is None:
+                changed = lifecycle.transition_where(
+                    s,
+                    study_id,
+                    study_uid,
+                    AuditAction.STUDY_STABLE,
+                    StudyState.RECEIVING,
+                    actor=actor,
+                    where=[quiet, Study.hold_reason.is_(None)],
+                    detail={"instances": count},
+                    now=now,
                 )
-                .values(state=StudyState.STABLE, state_changed_at=now)
-            ).rowcount
-            if changed != 1:
-                continue
-            count = s.execute(select(Study.instance_count).where(Study.id == study_id)).scalar()
-            s.add(
-                OutboxMessage(
-                    task=PROCESS_STUDY_TASK,
-                    payload={"study_uid": study_uid, "instances": count},
-                    study_uid=study_uid,
-                    next_attempt_at=now,
+                if changed:
+                    s.add(ProcessStudy(study_uid, count).message(now))
+            else:
+                changed = lifecycle.transition_where(
+                    s,
+                    study_id,
+                    study_uid,
+                    AuditAction.STUDY_HELD,
+                    StudyState.RECEIVING,
+                    actor=actor,
+                    where=[quiet, Study.hold_reason.is_not(None)],
+                    detail={"instances": count, "reason": hold},
+                    now=now,
                 )
-            )
-            audit.append(s, actor, "study.stable", study_uid, {"instances": count})
-        declared.append(study_uid)
-        log.info("study %s stable with %d instances", study_uid, count)
+        if not changed:
+            continue
+        if hold is None:
+            declared.append(study_uid)
+            log.info("study %s stable with %d instances", study_uid, count)
+        else:
+            log.warning("study %s held for a person with %d instances: %s", study_uid, count, hold)
     return declared

@@ -2,7 +2,9 @@
 
 A message is marked published only after the broker took it; while the broker is unreachable each
 message waits with capped exponential backoff and nothing is lost. Delivery can repeat (a crash
-between publishing and marking), so the worker side is idempotent by design.
+between publishing and marking), so the worker side is idempotent by design. A
+`radai.process_study` message is published only while its study is STABLE and it is the newest
+for that study: a study reopened or held meanwhile has its message dropped, with the reason.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from datetime import datetime, timedelta
 from celery import Celery
 from sqlalchemy import select
 
-from db import OutboxMessage, Study, StudyState, audit
+from db import OutboxMessage, Study, StudyState, audit, lifecycle
+from db.audit_actions import AuditAction
 from db.models import utcnow
+from db.outbox_tasks import ExportOutput, ProcessStudy, TaskName, payload_of
 from db.session import Database
 from dicom_io.backoff import backoff_delay
-from dicom_node.assembly import PROCESS_STUDY_TASK
 
 log = logging.getLogger("radai.dispatcher")
 
@@ -40,7 +43,7 @@ def celery_publisher(
 
     def publish(task: str, payload: dict) -> None:
         app.send_task(
-            task,
+            str(task),
             kwargs=payload,
             queue=routes.get(task, queue),
             retry=True,
@@ -84,28 +87,39 @@ class OutboxDispatcher:
             ).all()
         published = 0
         for msg_id, task, payload in due:
-            if task == PROCESS_STUDY_TASK and not self._still_stable(msg_id, payload):
+            try:
+                typed = payload_of(task, payload)
+            except ValueError as exc:
+                self._drop(msg_id, str(exc))
+                continue
+            if isinstance(typed, ProcessStudy) and not self._still_stable(msg_id, typed):
                 continue
             try:
                 self.publish(task, payload)
             except Exception as exc:  # noqa: BLE001 - any broker failure means: try later
                 self._postpone(msg_id, exc)
                 continue
-            self._mark_published(msg_id, task, payload)
+            self._mark_published(msg_id, typed)
             published += 1
         return published
 
-    def _still_stable(self, msg_id: int, payload: dict) -> bool:
+    def _drop(self, msg_id: int, reason: str) -> None:
+        with self.db.session() as s:
+            s.get(OutboxMessage, msg_id).dropped_reason = reason
+        log.warning("dropped outbox message %d: %s", msg_id, reason)
+
+    def _still_stable(self, msg_id: int, payload: ProcessStudy) -> bool:
         # A late instance reopened the study: this message describes an outdated instance set;
         # the study is declared stable again with a newer message, which is the one to publish.
+        # A held study is published only after a person releases it (with a newer message).
         with self.db.session() as s:
             state = s.execute(
-                select(Study.state).where(Study.study_uid == payload["study_uid"])
+                select(Study.state).where(Study.study_uid == payload.study_uid)
             ).scalar()
             newer = s.execute(
                 select(OutboxMessage.id).where(
-                    OutboxMessage.study_uid == payload["study_uid"],
-                    OutboxMessage.task == PROCESS_STUDY_TASK,
+                    OutboxMessage.study_uid == payload.study_uid,
+                    OutboxMessage.task == str(TaskName.PROCESS_STUDY),
                     OutboxMessage.id > msg_id,
                 )
             ).first()
@@ -117,7 +131,7 @@ class OutboxDispatcher:
                 if newer
                 else f"study was {state} when the message came due"
             )
-        log.info("dropped outbox message %d for study %s", msg_id, payload["study_uid"])
+        log.info("dropped outbox message %d for study %s", msg_id, payload.study_uid)
         return False
 
     def _postpone(self, msg_id: int, exc: Exception) -> None:
@@ -129,17 +143,28 @@ class OutboxDispatcher:
             msg.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
         log.warning("broker unavailable for message %d, retry in %.0f s: %s", msg_id, delay, exc)
 
-    def _mark_published(self, msg_id: int, task: str, payload: dict) -> None:
+    def _mark_published(self, msg_id: int, payload: ProcessStudy | ExportOutput) -> None:
         now = utcnow()
         with self.db.session() as s:
             msg = s.get(OutboxMessage, msg_id)
             msg.published_at = now
-            study_uid = payload.get("study_uid")
-            if task == PROCESS_STUDY_TASK and study_uid:
-                study = s.execute(
-                    select(Study).where(Study.study_uid == study_uid).with_for_update()
-                ).scalar_one()
-                if study.state == StudyState.STABLE:
-                    study.state = StudyState.QUEUED
-                    study.state_changed_at = now
-                audit.append(s, self.actor, "study.queued", study_uid, {"outbox_id": msg_id})
+            if not isinstance(payload, ProcessStudy):
+                return
+            study = s.execute(
+                select(Study).where(Study.study_uid == payload.study_uid).with_for_update()
+            ).scalar_one()
+            detail = {"outbox_id": msg_id}
+            if study.state == StudyState.STABLE:
+                lifecycle.transition(
+                    s, study, AuditAction.STUDY_QUEUED, actor=self.actor, detail=detail, now=now
+                )
+            else:
+                # A worker took the study between publishing and now: the publication is
+                # audited, the state (already further on) stays.
+                audit.append(
+                    s,
+                    self.actor,
+                    AuditAction.STUDY_QUEUED,
+                    payload.study_uid,
+                    {**detail, "state": str(study.state)},
+                )

@@ -5,8 +5,16 @@ that is truncated or does not read in its transfer syntax (lengths that lie, unk
 missing or malformed UIDs (they become path names) or UID attributes encoded as something else,
 a dataset that contradicts its C-STORE request, pixel data encoded otherwise than its transfer
 syntax requires, and uncompressed pixel data whose length does not fit its own image description.
-Optional attributes that do not fit the database (integers beyond 32 bits, NULs in text) are
-dropped or cleaned rather than refused.
+
+The text attributes the node records have a defined outcome beyond their VR's maximum length
+(PS3.5 table 6.2-1), per attribute (`RECORDED`): the patient's identity (Patient ID, Patient's
+Name, Accession Number) is refused (0xA902), because a shortened identifier could name another
+patient; descriptive ones (Modality, descriptions, body part, study date) are stored truncated
+and the study is flagged. NUL characters inside a value (PostgreSQL text cannot hold them) are
+removed and the study is flagged; trailing NULs are padding and dropped like trailing spaces.
+A value is never stored as a Python repr: UN-encoded values (an over-long value re-encoded by
+its sender) are decoded in the dataset's character set, multiple values joined with "\\".
+Integers beyond 32 bits are dropped (the database cannot hold them; IS allows no more).
 """
 
 from __future__ import annotations
@@ -16,11 +24,14 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
-from pydicom.valuerep import VR
+from pydicom.multival import MultiValue
+from pydicom.valuerep import VR, PersonName
 
+from db.flags import FlagKind
 from dicom_node import statuses
 from dicom_node.statuses import Refusal
 
@@ -46,6 +57,62 @@ def valid_uid(value: object) -> bool:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """How long a recorded attribute may be (PS3.5 table 6.2-1), and what happens beyond."""
+
+    vr: str
+    chars: int  # per value; for PN per component group
+    refuse: bool  # beyond the limit: refuse the instance (True) or store it truncated (False)
+
+
+# The text attributes the node records, with their column sizes in db/models.py.
+RECORDED: dict[str, Limit] = {
+    "PatientID": Limit("LO", 64, refuse=True),
+    "PatientName": Limit("PN", 64, refuse=True),
+    "AccessionNumber": Limit("SH", 16, refuse=True),
+    "Modality": Limit("CS", 16, refuse=False),
+    "BodyPartExamined": Limit("CS", 16, refuse=False),
+    "StudyDate": Limit("DA", 8, refuse=False),
+    "StudyDescription": Limit("LO", 64, refuse=False),
+    "SeriesDescription": Limit("LO", 64, refuse=False),
+}
+TRUNCATED, NUL_REMOVED = "truncated", "nul_removed"
+
+
+@dataclass(frozen=True)
+class Alteration:
+    """A value the node changed to record it; says what changed, never the value itself."""
+
+    keyword: str
+    change: str  # TRUNCATED or NUL_REMOVED
+    received: int  # characters received (truncated) or NULs removed
+    kept: int  # characters kept
+
+    @property
+    def flag_kind(self) -> FlagKind:
+        return FlagKind.VALUE_TRUNCATED if self.change == TRUNCATED else FlagKind.CHARACTERS_REMOVED
+
+    @property
+    def reason(self) -> str:
+        """The study flag's text: the same for every instance with this alteration."""
+        if self.change == TRUNCATED:
+            limit = RECORDED[self.keyword]
+            return (
+                f"{self.keyword} longer than the {limit.chars} characters {limit.vr} allows: "
+                "stored truncated"
+            )
+        return f"NUL characters removed from {self.keyword}"
+
+    def to_detail(self) -> dict:
+        return {
+            "attribute": self.keyword,
+            "change": self.change,
+            "received": self.received,
+            "kept": self.kept,
+        }
+
+
+@dataclass(frozen=True)
 class ReceivedObject:
     """What the node needs to know of an incoming instance; patient fields stay out of logs."""
 
@@ -64,17 +131,59 @@ class ReceivedObject:
     accession_number: str | None
     study_date: str | None
     study_description: str | None
+    alterations: tuple[Alteration, ...] = ()
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+def _as_text(ds: Dataset, keyword: str) -> str | None:
+    """The attribute as DICOM text (values joined by backslashes), decoded; None if unreadable."""
     try:
-        value = ds.get(keyword)
+        elem = ds[keyword]
+        value = elem.value
+        if isinstance(value, bytes):
+            # UN: a sender re-encodes a value too long for its VR's 16-bit length as UN.
+            encodings = convert_encodings(ds.get("SpecificCharacterSet"))
+            if RECORDED.get(keyword, Limit("LO", 0, False)).vr == "PN":
+                value = str(PersonName(value, encodings))
+            else:
+                value = decode_bytes(value, encodings, TEXT_VR_DELIMS)
+        elif isinstance(value, MultiValue | list | tuple):
+            value = "\\".join(str(v) for v in value)
     except Exception:  # noqa: BLE001 - a broken optional attribute is not a reason to refuse
         return None
-    if value is None or value == "":
+    if value is None:
         return None
-    # PostgreSQL text cannot hold NUL: a value padded or broken up with NULs keeps the rest.
-    return str(value).replace("\x00", "")[:limit] or None
+    return str(value)
+
+
+def _longest(value: str, vr: str) -> int:
+    if vr == "PN":  # the limit is per component group (alphabetic, ideographic, phonetic)
+        return max((len(group) for v in value.split("\\") for group in v.split("=")), default=0)
+    return max((len(v) for v in value.split("\\")), default=0)
+
+
+def _text(ds: Dataset, keyword: str, changes: list[Alteration]) -> str | None:
+    """A recorded attribute's value, cleaned and checked against its limit (see `RECORDED`)."""
+    value = _as_text(ds, keyword)
+    if not value:
+        return None
+    limit = RECORDED[keyword]
+    value = value.rstrip(" \x00")  # padding (NUL is UI's, some senders use it everywhere)
+    # PostgreSQL text cannot hold NUL: the value keeps the rest, the change is recorded.
+    nuls = value.count("\x00")
+    if nuls:
+        value = value.replace("\x00", "")
+        changes.append(Alteration(keyword, NUL_REMOVED, nuls, len(value)))
+    if _longest(value, limit.vr) > limit.chars:
+        if limit.refuse:
+            raise Refusal(
+                statuses.VALUE_TOO_LONG,
+                f"{keyword} has a value of {_longest(value, limit.vr)} characters; "
+                f"{limit.vr} allows {limit.chars}"
+                + (" per component group" if limit.vr == "PN" else ""),
+            )
+        changes.append(Alteration(keyword, TRUNCATED, len(value), limit.chars))
+        value = value[: limit.chars]
+    return value or None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -210,20 +319,23 @@ def inspect_received(
             f"{requested_sop_instance}",
         )
     _check_pixel_data(ds, transfer_syntax)
+    changes: list[Alteration] = []
+    text = {keyword: _text(ds, keyword, changes) for keyword in RECORDED}
     return ReceivedObject(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
         transfer_syntax=transfer_syntax,
-        modality=_text(ds, "Modality", 16),
+        modality=text["Modality"],
         series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined", 16),
+        series_description=text["SeriesDescription"],
+        body_part=text["BodyPartExamined"],
         instance_number=_int(ds, "InstanceNumber"),
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName", 324),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_description=_text(ds, "StudyDescription"),
+        patient_id=text["PatientID"],
+        patient_name=text["PatientName"],
+        accession_number=text["AccessionNumber"],
+        study_date=text["StudyDate"],
+        study_description=text["StudyDescription"],
+        alterations=tuple(changes),
     )

@@ -1,8 +1,11 @@
 """Recording received instances in the database: studies, series, duplicates and conflicts.
 
 Each function is one transaction. A study that receives an instance after it was declared stable
-(or processed) is reopened: back to RECEIVING, so it is assembled and queued again. A study whose
-instances name different patients (Patient ID) is kept whole and flagged for a person to look at.
+(or processed, or held) is reopened: back to RECEIVING (db/lifecycle.py), so it is assembled and
+queued again. A study whose instances name different patients (Patient ID) is kept whole,
+flagged and held (HELD, not analysed) until a person releases it; a later instance of another
+patient holds it again. Values the node altered to record them (db/flags.py, inspection.py) flag
+the study and are audited per instance, by attribute, never with the value itself.
 """
 
 from __future__ import annotations
@@ -16,7 +19,18 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db import IngestFailure, Instance, InstanceConflict, Series, Study, StudyState, audit
+from db import (
+    IngestFailure,
+    Instance,
+    InstanceConflict,
+    Series,
+    Study,
+    StudyState,
+    audit,
+    lifecycle,
+)
+from db.audit_actions import AuditAction
+from db.flags import FlagKind, add_flag
 from db.models import utcnow
 from db.session import Database
 from dicom_node.inspection import ReceivedObject
@@ -39,7 +53,7 @@ Place = Callable[[Outcome], str]
 
 MIXED_PATIENTS = (
     "instances of more than one patient under one Study Instance UID (their Patient ID "
-    "differs); all are kept"
+    "differs); all are kept, and the study is held until a person releases it"
 )
 
 # Built once: this path runs for every instance received, and building statements per call costs
@@ -54,7 +68,7 @@ _TOUCH = (
     .values(last_instance_at=bindparam("now"))
 )
 _STUDY_ROW = (
-    select(_S.c.id, _S.c.state, _S.c.modalities, _S.c.patient_id, _S.c.flag_reason)
+    select(_S.c.id, _S.c.state, _S.c.modalities, _S.c.patient_id, _S.c.hold_reason)
     .where(_S.c.study_uid == bindparam("uid"))
     .with_for_update()
 )
@@ -88,7 +102,8 @@ def record_instance(
         if known == digest:
             conn.execute(_TOUCH, {"uid": obj.study_uid, "now": now})
             return Outcome.DUPLICATE
-        study_id, state, modalities, patient_id, flag_reason = _upsert_study(s, obj, now, actor)
+        study_id, state, modalities, patient_id, hold_reason = _upsert_study(s, obj, now, actor)
+        _record_alterations(s, obj, study_id, calling_ae, actor, now)
         if known is not None:
             _record_conflict(
                 s, obj, study_id, place(Outcome.CONFLICT), digest, size, calling_ae, now, actor
@@ -117,19 +132,24 @@ def record_instance(
         if obj.modality and obj.modality not in present:
             values["modalities"] = "\\".join([*present, obj.modality])
         if state != StudyState.RECEIVING:
-            values.update(state=StudyState.RECEIVING, state_changed_at=now)
-            audit.append(s, actor, "study.reopened", obj.study_uid, {"from_state": state})
+            lifecycle.transition_where(
+                s, study_id, obj.study_uid, AuditAction.STUDY_REOPENED, state, actor=actor, now=now
+            )
         mixed = obj.patient_id and patient_id and obj.patient_id != patient_id
-        if mixed and MIXED_PATIENTS not in (flag_reason or ""):
-            reason = f"{flag_reason}; {MIXED_PATIENTS}" if flag_reason else MIXED_PATIENTS
-            values.update(flagged=True, flag_reason=reason)
+        if mixed and hold_reason is None:
             # Which instance, never which patients: the audit trail holds no patient data.
-            audit.append(
+            add_flag(
                 s,
-                actor,
-                "study.patients_mixed",
+                study_id,
                 obj.study_uid,
-                {"sop_instance_uid": obj.sop_instance_uid, "calling_ae": calling_ae},
+                FlagKind.PATIENTS_MIXED,
+                MIXED_PATIENTS,
+                actor=actor,
+                action=AuditAction.STUDY_PATIENTS_MIXED,
+                detail={"sop_instance_uid": obj.sop_instance_uid, "calling_ae": calling_ae},
+                hold=True,
+                once=False,  # held again after a release: a new flag with its own time
+                now=now,
             )
         conn.execute(update(_S).where(_S.c.id == study_id).values(**values))
         return Outcome.NEW
@@ -161,20 +181,42 @@ def _record_conflict(
         f"SOP Instance UID {obj.sop_instance_uid} was received again with different content; "
         "both versions are kept"
     )
-    s.execute(update(Study).where(Study.id == study_id).values(flagged=True, flag_reason=reason))
+    add_flag(s, study_id, obj.study_uid, FlagKind.INSTANCE_CONFLICT, reason, actor=actor, now=now)
+    # Every conflicting copy is audited, also a third version of a UID already flagged.
     audit.append(
         s,
         actor,
-        "instance.conflict",
+        AuditAction.INSTANCE_CONFLICT,
         obj.study_uid,
         {"sop_instance_uid": obj.sop_instance_uid, "sha256": digest, "calling_ae": calling_ae},
+    )
+
+
+def _record_alterations(
+    s: Session, obj: ReceivedObject, study_id: int, calling_ae: str, actor: str, now: datetime
+) -> None:
+    """Flag the study once per kind of alteration and attribute; audit each altered instance."""
+    if not obj.alterations:
+        return
+    for change in obj.alterations:
+        add_flag(s, study_id, obj.study_uid, change.flag_kind, change.reason, actor=actor, now=now)
+    audit.append(
+        s,
+        actor,
+        AuditAction.INSTANCE_VALUES_ALTERED,
+        obj.study_uid,
+        {
+            "sop_instance_uid": obj.sop_instance_uid,
+            "calling_ae": calling_ae,
+            "changes": [c.to_detail() for c in obj.alterations],
+        },
     )
 
 
 def _upsert_study(
     session: Session, obj: ReceivedObject, now: datetime, actor: str
 ) -> tuple[int, str, str, str | None, str | None]:
-    """(id, state, modalities, patient ID, flag reason) of the study, created if new."""
+    """(id, state, modalities, patient ID, hold reason) of the study, created if new."""
     conn = session.connection()
     row = conn.execute(_STUDY_ROW, {"uid": obj.study_uid}).first()
     if row is not None:
@@ -183,7 +225,7 @@ def _upsert_study(
         session,
         Study,
         study_uid=obj.study_uid,
-        state=StudyState.RECEIVING,
+        state=lifecycle.INITIAL,
         patient_id=obj.patient_id,
         patient_name=obj.patient_name,
         accession_number=obj.accession_number,
@@ -198,7 +240,7 @@ def _upsert_study(
         attempts=0,
     )
     if created:
-        audit.append(session, actor, "study.received", obj.study_uid, {})
+        audit.append(session, actor, AuditAction.STUDY_RECEIVED, obj.study_uid, {})
     row = conn.execute(_STUDY_ROW, {"uid": obj.study_uid}).one()
     return tuple(row)  # type: ignore[return-value]
 
@@ -254,7 +296,7 @@ def record_refusal(
         audit.append(
             s,
             actor,
-            "instance.refused",
+            AuditAction.INSTANCE_REFUSED,
             study_uid if study_uid and len(study_uid) <= 64 else None,
             {"status": f"0x{status:04X}", "reason": reason, "calling_ae": calling_ae},
         )

@@ -25,6 +25,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts, build_contex
 from pynetdicom.sop_class import Verification
 
 from db import audit
+from db.audit_actions import AuditAction
 from db.session import Database
 from dicom_node import recording, statuses, tls
 from dicom_node.archive import Archive, free_mb, place, sha256, stage
@@ -197,7 +198,7 @@ class DicomNode:
                 audit.append(
                     s,
                     self.actor,
-                    "association.refused",
+                    AuditAction.ASSOCIATION_REFUSED,
                     None,
                     {"peer": peer, "calling_ae": calling_ae, "reason": reason},
                 )

@@ -14,6 +14,7 @@ CANNOT_RECORD = 0xA703  # the database cannot be written: never acknowledge an u
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 SOP_CLASS_MISMATCH = 0xA900  # dataset's SOP Class UID differs from the request's
 PIXEL_DATA_LENGTH = 0xA901  # pixel data length disagrees with rows/columns/bits/frames
+VALUE_TOO_LONG = 0xA902  # an identifying attribute exceeds its VR's maximum length (PS3.5 6.2)
 CANNOT_UNDERSTAND = 0xC000  # not parseable as a DICOM dataset
 MISSING_UID = 0xC001  # Study/Series/SOP Instance UID missing or not a valid UID
 SOP_INSTANCE_MISMATCH = 0xC002  # dataset's SOP Instance UID differs from the request's

@@ -25,6 +25,7 @@ def _database(settings: Settings):  # noqa: ANN202
 
 
 def _node_service(settings: Settings):  # noqa: ANN202
+    from db.outbox_tasks import TaskName
     from dicom_node.archive import Archive
     from dicom_node.dispatcher import celery_publisher
     from dicom_node.server import NodeConfig
@@ -52,7 +53,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
         publish=celery_publisher(
             settings.celery_broker_url,
             settings.queue,
-            {"radai.export_output": settings.io_queue},
+            {str(TaskName.EXPORT_OUTPUT): settings.io_queue},
         ),
     )
 
@@ -320,6 +321,20 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
+    from db.requeue import release
+
+    db = _database(settings)
+    try:
+        with db.session() as s:
+            release(s, args.study_uid, actor=f"cli:{args.user}", reason=args.reason)
+    except ValueError as exc:
+        print(f"radai: {exc}", file=sys.stderr)
+        return 1
+    print(f"study {args.study_uid} released and queued (published by the node's dispatcher)")
+    return 0
+
+
 def cmd_measure(args: argparse.Namespace, settings: Settings) -> int:
     import SimpleITK as sitk
 
@@ -373,11 +388,16 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no studies")
         return 0
-    print(f"{'STUDY UID':<66} {'STATE':<15} {'INST':>5} {'PRIO':>4}  ERROR/FLAG")
+    print(f"{'STUDY UID':<66} {'STATE':<15} {'INST':>5} {'PRIO':>4}  ERROR/FLAGS")
     for r in rows:
-        note = r["error"] or (r["flag_reason"] if r["flagged"] else "") or ""
         prio = "" if r["priority"] is None else r["priority"]
-        print(f"{r['study_uid']:<66} {r['state']:<15} {r['instances']:>5} {prio:>4}  {note[:60]}")
+        print(
+            f"{r['study_uid']:<66} {r['state']:<15} {r['instances']:>5} {prio:>4}  "
+            f"{(r['error'] or '')[:60]}"
+        )
+        # Every flag on its own line: a later flag never hides an earlier one.
+        for flag in r["flags"]:
+            print(f"{'':<66} flag {flag['at'] or 'before 0005':<32} {flag['reason']}")
     return 0
 
 
@@ -542,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="queue a FAILED (or any finished) study again")
     retry.add_argument("study_uid")
     retry.add_argument("--user", default="admin")
+    rel = sub.add_parser(
+        "release", help="let a HELD study (e.g. two patients' instances) be analysed; audited"
+    )
+    rel.add_argument("study_uid")
+    rel.add_argument("--reason", required=True, help="why it may go on (kept in the audit)")
+    rel.add_argument("--user", required=True, help="who releases it (kept in the audit)")
     measure = sub.add_parser("measure", help="measure each labelled region of a mask")
     measure.add_argument("image", type=Path, help="volume readable by SimpleITK (NRRD, NIfTI)")
     measure.add_argument("mask", type=Path, help="label map of the same size")
@@ -602,6 +628,7 @@ COMMANDS = {
     "up": cmd_up,
     "worker": cmd_worker,
     "retry": cmd_retry,
+    "release": cmd_release,
     "dashboard": cmd_dashboard,
     "user": cmd_user,
     "measure": cmd_measure,

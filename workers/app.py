@@ -2,7 +2,7 @@
 
 `configure` is called by the process that starts a worker (the `radai worker` command) with plain
 values; tasks then reach the database and folders through `runtime()`. Two queues keep heavy
-inference apart from I/O: `radai.process_study` goes to the pipeline queue, exports to the I/O
+inference apart from I/O: `TaskName.PROCESS_STUDY` goes to the pipeline queue, exports to the I/O
 queue, so a GPU worker consumes only GPU work.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_process_init
 
+from db.outbox_tasks import TaskName
 from db.session import Database
 from ml.runtime.registry import DEFAULT_REFS
 from workers.models import set_torch_threads, torch_threads
@@ -65,8 +66,8 @@ def configure(config: WorkerConfig) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=config.pipeline_queue,
         task_routes={
-            "radai.process_study": {"queue": config.pipeline_queue},
-            "radai.export_output": {"queue": config.io_queue},
+            str(TaskName.PROCESS_STUDY): {"queue": config.pipeline_queue},
+            str(TaskName.EXPORT_OUTPUT): {"queue": config.io_queue},
         },
         broker_transport_options=_transport_options(config),
         broker_connection_retry_on_startup=True,

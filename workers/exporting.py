@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from db import Export, Output, audit
+from db.audit_actions import AuditAction
 from db.models import utcnow
 from db.session import Database
 from dicom_io.backoff import backoff_delay
@@ -85,7 +86,7 @@ def run_export(
             detail = {"to": name, "files": len(paths)}
             if deid:
                 detail["deidentified"] = True
-            audit.append(s, ACTOR, "export.sent", study_uid, detail)
+            audit.append(s, ACTOR, AuditAction.EXPORT_SENT, study_uid, detail)
             log.info(
                 "export %d to %s: sent %d file(s)%s",
                 export_id,
@@ -100,7 +101,7 @@ def run_export(
             audit.append(
                 s,
                 ACTOR,
-                "export.failed",
+                AuditAction.EXPORT_FAILED,
                 study_uid,
                 {"to": name, "reason": error[:500], "attempts": export.attempts},
             )

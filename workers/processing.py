@@ -3,7 +3,9 @@
 Idempotent by construction: a job is keyed by (study, pipeline version, hash of the input
 instances); the same key twice yields one result, and output UIDs derive from the key, so a rerun
 after a crash rewrites the same files instead of adding new ones. Data problems end the study as
-NOT_APPLICABLE or FAILED with a reason; anything else propagates for the task to retry.
+NOT_APPLICABLE or FAILED with a reason; anything else propagates for the task to retry. A job
+starts only for a study that is STABLE, QUEUED or PROCESSING (db/lifecycle.py): a message that
+arrives for a study reopened, held or finished meanwhile does nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import numpy as np
 import pydicom
 from sqlalchemy import select, update
 
-from db import Export, Instance, Job, OutboxMessage, Output, Series, Study, StudyState, audit
+from db import Export, Instance, Job, Output, Series, Study, StudyState, audit, lifecycle
+from db.audit_actions import AuditAction
 from db.models import utcnow
+from db.outbox_tasks import ExportOutput
 from db.session import Database
 from dicom_io.series import UndecodablePixels, UnusableSeries, Volume, load_series
 from ml.runtime import inference, qa
@@ -81,6 +85,8 @@ def _start(db: Database, study_uid: str, version: str) -> JobTicket | str:
             return "unknown study"
         if study.state == StudyState.RECEIVING:
             return "study reopened by new instances; it will be queued again"
+        if study.state == StudyState.HELD:
+            return "study is held for a person's review (radai release); not analysed"
         pairs = s.execute(
             select(Instance.sop_instance_uid, Instance.sha256).where(Instance.study_id == study.id)
         ).all()
@@ -93,10 +99,14 @@ def _start(db: Database, study_uid: str, version: str) -> JobTicket | str:
             )
         ).scalar_one_or_none()
         if job is not None and job.state in (StudyState.DONE, StudyState.NOT_APPLICABLE):
-            if study.state in (StudyState.QUEUED, StudyState.STABLE, StudyState.PROCESSING):
-                study.state = job.state
-                study.state_changed_at = utcnow()
+            event = lifecycle.JOB_EVENTS[StudyState(job.state)]
+            if study.state in lifecycle.TRANSITIONS[event].sources:
+                lifecycle.transition(
+                    s, study, event, actor=ACTOR, detail={"job": job.id, "reused": True}
+                )
             return f"already {job.state} for these instances (job {job.id})"
+        if study.state not in lifecycle.TRANSITIONS[AuditAction.JOB_STARTED].sources:
+            return f"study is {study.state}; nothing to start"
         if job is None:
             job = Job(
                 study_id=study.id,
@@ -111,11 +121,15 @@ def _start(db: Database, study_uid: str, version: str) -> JobTicket | str:
         job.attempts += 1
         job.started_at = utcnow()
         job.error = None
-        study.state = StudyState.PROCESSING
-        study.state_changed_at = utcnow()
         study.attempts += 1
         s.flush()
-        audit.append(s, ACTOR, "job.started", study_uid, {"job": job.id, "attempt": job.attempts})
+        lifecycle.transition(
+            s,
+            study,
+            AuditAction.JOB_STARTED,
+            actor=ACTOR,
+            detail={"job": job.id, "attempt": job.attempts},
+        )
         return JobTicket(job.id, study.id, study_uid, key, job.attempts)
 
 
@@ -266,9 +280,6 @@ def _analyse(ticket: JobTicket, volume: Volume, outputs_dir: Path, models: Model
     }
 
 
-EXPORT_TASK = "radai.export_output"
-
-
 def _finish(
     db: Database,
     ticket: JobTicket,
@@ -301,27 +312,13 @@ def _finish(
                 export = Export(job_id=job.id, study_id=study.id, destination=name)
                 s.add(export)
                 s.flush()
-                s.add(
-                    OutboxMessage(
-                        task=EXPORT_TASK,
-                        payload={"export_id": export.id},
-                        study_uid=ticket.study_uid,
-                        next_attempt_at=now,
-                    )
-                )
+                s.add(ExportOutput(export.id).message(now, ticket.study_uid))
         if state in (StudyState.DONE, StudyState.NOT_APPLICABLE):
             s.execute(
                 update(Job)
                 .where(Job.study_id == study.id, Job.id != job.id, Job.superseded.is_(False))
                 .values(superseded=True)
             )
-        # A study reopened meanwhile stays RECEIVING: this result will itself be superseded.
-        if study.state == StudyState.PROCESSING:
-            study.state = state
-            study.state_changed_at = now
-            study.error = reason
-            if analysis:
-                study.priority = analysis["priority"]
         detail = {"job": job.id, "state": str(state)}
         if reason:
             detail["reason"] = reason
@@ -333,7 +330,16 @@ def _finish(
                 outputs=[o["sop_instance_uid"] for o in analysis["outputs"]],
                 model=model_versions,
             )
-        audit.append(s, ACTOR, f"job.{str(state).lower()}", ticket.study_uid, detail)
+        event = lifecycle.JOB_EVENTS[state]
+        # A study reopened meanwhile stays RECEIVING (this result will itself be superseded):
+        # the job's end is audited all the same, without a state change.
+        if study.state == StudyState.PROCESSING:
+            study.error = reason
+            if analysis:
+                study.priority = analysis["priority"]
+            lifecycle.transition(s, study, event, actor=ACTOR, detail=detail, now=now)
+        else:
+            audit.append(s, ACTOR, event, ticket.study_uid, detail)
 
 
 def fail(db: Database, study_uid: str, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""Celery tasks. `radai.process_study` is published by the node's outbox dispatcher by name.
+"""Celery tasks, served under the names of `db.outbox_tasks.TaskName`: the node's outbox
+dispatcher publishes them by name, with a payload dataclass's fields as keyword arguments.
 
 Delivery is at least once (acks_late, redelivered when a worker dies), the work idempotent (see
 `processing`). Unexpected errors (a database restart, a full disk) are retried with capped
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from db.outbox_tasks import TaskName
 from dicom_io.backoff import backoff_delay
 from dicom_io.destinations import Destination, format_destination
 from workers import exporting, processing
@@ -22,8 +24,9 @@ MAX_RETRIES = 5
 RETRY_BASE, RETRY_CAP = 2.0, 120.0  # seconds
 
 
-@app.task(name="radai.process_study", bind=True, acks_late=True, max_retries=MAX_RETRIES)
+@app.task(name=str(TaskName.PROCESS_STUDY), bind=True, acks_late=True, max_retries=MAX_RETRIES)
 def process_study(self, study_uid: str, instances: int | None = None) -> str:  # noqa: ANN001
+    """`db.outbox_tasks.ProcessStudy`'s fields are this task's arguments."""
     rt = runtime()
     try:
         return processing.process_study(
@@ -45,8 +48,9 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
         raise self.retry(exc=exc, countdown=delay) from exc
 
 
-@app.task(name="radai.export_output", bind=True, acks_late=True, max_retries=None)
+@app.task(name=str(TaskName.EXPORT_OUTPUT), bind=True, acks_late=True, max_retries=None)
 def export_output(self, export_id: int) -> str:  # noqa: ANN001
+    """`db.outbox_tasks.ExportOutput`'s fields are this task's arguments."""
     rt = runtime()
     delay = exporting.run_export(
         rt.db,

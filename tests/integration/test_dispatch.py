@@ -120,3 +120,24 @@ def test_only_the_newest_message_of_a_study_is_published(sqlite_db):
     old, new = outbox(sqlite_db)
     assert old.dropped_reason.startswith("superseded") and new.published_at is not None
     assert study_state(sqlite_db, "1.2.3") == StudyState.QUEUED
+
+
+def test_messages_are_typed_and_an_unknown_task_is_dropped_not_published(sqlite_db):
+    from db.models import utcnow
+    from db.outbox_tasks import ExportOutput, ProcessStudy, payload_of
+    from dicom_node.dispatcher import OutboxDispatcher
+
+    now = utcnow()
+    with sqlite_db.session() as s:
+        s.add(ExportOutput(7).message(now, "1.2.3"))
+        s.add(OutboxMessage(task="radai.delete_everything", payload={}, next_attempt_at=now))
+        s.add(OutboxMessage(task="radai.export_output", payload={"x": 1}, next_attempt_at=now))
+    publisher = RecordingPublisher()
+    assert OutboxDispatcher(sqlite_db, publisher).run_once() == 1
+    assert publisher.sent == [("radai.export_output", {"export_id": 7})]
+    _, unknown, malformed = outbox(sqlite_db)
+    assert unknown.published_at is None and "unknown outbox task" in unknown.dropped_reason
+    assert malformed.published_at is None and "bad payload" in malformed.dropped_reason
+    assert payload_of("radai.process_study", {"study_uid": "1.2", "instances": 3}) == ProcessStudy(
+        "1.2", 3
+    )

@@ -11,7 +11,9 @@ found wrong, fixed in the node: a stream cut inside an element header was stored
 without pixel data); a UID attribute encoded with another VR, an unknown VR, native pixel data
 under a JPEG transfer syntax and encapsulated pixel data under a native one were stored; two
 patients under one Study Instance UID were merged silently; on PostgreSQL a NUL inside a text
-value and an IS value beyond 32 bits were answered 0xA703 (cannot record) instead of stored.
+value and an IS value beyond 32 bits were answered 0xA703 (cannot record) instead of stored; a
+value too long for its VR (sent as UN) was stored as a Python bytes repr, a multi-valued one as a
+list repr, and NULs vanished from names without a trace.
 """
 
 from __future__ import annotations
@@ -175,10 +177,69 @@ def _flagged_for_mixed_patients(uid: str) -> Callable[[Database], None]:
             ).scalars()
             details = [e.detail for e in entries]
         assert study.flagged and "Patient ID" in (study.flag_reason or ""), study.flag_reason
+        assert [f["kind"] for f in study.flags] == ["patients_mixed"]
+        assert study.hold_reason  # it will be HELD, not STABLE, once quiet
         assert study.instance_count == 2
         assert [d["sop_instance_uid"] for d in details] == [uid]
         # The audit trail names the instance, not the patients.
         assert not any("OTHER-PATIENT" in str(d) or "SECRET" in str(d) for d in details)
+
+    return check
+
+
+def _altered(db: Database, study_uid: str, sop_uid: str) -> tuple[Study, list[dict]]:
+    with db.session() as s:
+        study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+        [entry] = s.execute(
+            select(AuditEntry).where(
+                AuditEntry.study_uid == study_uid,
+                AuditEntry.action == "instance.values_altered",
+            )
+        ).scalars()
+    assert entry.detail["sop_instance_uid"] == sop_uid
+    return study, entry.detail["changes"]
+
+
+def _truncated_and_flagged(uid: str, study_uid: str) -> Callable[[Database], None]:
+    def check(db: Database) -> None:
+        study, changes = _altered(db, study_uid, uid)
+        assert study.study_description == "D" * 64
+        with db.session() as s:
+            series = s.execute(select(Instance).where(Instance.sop_instance_uid == uid)).scalar()
+            from db import Series
+
+            described = s.get(Series, series.series_id).series_description
+        assert described == "S" * 64  # decoded from UN, not "b'SSSS..."
+        assert {(c["attribute"], c["change"], c["received"], c["kept"]) for c in changes} == {
+            ("StudyDescription", "truncated", 5000, 64),
+            ("SeriesDescription", "truncated", 100_000, 64),
+        }
+        kinds = sorted(f["kind"] for f in study.flags)
+        assert kinds == ["value_truncated", "value_truncated"] and study.flagged
+        assert all(f["at"] for f in study.flags)
+        assert "StudyDescription longer than the 64 characters LO allows" in study.flag_reason
+
+    return check
+
+
+def _nul_removal_recorded(uid: str, study_uid: str) -> Callable[[Database], None]:
+    def check(db: Database) -> None:
+        study, changes = _altered(db, study_uid, uid)
+        assert study.patient_name == "NUL^INSIDE"
+        assert changes == [
+            {"attribute": "PatientName", "change": "nul_removed", "received": 1, "kept": 10}
+        ]
+        assert [f["kind"] for f in study.flags] == ["characters_removed"]
+        assert "INSIDE" not in str(changes) + str(study.flags)  # never the value itself
+
+    return check
+
+
+def _patient_id(study_uid: str, expected: str) -> Callable[[Database], None]:
+    def check(db: Database) -> None:
+        with db.session() as s:
+            study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+        assert study.patient_id == expected, study.patient_id
 
     return check
 
@@ -353,13 +414,31 @@ def _corpus() -> dict[str, Case]:
     cases["charset_unknown"] = _case(ds, uid, statuses.SUCCESS, body=body, check=_stored(uid))
     ds, uid = _ct(next(n), study=f"{ROOT}.9")
     body = _splice(ds, 0x00100010, _explicit(0x00100010, b"PN", b"NUL\x00^INSIDE"))
-    cases["nul_in_text"] = _case(ds, uid, statuses.SUCCESS, body=body, check=_stored(uid))
+    cases["nul_in_text"] = _case(
+        ds, uid, statuses.SUCCESS, body=body, check=_nul_removal_recorded(uid, f"{ROOT}.9")
+    )
 
     # Values that do not fit the database.
     ds, uid = _ct(next(n), InstanceNumber="99999999999", SeriesNumber="-99999999999")
     cases["integers_beyond_32_bits"] = _case(ds, uid, statuses.SUCCESS, check=_stored(uid))
-    ds, uid = _ct(next(n), PatientName="X" * 5000 + "^Y", StudyDescription="D" * 5000)
-    cases["overlong_text"] = _case(ds, uid, statuses.SUCCESS, check=_stored(uid))
+    # Values beyond their VR's maximum length (PS3.5 table 6.2-1): identity refused, the rest
+    # stored truncated with a flag; never a Python repr (found: a 100,000-character name, which
+    # an explicit-VR writer must send as UN, was stored as "b'AAAA...").
+    ds, uid = _ct(next(n), PatientName="X" * 5000 + "^Y")
+    cases["overlong_patient_name"] = _case(ds, uid, statuses.VALUE_TOO_LONG)
+    ds, uid = _ct(next(n), PatientName="A" * 100_000)
+    cases["overlong_patient_name_sent_as_un"] = _case(ds, uid, statuses.VALUE_TOO_LONG)
+    ds, uid = _ct(next(n), PatientID="7" * 65)
+    cases["overlong_patient_id"] = _case(ds, uid, statuses.VALUE_TOO_LONG)
+    ds, uid = _ct(next(n), study=f"{ROOT}.11", StudyDescription="D" * 5000)
+    ds.SeriesInstanceUID, ds.SeriesDescription = f"{ROOT}.13", "S" * 100_000
+    cases["overlong_descriptions"] = _case(
+        ds, uid, statuses.SUCCESS, check=_truncated_and_flagged(uid, f"{ROOT}.11")
+    )
+    ds, uid = _ct(next(n), study=f"{ROOT}.12", PatientID=["ID-1", "ID-2"])
+    cases["multivalued_patient_id"] = _case(
+        ds, uid, statuses.SUCCESS, check=_patient_id(f"{ROOT}.12", "ID-1\\ID-2")
+    )
 
     # UIDs that must never become path names.
     for name, bad in (

@@ -37,6 +37,7 @@ def test_help_lists_the_commands():
         "dashboard",
         "user",
         "retry",
+        "release",
         "measure",
         "demo",
         "send",

@@ -45,3 +45,34 @@ def test_uid_check_rejects_path_like_and_overlong(text):
     if valid_uid(text):
         assert len(text) <= 64 and set(text) <= set("0123456789.")
         assert ".." not in text and not text.startswith(".")
+
+
+_CHARS = st.characters(codec="latin-1", exclude_characters="\\^=")
+_NAME_CHARS = st.characters(codec="latin-1", exclude_characters="\\^= ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(_CHARS, max_size=200), st.text(_NAME_CHARS, max_size=120))
+def test_recorded_text_is_the_cleaned_value_within_its_limit(description, name):
+    from dicom_node import statuses
+    from dicom_node.inspection import NUL_REMOVED, TRUNCATED
+
+    ds = ct_dataset("1.2.3", "1.2.4", UID)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDescription, ds.PatientName = description, name
+    cleaned = {
+        k: v.rstrip(" \x00").replace("\x00", "") for k, v in (("d", description), ("n", name))
+    }
+    try:
+        obj = inspect_received(part10(encode(ds), CT_IMAGE, UID), CT_IMAGE, UID)
+    except Refusal as refusal:
+        # Only an identifying attribute beyond its limit is refused.
+        assert refusal.status == statuses.VALUE_TOO_LONG and len(cleaned["n"]) > 64
+        assert cleaned["n"] not in refusal.reason  # the reason never quotes the value
+        return
+    assert len(cleaned["n"]) <= 64 and (obj.patient_name or "") == cleaned["n"]
+    stored = obj.study_description or ""
+    assert stored == cleaned["d"][:64]
+    changes = {(c.keyword, c.change) for c in obj.alterations}
+    assert (("StudyDescription", TRUNCATED) in changes) == (len(cleaned["d"]) > 64)
+    assert (("StudyDescription", NUL_REMOVED) in changes) == ("\x00" in description.rstrip(" \x00"))
