@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, CursorResult, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -128,13 +128,13 @@ def transition_where(
     True if it changed (and was audited). IllegalTransition if the event cannot happen in
     `from_state` at all. Study objects already loaded in `session` are not refreshed."""
     after = target(event, from_state)
-    changed = session.execute(
+    result = session.execute(
         update(Study)
         .where(Study.id == study_id, Study.state == from_state, *where)
         .values(state=after, state_changed_at=now or utcnow())
         .execution_options(synchronize_session=False)
-    ).rowcount
-    if changed != 1:
+    )
+    if cast(CursorResult, result).rowcount != 1:
         return False
     _record(session, actor, event, study_uid, from_state, after, detail)
     return True
