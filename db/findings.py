@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 2  # 1: the dicts written before this module; 2: adds "schema"
+SCHEMA_VERSION = 2  # 1: the dicts written before this module; 2: adds "schema" and "pipeline"
 
 
 class FindingsError(ValueError):
@@ -77,6 +77,7 @@ class Findings:
     saliency_method: str | None = None
     input_qa: dict[str, Any] = field(default_factory=dict)
     not_for_clinical_use: bool = True
+    pipeline: str | None = None  # the analyser that ran ("models", "baseline"); None before v2
     schema: int = SCHEMA_VERSION
 
     @classmethod
@@ -102,6 +103,7 @@ class Findings:
                 saliency_method=data.get("saliency_method"),
                 input_qa=dict(data.get("input_qa") or {}),
                 not_for_clinical_use=bool(data.get("not_for_clinical_use", True)),
+                pipeline=data.get("pipeline"),
                 schema=SCHEMA_VERSION,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -88,6 +88,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         pipeline_queue=settings.queue,
         io_queue=settings.io_queue,
         device=settings.device,
+        pipeline=settings.pipeline,
         segment_model=settings.segment_model,
         screen_model=settings.screen_model,
         export_to=settings.destinations,
@@ -131,6 +132,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_models(settings: Settings) -> None:
     """Fail at start, not on the first study, when a configured model cannot be found."""
+    if settings.pipeline != "models":
+        return
     from ml.runtime import registry
 
     for ref in (settings.segment_model, settings.screen_model):

@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dicom_io.destinations import Destination, parse_destination
 
+# The analyser workers run unless RADAI_PIPELINE says otherwise: the one docs/models/report.md
+# shows better on patients the models never saw.
+DEFAULT_PIPELINE = "models"
+
 
 def _canonical(destination: Destination) -> Destination:
     # Host names compare case-insensitively: the same destination written two ways must match.
@@ -39,6 +43,11 @@ class Settings(BaseSettings):
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")
     io_queue: str = Field(default="radai.io", description="Celery queue of exports")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
+    pipeline: str = Field(
+        default=DEFAULT_PIPELINE,
+        pattern="^(models|baseline)$",
+        description="the analyser the workers run (docs/models/report.md says which is better)",
+    )
     segment_model: str = Field(
         default="radai-lung-lesion-unet@1.0.0",
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",

@@ -30,6 +30,7 @@ class WorkerConfig:
     pipeline_queue: str = "radai.pipeline"
     io_queue: str = "radai.io"
     device: str = "auto"  # auto | cpu | cuda
+    pipeline: str = "models"  # models | baseline (RADAI_PIPELINE)
     segment_model: str = DEFAULT_REFS["segment"]
     screen_model: str = DEFAULT_REFS["screen"]
     export_to: list[tuple[str, str, int]] = field(default_factory=list)

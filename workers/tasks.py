@@ -16,7 +16,7 @@ from dicom_io.backoff import backoff_delay
 from dicom_io.destinations import Destination, format_destination
 from workers import exporting, processing
 from workers.app import app, runtime
-from workers.models import load_models
+from workers.pipeline.analysers import make_analyser
 
 log = logging.getLogger("radai.worker")
 
@@ -34,7 +34,12 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
             study_uid,
             rt.config.outputs_dir,
             destinations=[format_destination(d) for d in rt.config.export_to],
-            models=load_models(rt.config.segment_model, rt.config.screen_model, rt.config.device),
+            analyser=make_analyser(
+                rt.config.pipeline,
+                rt.config.segment_model,
+                rt.config.screen_model,
+                rt.config.device,
+            ),
         )
     except Exception as exc:
         if self.request.retries >= MAX_RETRIES:

@@ -137,3 +137,26 @@ def test_unexpected_error_leaves_study_retryable(database, queued_lung1, tmp_pat
     assert processing.process_study(database, LUNG1, tmp_path / "out") == "DONE"
     [job] = _jobs(database)
     assert job.attempts == 2 and job.state == StudyState.DONE
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_the_baseline_pipeline_gives_the_same_shape_of_result(database, queued_lung1, tmp_path):
+    from db.findings import Findings
+    from ml.baseline import BASELINE_NAME, BASELINE_VERSION
+    from workers.pipeline.analysers import BaselineAnalyser
+
+    out = tmp_path / "outputs"
+    result = processing.process_study(database, LUNG1, out, analyser=BaselineAnalyser())
+    assert result == "DONE"
+    [job] = _jobs(database)
+    assert job.model_versions == {BASELINE_NAME: BASELINE_VERSION}
+    assert job.pipeline_version == f"{processing.PIPELINE_RELEASE}/baseline-{BASELINE_VERSION}"
+    findings = Findings.from_json(job.findings)
+    assert findings.pipeline == "baseline"
+    assert findings.lesions, "the baseline finds the real lung1 nodule"
+    assert all(les.screening_probability is None for les in findings.lesions)
+    outputs = _outputs(database)
+    assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
+    seg = pydicom.dcmread(next(o.path for o in outputs if o.modality == "SEG"))
+    algorithms = {str(s.SegmentAlgorithmName) for s in seg.SegmentSequence}
+    assert algorithms == {BASELINE_NAME}

@@ -1,0 +1,154 @@
+"""The analysers a site can run (`RADAI_PIPELINE`): the trained models or the classical baseline.
+Each turns a Hounsfield volume into an `Analysis` of one shape, so that everything after
+inference (SEG, SR, findings, triage) is the same whichever ran.
+
+- `models`: the segmentation U-Net and the screening CNN from the registry (`workers/models.py`).
+- `baseline`: `ml.baseline` (HU-threshold lungs, shape-filtered lesion candidates, Lung-RADS size
+  triage); no per-lesion screening probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ml import baseline
+from ml.image.measure import RegionMeasurement
+from ml.runtime import inference
+from workers.models import ModelSet, load_models
+
+PIPELINES = ("models", "baseline")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What an analyser derived from one volume; arrays share its (z, y, x) shape."""
+
+    lung_mask: np.ndarray
+    lesion_labels: np.ndarray  # 0 background, 1..n the kept lesions in `lesions` order
+    lesions: list[RegionMeasurement]
+    lesion_probabilities: list[float | None]  # a screening model's, where one ran
+    lung_volume_ml: float
+    screening_probability: float  # the study's
+    triage_score: float
+    priority: int
+    saliency: np.ndarray
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class Analyser(Protocol):
+    @property
+    def name(self) -> str: ...  # the pipeline's name: "models" or "baseline"
+
+    @property
+    def versions(self) -> dict[str, str]: ...  # algorithm name -> version, for the job
+
+    @property
+    def tag(self) -> str: ...  # short, for the job key
+
+    @property
+    def segmentation_algorithm(self) -> tuple[str, str]: ...  # (name, version) for SEG and SR
+
+    @property
+    def screening_algorithm(self) -> tuple[str, str] | None: ...
+
+    @property
+    def saliency_method(self) -> str: ...
+
+    def analyse(
+        self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]
+    ) -> Analysis: ...
+
+
+@dataclass(frozen=True)
+class ModelsAnalyser:
+    models: ModelSet
+    name: str = "models"
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return self.models.versions
+
+    @property
+    def tag(self) -> str:
+        return self.models.pipeline_tag
+
+    @property
+    def segmentation_algorithm(self) -> tuple[str, str]:
+        return self.models.segmenter.name, self.models.segmenter.version
+
+    @property
+    def screening_algorithm(self) -> tuple[str, str] | None:
+        return self.models.screener.name, self.models.screener.version
+
+    @property
+    def saliency_method(self) -> str:
+        return "Grad-CAM of " + self.models.screener.ref
+
+    def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
+        r = inference.analyse(volume_hu, spacing_zyx, self.models.segmenter, self.models.screener)
+        return Analysis(
+            lung_mask=r.lung_mask,
+            lesion_labels=r.lesion_labels,
+            lesions=r.lesions,
+            lesion_probabilities=list(r.lesion_probabilities),
+            lung_volume_ml=r.lung_volume_ml,
+            screening_probability=r.screening_probability,
+            triage_score=r.probability,
+            priority=r.priority,
+            saliency=r.saliency,
+            timings_s=r.timings_s,
+        )
+
+
+@dataclass(frozen=True)
+class BaselineAnalyser:
+    name: str = "baseline"
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {baseline.BASELINE_NAME: baseline.BASELINE_VERSION}
+
+    @property
+    def tag(self) -> str:
+        return f"baseline-{baseline.BASELINE_VERSION}"
+
+    @property
+    def segmentation_algorithm(self) -> tuple[str, str]:
+        return baseline.BASELINE_NAME, baseline.BASELINE_VERSION
+
+    @property
+    def screening_algorithm(self) -> tuple[str, str] | None:
+        return None
+
+    @property
+    def saliency_method(self) -> str:
+        return "each lesion painted with its size-suspicion score and blurred (classical baseline)"
+
+    def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
+        r = baseline.run_baseline(volume_hu, spacing_zyx)
+        return Analysis(
+            lung_mask=r.lung_mask,
+            lesion_labels=r.lesion_labels,
+            lesions=r.lesions,
+            lesion_probabilities=[None] * len(r.lesions),
+            lung_volume_ml=r.lung_volume_ml,
+            screening_probability=r.probability,
+            triage_score=r.probability,
+            priority=r.priority,
+            saliency=r.saliency,
+            timings_s=r.timings_s,
+        )
+
+
+def make_analyser(
+    pipeline: str, segment_ref: str = "", screen_ref: str = "", device: str = "auto"
+) -> Analyser:
+    """The analyser of `RADAI_PIPELINE`; the models are loaded once per process."""
+    if pipeline == "baseline":
+        return BaselineAnalyser()
+    if pipeline == "models":
+        return ModelsAnalyser(load_models(segment_ref, screen_ref, device))
+    raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINES)}")

@@ -1,0 +1,97 @@
+"""Record how a job ended: the job row, its outputs, exports queued through the outbox, earlier
+results superseded, the study's state changed through the lifecycle (and audited).
+
+Takes the `JobTicket`, the end state and, for a result, `Written`; gives nothing back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+
+from db import Export, Job, Output, Study, StudyState, audit, lifecycle
+from db.models import utcnow
+from db.outbox_tasks import ExportOutput
+from db.session import Database
+from workers.pipeline.claim import ACTOR, RUNNING, JobTicket
+from workers.pipeline.write import Written
+
+
+def record_end(
+    db: Database,
+    ticket: JobTicket,
+    state: StudyState,
+    *,
+    reason: str | None = None,
+    written: Written | None = None,
+    timings: dict[str, float] | None = None,
+    destinations: Sequence[str] = (),
+    model_versions: dict[str, str] | None = None,
+) -> None:
+    now = utcnow()
+    with db.session() as s:
+        job = s.get_one(Job, ticket.job_id, with_for_update=True)
+        study = s.get_one(Study, ticket.study_id, with_for_update=True)
+        job.state = state
+        job.error = reason
+        job.finished_at = now
+        if model_versions is not None:
+            job.model_versions = model_versions
+        if timings is not None:
+            job.timings = timings
+        if written:
+            job.findings = written.findings.to_json()
+            existing = {o.sop_instance_uid for o in job.outputs}
+            for out in written.outputs:
+                if out["sop_instance_uid"] not in existing:
+                    s.add(Output(job_id=job.id, study_id=study.id, **out))
+            s.flush()
+            # Exports go through the outbox: written with the result, published by the node.
+            for name in destinations:
+                export = Export(job_id=job.id, study_id=study.id, destination=name)
+                s.add(export)
+                s.flush()
+                s.add(ExportOutput(export.id).message(now, ticket.study_uid))
+        if state in (StudyState.DONE, StudyState.NOT_APPLICABLE):
+            s.execute(
+                update(Job)
+                .where(Job.study_id == study.id, Job.id != job.id, Job.superseded.is_(False))
+                .values(superseded=True)
+            )
+        detail = {"job": job.id, "state": str(state)}
+        if reason:
+            detail["reason"] = reason
+        if written:
+            detail.update(
+                probability=written.findings.screening_probability,
+                lesions=len(written.findings.lesions),
+                outputs=[o["sop_instance_uid"] for o in written.outputs],
+                model=model_versions,
+            )
+        event = lifecycle.JOB_EVENTS[state]
+        # A study reopened meanwhile stays RECEIVING (this result will itself be superseded):
+        # the job's end is audited all the same, without a state change.
+        if study.state == StudyState.PROCESSING:
+            study.error = reason
+            if written:
+                study.priority = written.findings.priority
+            lifecycle.transition(s, study, event, actor=ACTOR, detail=detail, now=now)
+        else:
+            audit.append(s, ACTOR, event, ticket.study_uid, detail)
+
+
+def fail(db: Database, study_uid: str, reason: str) -> None:
+    """Record a permanent failure of the running job of a study (e.g. retries exhausted)."""
+    with db.session() as s:
+        row = s.execute(
+            select(Job.id, Job.study_id, Job.input_hash, Job.attempts)
+            .join(Study, Study.id == Job.study_id)
+            .where(Study.study_uid == study_uid, Job.state == RUNNING)
+            .order_by(Job.id.desc())
+        ).first()
+    if row is None:
+        return
+    record_end(
+        db, JobTicket(row[0], row[1], study_uid, row[2], row[3]), StudyState.FAILED, reason=reason
+    )
