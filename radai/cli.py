@@ -419,7 +419,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         print(
             f"audit trail intact: {report.entries} entries ({report.keyed} keyed, "
             f"{report.unkeyed} unkeyed from before keying); {report.checkpoints} signed "
-            "checkpoints verified"
+            f"checkpoint{'' if report.checkpoints == 1 else 's'} verified"
             + (f", the latest at entry {latest.seq} ({latest.at})" if latest else "")
         )
     else:

@@ -403,7 +403,7 @@ def test_radai_audit_verify_exit_codes(tmp_path):
     assert signed.returncode == 0 and "checkpoint signed: entry 3" in signed.stdout, signed.stderr
     ok = _radai(["audit", "verify"], home)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "intact: 3 entries (3 keyed" in ok.stdout and "1 signed checkpoints" in ok.stdout
+    assert "intact: 3 entries (3 keyed" in ok.stdout and "1 signed checkpoint verified" in ok.stdout
 
     conn = sqlite3.connect(home / "radai.sqlite")  # a database writer, without the key files
     conn.execute("DROP TRIGGER audit_log_no_delete")
