@@ -375,24 +375,27 @@ def write_checkpoint(session: Session, keys: AuditKeys | None = None) -> Checkpo
     """Sign the trail's current head into the checkpoint file, after checking what is new.
 
     Only the entries since the latest checkpoint are checked (the latest checkpoint's entry must
-    still carry its hash); a trail that fails raises AuditTampered and nothing is signed. Returns
+    still carry its hash), and only the first and the latest checkpoints' signatures: the cost
+    stays flat as the trail grows; `verify` checks everything. A trail that fails raises
+    AuditTampered and nothing is signed. Returns
     the new checkpoint, or None when the trail is empty or unchanged since the latest one."""
     keys = keys if keys is not None else _keys
     if keys is None or keys.checkpoint_file is None:
         raise AuditKeyError("no audit keys and checkpoint folder configured")
     try:
-        checkpoints = _signed_checkpoints(keys)
+        ends = audit_checkpoints.read_ends(keys.checkpoint_file)
+        for cp in ends or ():
+            audit_checkpoints.check_signature(cp, keys)
     except CheckpointError as exc:
         raise AuditTampered(ChainReport(False, 0, None, f"{keys.checkpoint_file}: {exc}")) from None
+    first, anchor = ends if ends is not None else (None, None)
     head = session.execute(
         select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
     ).first()
     if head is None:
-        if checkpoints:
-            latest = max(checkpoints, key=lambda c: c.seq)
-            raise AuditTampered(ChainReport(False, 0, 1, f"entries 1 to {latest.seq} are missing"))
+        if anchor is not None:
+            raise AuditTampered(ChainReport(False, 0, 1, f"entries 1 to {anchor.seq} are missing"))
         return None
-    anchor = max(checkpoints, key=lambda c: c.seq, default=None)
     walk = _Walk(keys)
     query = select(AuditEntry).where(AuditEntry.seq <= head.seq).order_by(AuditEntry.seq)
     if anchor is not None:
@@ -412,14 +415,14 @@ def write_checkpoint(session: Session, keys: AuditKeys | None = None) -> Checkpo
             )
             raise AuditTampered(ChainReport(False, 0, anchor.seq, problem))
         walk.prev, walk.next_seq = start.entry_hash, start.seq + 1
-        walk.keyed_from = min(c.seq for c in checkpoints) + 1
+        walk.keyed_from = min(first.seq, anchor.seq) + 1
         if _is_keyed(start.scheme):
             walk.keyed_from = min(walk.keyed_from, start.seq)
         query = query.where(AuditEntry.seq > anchor.seq)
     for row in session.execute(query.execution_options(yield_per=1000)).scalars():
         bad = walk.step(row)
         if bad is not None:
-            raise AuditTampered(_report(walk, checkpoints, *bad))
+            raise AuditTampered(_report(walk, [c for c in (anchor,) if c], *bad))
     checkpoint = audit_checkpoints.sign(keys, head.seq, head.entry_hash)
     audit_checkpoints.append(keys.checkpoint_file, checkpoint)
     log.info("audit checkpoint: entry %d, head %s", checkpoint.seq, checkpoint.head)

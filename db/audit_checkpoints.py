@@ -29,7 +29,8 @@ class CheckpointError(ValueError):
     """A checkpoint line that is not a checkpoint, or whose signature does not verify."""
 
     def __init__(self, line: int, message: str) -> None:
-        super().__init__(f"checkpoint at line {line}: {message}")
+        where = f"line {line}" if line else "near the end of the file"
+        super().__init__(f"checkpoint at {where}: {message}")
         self.line = line
 
 
@@ -40,7 +41,7 @@ class Checkpoint:
     at: str  # ISO 8601, UTC, with a Z
     key_id: str  # the signing key's id
     signature: str  # base64 Ed25519 over _signed_bytes
-    line: int = 0  # where it was read from (1-based), for messages
+    line: int = 0  # where it was read from (1-based; 0: near the end), for messages
 
     def to_json(self) -> str:
         return json.dumps(
@@ -125,6 +126,32 @@ def read(path: Path | None) -> list[Checkpoint]:
         return []
     complete = data.split("\n")[:-1]  # the last piece is "" or a line torn by a crash
     return [_parse(n, text) for n, text in enumerate(complete, start=1) if text.strip()]
+
+
+def read_ends(path: Path | None, tail_bytes: int = 65536) -> tuple[Checkpoint, Checkpoint] | None:
+    """(the first checkpoint, the one of highest seq among the last ones), without reading the
+    whole file: what the periodic writer needs, in constant time however long the file grows.
+    Signatures are not checked here; None when there is no checkpoint."""
+    if path is None:
+        return None
+    try:
+        fh = Path(path).open("rb")
+    except FileNotFoundError:
+        return None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        first_line = fh.readline()
+        if not first_line.endswith(b"\n"):
+            return None  # empty, or only a torn line
+        first = _parse(1, first_line.decode("utf-8", "replace"))
+        start = max(0, size - tail_bytes)
+        fh.seek(start)
+        pieces = fh.read().split(b"\n")[:-1]  # the last piece is b"" or a torn line
+    if start > 0:
+        pieces = pieces[1:]  # the first piece may be the end of a line cut by the seek
+    # Writers on several hosts may append out of order: take the highest seq near the end.
+    tail = [_parse(0, p.decode("utf-8", "replace")) for p in pieces if p.strip()]
+    return first, max(tail, key=lambda c: c.seq, default=first)
 
 
 def append(path: Path, checkpoint: Checkpoint) -> None:

@@ -423,7 +423,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
             + (f", the latest at entry {latest.seq} ({latest.at})" if latest else "")
         )
     else:
-        print(f"audit trail BROKEN at entry {report.broken_at_seq}: {report.problem}")
+        where = "" if report.broken_at_seq is None else f" at entry {report.broken_at_seq}"
+        print(f"audit trail BROKEN{where}: {report.problem}")
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0 if report.ok else 1

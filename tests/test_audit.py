@@ -417,3 +417,16 @@ def test_radai_audit_verify_exit_codes(tmp_path):
     assert "missing" in report["problem"]
     text_out = _radai(["audit", "verify"], home)
     assert text_out.returncode == 1 and "BROKEN at entry 3" in text_out.stdout
+
+
+def test_the_writer_reads_only_the_ends_of_a_long_checkpoint_file(tmp_path, audit_key):
+    keys = dataclasses.replace(audit_key, checkpoint_dir=tmp_path)
+    seqs = [*range(1, 400), 401, 400]  # two hosts' writers may land out of order
+    with keys.checkpoint_file.open("w") as fh:
+        for seq in seqs:
+            fh.write(audit_checkpoints.sign(keys, seq, f"{seq:064x}").to_json() + "\n")
+    assert keys.checkpoint_file.stat().st_size > 65536
+    first, latest = audit_checkpoints.read_ends(keys.checkpoint_file)
+    assert (first.seq, latest.seq, latest.head) == (1, 401, f"{401:064x}")
+    audit_checkpoints.check_signature(latest, keys)
+    assert [c.seq for c in audit_checkpoints.read(keys.checkpoint_file)] == seqs
