@@ -40,6 +40,7 @@ except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dashboard import imaging, store
 from db import StudyState, User, UserRole, audit, monitoring, users
+from db.audit_keys import AuditKeys
 from db.requeue import request_retry
 from db.session import Database
 
@@ -78,8 +79,20 @@ def session_seconds() -> float:
     return max(minutes, 0.1) * 60
 
 
+def audit_keys() -> AuditKeys | None:
+    """The audit keys `radai dashboard` names in RADAI_AUDIT_KEY_FILE (never created here)."""
+    key_file = os.environ.get("RADAI_AUDIT_KEY_FILE", "").strip()
+    if not key_file:
+        return None
+    folder = os.environ.get("RADAI_AUDIT_CHECKPOINT_DIR", "").strip()
+    return AuditKeys.load(Path(key_file), Path(folder) if folder else None, create=False)
+
+
 @st.cache_resource(show_spinner=False)
 def get_database(url: str) -> Database:
+    keys = audit_keys()
+    if keys is not None:  # entries keyed, and "Verify chain" checks keys and checkpoints
+        audit.configure(keys)
     return Database(url, pool_size=5)
 
 

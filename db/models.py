@@ -255,7 +255,7 @@ class OutboxMessage(Base):
 
 
 class AuditEntry(Base):
-    """Append-only: `seq` is gapless and `entry_hash` chains each row to the one before."""
+    """Append-only: `seq` is gapless and `entry_hash` (keyed) chains each row to the one before."""
 
     __tablename__ = "audit_log"
 
@@ -268,6 +268,10 @@ class AuditEntry(Base):
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # How entry_hash was made (db.audit): "hmac-sha256" under the audit key named by key_id, or
+    # "sha256"/NULL (unkeyed; NULL for rows written before migration 0006).
+    scheme: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    key_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class UserRole(enum.StrEnum):

@@ -1,10 +1,16 @@
-"""The node as a running service: listener, stability monitor and outbox dispatcher together."""
+"""The node as a running service: listener, stability monitor and outbox dispatcher together.
+
+Its loop also signs the audit trail's checkpoints (`db.audit.write_checkpoint`) every
+`checkpoint_seconds` when the trail grew, and once more on a clean stop, when the process has
+audit keys with a checkpoint folder (`db.audit.configure`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
+from db import audit
 from db.session import Database
 from dicom_node.archive import Archive
 from dicom_node.assembly import mark_stable
@@ -25,6 +31,7 @@ class NodeService:
         publish: Publisher,
         poll_seconds: float = 0.5,
         backoff_cap: float = 30.0,
+        checkpoint_seconds: float = 60.0,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -34,6 +41,8 @@ class NodeService:
             db, publish, actor=f"dispatcher:{config.ae_title}", backoff_cap=backoff_cap
         )
         self.poll_seconds = poll_seconds
+        self.checkpoint_seconds = checkpoint_seconds
+        self._next_checkpoint = 0.0  # monotonic time; the first round signs one at once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -57,13 +66,31 @@ class NodeService:
             except Exception:  # noqa: BLE001 - e.g. the database restarting: try again soon
                 log.exception("assembly/dispatch round failed; retrying")
                 self._stop.wait(min(5.0, self.poll_seconds * 4))
+            if time.monotonic() >= self._next_checkpoint:
+                self._next_checkpoint = time.monotonic() + self.checkpoint_seconds
+                self.checkpoint()
             self._stop.wait(self.poll_seconds)
+
+    def checkpoint(self) -> None:
+        """Sign the audit trail's head; a failure is logged (loudly) and never stops the node."""
+        keys = audit.configured_keys()
+        if keys is None or keys.checkpoint_dir is None:
+            return
+        try:
+            with self.db.session() as s:
+                audit.write_checkpoint(s, keys)
+        except audit.AuditTampered as exc:
+            log.error("audit trail fails verification, no checkpoint signed: %s", exc)
+        except Exception:  # noqa: BLE001 - e.g. the database restarting: next interval
+            log.exception("audit checkpoint failed; next try in %.0f s", self.checkpoint_seconds)
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.node.stop()
+        if self._thread is not None:
+            self.checkpoint()  # the last entries this node wrote are pinned too
 
     def wait(self) -> None:
         self._stop.wait()

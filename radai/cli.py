@@ -15,13 +15,40 @@ from radai.settings import Settings
 log = logging.getLogger("radai")
 
 
-def _database(settings: Settings):  # noqa: ANN202
+def _database(settings: Settings, *, keyed: bool = True):  # noqa: ANN202
+    """The migrated database; with `keyed`, this process's audit entries are keyed too."""
     from db.session import Database
 
     settings.ensure_dirs()
     db = Database(settings.db_url)
     db.upgrade()
+    if keyed:
+        from db import audit
+
+        audit.configure(_audit_keys(settings))
     return db
+
+
+def _audit_keys(settings: Settings, *, create: bool = True):  # noqa: ANN202
+    from db.audit_keys import AuditKeyError, AuditKeys
+
+    try:
+        return AuditKeys.load(
+            settings.audit_key_path, settings.audit_checkpoint_path, create=create
+        )
+    except (AuditKeyError, OSError) as exc:
+        raise SystemExit(f"radai: audit key: {exc}") from None
+
+
+def _check_audit_key(db) -> None:  # noqa: ANN001
+    """Refuse to start a process whose audit key cannot continue the trail."""
+    from db import audit
+
+    try:
+        with db.session() as s:
+            audit.check_keys(s)
+    except audit.AuditKeyError as exc:
+        raise SystemExit(f"radai: {exc}") from None
 
 
 def _node_service(settings: Settings):  # noqa: ANN202
@@ -32,6 +59,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
     from dicom_node.service import NodeService
 
     db = _database(settings)
+    _check_audit_key(db)
     tls_cert, tls_key, tls_ca = settings.tls_paths
     config = NodeConfig(
         ae_title=settings.ae_title,
@@ -55,6 +83,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
             settings.queue,
             {str(TaskName.EXPORT_OUTPUT): settings.io_queue},
         ),
+        checkpoint_seconds=settings.audit_checkpoint_seconds,
     )
 
 
@@ -102,11 +131,16 @@ def _worker_config(settings: Settings):  # noqa: ANN202
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from radai import logs
 
-    _database(settings)
+    db = _database(settings)
+    _check_audit_key(db)
     logs.configure(settings.log_level, settings.log_dir, "worker")
     _check_models(settings)
+    from celery.signals import worker_shutdown
+
     from workers.app import configure
 
+    # The node signs checkpoints on its interval; a worker adds one when it stops cleanly.
+    worker_shutdown.connect(lambda **_: _checkpoint_quietly(db), weak=False)
     config = _worker_config(settings)
     config.processes = args.concurrency
     app = configure(config)
@@ -248,10 +282,13 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
     _database(settings)  # create or migrate first: the app itself never changes the schema
     app = find_spec("dashboard.app").origin
+    _audit_keys(settings)  # created here: the app only reads them
     env = {
         **os.environ,
         "RADAI_DATABASE_URL": settings.db_url,
         "RADAI_HOME": str(settings.home_dir),
+        "RADAI_AUDIT_KEY_FILE": str(settings.audit_key_path),
+        "RADAI_AUDIT_CHECKPOINT_DIR": str(settings.audit_checkpoint_path),
     }
     argv = [
         sys.executable, "-m", "streamlit", "run", app,
@@ -367,8 +404,83 @@ def cmd_measure(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _checkpoint_quietly(db) -> None:  # noqa: ANN001
+    from db import audit
+
+    try:
+        with db.session() as s:
+            audit.write_checkpoint(s)
+    except Exception:  # noqa: BLE001 - shutting down: say so, do not hang or mask the exit
+        log.exception("audit checkpoint at shutdown failed")
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from db import audit
+
+    if args.audit_command == "checkpoint":
+        db = _database(settings)
+        try:
+            with db.session() as s:
+                checkpoint = audit.write_checkpoint(s)
+        except audit.AuditTampered as exc:
+            print(f"radai: no checkpoint signed: {exc}", file=sys.stderr)
+            return 1
+        if checkpoint is None:
+            print("audit trail empty or unchanged since the latest checkpoint: nothing to sign")
+        else:
+            print(
+                f"checkpoint signed: entry {checkpoint.seq}, head {checkpoint.head} "
+                f"({settings.audit_checkpoint_path / 'checkpoints.jsonl'})"
+            )
+        return 0
+    from db.audit_keys import AuditKeyError, AuditKeys
+
+    # verify never invents a key: a missing one is a setup error (2), not a broken trail (1)
+    try:
+        keys = AuditKeys.load(settings.audit_key_path, settings.audit_checkpoint_path, create=False)
+    except AuditKeyError as exc:
+        print(f"radai: {exc}", file=sys.stderr)
+        return 2
+    db = _database(settings, keyed=False)
+    with db.session() as s:
+        report = audit.verify(s, keys)
+    if args.json:
+        print(json.dumps(_report_dict(report), indent=2))
+    elif report.ok:
+        latest = report.latest_checkpoint
+        print(
+            f"audit trail intact: {report.entries} entries ({report.keyed} keyed, "
+            f"{report.unkeyed} unkeyed from before keying); {report.checkpoints} signed "
+            f"checkpoint{'' if report.checkpoints == 1 else 's'} verified"
+            + (f", the latest at entry {latest.seq} ({latest.at})" if latest else "")
+        )
+    else:
+        where = "" if report.broken_at_seq is None else f" at entry {report.broken_at_seq}"
+        print(f"audit trail BROKEN{where}: {report.problem}")
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _report_dict(report) -> dict:  # noqa: ANN001
+    latest = report.latest_checkpoint
+    return {
+        "ok": report.ok,
+        "entries": report.entries,
+        "broken_at_seq": report.broken_at_seq,
+        "problem": report.problem,
+        "keyed": report.keyed,
+        "unkeyed": report.unkeyed,
+        "checkpoints": report.checkpoints,
+        "latest_checkpoint": None
+        if latest is None
+        else {"seq": latest.seq, "head": latest.head, "at": latest.at},
+        "notes": list(report.notes),
+    }
+
+
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    _database(settings)
+    _database(settings, keyed=False)
     print(f"database at revision head: {_redact(settings.db_url)}")
     return 0
 
@@ -587,6 +699,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60, help="seconds for any one wait or one file's store"
     )
 
+    aud = sub.add_parser(
+        "audit",
+        help="verify the audit trail or sign a checkpoint of it",
+        description="The audit trail's entries are keyed (HMAC-SHA256, RADAI_AUDIT_KEY_FILE) "
+        "and its head is signed into checkpoints outside the database "
+        "(RADAI_AUDIT_CHECKPOINT_DIR).",
+    )
+    aud_sub = aud.add_subparsers(dest="audit_command", required=True)
+    ver = aud_sub.add_parser(
+        "verify",
+        help="check every entry and every signed checkpoint; exit 0 when intact, 1 with the "
+        "first bad entry (seq and problem) when not",
+    )
+    ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    aud_sub.add_parser(
+        "checkpoint",
+        help="check the entries since the latest checkpoint and sign a new one "
+        "(the node also does this every RADAI_AUDIT_CHECKPOINT_SECONDS and when it stops)",
+    )
+
     dbp = sub.add_parser("db", help="database maintenance")
     dbp.add_argument("action", choices=["upgrade"])
 
@@ -639,6 +771,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "send": cmd_send,
     "db": cmd_db,
+    "audit": cmd_audit,
     "studies": cmd_studies,
     "sample": cmd_sample,
     "train": cmd_train,

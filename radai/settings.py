@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     tls_ca: str = Field(default="", description="PEM CA(s); set: client certificates required")
     tls_required: bool = Field(default=False, description="refuse to start without TLS set up")
     allowed_networks: str = Field(default="", description="comma list of CIDRs; empty: any")
+    audit_key_file: str = Field(
+        default="", description="HMAC key of the audit trail; empty: RADAI_HOME/audit.key"
+    )
+    audit_checkpoint_dir: str = Field(
+        default="", description="signed audit checkpoints; empty: RADAI_HOME/audit-checkpoints"
+    )
+    audit_checkpoint_seconds: float = Field(
+        default=60.0, gt=0, description="the node signs a checkpoint this often (when changed)"
+    )
 
     @field_validator("ae_title")
     @classmethod
@@ -130,6 +139,18 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.home_dir / "logs"
+
+    @property
+    def audit_key_path(self) -> Path:
+        if self.audit_key_file.strip():
+            return Path(self.audit_key_file.strip()).expanduser().resolve()
+        return self.home_dir / "audit.key"
+
+    @property
+    def audit_checkpoint_path(self) -> Path:
+        if self.audit_checkpoint_dir.strip():
+            return Path(self.audit_checkpoint_dir.strip()).expanduser().resolve()
+        return self.home_dir / "audit-checkpoints"
 
     @property
     def db_url(self) -> str:

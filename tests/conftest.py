@@ -16,6 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from db import audit
+from db.audit_keys import AuditKeys
 from db.session import Database
 from dicom_node.archive import Archive
 from dicom_node.server import NodeConfig
@@ -42,6 +44,19 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
         return wait_until(predicate, timeout, interval)
     except TimeoutError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def audit_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditKeys]:
+    """One audit key for the session, as one deployment has one: this process keys its entries
+    with it, and `radai` subprocesses get it through RADAI_AUDIT_KEY_FILE (see radai_env)."""
+    path = tmp_path_factory.mktemp("audit-key") / "audit.key"
+    keys = AuditKeys.load(path)
+    audit.configure(keys)
+    os.environ["RADAI_AUDIT_KEY_FILE"] = str(path)
+    yield keys
+    os.environ.pop("RADAI_AUDIT_KEY_FILE", None)
+    audit.configure(None)
 
 
 def _pg_available() -> bool:
@@ -180,9 +195,11 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], int]]:
 
 
 def radai_env(home: Path, db_url: str, broker_url: str, queue: str, **extra: str) -> dict:
-    """The environment of a `radai` subprocess: this one's, minus RADAI_*, plus the given."""
+    """The environment of a `radai` subprocess: this one's, minus RADAI_* but the session's
+    audit key, plus the given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
     env.update(
+        RADAI_AUDIT_KEY_FILE=os.environ["RADAI_AUDIT_KEY_FILE"],
         RADAI_HOME=str(home),
         RADAI_DATABASE_URL=db_url,
         RADAI_BROKER_URL=broker_url,

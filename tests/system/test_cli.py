@@ -47,6 +47,7 @@ def test_help_lists_the_commands():
         "train",
         "evaluate",
         "models",
+        "audit",
     ):
         assert command in out
     assert "NOT FOR CLINICAL USE" in out

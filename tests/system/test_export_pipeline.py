@@ -96,6 +96,7 @@ def _worker_exports(sqlite_db, node_factory, samples, tmp_path, orthanc) -> None
     node = node_factory(sqlite_db, publish=publish, home=home, stable_seconds=0.5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
     env.update(
+        RADAI_AUDIT_KEY_FILE=os.environ["RADAI_AUDIT_KEY_FILE"],  # one key, as one deployment
         RADAI_HOME=str(home),
         RADAI_DATABASE_URL=sqlite_db.url,
         RADAI_BROKER_URL=broker,

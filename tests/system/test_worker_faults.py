@@ -31,6 +31,7 @@ def test_killed_worker_loses_no_study(sqlite_db, node_factory, samples, tmp_path
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
     env.update(
+        RADAI_AUDIT_KEY_FILE=os.environ["RADAI_AUDIT_KEY_FILE"],  # one key, as one deployment
         RADAI_HOME=str(home),
         RADAI_DATABASE_URL=sqlite_db.url,
         RADAI_BROKER_URL=broker,
