@@ -35,11 +35,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 try:
-    from dashboard import imaging, store
+    from dashboard import access, imaging, store
 except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dashboard import imaging, store
-from db import StudyState, User, UserRole, audit, monitoring, users
+    from dashboard import access, imaging, store
+from db import StudyState, User, UserRole, audit, login_throttle, monitoring, users
 from db.requeue import request_retry
 from db.session import Database
 
@@ -183,11 +183,17 @@ def login_page(db: Database) -> None:
         submitted = st.form_submit_button("Log in")
     if not submitted:
         return
-    user, outcome = store.login(db, name, password)
+    user, outcome, retry_after = store.login(
+        db, name, password, source=_client_address(), device=access.device_id(_xsrf_cookie())
+    )
     if user is None:
         log.info("login refused (%s)", outcome)
-        if outcome == "locked":
-            st.error("Too many failed attempts: this account is locked for a while.")
+        # The same words for every refusal of the same kind, whether the name exists or not.
+        if outcome == login_throttle.THROTTLED:
+            st.error(
+                "Too many failed attempts: please wait "
+                f"{max(1, round(retry_after))} s before trying again."
+            )
         else:
             st.error("Wrong user name or password.")
         return
@@ -196,6 +202,23 @@ def login_page(db: Database) -> None:
     st.session_state["user"] = user
     st.session_state["activity"] = Activity()
     st.rerun()
+
+
+def _client_address() -> str | None:
+    try:
+        address = st.context.ip_address
+    except Exception:  # noqa: BLE001 - no client (a bare script run): the throttle says "unknown"
+        return None
+    return address if isinstance(address, str) else None  # (AppTest gives a mock)
+
+
+def _xsrf_cookie() -> str | None:
+    """The browser's Streamlit XSRF cookie: its device token (see dashboard.access)."""
+    try:
+        value = st.context.cookies.get(access.XSRF_COOKIE)
+    except Exception:  # noqa: BLE001 - no client
+        return None
+    return value if isinstance(value, str) else None
 
 
 def logout(db: Database, user: store.SessionUser) -> None:
@@ -363,14 +386,24 @@ def _set_slice(key: str, value: int) -> None:
 
 
 def _serve_output(
-    db: Database, activity: Activity, user_name: str, study_uid: str, sop_uid: str, path: str
+    db: Database,
+    activity: Activity,
+    cookie: str | None,
+    user_name: str,
+    study_uid: str,
+    sop_uid: str,
+    path: str,
 ) -> bytes:
     # Runs when the file is actually requested (Streamlit's deferred download, on its own
     # thread, outside the script): the audit entry records a download, not a page that merely
-    # offered one, and a page left open past expiry or logout serves nothing.
+    # offered one, and a page left open past expiry or logout serves nothing. Streamlit then
+    # serves the bytes from a /media/ URL, which dashboard.access lets only this browser fetch,
+    # only while the session lives.
     if activity.expired():
         raise PermissionError("session expired")
     data = Path(path).read_bytes()
+    if not access.grant_download(data, cookie, lambda: not activity.expired()):
+        log.warning("download without a device token: the browser will be refused the file")
     store.log_event(db, user_name, "study.output_downloaded", study_uid, {"sop_instance": sop_uid})
     return data
 
@@ -501,8 +534,9 @@ def viewer(db: Database, d: dict[str, Any], job: dict[str, Any], slice_key: str)
     )
     here = [s.label for s in seg.segments if z in s.slices and s.label != "Lung"] if seg else []
     with image_col:
+        # Inline (a data: URI inside the session's websocket), never a replayable /media/ URL.
         st.image(
-            rgb,
+            access.image_data_uri(rgb),
             caption=f"Slice {number} of {volume.slices} · {preset} (C {center:g} / W {width:g})"
             + (f" · {', '.join(here)}" if here else ""),
             width="stretch",
@@ -684,6 +718,7 @@ def downloads(
                 _serve_output,
                 db,
                 st.session_state["activity"],
+                _xsrf_cookie(),
                 user.name,
                 d["study_uid"],
                 o["sop_instance_uid"],
@@ -1053,6 +1088,7 @@ def users_page(db: Database, user: store.SessionUser) -> None:
         hide_index=True,
         key="users_table",
     )
+    failed_logins(db)
     add_col, change_col = st.columns(2)
     with add_col, st.form("add_user", clear_on_submit=True):
         st.markdown("**Add a user**")
@@ -1103,6 +1139,40 @@ def users_page(db: Database, user: store.SessionUser) -> None:
                             lambda s: users.reset_password(s, target, new, actor=user.name),
                         )
                     st.rerun()
+
+
+def failed_logins(db: Database) -> None:
+    """Recent refused logins per account and per source address, with the delay each is under."""
+    with db.session() as s:
+        accounts, sources = login_throttle.recent_failures(s)
+    minutes = int(login_throttle.WINDOW.total_seconds() // 60)
+    st.markdown(f"**Failed logins, last {minutes} min**")
+    if not accounts and not sources:
+        st.caption("None.")
+        return
+    st.caption(
+        "Throttled: attempts refused during a delay (the password was not checked). Names "
+        "that are no account are counted together and stored only as digests."
+    )
+
+    def frame(rows: list[login_throttle.FailureSummary], who: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {
+                    who: r.who if r.who is not None else "(names that are no account)",
+                    "Failed": r.failures,
+                    "Throttled": r.throttled,
+                    "Last (UTC)": r.last_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    "Delay now (s)": round(r.delay_s),
+                }
+                for r in rows
+            ],
+            columns=[who, "Failed", "Throttled", "Last (UTC)", "Delay now (s)"],
+        )
+
+    left, right = st.columns(2)
+    left.dataframe(frame(accounts, "Account"), hide_index=True, key="failed_accounts")
+    right.dataframe(frame(sources, "Source address"), hide_index=True, key="failed_sources")
 
 
 def _when_live(fn: Callable[..., None], *args: Any) -> None:

@@ -1,5 +1,5 @@
-"""The dashboard's reads and writes, in `db` terms: login with auditing and lockout, the worklist,
-one study with its jobs, outputs and reviews, recording a review, and the audit trail.
+"""The dashboard's reads and writes, in `db` terms: login with auditing and throttling, the
+worklist, one study with its jobs, outputs and reviews, recording a review, and the audit trail.
 
 Every function takes a session (the caller's transaction) or a `Database`, returns plain data
 (dicts and dataclasses, no ORM objects that would outlive their session) and never logs patient
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
@@ -29,13 +29,10 @@ from db import (
     StudyState,
     User,
     audit,
+    login_throttle,
 )
-from db.models import utcnow
 from db.session import Database
-from db.users import check_credentials
 
-LOCKOUT_FAILURES = 5
-LOCKOUT_WINDOW = timedelta(minutes=15)
 ANONYMOUS = "anonymous"
 
 
@@ -52,37 +49,48 @@ def credential_stamp(password_hash: str) -> str:
     return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
 
 
-def _recent_failures(session: Session, name: str) -> int:
-    return session.execute(
-        select(func.count())
-        .select_from(AuditEntry)
-        .where(
-            AuditEntry.action == "user.login_failed",
-            AuditEntry.actor == name,
-            AuditEntry.at > utcnow() - LOCKOUT_WINDOW,
-        )
-    ).scalar_one()
+class LoginResult(NamedTuple):
+    """The session's user (None unless the login succeeded), the outcome ("ok", "wrong
+    password", "unknown user", "disabled" or "throttled") and, when throttled, the seconds to
+    wait. Only "throttled" may be told apart on the page: the other refusals look alike."""
+
+    user: SessionUser | None
+    outcome: str
+    retry_after_s: float = 0.0
 
 
-def login(db: Database, name: str, password: str) -> tuple[SessionUser | None, str]:
-    """Check a login and audit it ("user.login" or "user.login_failed", never the password).
+def login(
+    db: Database,
+    name: str,
+    password: str,
+    *,
+    source: str | None = None,
+    device: str | None = None,
+    now: datetime | None = None,
+) -> LoginResult:
+    """Check a login under `db.login_throttle` and audit it ("user.login" or
+    "user.login_failed" with the reason and source address, never the password).
 
     A failed login for an unknown name is audited under "anonymous" so that a password typed
-    into the name field does not land in the audit trail. A known name with LOCKOUT_FAILURES
-    failures within LOCKOUT_WINDOW is refused without checking the password.
+    into the name field does not land in the audit trail. Repeated failures delay further
+    attempts (per account and per source address); they never lock the account.
     """
     name = name.strip()
     with db.session() as s:
-        user, outcome = check_credentials(s, name, password)
-        if outcome != "unknown user" and _recent_failures(s, name) >= LOCKOUT_FAILURES:
-            user, outcome = None, "locked"
+        result = login_throttle.attempt(s, name, password, source=source, device=device, now=now)
+        user = result.user
         if user is None:
-            actor = ANONYMOUS if outcome == "unknown user" else name
-            audit.append(s, actor, "user.login_failed", None, {"reason": outcome})
-            return None, outcome
-        audit.append(s, user.name, "user.login", None, {"role": user.role})
+            detail: dict[str, Any] = {"reason": result.outcome}
+            if source:
+                detail["source"] = source
+            if result.retry_after_s:
+                detail["retry_after_s"] = round(result.retry_after_s, 1)
+            audit.append(s, name if result.known else ANONYMOUS, "user.login_failed", None, detail)
+            return LoginResult(None, result.outcome, result.retry_after_s)
+        detail = {"role": user.role} | ({"source": source} if source else {})
+        audit.append(s, user.name, "user.login", None, detail)
         stamp = credential_stamp(user.password_hash)
-        return SessionUser(user.id, user.name, user.role, stamp), outcome
+        return LoginResult(SessionUser(user.id, user.name, user.role, stamp), result.outcome)
 
 
 def log_event(

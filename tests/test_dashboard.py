@@ -11,6 +11,7 @@ its own copy of that database.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState
+from db import login_throttle as throttle
 from db.models import utcnow
 from db.session import Database
 from db.users import add_user
@@ -174,6 +176,33 @@ def test_login_is_required_and_failures_are_audited(dash):
     assert entry.actor == "drhouse" and entry.detail == {"role": "radiologist"}
 
 
+def test_repeated_failures_delay_logins_but_never_lock_and_admins_see_them(dash):
+    at = _app().run()
+    for _ in range(throttle.FREE_FAILURES):
+        _login(at, "drhouse", "not the password")
+        assert "Wrong user name or password" in at.error[0].value
+    # During the delay, the right password waits, and an unknown name gets the same words.
+    _login(at, "drhouse")
+    known = at.error[0].value
+    assert "please wait" in known and not at.dataframe
+    _login(at, "nobody", "not the password")
+    # (The seconds left differ by the time between the two runs.)
+    assert re.sub(r"\d+", "N", at.error[0].value) == re.sub(r"\d+", "N", known)
+    time.sleep(throttle.delay_after(throttle.FREE_FAILURES).total_seconds() + 0.2)
+    _login(at, "drhouse")
+    assert not at.exception and "DEMO, LUNG1" in _text(at)
+
+    admin = _login(_app().run(), "root")
+    admin.radio(key="page").set_value("Users").run()
+    accounts = admin.dataframe[1].value  # after the accounts table
+    row = accounts[accounts["Account"] == "drhouse"].iloc[0]
+    assert (row["Failed"], row["Throttled"]) == (throttle.FREE_FAILURES, 1)
+    assert "(names that are no account)" in set(accounts["Account"])
+    assert "nobody" not in _text(admin) and "not the password" not in _text(admin)
+    sources = admin.dataframe[2].value
+    assert sources.iloc[0]["Failed"] == throttle.FREE_FAILURES
+
+
 def test_session_expires_and_logout(dash):
     at = _login(_app().run(), "drhouse")
     assert at.dataframe
@@ -257,6 +286,9 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
     at.checkbox(key="saliency_on").check().run()
     at.radio(key="window").set_value("Mediastinum").run()
     assert not at.exception and len(at.image) == 1
+    # The slice travels inline in the session, never as a /media/ URL that could be replayed.
+    [src] = at.image[0].value
+    assert src.startswith("data:image/jpeg;base64,") and "/media/" not in src
     downloads = [b.label for b in at.get("download_button")]
     assert downloads == ["Download SEG", "Download SR"]
 

@@ -58,18 +58,6 @@ def test_users_authenticate_by_name_and_password(database):
             s.add(User(name="mallory", role="superuser", password_hash="x"))
 
 
-def test_login_locks_a_name_after_repeated_failures(database):
-    with database.session() as s:
-        add_user(s, "alice", "radiologist", "long enough")
-    for _ in range(store.LOCKOUT_FAILURES):
-        assert store.login(database, "alice", "guess")[1] == "wrong password"
-    assert store.login(database, "alice", "long enough") == (None, "locked")
-    assert store.login(database, "ghost", "guess")[1] == "unknown user"
-    with database.session() as s:
-        actors = [e.actor for e in s.execute(select(AuditEntry)).scalars()]
-        assert actors.count("anonymous") == 1 and "ghost" not in actors
-
-
 def _study(db, uid: str, state: str = StudyState.DONE, **kw) -> int:  # noqa: ANN001
     with db.session() as s:
         study = Study(study_uid=uid, state=state, instance_count=kw.pop("instances", 2), **kw)
