@@ -1,5 +1,9 @@
 """The dashboard's reads and writes, in `db` terms: login with auditing and throttling, the
-worklist, one study with its jobs, outputs and reviews, recording a review, and the audit trail.
+worklist, one study with its jobs, outputs and reviews, recording a review, retrying a study,
+the audit trail and account management.
+
+Each of these takes the acting `SessionUser` and refuses (`Forbidden`) what its role may not do
+(`PERMISSIONS`, the table the pages also read): the UI hiding a page or button is not the guard.
 
 Every function takes a session (the caller's transaction) or a `Database`, returns plain data
 (dicts and dataclasses, no ORM objects that would outlive their session) and never logs patient
@@ -28,9 +32,12 @@ from db import (
     Study,
     StudyState,
     User,
+    UserRole,
     audit,
     login_throttle,
+    users,
 )
+from db.requeue import request_retry
 from db.session import Database
 
 ANONYMOUS = "anonymous"
@@ -47,6 +54,33 @@ class SessionUser:
 
 def credential_stamp(password_hash: str) -> str:
     return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+class Forbidden(PermissionError):
+    """An action the user's role does not allow (the page should not have offered it)."""
+
+
+# What each role may do: the one table both the store (which refuses) and the pages (which
+# offer) read. Auditors see no patient data; admins read studies but do not review them.
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "read_studies": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN}),
+    "review": frozenset({UserRole.RADIOLOGIST}),
+    "retry": frozenset({UserRole.ADMIN}),
+    "read_audit": frozenset({UserRole.ADMIN, UserRole.AUDITOR}),
+    "read_monitoring": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN, UserRole.AUDITOR}),
+    "manage_users": frozenset({UserRole.ADMIN}),
+}
+
+
+def allowed(user: SessionUser, action: str) -> bool:
+    """Whether `user`'s role may do `action` (a key of PERMISSIONS)."""
+    return user.role in PERMISSIONS[action]
+
+
+def require(user: SessionUser, action: str) -> None:
+    """Forbidden unless `user`'s role may do `action`."""
+    if not allowed(user, action):
+        raise Forbidden(f"a {user.role} may not {action.replace('_', ' ')}")
 
 
 class LoginResult(NamedTuple):
@@ -122,6 +156,7 @@ class WorklistPage:
 def worklist(
     session: Session,
     *,
+    user: SessionUser,
     states: list[str] | None = None,
     flagged: bool | None = None,
     reviewed: bool | None = None,
@@ -133,6 +168,7 @@ def worklist(
     "Reviewed" means some review exists for the study's current job: after reprocessing, the new
     result needs a new review (the old reviews stay, attached to the old job).
     """
+    require(user, "read_studies")
     current = _current_job_id()
     is_reviewed = exists().where(Review.job_id == current)
     query = select(Study, current.label("job_id"), is_reviewed.label("reviewed"))
@@ -203,8 +239,9 @@ def model_of(job: Job) -> tuple[str, str]:
     return "+".join(versions), "+".join(str(v) for v in versions.values())
 
 
-def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
+def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict[str, Any] | None:
     """A study with its jobs (newest first), their outputs, and every review of any of its jobs."""
+    require(user, "read_studies")
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
     if study is None:
         return None
@@ -290,8 +327,11 @@ def latest_reviews(reviews: list[dict[str, Any]], job_id: int) -> dict[int | Non
     return latest
 
 
-def series_paths(session: Session, study_id: int, series_uid: str) -> list[str]:
+def series_paths(
+    session: Session, study_id: int, series_uid: str, *, user: SessionUser
+) -> list[str]:
     """Archive paths of a series' instances (order does not matter: the viewer sorts)."""
+    require(user, "read_studies")
     return list(
         session.execute(
             select(Instance.archive_path)
@@ -427,7 +467,9 @@ def add_review(
     ValueError (message for the reader) when the decision is unknown, a reject or amend has no
     reason, the job is not this study's or has no findings, the lesion is not in them, or
     corrections come with anything but an amend of one lesion or fail `validate_corrections`.
+    Forbidden unless the user's role reviews.
     """
+    require(user, "review")
     if decision not in set(ReviewDecision):  # also None: the reader chose nothing
         raise ValueError(f"decision must be one of {', '.join(ReviewDecision)}")
     reason = (reason or "").strip() or None
@@ -500,7 +542,8 @@ def describe_corrections(corrections: dict[str, dict[str, Any]] | None) -> str:
     return "; ".join(parts)
 
 
-def audit_actors(session: Session) -> list[str]:
+def audit_actors(session: Session, *, user: SessionUser) -> list[str]:
+    require(user, "read_audit")
     query = select(AuditEntry.actor).distinct().order_by(AuditEntry.actor)
     return list(session.execute(query).scalars())
 
@@ -508,6 +551,7 @@ def audit_actors(session: Session) -> list[str]:
 def audit_entries(
     session: Session,
     *,
+    user: SessionUser,
     study_uid: str | None = None,
     actor: str | None = None,
     since: datetime | None = None,
@@ -515,6 +559,7 @@ def audit_entries(
     limit: int = 500,
 ) -> list[dict[str, Any]]:
     """Audit entries, newest first, filtered by study, actor and time range [since, until)."""
+    require(user, "read_audit")
     query = select(AuditEntry)
     if study_uid:
         query = query.where(AuditEntry.study_uid == study_uid)
@@ -537,3 +582,44 @@ def audit_entries(
         }
         for r in rows
     ]
+
+
+def retry_study(session: Session, study_uid: str, *, user: SessionUser) -> None:
+    """Send a study through the pipeline again (`db.requeue.request_retry`, audited)."""
+    require(user, "retry")
+    request_retry(session, study_uid, actor=user.name)
+
+
+# --- accounts (admins only) ------------------------------------------------------------------
+
+
+def list_accounts(session: Session, *, user: SessionUser) -> list[dict]:
+    require(user, "manage_users")
+    return users.list_users(session)
+
+
+def add_account(
+    session: Session, name: str, role: str, password: str, *, user: SessionUser
+) -> None:
+    require(user, "manage_users")
+    users.add_user(session, name, role, password, actor=user.name)
+
+
+def set_account_disabled(session: Session, name: str, disabled: bool, *, user: SessionUser) -> None:
+    require(user, "manage_users")
+    users.set_disabled(session, name, disabled, actor=user.name)
+
+
+def reset_account_password(
+    session: Session, name: str, password: str, *, user: SessionUser
+) -> None:
+    require(user, "manage_users")
+    users.reset_password(session, name, password, actor=user.name)
+
+
+def failed_logins(
+    session: Session, *, user: SessionUser
+) -> tuple[list[login_throttle.FailureSummary], list[login_throttle.FailureSummary]]:
+    """Recent refused logins per account and per source address (`db.login_throttle`)."""
+    require(user, "manage_users")
+    return login_throttle.recent_failures(session)

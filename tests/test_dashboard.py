@@ -134,6 +134,33 @@ def _app() -> AppTest:
     return AppTest.from_file(APP, default_timeout=60)
 
 
+PAGE_FILES = {
+    "Worklist": "views/worklist.py",
+    "Study": "views/study.py",
+    "Audit": "views/audit.py",
+    "Monitoring": "views/monitoring.py",
+    "Users": "views/users.py",
+}
+
+
+def _go(at: AppTest, title: str) -> AppTest:
+    """Open a page as its sidebar link would."""
+    return at.switch_page(PAGE_FILES[title]).run()
+
+
+def _pages(at: AppTest) -> list[str]:
+    """The pages this session's navigation offers (AppTest refuses to switch to any other).
+    Leaves `at` set to the last page it tried."""
+    offered = []
+    for title, path in PAGE_FILES.items():
+        try:
+            at.switch_page(path)
+        except ValueError:
+            continue
+        offered.append(title)
+    return offered
+
+
 def _login(at: AppTest, name: str, password: str = PASSWORD) -> AppTest:
     at.text_input(key="login_name").input(name)
     at.text_input(key="login_password").input(password)
@@ -193,7 +220,7 @@ def test_repeated_failures_delay_logins_but_never_lock_and_admins_see_them(dash)
     assert not at.exception and "DEMO, LUNG1" in _text(at)
 
     admin = _login(_app().run(), "root")
-    admin.radio(key="page").set_value("Users").run()
+    _go(admin, "Users")
     accounts = admin.dataframe[1].value  # after the accounts table
     row = accounts[accounts["Account"] == "drhouse"].iloc[0]
     assert (row["Failed"], row["Throttled"]) == (throttle.FREE_FAILURES, 1)
@@ -330,19 +357,21 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
     # The latest review wins on the page; the worklist now says reviewed.
     lesions = at.dataframe[0].value
     assert lesions.iloc[0]["Review"].startswith("amend by drhouse")
-    at.radio(key="page").set_value("Worklist").run()
+    _go(at, "Worklist")
     table = at.dataframe[0].value
     assert table[table["Study UID"] == LUNG1].iloc[0]["Reviewed"] == "yes"
 
 
 def test_roles_limit_the_pages(dash):
     at = _login(_app().run(), "eve")
-    assert at.radio(key="page").options == ["Audit", "Monitoring"]
+    assert at.header[0].value == "Audit trail"  # the role's first page
     assert "DEMO" not in at.dataframe[0].value.to_csv()
+    assert _pages(at) == ["Audit", "Monitoring"]
     at = _login(_app().run(), "drhouse")
-    assert at.radio(key="page").options == ["Worklist", "Study", "Monitoring"]
+    assert at.header[0].value == "Worklist"
+    assert _pages(at) == ["Worklist", "Study", "Monitoring"]
     at = _login(_app().run(), "root")
-    assert at.radio(key="page").options == [
+    assert _pages(at) == [
         "Worklist",
         "Study",
         "Audit",
@@ -354,16 +383,14 @@ def test_roles_limit_the_pages(dash):
 @pytest.mark.parametrize("name", ["drhouse", "eve"])
 def test_non_admins_cannot_reach_user_management(dash, name):
     at = _login(_app().run(), name)
-    assert "Users" not in at.radio(key="page").options
-    # A session that asks for the page anyway (as a crafted widget state would) falls back to
-    # the role's first page.
-    forged = _app()
-    for key in ("user", "activity"):
-        forged.session_state[key] = at.session_state[key]
-    forged.session_state["page"] = "Users"
-    at = forged.run()
+    assert "Users" not in _pages(at)
+    # The page does not exist for this session: asking for it anyway (as a crafted address
+    # would) is refused, and what runs is one of the role's own pages. The store refuses
+    # account changes by non-admins too (test_dashboard_db).
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page(PAGE_FILES["Users"])
+    at = at.run()
     assert not at.exception
-    assert at.radio(key="page").value != "Users"
     assert not [h for h in at.header if h.value == "Users"]
     assert "u_new_name" not in [t.key for t in at.text_input]
     assert "correct horse" not in _text(at)
@@ -371,7 +398,7 @@ def test_non_admins_cannot_reach_user_management(dash, name):
 
 def test_admin_manages_users_and_every_change_is_audited(dash):
     at = _login(_app().run(), "root")
-    at.radio(key="page").set_value("Users").run()
+    _go(at, "Users")
     assert not at.exception
     table = at.dataframe[0].value
     assert list(table["User"]) == sorted(USERS) and set(table["Status"]) == {"enabled"}
@@ -397,7 +424,7 @@ def test_admin_manages_users_and_every_change_is_audited(dash):
     assert at.success and "newdoc added as auditor" in at.success[0].value
     table = at.dataframe[0].value
     assert table[table["User"] == "newdoc"].iloc[0]["Role"] == "auditor"
-    assert _login(_app().run(), "newdoc", "first password").radio(key="page").options == [
+    assert _pages(_login(_app().run(), "newdoc", "first password")) == [
         "Audit",
         "Monitoring",
     ]
@@ -453,7 +480,7 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
     assert not at.exception
 
     at = _login(_app().run(), "eve")
-    at.radio(key="page").set_value("Monitoring").run()
+    _go(at, "Monitoring")
     assert not at.exception
     models = at.dataframe[0].value
     [row] = models.to_dict("records")

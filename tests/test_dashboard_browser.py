@@ -312,8 +312,8 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     )
     src_on = _image_src(driver)
     _idle(driver)
-    # Nothing of the study (let alone the patient) travels in the address.
-    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/", "", "")
+    # Nothing of the study (let alone the patient) travels in the address: it names the page.
+    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/study", "", "")
 
     # The lesion's SEG overlay off and on again: the picture changes each time.
     lesion_box = '[data-testid="stCheckbox"]'
@@ -379,7 +379,7 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     _shot(driver, tmp_path, "5-audit-trail")
 
     # Monitoring: the review counted for the model that made the finding.
-    _click(driver, '[data-testid="stSidebar"] [data-testid="stRadio"] label', "Monitoring")
+    _click(driver, '[data-testid="stSidebarNav"] a', "Monitoring")
     _until(driver, lambda d: "Reviewed findings" in _body(d), "the monitoring page")
     _until(
         driver,
@@ -397,7 +397,7 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     assert metrics["Studies"] == str(len(expected))
     [model_row] = _grid_rows(driver)
     assert model_row[0].startswith(job_model)
-    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/", "", "")
+    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/monitoring", "", "")
     driver.set_window_size(1400, 1500)  # the whole page in one picture
     _idle(driver)
     _shot(driver, tmp_path, "6-monitoring")
