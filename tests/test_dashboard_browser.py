@@ -445,6 +445,12 @@ def test_nothing_leaves_the_session(dashboard, browser, tmp_path):
     assert _get(base + "/_stcore/metrics")[0] == 404
     assert _get(base + "/_stcore/health")[0] == 200
 
+    # A page's address before login shows the login form and nothing of the page.
+    for page in ("study", "users", "audit"):
+        driver.get(f"{base}/{page}")
+        _css(driver, ".st-key-login_name input")
+        _idle(driver)
+        assert "DEMO" not in driver.page_source and "Audit trail" not in _body(driver)
     driver.get(base + "/")
     _css(driver, ".st-key-login_name input")
     _idle(driver)
