@@ -143,3 +143,16 @@ def test_recent_failures_per_account_and_source(database):
     store.login(database, "alice", PASSWORD, source="10.0.0.3", now=t + throttle.RETENTION * 2)
     with database.session() as s:
         assert s.execute(select(LoginAttempt.outcome)).scalars().all() == ["ok"]
+
+
+def test_migration_0007_downgrades_and_upgrades(database):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    _alice(database)
+    store.login(database, "alice", "guess", source="10.0.0.1")
+    command.downgrade(database.alembic_config(), "-1")  # relative: 0007's parent may change
+    assert "login_attempts" not in inspect(database.engine).get_table_names()
+    database.upgrade()
+    assert "login_attempts" in inspect(database.engine).get_table_names()
+    assert store.login(database, "alice", PASSWORD, source="10.0.0.1").outcome == "ok"
