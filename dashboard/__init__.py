@@ -2,6 +2,10 @@
 
 It may import `db` and `dicom_io` of ours (and `ml` for overlays); never `dicom_node`, `workers`
 or `radai`.
-`app` is the Streamlit entry point (`streamlit run dashboard/app.py`), `store` its reads and
-writes in `db` terms, `imaging` the CT volume, SEG and saliency overlays in numpy.
+`server` is what `radai dashboard` serves (`st.App` running `app` behind `access`'s guard of
+`/media/` and internal endpoints), `app` the Streamlit main script (session check, then
+`st.navigation` over the role's pages in `views/`), `session` login, logout and expiry,
+`resources` the cached engine, series and overlays, `store` the reads and writes in `db` terms
+with the role checks (`store.PERMISSIONS`), `imaging` the CT volume, SEG and saliency overlays
+in numpy.
 """

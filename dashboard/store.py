@@ -1,5 +1,9 @@
-"""The dashboard's reads and writes, in `db` terms: login with auditing and lockout, the worklist,
-one study with its jobs, outputs and reviews, recording a review, and the audit trail.
+"""The dashboard's reads and writes, in `db` terms: login with auditing and throttling, the
+worklist, one study with its jobs, outputs and reviews, recording a review, retrying a study,
+the audit trail and account management.
+
+Each of these takes the acting `SessionUser` and refuses (`Forbidden`) what its role may not do
+(`PERMISSIONS`, the table the pages also read): the UI hiding a page or button is not the guard.
 
 Every function takes a session (the caller's transaction) or a `Database`, returns plain data
 (dicts and dataclasses, no ORM objects that would outlive their session) and never logs patient
@@ -11,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
@@ -28,14 +32,14 @@ from db import (
     Study,
     StudyState,
     User,
+    UserRole,
     audit,
+    login_throttle,
+    users,
 )
-from db.models import utcnow
+from db.requeue import request_retry
 from db.session import Database
-from db.users import check_credentials
 
-LOCKOUT_FAILURES = 5
-LOCKOUT_WINDOW = timedelta(minutes=15)
 ANONYMOUS = "anonymous"
 
 
@@ -52,37 +56,75 @@ def credential_stamp(password_hash: str) -> str:
     return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
 
 
-def _recent_failures(session: Session, name: str) -> int:
-    return session.execute(
-        select(func.count())
-        .select_from(AuditEntry)
-        .where(
-            AuditEntry.action == "user.login_failed",
-            AuditEntry.actor == name,
-            AuditEntry.at > utcnow() - LOCKOUT_WINDOW,
-        )
-    ).scalar_one()
+class Forbidden(PermissionError):
+    """An action the user's role does not allow (the page should not have offered it)."""
 
 
-def login(db: Database, name: str, password: str) -> tuple[SessionUser | None, str]:
-    """Check a login and audit it ("user.login" or "user.login_failed", never the password).
+# What each role may do: the one table both the store (which refuses) and the pages (which
+# offer) read. Auditors see no patient data; admins read studies but do not review them.
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "read_studies": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN}),
+    "review": frozenset({UserRole.RADIOLOGIST}),
+    "retry": frozenset({UserRole.ADMIN}),
+    "read_audit": frozenset({UserRole.ADMIN, UserRole.AUDITOR}),
+    "read_monitoring": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN, UserRole.AUDITOR}),
+    "manage_users": frozenset({UserRole.ADMIN}),
+}
+
+
+def allowed(user: SessionUser, action: str) -> bool:
+    """Whether `user`'s role may do `action` (a key of PERMISSIONS)."""
+    return user.role in PERMISSIONS[action]
+
+
+def require(user: SessionUser, action: str) -> None:
+    """Forbidden unless `user`'s role may do `action`."""
+    if not allowed(user, action):
+        raise Forbidden(f"a {user.role} may not {action.replace('_', ' ')}")
+
+
+class LoginResult(NamedTuple):
+    """The session's user (None unless the login succeeded), the outcome ("ok", "wrong
+    password", "unknown user", "disabled" or "throttled") and, when throttled, the seconds to
+    wait. Only "throttled" may be told apart on the page: the other refusals look alike."""
+
+    user: SessionUser | None
+    outcome: str
+    retry_after_s: float = 0.0
+
+
+def login(
+    db: Database,
+    name: str,
+    password: str,
+    *,
+    source: str | None = None,
+    device: str | None = None,
+    now: datetime | None = None,
+) -> LoginResult:
+    """Check a login under `db.login_throttle` and audit it ("user.login" or
+    "user.login_failed" with the reason and source address, never the password).
 
     A failed login for an unknown name is audited under "anonymous" so that a password typed
-    into the name field does not land in the audit trail. A known name with LOCKOUT_FAILURES
-    failures within LOCKOUT_WINDOW is refused without checking the password.
+    into the name field does not land in the audit trail. Repeated failures delay further
+    attempts (per account and per source address); they never lock the account.
     """
     name = name.strip()
     with db.session() as s:
-        user, outcome = check_credentials(s, name, password)
-        if outcome != "unknown user" and _recent_failures(s, name) >= LOCKOUT_FAILURES:
-            user, outcome = None, "locked"
+        result = login_throttle.attempt(s, name, password, source=source, device=device, now=now)
+        user = result.user
         if user is None:
-            actor = ANONYMOUS if outcome == "unknown user" else name
-            audit.append(s, actor, "user.login_failed", None, {"reason": outcome})
-            return None, outcome
-        audit.append(s, user.name, "user.login", None, {"role": user.role})
+            detail: dict[str, Any] = {"reason": result.outcome}
+            if source:
+                detail["source"] = source
+            if result.retry_after_s:
+                detail["retry_after_s"] = round(result.retry_after_s, 1)
+            audit.append(s, name if result.known else ANONYMOUS, "user.login_failed", None, detail)
+            return LoginResult(None, result.outcome, result.retry_after_s)
+        detail = {"role": user.role} | ({"source": source} if source else {})
+        audit.append(s, user.name, "user.login", None, detail)
         stamp = credential_stamp(user.password_hash)
-        return SessionUser(user.id, user.name, user.role, stamp), outcome
+        return LoginResult(SessionUser(user.id, user.name, user.role, stamp), result.outcome)
 
 
 def log_event(
@@ -114,6 +156,7 @@ class WorklistPage:
 def worklist(
     session: Session,
     *,
+    user: SessionUser,
     states: list[str] | None = None,
     flagged: bool | None = None,
     reviewed: bool | None = None,
@@ -125,6 +168,7 @@ def worklist(
     "Reviewed" means some review exists for the study's current job: after reprocessing, the new
     result needs a new review (the old reviews stay, attached to the old job).
     """
+    require(user, "read_studies")
     current = _current_job_id()
     is_reviewed = exists().where(Review.job_id == current)
     query = select(Study, current.label("job_id"), is_reviewed.label("reviewed"))
@@ -142,7 +186,7 @@ def worklist(
     )
     result = session.execute(query.offset((page - 1) * page_size).limit(page_size)).all()
     job_ids = [job_id for _, job_id, _ in result if job_id is not None]
-    findings = dict(
+    findings: dict[int, Any] = dict(
         session.execute(select(Job.id, Job.findings).where(Job.id.in_(job_ids))).all()
         if job_ids
         else []
@@ -195,8 +239,9 @@ def model_of(job: Job) -> tuple[str, str]:
     return "+".join(versions), "+".join(str(v) for v in versions.values())
 
 
-def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
+def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict[str, Any] | None:
     """A study with its jobs (newest first), their outputs, and every review of any of its jobs."""
+    require(user, "read_studies")
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
     if study is None:
         return None
@@ -282,8 +327,11 @@ def latest_reviews(reviews: list[dict[str, Any]], job_id: int) -> dict[int | Non
     return latest
 
 
-def series_paths(session: Session, study_id: int, series_uid: str) -> list[str]:
+def series_paths(
+    session: Session, study_id: int, series_uid: str, *, user: SessionUser
+) -> list[str]:
     """Archive paths of a series' instances (order does not matter: the viewer sorts)."""
+    require(user, "read_studies")
     return list(
         session.execute(
             select(Instance.archive_path)
@@ -419,7 +467,9 @@ def add_review(
     ValueError (message for the reader) when the decision is unknown, a reject or amend has no
     reason, the job is not this study's or has no findings, the lesion is not in them, or
     corrections come with anything but an amend of one lesion or fail `validate_corrections`.
+    Forbidden unless the user's role reviews.
     """
+    require(user, "review")
     if decision not in set(ReviewDecision):  # also None: the reader chose nothing
         raise ValueError(f"decision must be one of {', '.join(ReviewDecision)}")
     reason = (reason or "").strip() or None
@@ -488,11 +538,13 @@ def describe_corrections(corrections: dict[str, dict[str, Any]] | None) -> str:
             continue
         new, old = pair.get("corrected"), pair.get("model")
         shown_old = "-" if old is None else f"{old / c.to_stored:g}"
-        parts.append(f"{c.name} {new / c.to_stored:g} {c.unit} (model {shown_old})")
+        shown_new = "-" if new is None else f"{new / c.to_stored:g}"
+        parts.append(f"{c.name} {shown_new} {c.unit} (model {shown_old})")
     return "; ".join(parts)
 
 
-def audit_actors(session: Session) -> list[str]:
+def audit_actors(session: Session, *, user: SessionUser) -> list[str]:
+    require(user, "read_audit")
     query = select(AuditEntry.actor).distinct().order_by(AuditEntry.actor)
     return list(session.execute(query).scalars())
 
@@ -500,6 +552,7 @@ def audit_actors(session: Session) -> list[str]:
 def audit_entries(
     session: Session,
     *,
+    user: SessionUser,
     study_uid: str | None = None,
     actor: str | None = None,
     since: datetime | None = None,
@@ -507,6 +560,7 @@ def audit_entries(
     limit: int = 500,
 ) -> list[dict[str, Any]]:
     """Audit entries, newest first, filtered by study, actor and time range [since, until)."""
+    require(user, "read_audit")
     query = select(AuditEntry)
     if study_uid:
         query = query.where(AuditEntry.study_uid == study_uid)
@@ -529,3 +583,44 @@ def audit_entries(
         }
         for r in rows
     ]
+
+
+def retry_study(session: Session, study_uid: str, *, user: SessionUser) -> None:
+    """Send a study through the pipeline again (`db.requeue.request_retry`, audited)."""
+    require(user, "retry")
+    request_retry(session, study_uid, actor=user.name)
+
+
+# --- accounts (admins only) ------------------------------------------------------------------
+
+
+def list_accounts(session: Session, *, user: SessionUser) -> list[dict]:
+    require(user, "manage_users")
+    return users.list_users(session)
+
+
+def add_account(
+    session: Session, name: str, role: str, password: str, *, user: SessionUser
+) -> None:
+    require(user, "manage_users")
+    users.add_user(session, name, role, password, actor=user.name)
+
+
+def set_account_disabled(session: Session, name: str, disabled: bool, *, user: SessionUser) -> None:
+    require(user, "manage_users")
+    users.set_disabled(session, name, disabled, actor=user.name)
+
+
+def reset_account_password(
+    session: Session, name: str, password: str, *, user: SessionUser
+) -> None:
+    require(user, "manage_users")
+    users.reset_password(session, name, password, actor=user.name)
+
+
+def failed_logins(
+    session: Session, *, user: SessionUser
+) -> tuple[list[login_throttle.FailureSummary], list[login_throttle.FailureSummary]]:
+    """Recent refused logins per account and per source address (`db.login_throttle`)."""
+    require(user, "manage_users")
+    return login_throttle.recent_failures(session)

@@ -298,6 +298,32 @@ class User(Base):
     )
 
 
+class LoginAttempt(Base):
+    """One login attempt, for throttling (`db.login_throttle`) and the admins' view of failures.
+
+    Not the audit trail: rows are purged after a day. `account` is a digest of the name as typed,
+    so that a password typed into the name field is not stored in clear; `user_id` is set only
+    when the name is an account's.
+    """
+
+    __tablename__ = "login_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    account: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    # A digest of the browser's device token (its Streamlit XSRF cookie), when it sent one.
+    device: Mapped[str | None] = mapped_column(String(64))
+    # "ok", "wrong password", "unknown user", "disabled" or "throttled"
+    outcome: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (
+        Index("ix_login_attempts_account_at", "account", "at"),
+        Index("ix_login_attempts_source_at", "source", "at"),
+    )
+
+
 class ReviewDecision(enum.StrEnum):
     ACCEPT = "accept"
     REJECT = "reject"

@@ -281,7 +281,8 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     from importlib.util import find_spec
 
     _database(settings)  # create or migrate first: the app itself never changes the schema
-    app = find_spec("dashboard.app").origin
+    # The ASGI wrapper (dashboard/server.py) puts radai's access rules in front of Streamlit.
+    app = find_spec("dashboard.server").origin
     _audit_keys(settings)  # created here: the app only reads them
     env = {
         **os.environ,
@@ -298,6 +299,9 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
         "--browser.gatherUsageStats", "false",
         "--client.showErrorDetails", "type",
         "--client.toolbarMode", "minimal",
+        # The XSRF cookie is also the browser's device token for downloads and the login
+        # throttle (dashboard.access): it must be on whatever a config file says.
+        "--server.enableXsrfProtection", "true",
     ]  # fmt: skip
     # Replace this process: a signal to `radai dashboard` then reaches Streamlit itself.
     os.execve(sys.executable, argv, env)

@@ -11,6 +11,7 @@ its own copy of that database.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState
+from db import login_throttle as throttle
 from db.models import utcnow
 from db.session import Database
 from db.users import add_user
@@ -133,6 +135,33 @@ def _app() -> AppTest:
     return AppTest.from_file(APP, default_timeout=60)
 
 
+PAGE_FILES = {
+    "Worklist": "views/worklist.py",
+    "Study": "views/study.py",
+    "Audit": "views/audit.py",
+    "Monitoring": "views/monitoring.py",
+    "Users": "views/users.py",
+}
+
+
+def _go(at: AppTest, title: str) -> AppTest:
+    """Open a page as its sidebar link would."""
+    return at.switch_page(PAGE_FILES[title]).run()
+
+
+def _pages(at: AppTest) -> list[str]:
+    """The pages this session's navigation offers (AppTest refuses to switch to any other).
+    Leaves `at` set to the last page it tried."""
+    offered = []
+    for title, path in PAGE_FILES.items():
+        try:
+            at.switch_page(path)
+        except ValueError:
+            continue
+        offered.append(title)
+    return offered
+
+
 def _login(at: AppTest, name: str, password: str = PASSWORD) -> AppTest:
     at.text_input(key="login_name").input(name)
     at.text_input(key="login_password").input(password)
@@ -173,6 +202,33 @@ def test_login_is_required_and_failures_are_audited(dash):
     assert "DEMO, LUNG1" in _text(at)
     [entry] = _audit(dash, "user.login")
     assert entry.actor == "drhouse" and entry.detail == {"role": "radiologist"}
+
+
+def test_repeated_failures_delay_logins_but_never_lock_and_admins_see_them(dash):
+    at = _app().run()
+    for _ in range(throttle.FREE_FAILURES):
+        _login(at, "drhouse", "not the password")
+        assert "Wrong user name or password" in at.error[0].value
+    # During the delay, the right password waits, and an unknown name gets the same words.
+    _login(at, "drhouse")
+    known = at.error[0].value
+    assert "please wait" in known and not at.dataframe
+    _login(at, "nobody", "not the password")
+    # (The seconds left differ by the time between the two runs.)
+    assert re.sub(r"\d+", "N", at.error[0].value) == re.sub(r"\d+", "N", known)
+    time.sleep(throttle.delay_after(throttle.FREE_FAILURES).total_seconds() + 0.2)
+    _login(at, "drhouse")
+    assert not at.exception and "DEMO, LUNG1" in _text(at)
+
+    admin = _login(_app().run(), "root")
+    _go(admin, "Users")
+    accounts = admin.dataframe[1].value  # after the accounts table
+    row = accounts[accounts["Account"] == "drhouse"].iloc[0]
+    assert (row["Failed"], row["Throttled"]) == (throttle.FREE_FAILURES, 1)
+    assert "(names that are no account)" in set(accounts["Account"])
+    assert "nobody" not in _text(admin) and "not the password" not in _text(admin)
+    sources = admin.dataframe[2].value
+    assert sources.iloc[0]["Failed"] == throttle.FREE_FAILURES
 
 
 def test_session_expires_and_logout(dash):
@@ -258,6 +314,9 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
     at.checkbox(key="saliency_on").check().run()
     at.radio(key="window").set_value("Mediastinum").run()
     assert not at.exception and len(at.image) == 1
+    # The slice travels inline in the session, never as a /media/ URL that could be replayed.
+    [src] = at.image[0].value
+    assert src.startswith("data:image/jpeg;base64,") and "/media/" not in src
     downloads = [b.label for b in at.get("download_button")]
     assert downloads == ["Download SEG", "Download SR"]
 
@@ -299,19 +358,21 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
     # The latest review wins on the page; the worklist now says reviewed.
     lesions = at.dataframe[0].value
     assert lesions.iloc[0]["Review"].startswith("amend by drhouse")
-    at.radio(key="page").set_value("Worklist").run()
+    _go(at, "Worklist")
     table = at.dataframe[0].value
     assert table[table["Study UID"] == LUNG1].iloc[0]["Reviewed"] == "yes"
 
 
 def test_roles_limit_the_pages(dash):
     at = _login(_app().run(), "eve")
-    assert at.radio(key="page").options == ["Audit", "Monitoring"]
+    assert at.header[0].value == "Audit trail"  # the role's first page
     assert "DEMO" not in at.dataframe[0].value.to_csv()
+    assert _pages(at) == ["Audit", "Monitoring"]
     at = _login(_app().run(), "drhouse")
-    assert at.radio(key="page").options == ["Worklist", "Study", "Monitoring"]
+    assert at.header[0].value == "Worklist"
+    assert _pages(at) == ["Worklist", "Study", "Monitoring"]
     at = _login(_app().run(), "root")
-    assert at.radio(key="page").options == [
+    assert _pages(at) == [
         "Worklist",
         "Study",
         "Audit",
@@ -323,16 +384,14 @@ def test_roles_limit_the_pages(dash):
 @pytest.mark.parametrize("name", ["drhouse", "eve"])
 def test_non_admins_cannot_reach_user_management(dash, name):
     at = _login(_app().run(), name)
-    assert "Users" not in at.radio(key="page").options
-    # A session that asks for the page anyway (as a crafted widget state would) falls back to
-    # the role's first page.
-    forged = _app()
-    for key in ("user", "activity"):
-        forged.session_state[key] = at.session_state[key]
-    forged.session_state["page"] = "Users"
-    at = forged.run()
+    assert "Users" not in _pages(at)
+    # The page does not exist for this session: asking for it anyway (as a crafted address
+    # would) is refused, and what runs is one of the role's own pages. The store refuses
+    # account changes by non-admins too (test_dashboard_db).
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page(PAGE_FILES["Users"])
+    at = at.run()
     assert not at.exception
-    assert at.radio(key="page").value != "Users"
     assert not [h for h in at.header if h.value == "Users"]
     assert "u_new_name" not in [t.key for t in at.text_input]
     assert "correct horse" not in _text(at)
@@ -340,7 +399,7 @@ def test_non_admins_cannot_reach_user_management(dash, name):
 
 def test_admin_manages_users_and_every_change_is_audited(dash):
     at = _login(_app().run(), "root")
-    at.radio(key="page").set_value("Users").run()
+    _go(at, "Users")
     assert not at.exception
     table = at.dataframe[0].value
     assert list(table["User"]) == sorted(USERS) and set(table["Status"]) == {"enabled"}
@@ -366,7 +425,7 @@ def test_admin_manages_users_and_every_change_is_audited(dash):
     assert at.success and "newdoc added as auditor" in at.success[0].value
     table = at.dataframe[0].value
     assert table[table["User"] == "newdoc"].iloc[0]["Role"] == "auditor"
-    assert _login(_app().run(), "newdoc", "first password").radio(key="page").options == [
+    assert _pages(_login(_app().run(), "newdoc", "first password")) == [
         "Audit",
         "Monitoring",
     ]
@@ -422,7 +481,7 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
     assert not at.exception
 
     at = _login(_app().run(), "eve")
-    at.radio(key="page").set_value("Monitoring").run()
+    _go(at, "Monitoring")
     assert not at.exception
     models = at.dataframe[0].value
     [row] = models.to_dict("records")

@@ -148,8 +148,14 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(arg)
+    # The network log: which URLs the page fetched (test_nothing_leaves_the_session).
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(TIMEOUT)
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior",
+        {"behavior": "allow", "downloadPath": str(tmp_path / "downloads")},
+    )
     try:
         yield driver
     finally:
@@ -307,8 +313,8 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     )
     src_on = _image_src(driver)
     _idle(driver)
-    # Nothing of the study (let alone the patient) travels in the address.
-    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/", "", "")
+    # Nothing of the study (let alone the patient) travels in the address: it names the page.
+    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/study", "", "")
 
     # The lesion's SEG overlay off and on again: the picture changes each time.
     lesion_box = '[data-testid="stCheckbox"]'
@@ -374,7 +380,7 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     _shot(driver, tmp_path, "5-audit-trail")
 
     # Monitoring: the review counted for the model that made the finding.
-    _click(driver, '[data-testid="stSidebar"] [data-testid="stRadio"] label', "Monitoring")
+    _click(driver, '[data-testid="stSidebarNav"] a', "Monitoring")
     _until(driver, lambda d: "Reviewed findings" in _body(d), "the monitoring page")
     _until(
         driver,
@@ -392,7 +398,7 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
     assert metrics["Studies"] == str(len(expected))
     [model_row] = _grid_rows(driver)
     assert model_row[0].startswith(job_model)
-    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/", "", "")
+    assert urllib.parse.urlsplit(driver.current_url)[2:] == ("/monitoring", "", "")
     driver.set_window_size(1400, 1500)  # the whole page in one picture
     _idle(driver)
     _shot(driver, tmp_path, "6-monitoring")
@@ -404,3 +410,97 @@ def _expected_patients(db: Database) -> list[str]:
         rows = s.execute(select(Study.patient_name, Study.priority, Study.first_received_at)).all()
     rows.sort(key=lambda r: (r.priority is None, r.priority or 0, r.first_received_at))
     return [store.display_name(r.patient_name) for r in rows]
+
+
+# --- what reaches the browser outside the session ------------------------------------------
+
+
+def _get(url: str, cookie: str | None = None) -> tuple[int, bytes]:
+    """GET with no cookies at all (or just the one given): status and body."""
+    request = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _fetched_media(driver: WebDriver) -> set[str]:
+    """The /media/ URLs the page has requested so far (from Chromium's network log)."""
+    import json
+
+    urls = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            url = message["params"]["request"]["url"]
+            if urllib.parse.urlsplit(url).path.startswith("/media/"):
+                urls.add(url)
+    return urls
+
+
+def test_nothing_leaves_the_session(dashboard, browser, tmp_path):
+    base, db = dashboard
+    driver = browser
+    # Internal endpoints do not answer before login (nor after).
+    assert _get(base + "/_stcore/metrics")[0] == 404
+    assert _get(base + "/_stcore/health")[0] == 200
+
+    # A page's address before login shows the login form and nothing of the page.
+    for page in ("study", "users", "audit"):
+        driver.get(f"{base}/{page}")
+        _css(driver, ".st-key-login_name input")
+        _idle(driver)
+        assert "DEMO" not in driver.page_source and "Audit trail" not in _body(driver)
+    driver.get(base + "/")
+    _css(driver, ".st-key-login_name input")
+    _idle(driver)
+    _login(driver, USER)
+    _css(driver, ".st-key-wl_pick")
+    _idle(driver)
+    _pick(driver, "wl_pick", "LUNG1")
+    _until(
+        driver,
+        lambda d: PATIENT in _css(d, ".st-key-wl_pick input").get_attribute("value"),
+        "the study picked",
+    )
+    _idle(driver)
+    _click(driver, ".st-key-wl_open button")
+    src = _image_src(driver)
+    _idle(driver)
+    # The slice is inline: no URL to replay, and no image was fetched from /media/.
+    assert src.startswith("data:image/"), src[:60]
+    assert all(
+        (img.get_attribute("src") or "").startswith("data:")
+        for img in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')
+    )
+    for url in _fetched_media(driver):
+        status, body = _get(url)
+        assert status == 404 and not body.startswith((b"\xff\xd8", b"\x89PNG")), url
+
+    # A download reaches this browser, and its URL is worthless without this browser's cookie.
+    _click(driver, '[data-testid="stDownloadButton"] button', "Download SEG")
+    media = _until(driver, lambda d: _fetched_media(d), "the SEG download requested")
+    downloads = tmp_path / "downloads"
+    _until(
+        driver,
+        lambda d: [p for p in downloads.glob("*.dcm") if p.stat().st_size > 132],
+        "the SEG file saved",
+    )
+    [saved] = downloads.glob("*.dcm")
+    assert saved.read_bytes()[128:132] == b"DICM"
+    [url] = media
+    assert _get(url)[0] == 404  # no cookies: as an attacker on this machine would ask
+    xsrf = driver.get_cookie("_streamlit_xsrf")["value"]
+    status, body = _get(url, f"_streamlit_xsrf={xsrf}")
+    assert status == 200 and body[128:132] == b"DICM"  # the session's own browser may
+    assert _get(base + "/_stcore/metrics", f"_streamlit_xsrf={xsrf}")[0] == 404
+    with db.session() as s:
+        actions = list(s.execute(select(AuditEntry.action)).scalars())
+    assert "study.output_downloaded" in actions
+
+    # Once the session ends, not even its browser gets the file again.
+    _click(driver, ".st-key-logout button")
+    _css(driver, ".st-key-login_name input")
+    _idle(driver)
+    assert _get(url, f"_streamlit_xsrf={xsrf}")[0] == 404

@@ -58,16 +58,8 @@ def test_users_authenticate_by_name_and_password(database):
             s.add(User(name="mallory", role="superuser", password_hash="x"))
 
 
-def test_login_locks_a_name_after_repeated_failures(database):
-    with database.session() as s:
-        add_user(s, "alice", "radiologist", "long enough")
-    for _ in range(store.LOCKOUT_FAILURES):
-        assert store.login(database, "alice", "guess")[1] == "wrong password"
-    assert store.login(database, "alice", "long enough") == (None, "locked")
-    assert store.login(database, "ghost", "guess")[1] == "unknown user"
-    with database.session() as s:
-        actors = [e.actor for e in s.execute(select(AuditEntry)).scalars()]
-        assert actors.count("anonymous") == 1 and "ghost" not in actors
+READER = store.SessionUser(0, "reader", "admin")
+AUDITOR = store.SessionUser(0, "auditor", "auditor")
 
 
 def _study(db, uid: str, state: str = StudyState.DONE, **kw) -> int:  # noqa: ANN001
@@ -141,7 +133,7 @@ def test_reviews_are_validated_audited_append_only_and_survive_reprocessing(data
         store.add_review(s, **common, lesion_label=1, decision="reject", reason="artefact")
         store.add_review(s, **common, lesion_label=None, decision="amend", reason="two nodules")
     with database.session() as s:
-        page = store.worklist(s)
+        page = store.worklist(s, user=READER)
         reviews = store.reviews_of(s, study_id)
         actions = [
             e.action for e in s.execute(select(AuditEntry).order_by(AuditEntry.seq)).scalars()
@@ -164,11 +156,11 @@ def test_reviews_are_validated_audited_append_only_and_survive_reprocessing(data
     job2 = _job(database, study_id, "b", lesions=(1,))
     with database.session() as s:
         assert len(s.execute(select(Review)).all()) == 3
-        row = store.worklist(s).rows[0]
+        row = store.worklist(s, user=READER).rows[0]
         assert row["job_id"] == job2 and row["reviewed"] is False
-        assert store.worklist(s, reviewed=False).total == 1
-        assert store.worklist(s, reviewed=True).total == 0
-        detail = store.study_detail(s, "1.2.20")
+        assert store.worklist(s, user=READER, reviewed=False).total == 1
+        assert store.worklist(s, user=READER, reviewed=True).total == 0
+        detail = store.study_detail(s, "1.2.20", user=READER)
     assert detail["current_job_id"] == job2 and len(detail["reviews"]) == 3
     assert store.latest_reviews(detail["reviews"], job2) == {}
 
@@ -188,14 +180,14 @@ def test_worklist_order_filters_and_pages(database):
         first_received_at=t0 + timedelta(minutes=5),
     )
     with database.session() as s:
-        page = store.worklist(s)
+        page = store.worklist(s, user=READER)
         assert [r["study_uid"] for r in page.rows] == ["1.3", "1.4", "1.1", "1.5", "1.2", "1.6"]
-        failed = store.worklist(s, states=["FAILED"], flagged=True)
+        failed = store.worklist(s, user=READER, states=["FAILED"], flagged=True)
         assert [r["study_uid"] for r in failed.rows] == ["1.6"] and failed.rows[0]["error"] == "x"
-        assert store.worklist(s, flagged=False).total == 5
-        second = store.worklist(s, page=2, page_size=4)
+        assert store.worklist(s, user=READER, flagged=False).total == 5
+        second = store.worklist(s, user=READER, page=2, page_size=4)
         assert second.pages == 2 and [r["study_uid"] for r in second.rows] == ["1.2", "1.6"]
-        assert store.worklist(s, page=99, page_size=4).page == 2
+        assert store.worklist(s, user=READER, page=99, page_size=4).page == 2
 
 
 def test_audit_entries_filter_by_study_actor_and_time(database):
@@ -205,12 +197,15 @@ def test_audit_entries_filter_by_study_actor_and_time(database):
         audit.append(s, "alice", "user.logout", None, {})
     now = utcnow()
     with database.session() as s:
-        assert [e["seq"] for e in store.audit_entries(s)] == [3, 2, 1]
-        assert [e["seq"] for e in store.audit_entries(s, actor="alice")] == [3, 1]
-        assert [e["seq"] for e in store.audit_entries(s, study_uid="1.2.4")] == [2]
-        assert store.audit_entries(s, since=now + timedelta(seconds=1)) == []
-        assert len(store.audit_entries(s, since=now - timedelta(hours=1), until=now)) == 3
-        assert store.audit_actors(s) == ["alice", "bob"]
+        assert [e["seq"] for e in store.audit_entries(s, user=AUDITOR)] == [3, 2, 1]
+        assert [e["seq"] for e in store.audit_entries(s, user=AUDITOR, actor="alice")] == [3, 1]
+        assert [e["seq"] for e in store.audit_entries(s, user=AUDITOR, study_uid="1.2.4")] == [2]
+        assert store.audit_entries(s, user=AUDITOR, since=now + timedelta(seconds=1)) == []
+        assert (
+            len(store.audit_entries(s, user=AUDITOR, since=now - timedelta(hours=1), until=now))
+            == 3
+        )
+        assert store.audit_actors(s, user=AUDITOR) == ["alice", "bob"]
 
 
 LESION = {
@@ -365,3 +360,57 @@ def test_migration_0004_downgrades_and_upgrades_keeping_reviews_append_only(data
     with database.session() as s:
         [review] = s.execute(select(Review)).scalars()
         assert review.corrections is None and review.decision == "accept"
+
+
+def test_the_store_refuses_what_a_role_may_not_do(database):
+    """Roles are enforced in the store, whatever a page offers: each call below is made as the
+    page of another role would make it, and leaves nothing behind."""
+    study_id = _study(database, "1.2.50", state=StudyState.FAILED, error="boom")
+    job = _job(database, study_id, "a")
+    with database.session() as s:
+        users_by_role = {
+            role: store.SessionUser(
+                add_user(s, f"u_{role}", role, "long enough").id, f"u_{role}", role
+            )
+            for role in ("radiologist", "admin", "auditor")
+        }
+    doc, root, eve = (users_by_role[r] for r in ("radiologist", "admin", "auditor"))
+    review = {"study_uid": "1.2.50", "job_id": job, "lesion_label": 1, "note": None}
+    refused = [
+        (eve, lambda s, u: store.add_review(s, **review, decision="accept", reason=None, user=u)),
+        (root, lambda s, u: store.add_review(s, **review, decision="accept", reason=None, user=u)),
+        (eve, lambda s, u: store.worklist(s, user=u)),
+        (eve, lambda s, u: store.study_detail(s, "1.2.50", user=u)),
+        (eve, lambda s, u: store.series_paths(s, study_id, "1.2.3.4", user=u)),
+        (doc, lambda s, u: store.retry_study(s, "1.2.50", user=u)),
+        (eve, lambda s, u: store.retry_study(s, "1.2.50", user=u)),
+        (doc, lambda s, u: store.audit_entries(s, user=u)),
+        (doc, lambda s, u: store.audit_actors(s, user=u)),
+        (doc, lambda s, u: store.add_account(s, "x", "admin", "long enough", user=u)),
+        (eve, lambda s, u: store.set_account_disabled(s, "u_admin", True, user=u)),
+        (doc, lambda s, u: store.reset_account_password(s, "u_admin", "long enough", user=u)),
+        (eve, lambda s, u: store.list_accounts(s, user=u)),
+        (doc, lambda s, u: store.failed_logins(s, user=u)),
+    ]
+    for who, call in refused:
+        with pytest.raises(store.Forbidden, match=f"a {who.role} may not"):
+            with database.session() as s:
+                call(s, who)
+    with database.session() as s:
+        assert s.execute(select(Review)).first() is None
+        assert s.execute(select(OutboxMessage)).first() is None
+        assert [u["name"] for u in list_users(s)] == ["u_admin", "u_auditor", "u_radiologist"]
+        assert not any(u["disabled"] for u in list_users(s))
+        actions = set(s.execute(select(AuditEntry.action)).scalars())
+    assert actions == {"user.added"}
+
+    # The same calls as the roles that may make them succeed.
+    with database.session() as s:
+        store.add_review(s, **review, decision="accept", reason=None, user=doc)
+        assert store.worklist(s, user=root).total == 1
+        assert store.audit_actors(s, user=eve)
+        store.retry_study(s, "1.2.50", user=root)
+        store.add_account(s, "newbie", "auditor", "long enough", user=root)
+    with database.session() as s:
+        assert [a["name"] for a in store.list_accounts(s, user=root)][0] == "newbie"
+        assert store.allowed(doc, "review") and not store.allowed(root, "review")
