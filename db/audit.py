@@ -90,13 +90,8 @@ def entry_hash(
     detail: dict[str, Any],
 ) -> str:
     """The unkeyed SHA-256 of entries written before keying (anyone can compute it)."""
-    body = json.dumps(
-        [prev_hash, seq, _canonical_time(at), actor, action, study_uid, detail],
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
-    )
-    return hashlib.sha256(body.encode()).hexdigest()
+    body = _canonical([prev_hash, seq, _canonical_time(at), actor, action, study_uid, detail])
+    return hashlib.sha256(body).hexdigest()
 
 
 def keyed_hash(
@@ -111,14 +106,16 @@ def keyed_hash(
     detail: dict[str, Any],
 ) -> str:
     """HMAC-SHA256 under the audit key of the entry's canonical body, scheme and key id."""
-    body = json.dumps(
-        [SCHEME_KEYED, key_id, prev_hash, seq, _canonical_time(at)]
-        + [actor, action, study_uid, detail],
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
+    body = _canonical(
+        [SCHEME_KEYED, key_id, prev_hash, seq, _canonical_time(at), actor, action, study_uid]
+        + [detail]
     )
-    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _canonical(parts: list[Any]) -> bytes:
+    """The bytes an entry's hash covers: compact JSON with sorted keys (stable across versions)."""
+    return json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def _is_keyed(scheme: str | None) -> bool:

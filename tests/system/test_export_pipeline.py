@@ -3,7 +3,6 @@ is retried with backoff, then given up, without holding anything else back."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -15,7 +14,7 @@ from db import Export, OutboxMessage, Output, StudyState, audit
 from dicom_io.destinations import format_destination
 from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
-from tests.conftest import free_port, storescu, wait_for
+from tests.conftest import free_port, radai_env, storescu, wait_for
 from tests.helpers import study_state
 from tests.kit.orthanc import OrthancServer
 from workers import exporting, processing
@@ -94,16 +93,7 @@ def _worker_exports(sqlite_db, node_factory, samples, tmp_path, orthanc) -> None
     destinations = f"{format_destination(orthanc.destination)},{dead}"
     publish = celery_publisher(broker, queue, {"radai.export_output": queue + ".io"})
     node = node_factory(sqlite_db, publish=publish, home=home, stable_seconds=0.5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
-    env.update(
-        RADAI_AUDIT_KEY_FILE=os.environ["RADAI_AUDIT_KEY_FILE"],  # one key, as one deployment
-        RADAI_HOME=str(home),
-        RADAI_DATABASE_URL=sqlite_db.url,
-        RADAI_BROKER_URL=broker,
-        RADAI_QUEUE=queue,
-        RADAI_IO_QUEUE=queue + ".io",
-        RADAI_EXPORT_TO=destinations,
-    )
+    env = radai_env(home, sqlite_db.url, broker, queue, RADAI_EXPORT_TO=destinations)
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, "-m", "radai", "worker"], env=env, stdout=log, stderr=log

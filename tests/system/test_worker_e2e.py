@@ -20,35 +20,12 @@ from tests.helpers import study_row, study_state
 LUNG2 = sample_study_uid("lung2")
 
 
-@pytest.fixture
-def worker_process(tmp_path):
-    procs: list[subprocess.Popen] = []
-
-    def start(db_url: str, broker_url: str, queue: str, home) -> subprocess.Popen:
-        env = radai_env(home, db_url, broker_url, queue)
-        log = open(tmp_path / f"worker-{len(procs)}.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radai", "worker"], env=env, stdout=log, stderr=log
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.mark.parametrize(
     ("database", "broker"),
     [("sqlite", "sqla"), ("postgresql", "redis")],
     indirect=["database"],
 )
-def test_sample_study_end_to_end(database, broker, node_factory, worker_process, samples, tmp_path):
+def test_sample_study_end_to_end(database, broker, node_factory, radai_workers, samples, tmp_path):
     home = tmp_path / "home"
     queue = f"radai.test.{uuid.uuid4().hex[:8]}"
     broker_url = (
@@ -59,7 +36,7 @@ def test_sample_study_end_to_end(database, broker, node_factory, worker_process,
     node = node_factory(
         database, publish=celery_publisher(broker_url, queue), home=home, stable_seconds=1.0
     )
-    worker = worker_process(database.url, broker_url, queue, home)
+    worker = radai_workers(radai_env(home, database.url, broker_url, queue), "e2e")
     assert storescu(node.port, samples["lung2"]).returncode == 0
     wait_for(
         lambda: study_state(database, LUNG2) in (StudyState.DONE, StudyState.FAILED),

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from db import Job, Output, StudyState
 from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
-from tests.conftest import storescu, wait_for
+from tests.conftest import radai_env, storescu, wait_for
 from tests.helpers import study_state
 
 LUNG2 = sample_study_uid("lung2")
@@ -29,16 +29,7 @@ def test_killed_worker_loses_no_study(sqlite_db, node_factory, samples, tmp_path
     node = node_factory(
         sqlite_db, publish=celery_publisher(broker, queue), home=home, stable_seconds=0.5
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
-    env.update(
-        RADAI_AUDIT_KEY_FILE=os.environ["RADAI_AUDIT_KEY_FILE"],  # one key, as one deployment
-        RADAI_HOME=str(home),
-        RADAI_DATABASE_URL=sqlite_db.url,
-        RADAI_BROKER_URL=broker,
-        RADAI_QUEUE=queue,
-        RADAI_IO_QUEUE=queue + ".io",
-        RADAI_VISIBILITY_TIMEOUT="8",
-    )
+    env = radai_env(home, sqlite_db.url, broker, queue, RADAI_VISIBILITY_TIMEOUT="8")
 
     def start(n: int) -> subprocess.Popen:
         log = open(tmp_path / f"worker{n}.log", "w")  # noqa: SIM115
