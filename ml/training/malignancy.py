@@ -221,7 +221,7 @@ def train(
     per_epoch = max(1, math.ceil(len(train_set) / BATCH))
     steps = epochs * per_epoch if max_steps is None else max_steps
     epochs = math.ceil(steps / per_epoch)
-    best = {"auc": -math.inf, "epoch": 0, "state": None}
+    best_auc, best_epoch, best_state = -math.inf, 0, _copy_state(net)
     curve = []
     step = 0
     with TrainingLog("malignancy", steps, log_path, progress) as log:
@@ -243,11 +243,11 @@ def train(
             val_scores = malignancy.predict_patches(net, validation.x)
             val_auc = auc(val_scores, validation.y)
             curve.append({"epoch": epoch, "step": step, "validation_auc": round(val_auc, 4)})
-            if best["state"] is None or (not math.isnan(val_auc) and val_auc > best["auc"]):
-                best = {"auc": val_auc, "epoch": epoch, "state": _copy_state(net)}
-    net.load_state_dict(best["state"])  # type: ignore[arg-type]
+            if best_epoch == 0 or (not math.isnan(val_auc) and val_auc > best_auc):
+                best_auc, best_epoch, best_state = val_auc, epoch, _copy_state(net)
+    net.load_state_dict(best_state)
     net.eval()
-    return net, {"best_epoch": best["epoch"], "epochs_run": epochs, "steps": step, "curve": curve}
+    return net, {"best_epoch": best_epoch, "epochs_run": epochs, "steps": step, "curve": curve}
 
 
 def _copy_state(net: torch.nn.Module) -> dict:
