@@ -237,3 +237,13 @@ def test_the_shipped_model_loads_and_its_card_tells_the_truth() -> None:
         lo, hi = fig["auc_95ci_bootstrap_patients"]
         assert 0.5 < lo <= fig["auc"] <= hi <= 1.0
     assert (folder / "weights.pt").stat().st_size < 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("spacing", [(1.25, 0.7, 0.7), (2.5, 0.8, 0.8)])
+def test_the_shipped_model_ranks_a_large_spiculated_nodule_above_a_small_smooth_one(
+    spacing,
+) -> None:
+    model = registry.load(registry.DEFAULT_REFS["malignancy"])
+    hu, labels, spacing = _spiculated_and_smooth(spacing=spacing)
+    big, small = malignancy.score_lesions(hu, spacing, labels, model)
+    assert big > small + 0.5, (big, small)
