@@ -189,6 +189,15 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.registry) if args.registry else registry.MODELS_DIR
+    if args.task == "malignancy":  # real LIDC crops and their readers' ratings, no folds
+        from ml.training import malignancy
+
+        print(f"training malignancy on the LIDC readers' ratings in {args.data} into {root}")
+        for path in malignancy.train_and_register(
+            Path(args.data), root=root, max_steps=args.steps, progress=not args.quiet
+        ):
+            print(f"wrote {path}")
+        return 0
     print(
         f"training {args.task} on semi-synthetic data from {args.data} into {root} "
         f"({'with' if not args.no_folds else 'without'} leave-one-patient-out folds)"
@@ -734,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default=None, help="folder (default RADAI_HOME/samples)")
 
     train = sub.add_parser("train", help="train a model on semi-synthetic data (CPU, minutes)")
-    train.add_argument("task", choices=["segment", "screen"])
+    train.add_argument("task", choices=["segment", "screen", "malignancy"])
     train.add_argument(
         "--steps", type=int, default=None, help="steps of every run (default: the shipped ones')"
     )
@@ -745,7 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="screen: semi-synthetic studies whose lesion calls it trains on (default 160)",
     )
-    train.add_argument("--data", default=str(DATA_DIR), help="folder with the NRRD cases")
+    train.add_argument(
+        "--data", default=str(DATA_DIR), help="NRRD cases; malignancy: the lidc-nodules folder"
+    )
     train.add_argument("--registry", default=None, help="model registry (default ml/models)")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

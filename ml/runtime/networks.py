@@ -42,6 +42,16 @@ SCREENER_ARCH = {
     "num_res_units": 1,
     "dropout": 0.3,
 }
+# The malignancy CNN (:mod:`ml.runtime.malignancy`) sees a nodule-centred 32 mm cube at 1 mm, as
+# two channels (HU, lesion mask); a small 3-D classifier because it learns from ~330 nodules.
+MALIGNANCY_ARCH = {
+    "in_shape": [2, 32, 32, 32],
+    "classes": 1,
+    "channels": [8, 16, 32, 64],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 1,
+    "dropout": 0.3,
+}
 # Where Grad-CAM reads activations and gradients: the classifier's third block, 8 x 8 cells of
 # about 9 mm over the candidate's patch.
 SCREENER_CAM_LAYER = "net.layer_2"
@@ -49,12 +59,15 @@ LESION_CLASS = 2
 
 
 def build(task: str, arch: dict | None = None) -> torch.nn.Module:
-    """A fresh network for ``task`` ('segment' or 'screen') with the given or default shape."""
+    """A fresh network for ``task`` ('segment', 'screen' or 'malignancy') with the given or
+    default shape."""
     if task == "segment":
         return UNet(**(arch or SEGMENTER_ARCH))
     if task == "screen":
         return Classifier(**(arch or SCREENER_ARCH))
-    raise ValueError(f"unknown task {task!r}; expected 'segment' or 'screen'")
+    if task == "malignancy":
+        return Classifier(**(arch or MALIGNANCY_ARCH))
+    raise ValueError(f"unknown task {task!r}; expected 'segment', 'screen' or 'malignancy'")
 
 
 def scale_hu(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

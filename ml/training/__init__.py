@@ -1,3 +1,4 @@
-"""Training: the segmentation U-Net (`segmenter`), the screening CNN (`screener`) and their shared
-progress log. Used by `radai train` only. Imports `ml.image`, `ml.runtime`, `ml.data`, `ml.baseline`
-and `ml.evaluation.metrics`."""
+"""Training: the segmentation U-Net (`segmenter`), the screening CNN (`screener`), the per-nodule
+malignancy CNN on the LIDC readers' ratings (`malignancy`) and their shared progress log. Used by
+`radai train` only. Imports `ml.image`, `ml.runtime`, `ml.data`, `ml.baseline` and
+`ml.evaluation.metrics`."""

@@ -36,7 +36,8 @@ def analysed(models):
 
 def test_shipped_models_are_registered_with_cards_and_matching_weights() -> None:
     cards = {c["name"]: c for c in registry.available()}
-    for ref in registry.DEFAULT_REFS.values():
+    for task in ("segment", "screen"):  # the malignancy CNN learns from real LIDC crops instead
+        ref = registry.DEFAULT_REFS[task]
         registry.check(ref)
         name = ref.split("@")[0]
         card = cards[name]

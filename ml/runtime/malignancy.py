@@ -1,0 +1,119 @@
+"""The per-nodule malignancy score: the LIDC readers' impression, learned by a small 3-D CNN.
+
+What the score means: the network's estimate of the probability that the LIDC-IDRI radiologists,
+rating this nodule on their 1-5 malignancy-likelihood scale, would give it a max-voted rating of 4
+or 5 ("moderately" or "highly suspicious") rather than 1 or 2. It was trained on nodules rated
+1, 2, 4 or 5 only (3 = "indeterminate" left out), so for a nodule they would rate 3 it is a guess
+between the two camps. It is a radiologists' impression, NOT pathology, NOT a diagnosis, and not
+for clinical use; the readers' impression is known to follow size closely.
+
+Input contract (:func:`nodule_patch`, shared by training and inference so the two cannot
+drift apart): a cube of ``PATCH``³ voxels at ``PATCH_SPACING_MM`` mm centred on the lesion mask's
+centroid, resampled from whatever spacing the scan has (trilinear). Channel 0 is HU clipped to
+``HU_RANGE`` and mapped to [0, 1]; channel 1 is the lesion mask on the same grid. Context above
+and below the lesion's own slices is blanked (set to air) because in about half of the LIDC
+training crops the crop ends at the nodule's first and last slice: the network never learned
+from that context, so at inference it is not shown any either. Outside the scan is air too.
+
+At inference the score is the mean over the four in-plane flips (none, x, y, both), which makes
+it invariant to a left-right mirror of the scan. Imports `ml.runtime` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ml.runtime import networks
+from ml.runtime.registry import LoadedModel
+
+PATCH = int(networks.MALIGNANCY_ARCH["in_shape"][-1])  # type: ignore[index]
+PATCH_SPACING_MM = 1.0
+HU_RANGE = (-1000.0, 1000.0)  # wide enough to tell calcification (benign) from soft tissue
+AIR_HU = -1000.0
+# Flips over (y, x) of a (n, c, z, y, x) batch: the set is closed under a left-right mirror.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (3, 4))
+
+
+def scale_hu(hu: np.ndarray) -> np.ndarray:
+    lo, hi = HU_RANGE
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def nodule_patch(
+    volume_hu: np.ndarray,
+    mask: np.ndarray,
+    spacing_zyx: Sequence[float],
+    *,
+    patch: int = PATCH,
+    patch_spacing_mm: float = PATCH_SPACING_MM,
+) -> np.ndarray:
+    """(2, patch, patch, patch) float32 network input of the lesion ``mask`` (boolean, on the
+    grid of ``volume_hu``, (z, y, x), spacing in mm), centred on the mask's centroid.
+
+    Voxel i of an axis covers [i * s, (i + 1) * s] mm, so its centre is at (i + 0.5) * s."""
+    hu = np.asarray(volume_hu, dtype=np.float32)
+    m = np.asarray(mask, dtype=bool)
+    sp = np.asarray([float(s) for s in spacing_zyx], dtype=np.float64)
+    if hu.ndim != 3 or m.shape != hu.shape:
+        raise ValueError(f"need a 3-D volume and a mask of its shape, got {hu.shape}, {m.shape}")
+    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be three positive numbers, got {spacing_zyx}")
+    if not m.any():
+        raise ValueError("empty lesion mask")
+    idx = np.argwhere(m)
+    centre_mm = (idx.mean(axis=0) + 0.5) * sp
+    offsets = (np.arange(patch) - (patch - 1) / 2.0) * patch_spacing_mm
+    axes_mm = [centre_mm[a] + offsets for a in range(3)]
+    # Fractional voxel index of each patch sample point, axis by axis.
+    axes_idx = [axes_mm[a] / sp[a] - 0.5 for a in range(3)]
+    coords = np.stack(np.meshgrid(*axes_idx, indexing="ij"))
+    image = ndimage.map_coordinates(hu, coords, order=1, mode="constant", cval=AIR_HU)
+    label = ndimage.map_coordinates(m.astype(np.float32), coords, order=1, mode="constant")
+    z_lo, z_hi = idx[:, 0].min() * sp[0], (idx[:, 0].max() + 1) * sp[0]
+    outside = (axes_mm[0] < z_lo) | (axes_mm[0] > z_hi)
+    image[outside] = AIR_HU
+    label[outside] = 0.0
+    return np.stack([scale_hu(image), np.clip(label, 0.0, 1.0)]).astype(np.float32)
+
+
+def predict_patches(net: torch.nn.Module, patches: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Scores in [0, 1] of a batch of :func:`nodule_patch` inputs, averaged over ``TTA_FLIPS``."""
+    x = torch.as_tensor(np.asarray(patches, dtype=np.float32))
+    if x.ndim != 5 or x.shape[1] != 2:
+        raise ValueError(f"need (n, 2, z, y, x) patches, got {tuple(x.shape)}")
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            probs = [
+                torch.sigmoid(net(x.flip(dims) if dims else x).reshape(-1)) for dims in TTA_FLIPS
+            ]
+    finally:
+        net.train(was_training)
+    return torch.stack(probs).mean(dim=0).numpy().astype(np.float64)
+
+
+def score_lesions(
+    volume_hu: np.ndarray,
+    spacing_zyx: Sequence[float],
+    lesion_labels: np.ndarray,
+    model: LoadedModel | torch.nn.Module,
+) -> list[float]:
+    """One malignancy score in [0, 1] per lesion of the label map ``lesion_labels`` (integers on
+    the grid of ``volume_hu``, 0 = background), in increasing label order. See the module
+    docstring for what the score means: the LIDC readers' impression, not pathology."""
+    labels = np.asarray(lesion_labels)
+    if labels.shape != np.shape(volume_hu):
+        raise ValueError(f"label map {labels.shape} and volume {np.shape(volume_hu)} differ")
+    if labels.dtype == np.bool_:
+        labels = labels.astype(np.int32)
+    ids = [int(i) for i in np.unique(labels) if i != 0]
+    if not ids:
+        return []
+    net = model.net if isinstance(model, LoadedModel) else model
+    patches = np.stack([nodule_patch(volume_hu, labels == i, spacing_zyx) for i in ids])
+    return [float(s) for s in predict_patches(net, patches)]
