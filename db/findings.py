@@ -35,6 +35,9 @@ class Lesion:
     mean_hu: float | None = None
     location: str | None = None
     screening_probability: float | None = None  # absent for results before screener 2.0.0
+    # The estimated probability that LIDC readers would rate it 4-5 of 5 for malignancy (their
+    # impression, not pathology); absent where no malignancy model ran.
+    malignancy_score: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Lesion:
@@ -52,6 +55,7 @@ class Lesion:
                 mean_hu=_opt_float(data.get("mean_hu")),
                 location=data.get("location"),
                 screening_probability=_opt_float(data.get("screening_probability")),
+                malignancy_score=_opt_float(data.get("malignancy_score")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FindingsError(f"unreadable lesion {data!r:.200}: {exc}") from exc

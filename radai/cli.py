@@ -120,6 +120,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         pipeline=settings.pipeline,
         segment_model=settings.segment_model,
         screen_model=settings.screen_model,
+        malignancy_model=settings.malignancy_model,
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
         visibility_timeout=settings.visibility_timeout,
@@ -166,11 +167,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_models(settings: Settings) -> None:
     """Fail at start, not on the first study, when a configured model cannot be found."""
-    if settings.pipeline != "models":
-        return
     from ml.runtime import registry
 
-    for ref in (settings.segment_model, settings.screen_model):
+    refs = [settings.segment_model, settings.screen_model] if settings.pipeline == "models" else []
+    if settings.malignancy_model.lower() not in ("", "none"):
+        refs.append(settings.malignancy_model)
+    for ref in refs:
         try:
             registry.check(ref)
         except registry.ModelError as exc:

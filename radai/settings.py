@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         default="radai-lesion-screen-cnn@2.0.0",
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
     )
+    malignancy_model: str = Field(
+        default="radai-nodule-malignancy-cnn@1.0.0",
+        description="NAME@VERSION of the per-lesion malignancy model; none: no score",
+    )
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
     torch_threads: int = Field(
         default=0, ge=0, description="torch threads per worker process; 0: cores / processes"

@@ -33,6 +33,7 @@ class WorkerConfig:
     pipeline: str = "models"  # models | baseline (RADAI_PIPELINE)
     segment_model: str = DEFAULT_REFS["segment"]
     screen_model: str = DEFAULT_REFS["screen"]
+    malignancy_model: str = DEFAULT_REFS["malignancy"]  # "none": no malignancy score
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900
     export_max_attempts: int = 8

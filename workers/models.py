@@ -77,3 +77,22 @@ def load_models(segment_ref: str, screen_ref: str, device: str = "auto") -> Mode
                 model.net.to(where)
             _cache[key] = ModelSet(seg, scr, where)
         return _cache[key]
+
+
+_graders: dict[tuple[str, str], LoadedModel] = {}
+
+
+def load_grader(ref: str, device: str = "auto") -> LoadedModel | None:
+    """The malignancy model of `RADAI_MALIGNANCY_MODEL` (loaded once per process); None when the
+    setting is empty or `none`."""
+    if not ref or ref.lower() == "none":
+        return None
+    key = (ref, device)
+    with _lock:
+        if key not in _graders:
+            model = registry.load(ref)
+            if model.task != "malignancy":
+                raise registry.ModelError(f"{model.ref} is a {model.task} model, not malignancy")
+            model.net.to(resolve_device(device))
+            _graders[key] = model
+        return _graders[key]

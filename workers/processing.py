@@ -20,12 +20,12 @@ from db import StudyState
 from db.session import Database
 from dicom_io.series import UnusableSeries, load_series  # noqa: F401 (the loader workers use)
 from ml.runtime import inference  # noqa: F401 (tests replace inference.analyse)
-from ml.runtime.registry import DEFAULT_REFS
+from ml.runtime.registry import DEFAULT_REFS, LoadedModel
 from workers.models import ModelSet
 from workers.pipeline.analysers import Analyser, ModelsAnalyser, make_analyser
 from workers.pipeline.claim import PIPELINE, claim
 from workers.pipeline.errors import Finished
-from workers.pipeline.infer import run_analyser
+from workers.pipeline.infer import grade_lesions, run_analyser
 from workers.pipeline.load import load_volume
 from workers.pipeline.qa import check_input
 from workers.pipeline.record import fail, record_end
@@ -53,16 +53,22 @@ def process_study(
     destinations: Sequence[str] = (),
     models: ModelSet | None = None,
     analyser: Analyser | None = None,
+    grader: LoadedModel | None = None,
 ) -> str:
     """Run the pipeline for one study; return a short description of what happened.
 
     The analyser is ``analyser``, else the models in ``models``, else the shipped models on the
-    CPU-or-GPU ``auto`` device.
+    CPU-or-GPU ``auto`` device. With ``grader`` (the malignancy model), each kept lesion also gets
+    its malignancy score.
     """
     if analyser is None:
         analyser = ModelsAnalyser(models) if models else make_analyser("models", *DEFAULT_MODELS)
-    versions = analyser.versions
-    ticket = claim(db, study_uid, pipeline_version(analyser))
+    versions = dict(analyser.versions)
+    version = pipeline_version(analyser)
+    if grader is not None:
+        versions[grader.name] = grader.version
+        version = f"{version}+m{grader.version}"[:32]
+    ticket = claim(db, study_uid, version)
     if isinstance(ticket, str):
         log.info("study %s: nothing to do: %s", study_uid, ticket)
         return ticket
@@ -74,8 +80,15 @@ def process_study(
         timings["qa"] = time.perf_counter() - t0
         analysis = run_analyser(analyser, volume)
         timings.update(analysis.timings_s)
-        seed = f"{ticket.study_uid}/{pipeline_version(analyser)}/{ticket.input_hash}"
-        written = write_results(ticket, volume, check, analysis, analyser, outputs_dir, seed)
+        malignancy = None
+        if grader is not None:
+            t0 = time.perf_counter()
+            malignancy = grade_lesions(grader, analysis, volume)
+            timings["malignancy"] = time.perf_counter() - t0
+        seed = f"{ticket.study_uid}/{version}/{ticket.input_hash}"
+        written = write_results(
+            ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy
+        )
         timings["write_dicom"] = written.seconds
     except Finished as end:
         record_end(db, ticket, end.state, reason=end.reason, model_versions=versions)

@@ -16,6 +16,7 @@ from dicom_io.backoff import backoff_delay
 from dicom_io.destinations import Destination, format_destination
 from workers import exporting, processing
 from workers.app import app, runtime
+from workers.models import load_grader
 from workers.pipeline.analysers import make_analyser
 
 log = logging.getLogger("radai.worker")
@@ -40,6 +41,7 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
                 rt.config.screen_model,
                 rt.config.device,
             ),
+            grader=load_grader(rt.config.malignancy_model, rt.config.device),
         )
     except Exception as exc:
         if self.request.retries >= MAX_RETRIES:

@@ -160,3 +160,39 @@ def test_the_baseline_pipeline_gives_the_same_shape_of_result(database, queued_l
     seg = pydicom.dcmread(next(o.path for o in outputs if o.modality == "SEG"))
     algorithms = {str(s.SegmentAlgorithmName) for s in seg.SegmentSequence}
     assert algorithms == {BASELINE_NAME}
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_the_malignancy_model_scores_each_lesion_into_findings_and_sr(
+    database, queued_lung1, tmp_path
+):
+    from db.findings import Findings
+    from ml.runtime import registry
+    from workers.dicom_out.sr import MALIGNANCY_RATING_PROBABILITY
+
+    grader = registry.load(registry.DEFAULT_REFS["malignancy"])
+    out = tmp_path / "outputs"
+    assert processing.process_study(database, LUNG1, out, grader=grader) == "DONE"
+    [job] = _jobs(database)
+    assert job.model_versions[grader.name] == grader.version
+    assert job.pipeline_version.endswith(f"+m{grader.version}")
+    findings = Findings.from_json(job.findings)
+    scores = [les.malignancy_score for les in findings.lesions]
+    assert scores and all(s is not None and 0.0 <= s <= 1.0 for s in scores)
+    sr_path = next(o.path for o in _outputs(database) if o.modality == "SR")
+    check = subprocess.run(["/usr/bin/dciodvfy", sr_path], capture_output=True, text=True)
+    errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+    assert errors == [], errors
+    dump = subprocess.run(["/usr/bin/dsrdump", sr_path], capture_output=True, text=True)
+    assert dump.returncode == 0
+    assert MALIGNANCY_RATING_PROBABILITY[0].meaning in dump.stdout
+    texts: list[str] = []
+
+    def walk(items) -> None:  # noqa: ANN001
+        for item in items:
+            if "TextValue" in item:
+                texts.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(pydicom.dcmread(sr_path).ContentSequence)
+    assert any("not pathology" in text for text in texts)

@@ -48,6 +48,18 @@ LUNG_VOLUME = (codes.SCT.Volume, None, Code("ml", "UCUM", "milliliter"))
 # concept for it (CID 6048); change it here if the model's output comes to mean something else.
 SCREENING_PROBABILITY = (codes.DCM.ProbabilityOfCancer, None, codes.UCUM.NoUnits)
 SCREENING_TRACKING_ID = "Screening"
+# The malignancy model's output has no standard concept: it is not a probability of cancer but of
+# a rating radiologists would give (LIDC-IDRI, 4-5 of 5), so it gets a code of our own (a private
+# coding scheme, "99" prefix per PS3.16) and a text saying what it is.
+MALIGNANCY_RATING_PROBABILITY = (
+    Code("RADAI-MAL-1", "99RADAI", "Probability of readers' malignancy rating 4-5 of 5"),
+    None,
+    codes.UCUM.NoUnits,
+)
+MALIGNANCY_NOTE = (
+    "Malignancy score: an estimate of the LIDC-IDRI radiologists' impression (rating 4-5 of 5), "
+    "not pathology, not a diagnosis"
+)
 
 _QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 _PROCEDURE = Code("169069000", "SCT", "Computed tomography of chest")
@@ -171,6 +183,11 @@ def _lesion_group(
     ]
     if lesion.get("mean_hu") is not None:
         measurements.append(_measurement(MEAN_HU, lesion["mean_hu"]))
+    if lesion.get("malignancy_score") is not None:
+        score = float(lesion["malignancy_score"])
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"malignancy_score {score} is outside [0, 1]")
+        measurements.append(_measurement(MALIGNANCY_RATING_PROBABILITY, score))
     location = lesion.get("location")
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -186,6 +203,8 @@ def _lesion_group(
     if location:
         # TID 1411 allows TEXT qualitative evaluations; the zone has no code we can vouch for.
         group[0].ContentSequence.append(_text(codes.SCT.FindingSite, str(location)))
+    if lesion.get("malignancy_score") is not None:
+        group[0].ContentSequence.append(_text(codes.DCM.Comment, MALIGNANCY_NOTE))
     return group
 
 

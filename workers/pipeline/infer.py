@@ -11,7 +11,9 @@ import numpy as np
 from db import StudyState
 from db.findings import Findings, Lesion
 from dicom_io.series import Volume
+from ml.runtime.malignancy import score_lesions
 from ml.runtime.qa import QAReport
+from ml.runtime.registry import LoadedModel
 from workers.pipeline.analysers import Analyser, Analysis
 from workers.pipeline.errors import Finished
 
@@ -29,9 +31,22 @@ def run_analyser(analyser: Analyser, volume: Volume) -> Analysis:
     return analysis
 
 
+def grade_lesions(grader: LoadedModel, analysis: Analysis, volume: Volume) -> list[float]:
+    """The malignancy model's score for each kept lesion, in the order of `analysis.lesions`."""
+    scores = score_lesions(volume.hu, volume.spacing_zyx, analysis.lesion_labels, grader)
+    by_label = dict(zip(sorted(m.label for m in analysis.lesions), scores, strict=True))
+    return [by_label[m.label] for m in analysis.lesions]
+
+
 def findings_of(
-    analysis: Analysis, volume: Volume, check: QAReport, analyser: Analyser, saliency_path: str
+    analysis: Analysis,
+    volume: Volume,
+    check: QAReport,
+    analyser: Analyser,
+    saliency_path: str,
+    malignancy: list[float] | None = None,
 ) -> Findings:
+    grades: list[float | None] = list(malignancy) if malignancy else [None] * len(analysis.lesions)
     lesions = tuple(
         Lesion(
             label=m.label,
@@ -47,8 +62,14 @@ def findings_of(
             ),
             slice_index=int(round(m.centroid_zyx[0])),
             screening_probability=None if p is None else round(p, 4),
+            malignancy_score=None if g is None else round(g, 4),
         )
-        for m, p in zip(analysis.lesions, analysis.lesion_probabilities, strict=True)
+        for m, p, g in zip(
+            analysis.lesions,
+            analysis.lesion_probabilities,
+            grades,
+            strict=True,
+        )
     )
     return Findings(
         screening_probability=round(float(analysis.screening_probability), 4),

@@ -40,11 +40,12 @@ def write_results(
     analyser: Analyser,
     outputs_dir: Path,
     seed: str,
+    malignancy: list[float] | None = None,
 ) -> Written:
     t0 = time.perf_counter()
     folder = outputs_dir / ticket.study_uid / f"job-{ticket.job_id}"
     saliency_path = folder / "saliency.npz"
-    findings = findings_of(analysis, volume, check, analyser, str(saliency_path))
+    findings = findings_of(analysis, volume, check, analyser, str(saliency_path), malignancy)
     seg_name, seg_version = analyser.segmentation_algorithm
     seg = build_segmentation(
         volume.datasets,
