@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and covid-ct-md/",
     )
     evaluate.add_argument(
-        "--unseen-studies", type=int, default=8, help="composite studies per anatomy (--unseen)"
+        "--unseen-studies", type=int, default=5, help="composite studies per anatomy (--unseen)"
     )
     evaluate.add_argument(
         "--unseen-robust",

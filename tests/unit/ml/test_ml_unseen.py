@@ -243,3 +243,39 @@ def test_test_split_is_read_only_with_the_final_evaluation_purpose(tmp_path, mon
     )
     with pytest.raises(PermissionError):
         splits.rows_in(rows, "test")
+
+
+def test_studies_are_dealt_deterministically_each_nodule_once_before_any_twice():
+    rows = [NoduleRow(f"LIDC-IDRI-90{i:02d}", 1, 8.0, {}) for i in range(5)]
+    used: list[str] = []
+
+    def crop_loader(row):
+        used.append(row.patient_id)
+        return phantom_crop(radii_mm=(4.0, 3.5, 3.5), wall=False, shape=(8, 24, 24))
+
+    def studies():
+        return unseen.iter_studies(
+            Path("."),
+            ("phantomA", "phantomB"),
+            2,
+            rows=rows,
+            nodules_per_study=2,
+            load=lambda d, name: phantom_background(name=name),
+            crop_loader=crop_loader,
+        )
+
+    first = [(s.study_id, s.kind, len(s.truths)) for s in studies()]
+    assert [k for _, k, _ in first] == [
+        "composite",
+        "mirrored",
+        "composite",
+        "as-is",
+        "composite",
+        "mirrored",
+        "composite",
+        "as-is",
+    ]
+    assert sorted(used[:5]) == sorted(r.patient_id for r in rows)  # all once before a repeat
+    assert len(used) == 8
+    used.clear()
+    assert [(s.study_id, s.kind, len(s.truths)) for s in studies()] == first
