@@ -415,9 +415,9 @@ def unseen_markdown(results: dict) -> str:
             saw = "SAW this anatomy in training" if info["saw_anatomy"] else "never saw it"
             lines.append(f"  - {a}: {info['models']} ({saw})")
     lines += [
-        "- The shipped models were trained on synthetic lesions in lung1 and lung2 (tumours "
-        "removed); the fold models `holdout-lung1` / `holdout-lung2` each on the other one only. "
-        "No model saw normal001, cap001, cap002 or P001, nor any LIDC nodule.",
+        "- A fold model `holdout-<anatomy>` never saw that anatomy; the shipped models saw the "
+        "anatomies of their card's training cases. No model saw any LIDC test-split nodule: the "
+        "split is gated for this evaluation.",
         "- Hit rule (LUNA16): a candidate's centroid within the nodule's radius of its centroid, "
         "or inside its label. FROC over the composite studies; candidates are all of a "
         "pipeline's calls with their scores (models: every segmenter call, scored by the "

@@ -830,7 +830,10 @@ def standard_methods(root: Path | None = None) -> dict[str, MethodChooser]:
     from ml.runtime import registry
 
     m = load_methods(root or registry.MODELS_DIR)
-    models = ModelSet(m.segmenter, m.screener, m.fold_segmenters, m.fold_screeners)
+    saw = tuple(m.segmenter.card.get("training", {}).get("cases", PYRADIOMICS)) + tuple(
+        m.screener.card.get("training", {}).get("cases", PYRADIOMICS)
+    )
+    models = ModelSet(m.segmenter, m.screener, m.fold_segmenters, m.fold_screeners, saw)
     return {
         "models": lambda anatomy: detector_for(models, anatomy),
         "baseline": lambda anatomy: (baseline_detector, "classical baseline", False),
