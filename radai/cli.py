@@ -237,6 +237,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         torch.set_num_threads(args.threads)
     root = Path(args.registry) if args.registry else registry.MODELS_DIR
     out = Path(args.out)
+    if args.unseen:
+        return _evaluate_unseen(args, root, out)
     results = evaluation.evaluate(
         Path(args.data),
         out,
@@ -248,6 +250,24 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     )
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def _evaluate_unseen(args: argparse.Namespace, root: Path, out: Path) -> int:
+    """The evaluation on unseen patients (real LIDC test nodules in held-out anatomy); its
+    section of the report is replaced, the other tables stay."""
+    from ml.evaluation import report, unseen
+
+    results, _ = unseen.run(
+        Path(args.data),
+        unseen.standard_methods(root),
+        k=args.unseen_studies,
+        robust_k=args.unseen_robust,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    path = report.write_unseen(out, results)
+    print(results["verdict"]["sentence"])
+    print(f"report: {path} ({results['seconds']:.0f} s)")
     return 0
 
 
@@ -772,6 +792,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--registry", default=None, help="model registry (default ml/models)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     evaluate.add_argument("--no-cards", action="store_true", help="leave the model cards alone")
+    evaluate.add_argument(
+        "--unseen",
+        action="store_true",
+        help="only the unseen-patient evaluation (real LIDC test nodules in held-out anatomy, "
+        "real CTs as they are); --data is then the folder with lidc-nodules/, pyradiomics-ct/ "
+        "and covid-ct-md/",
+    )
+    evaluate.add_argument(
+        "--unseen-studies", type=int, default=5, help="composite studies per anatomy (--unseen)"
+    )
+    evaluate.add_argument(
+        "--unseen-robust",
+        type=int,
+        default=1,
+        help="composite studies per anatomy under each robustness condition (--unseen)",
+    )
     sub.add_parser("models", help="list the models in the registry and the configured ones")
     return parser
 
