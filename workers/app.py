@@ -30,7 +30,7 @@ class WorkerConfig:
     pipeline_queue: str = "radai.pipeline"
     io_queue: str = "radai.io"
     device: str = "auto"  # auto | cpu | cuda
-    pipeline: str = "models"  # models | baseline (RADAI_PIPELINE)
+    pipeline: str = "baseline"  # models | baseline (RADAI_PIPELINE; radai/settings.py's default)
     segment_model: str = DEFAULT_REFS["segment"]
     screen_model: str = DEFAULT_REFS["screen"]
     malignancy_model: str = DEFAULT_REFS["malignancy"]  # "none": no malignancy score

@@ -1,0 +1,39 @@
+"""RADAI_PIPELINE: the default is the pipeline the unseen-patient report shows better, and a name
+that is no pipeline is refused at start, not on the first study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from radai.settings import DEFAULT_PIPELINE, Settings
+from tests.kit.paths import REPO
+from workers.pipeline.analysers import PIPELINES, BaselineAnalyser, make_analyser
+
+
+def test_default_is_the_one_the_unseen_patient_evaluation_chose(monkeypatch):
+    monkeypatch.delenv("RADAI_PIPELINE", raising=False)
+    assert Settings().pipeline == DEFAULT_PIPELINE
+    unseen = json.loads(Path(REPO / "docs" / "models" / "unseen.json").read_text())
+    assert unseen["verdict"]["default"] == DEFAULT_PIPELINE
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_is_accepted(monkeypatch, name):
+    monkeypatch.setenv("RADAI_PIPELINE", name)
+    assert Settings().pipeline == name
+
+
+def test_an_unknown_pipeline_is_refused(monkeypatch):
+    monkeypatch.setenv("RADAI_PIPELINE", "magic")
+    with pytest.raises(ValidationError):
+        Settings()
+    with pytest.raises(ValueError, match="unknown pipeline"):
+        make_analyser("magic")
+
+
+def test_baseline_needs_no_model_files():
+    assert isinstance(make_analyser("baseline"), BaselineAnalyser)
