@@ -68,7 +68,8 @@ class NoduleSpec:
 @dataclass
 class PhantomPair:
     """A prior/follow-up pair with its truth. Labels number nodules from 1 in the order of
-    ``nodules``; a label absent from one study is a nodule absent from it. ``mapping`` maps
+    ``nodules``; a label absent from one study is a nodule absent from it. ``spacing`` is the
+    follow-up's, ``prior_spacing`` the prior's (both grids have origin 0). ``mapping`` maps
     follow-up points to prior points; ``landmarks_current`` (random points inside the lungs, then
     the nodule centres in ``nodules`` order) and their images ``landmarks_prior`` measure
     registration error."""
@@ -78,6 +79,7 @@ class PhantomPair:
     prior_labels: np.ndarray
     current_labels: np.ndarray
     spacing: tuple[float, float, float]
+    prior_spacing: tuple[float, float, float]
     nodules: list[NoduleSpec]
     mapping: Breathing
     landmarks_current: np.ndarray
@@ -167,16 +169,18 @@ def render_chest(
     noise_hu: float = 0.0,
     seed: int = 0,
     with_lungs: bool = True,
+    reference: tuple[Sequence[int], Sequence[float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The phantom chest (HU, float32) and its nodule labels (uint8, 1.. in ``nodules`` order).
 
     The anatomy is the reference phantom's seen through ``mapping`` (voxel centre x shows the
     anatomy at ``mapping(x)``); ``nodules`` are (centre mm, diameter mm) drawn in this frame,
     diameter 0 drawing nothing. ``with_lungs=False`` gives a chest-sized body without any air (an
-    abdomen, for refusal tests)."""
+    abdomen, for refusal tests). The anatomy is sized to ``reference`` (shape, spacing), by default
+    this grid, so a study on another grid shows the same anatomy."""
     shape = tuple(int(n) for n in shape)
     spacing_arr = np.asarray(spacing, dtype=np.float64)
-    a = _anatomy(shape, spacing)
+    a = _anatomy(*(reference or (shape, spacing)))
     grid = np.stack(
         np.meshgrid(
             *[(np.arange(n) + 0.0) * s for n, s in zip(shape, spacing_arr, strict=True)],
@@ -236,11 +240,14 @@ def phantom_pair(
     landmarks: int = 40,
     interval_days: float = 180.0,
     seed: int = 0,
+    prior_shape: Sequence[int] | None = None,
+    prior_spacing: Sequence[float] | None = None,
 ) -> PhantomPair:
     """A prior and follow-up phantom with known mapping, nodule correspondence and volumes.
 
     By default: one nodule that grows (6 mm -> 7.5 mm), two about stable (9 -> 9.5 mm, 12 mm),
-    one that shrinks (8 -> 6.5 mm), one resolved (5 mm) and one new (7 mm)."""
+    one that shrinks (8 -> 6.5 mm), one resolved (5 mm) and one new (7 mm). The prior is on the
+    follow-up's grid unless ``prior_shape`` and ``prior_spacing`` give it its own (same origin)."""
     shape = tuple(int(n) for n in shape)
     spacing_t = tuple(float(s) for s in spacing)
     if nodules is None:
@@ -268,8 +275,15 @@ def phantom_pair(
         (tuple(mapping(np.asarray(n.centre_mm))), n.prior_diameter_mm) for n in nodules
     ]
     current_nodules = [(n.centre_mm, n.current_diameter_mm) for n in nodules]
+    prior_shape_t = tuple(int(n) for n in (prior_shape or shape))
+    prior_spacing_t = tuple(float(v) for v in (prior_spacing or spacing_t))
     prior, prior_labels = render_chest(
-        shape, spacing_t, nodules=prior_nodules, noise_hu=noise_hu, seed=seed
+        prior_shape_t,
+        prior_spacing_t,
+        nodules=prior_nodules,
+        noise_hu=noise_hu,
+        seed=seed,
+        reference=(shape, spacing_t),
     )
     current, current_labels = render_chest(
         shape, spacing_t, mapping=mapping, nodules=current_nodules, noise_hu=noise_hu, seed=seed + 1
@@ -296,6 +310,7 @@ def phantom_pair(
         prior_labels=prior_labels,
         current_labels=current_labels,
         spacing=spacing_t,  # type: ignore[arg-type]
+        prior_spacing=prior_spacing_t,  # type: ignore[arg-type]
         nodules=list(nodules),
         mapping=mapping,
         landmarks_current=current_points,

@@ -202,7 +202,7 @@ def case_from_phantom(name: str, pair: PhantomPair) -> FollowUpCase:
     return FollowUpCase(
         name=name,
         current=StudyArrays(pair.current, pair.current_labels, pair.spacing),
-        prior=StudyArrays(pair.prior, pair.prior_labels, pair.spacing),
+        prior=StudyArrays(pair.prior, pair.prior_labels, pair.prior_spacing),
         interval_days=pair.interval_days,
         truth=PairTruth(
             landmarks_current_mm=pair.landmarks_current,

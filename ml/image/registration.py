@@ -425,6 +425,34 @@ def register(
     ncc_initial = _ncc(fixed_np, warped(initial, moving), fixed_lungs_np)
     dice_initial = _dice(fixed_lungs_np, warped(initial, moving_lungs, True).astype(bool))
 
+    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(moving)
+
+    def judge(transform: sitk.Transform) -> RegistrationQuality:
+        ncc_after = _ncc(fixed_np, warped(transform, moving), fixed_lungs_np)
+        dice_after = _dice(fixed_lungs_np, warped(transform, moving_lungs, True).astype(bool))
+        jac_min, jac_max, folding = _jacobian(transform, fixed, fixed_lungs_np)
+        coverage = float(np.mean(warped(transform, inside, True)[fixed_lungs_np] > 0))
+        quality = RegistrationQuality(
+            ncc_identity=ncc_identity,
+            ncc_initial=ncc_initial,
+            ncc_after=ncc_after,
+            lung_dice_initial=dice_initial,
+            lung_dice_after=dice_after,
+            jacobian_min=jac_min,
+            jacobian_max=jac_max,
+            folding_fraction=folding,
+            lung_volume_current_ml=cur_ml,
+            lung_volume_prior_ml=pri_ml,
+            lung_coverage=coverage,
+            seconds=time.perf_counter() - start,
+        )
+        reason = verdict(quality)
+        if reason is not None:
+            failed = RegistrationQuality(**{**quality.to_dict(), "ok": False, "reason": reason})
+            raise RegistrationRefused(reason, failed)
+        return quality
+
     r = _method(metric_mask, [4, 2, 1], [4.0, 2.0, 0.0], RIGID_ITERATIONS)
     r.SetInitialTransform(rigid, inPlace=True)
     r.Execute(fixed, moving)
@@ -436,6 +464,10 @@ def register(
     r = _method(metric_mask, [4, 2, 1], [4.0, 2.0, 0.0], AFFINE_ITERATIONS)
     r.SetInitialTransform(affine, inPlace=True)
     r.Execute(fixed, moving)
+    # A pair the affine stage cannot bring into overlap (another field of view, another body
+    # part) is refused before the costly B-spline stage, which cannot repair it.
+    if float(np.mean(warped(affine, inside, True)[fixed_lungs_np] > 0)) < MIN_LUNG_COVERAGE:
+        judge(affine)
 
     # The B-spline grid covers the lungs' bounding box (plus margin) of the current study.
     nz = np.argwhere(metric_mask_np)
@@ -467,30 +499,7 @@ def register(
     # Applied last-added first: the B-spline displaces current points, the affine maps to prior.
     transform = sitk.CompositeTransform([affine, bspline])
 
-    ncc_after = _ncc(fixed_np, warped(transform, moving), fixed_lungs_np)
-    dice_after = _dice(fixed_lungs_np, warped(transform, moving_lungs, True).astype(bool))
-    jac_min, jac_max, folding = _jacobian(transform, fixed, fixed_lungs_np)
-    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    inside.CopyInformation(moving)
-    coverage = float(np.mean(warped(transform, inside, True)[fixed_lungs_np] > 0))
-    quality = RegistrationQuality(
-        ncc_identity=ncc_identity,
-        ncc_initial=ncc_initial,
-        ncc_after=ncc_after,
-        lung_dice_initial=dice_initial,
-        lung_dice_after=dice_after,
-        jacobian_min=jac_min,
-        jacobian_max=jac_max,
-        folding_fraction=folding,
-        lung_volume_current_ml=cur_ml,
-        lung_volume_prior_ml=pri_ml,
-        lung_coverage=coverage,
-        seconds=time.perf_counter() - start,
-    )
-    reason = verdict(quality)
-    if reason is not None:
-        failed = RegistrationQuality(**{**quality.to_dict(), "ok": False, "reason": reason})
-        raise RegistrationRefused(reason, failed)
+    quality = judge(transform)
     return Registration(
         transform=transform,
         current=cur_grid,

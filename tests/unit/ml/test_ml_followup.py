@@ -144,8 +144,8 @@ def test_refuses_an_mr_as_prior(pair):
 
 
 def test_refuses_a_prior_with_missing_slices(pair):
-    # 14 slices (28 mm) in the middle of the prior never arrived and the rest was stacked.
-    gappy = np.concatenate([pair.prior[:25], pair.prior[39:]])
+    # 16 slices (32 mm) in the middle of the prior never arrived and the rest was stacked.
+    gappy = np.concatenate([pair.prior[:24], pair.prior[40:]])
     with pytest.raises(RegistrationRefused, match="lung volumes differ"):
         register(pair.current, pair.spacing, gappy, pair.spacing)
 
@@ -153,9 +153,10 @@ def test_refuses_a_prior_with_missing_slices(pair):
 def test_refuses_a_prior_whose_lungs_do_not_overlap(pair):
     # Same lung volume, other anatomy: the prior shows the bases, the follow-up the apices, so
     # after registration the lungs cannot coincide.
-    with pytest.raises(RegistrationRefused) as err:
+    with pytest.raises(RegistrationRefused, match="covers only") as err:
         register(pair.current[:38], pair.spacing, pair.prior[26:], pair.spacing)
-    assert err.value.quality is None or not err.value.quality.ok
+    assert err.value.quality is not None and not err.value.quality.ok
+    assert err.value.quality.reason == err.value.reason
 
 
 def test_verdict_names_each_failure():
@@ -321,7 +322,15 @@ def test_growth_triage_on_the_phantom(follow_up):
 
 
 def test_evaluation_of_a_pair_with_another_deformation_and_origin():
-    other = phantom_pair(shift_mm=(-6.0, 4.0, -3.0), amplitude_mm=9.0, expansion_mm=4.0, seed=5)
+    # The prior on a coarser grid (2.5 x 1.5 x 1.5 mm against 2 x 1.25 x 1.25 mm).
+    other = phantom_pair(
+        shift_mm=(-6.0, 4.0, -3.0),
+        amplitude_mm=9.0,
+        expansion_mm=4.0,
+        seed=5,
+        prior_shape=(52, 120, 120),
+        prior_spacing=(2.5, 1.5, 1.5),
+    )
     case = case_from_phantom("other", other)
     # The follow-up's frame is elsewhere (another table position): its points move with it.
     offset = np.array([-250.0, 40.0, -15.0])
@@ -332,7 +341,7 @@ def test_evaluation_of_a_pair_with_another_deformation_and_origin():
             case.truth, landmarks_current_mm=case.truth.landmarks_current_mm + offset
         ),
     )
-    abdomen, _ = render_chest(other.prior.shape, other.spacing, with_lungs=False)
+    abdomen, _ = render_chest(other.prior.shape, other.prior_spacing, with_lungs=False)
     refused = dataclasses.replace(
         case,
         name="abdomen",
