@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ml.data.chest_phantom import PhantomPair
-from ml.image.registration import RegistrationRefused, register
-from ml.runtime.followup import compare, lesions_from_labels
+from ml.image.registration import RegistrationRefused
+from ml.runtime.followup import follow_up
 
 __all__ = [
     "FollowUpCase",
@@ -118,24 +118,21 @@ def evaluate_case(case: FollowUpCase) -> CaseResult:
     cur, pri, truth = case.current, case.prior, case.truth
     start = time.perf_counter()
     try:
-        reg = register(
+        fu, reg = follow_up(
             cur.volume,
             cur.spacing,
+            cur.labels,
             pri.volume,
             pri.spacing,
+            pri.labels,
+            case.interval_days,
+            current_study_key=f"{case.name}/current",
+            prior_study_key=f"{case.name}/prior",
             current_origin=cur.origin,
             prior_origin=pri.origin,
         )
     except RegistrationRefused as refused:
         return CaseResult(case.name, True, refused.reason, time.perf_counter() - start)
-    fu = compare(
-        lesions_from_labels(cur.labels, cur.spacing, cur.origin),
-        lesions_from_labels(pri.labels, pri.spacing, pri.origin),
-        reg,
-        case.interval_days,
-        current_study_key=f"{case.name}/current",
-        prior_study_key=f"{case.name}/prior",
-    )
     result = CaseResult(case.name, False, None, time.perf_counter() - start)
     if len(truth.landmarks_current_mm):
         est = reg.to_prior(truth.landmarks_current_mm)

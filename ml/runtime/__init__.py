@@ -1,3 +1,4 @@
 """What a worker runs: the networks, the model registry (weights, cards, checksums), inference
-with its lesion-call candidates and Grad-CAM, input QA, and triage (suspicion score to priority).
+with its lesion-call candidates and Grad-CAM, input QA, triage (suspicion score to priority)
+and follow-up (nodules matched to the prior study, growth, doubling time, growth triage).
 The only part of `ml/` that `workers/` imports. Imports `ml.image` and `ml.runtime` only."""

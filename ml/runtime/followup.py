@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ml.image.measure import RegionMeasurement, measure_regions
-from ml.image.registration import Registration
+from ml.image.registration import Registration, register
 from ml.runtime.triage import diameter_probability, priority_from_probability
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "NoduleChange",
     "compare",
     "doubling_time_days",
+    "follow_up",
     "growth_triage",
     "lesions_from_labels",
     "tracking_uid",
@@ -324,3 +325,48 @@ def growth_triage(follow_up: FollowUp) -> GrowthTriage:
         category=category,
         reasons=reasons,
     )
+
+
+def follow_up(
+    current: np.ndarray,
+    current_spacing: Sequence[float],
+    current_labels: np.ndarray,
+    prior: np.ndarray,
+    prior_spacing: Sequence[float],
+    prior_labels: np.ndarray,
+    interval_days: float,
+    *,
+    current_study_key: str,
+    prior_study_key: str,
+    current_origin: Sequence[float] = (0.0, 0.0, 0.0),
+    prior_origin: Sequence[float] = (0.0, 0.0, 0.0),
+    prior_tracking_uids: dict[int, str] | None = None,
+    current_lungs: np.ndarray | None = None,
+    prior_lungs: np.ndarray | None = None,
+) -> tuple[FollowUp, Registration]:
+    """The whole follow-up of a study against its prior: register the prior CT onto the current
+    one (:func:`ml.image.registration.register`), measure each study's lesion labels on its own
+    grid and :func:`compare` them. Returns the comparison and the registration (to map points or
+    resample the prior's images onto the current grid). ``prior_tracking_uids`` maps prior labels
+    to the UIDs the prior's own report gave them. Raises
+    :class:`~ml.image.registration.RegistrationRefused` (with a reason) when the pair cannot be
+    compared, ValueError for malformed input."""
+    registration = register(
+        current,
+        current_spacing,
+        prior,
+        prior_spacing,
+        current_origin=current_origin,
+        prior_origin=prior_origin,
+        current_lungs=current_lungs,
+        prior_lungs=prior_lungs,
+    )
+    comparison = compare(
+        lesions_from_labels(current_labels, current_spacing, current_origin),
+        lesions_from_labels(prior_labels, prior_spacing, prior_origin, prior_tracking_uids),
+        registration,
+        interval_days,
+        current_study_key=current_study_key,
+        prior_study_key=prior_study_key,
+    )
+    return comparison, registration

@@ -363,7 +363,8 @@ def test_evaluation_of_a_pair_with_another_deformation_and_origin():
 
 
 def test_measure_regions_is_the_volume_source(pair):
-    lesions = lesions_from_labels(pair.prior_labels, pair.spacing, (10.0, 0.0, 0.0))
+    lesions = lesions_from_labels(pair.prior_labels, pair.spacing, (10.0, 0.0, 0.0), {2: "1.2.3"})
     ms = measure_regions(pair.prior_labels, pair.spacing)
+    assert [lesion.tracking_uid for lesion in lesions] == [None, "1.2.3", None, None, None]
     assert [lesion.volume_mm3 for lesion in lesions] == [m.voxel_volume_mm3 for m in ms]
     assert lesions[0].centre_mm[0] == pytest.approx(10.0 + ms[0].centroid_zyx[0] * pair.spacing[0])
