@@ -15,10 +15,11 @@ As in ITK, the transform maps points of the *current* (fixed) study to the *prio
 
 CPU time on one core (``sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)``), lung
 segmentation of both studies included: 3.2 s for a synthetic 60x300x300 phantom pair at
-(2.5, 0.8, 0.8) mm (``scripts/time_registration.py``); 13.7 s for the real 61x512x512 sample CT
-``lung2`` (5 x 0.63 x 0.63 mm) against itself under a known breathing-like deformation (TRE
-median 0.32 mm, max 0.93 mm), of which about 9 s is the B-spline stage and 4 s the two lung
-segmentations (pass ``current_lungs`` when they exist). SimpleITK uses all cores unless told
+(2.5, 0.8, 0.8) mm; 12.7 s for the real 61x512x512 sample CT ``lung2`` (5 x 0.63 x 0.63 mm)
+against itself under a known breathing-like deformation (TRE median 0.32 mm, max 0.93 mm) and
+7.6 s for ``lung1`` (48x512x512; TRE median 0.33 mm), measured by ``scripts/time_registration.py
+[--sample lung2]``. The two lung segmentations take about 4 s of it (pass ``current_lungs`` when
+they exist). SimpleITK uses all cores unless told
 otherwise; the caller sets its thread count. Imports only `ml.image`.
 """
 
