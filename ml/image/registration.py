@@ -216,16 +216,24 @@ class Registration:
         self, points_zyx_mm: np.ndarray, *, tolerance_mm: float = 0.01, max_iterations: int = 50
     ) -> np.ndarray:
         """Map (N, 3) prior points to the current study by inverting the transform: starting from
-        the inverse of the affine part, x <- x - (T(x) - p) until T(x) is within ``tolerance_mm``
-        of p (converges because the B-spline part is a small, smooth, non-folding displacement)."""
+        the inverse of the affine part, x <- x - A⁻¹(T(x) - p) (A the affine's matrix) until T(x)
+        is within ``tolerance_mm`` of p (converges because the B-spline part is a small, smooth,
+        non-folding displacement)."""
         targets = np.atleast_2d(np.asarray(points_zyx_mm, dtype=float))
         out = np.empty_like(targets)
+        # Residuals are taken back through the affine's linear part, so the iteration contracts
+        # by the B-spline's deviation from identity only, whatever the rotation or scaling.
+        origin = np.array(self._affine_inverse.TransformPoint((0.0, 0.0, 0.0)))
+        inverse_matrix = np.stack(
+            [np.array(self._affine_inverse.TransformPoint(tuple(e))) - origin for e in np.eye(3)],
+            axis=1,
+        )
         for i, p in enumerate(targets):
             x = np.array(self._affine_inverse.TransformPoint(tuple(p[::-1])), dtype=float)
             goal = p[::-1]
             for _ in range(max_iterations):
                 residual = np.array(self.transform.TransformPoint(tuple(x))) - goal
-                x -= residual
+                x -= inverse_matrix @ residual
                 if float(np.linalg.norm(residual)) < tolerance_mm:
                     break
             out[i] = x[::-1]
