@@ -29,7 +29,13 @@ def lesion_probability(lesion: RegionMeasurement) -> float:
     Piecewise linear through the Lung-RADS v2022 solid-nodule size anchors: 0 mm -> 0.02,
     6 mm -> 0.2, 8 mm -> 0.5, 15 mm -> 0.9, 30 mm and above -> 0.98; non-decreasing in size.
     """
-    return float(np.interp(effective_diameter_mm(lesion), _SIZE_ANCHORS_MM, _SIZE_ANCHOR_SCORES))
+    return diameter_probability(effective_diameter_mm(lesion))
+
+
+def diameter_probability(diameter_mm: float) -> float:
+    """Suspicion score in [0, 1] of a solid nodule of mean diameter ``diameter_mm`` (the mapping
+    of :func:`lesion_probability`)."""
+    return float(np.interp(diameter_mm, _SIZE_ANCHORS_MM, _SIZE_ANCHOR_SCORES))
 
 
 def screen_probability(lesions_measurements: list[RegionMeasurement]) -> float:
