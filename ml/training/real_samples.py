@@ -232,7 +232,8 @@ def composite(
         except PlacementError as exc:
             skipped.append({"source_file": crop.source_file, "kind": kind, "reason": str(exc)})
             continue
-        lesions.append({"origin": "LIDC-IDRI nodule", **inserted.to_dict()})
+        record = inserted.to_dict()
+        lesions.append({**record, "origin": "LIDC-IDRI nodule", "insertion": record["origin"]})
     meta: dict = {
         "key": spec.key,
         "anatomy": spec.anatomy,
@@ -286,9 +287,11 @@ def hard_zones(hu: np.ndarray, classes: np.ndarray, spacing, pneumonia: bool) ->
     hard = np.zeros(hu.shape, dtype=np.uint8)
     hard[lung & (hu > DENSE_IN_LUNG_HU)] = 1
     soft = (hu > SOFT_TISSUE_HU) & ~lung & ~lesion
-    # In-plane distance to the lung (a huge z sampling keeps the transform within each slice).
-    to_lung = ndimage.distance_transform_edt(~lung, sampling=(1e6, spacing[1], spacing[2]))
-    band = soft & (to_lung <= BORDER_MM)
+    # In-plane distance to the lung, slice by slice (a 3-D transform costs ten times more).
+    band = np.zeros(hu.shape, dtype=bool)
+    for z in np.flatnonzero(lung.any(axis=(1, 2))):
+        to_lung = ndimage.distance_transform_edt(~lung[z], sampling=spacing[1:])
+        band[z] = soft[z] & (to_lung <= BORDER_MM)
     # Medial: between the two lungs' centres of the slice (mediastinum, hilum, heart border);
     # the lateral band is chest wall, already plenty in the lung patches.
     for z in np.flatnonzero(band.any(axis=(1, 2))):
@@ -302,9 +305,8 @@ def hard_zones(hu: np.ndarray, classes: np.ndarray, spacing, pneumonia: bool) ->
             cols[int(left.mean()) : int(right.mean()) + 1] = True
             hard[z][band[z] & cols[None, :]] = 2
     k = max(1, int(round(BASE_MM / spacing[0])))
-    along_z = np.zeros((2 * k + 1, 1, 1), dtype=bool)
-    along_z[:, 0, 0] = True
-    hard[soft & ndimage.binary_dilation(lung, structure=along_z)] = 3
+    near_z = ndimage.maximum_filter1d(lung.view(np.uint8), size=2 * k + 1, axis=0) > 0
+    hard[soft & near_z] = 3
     if pneumonia:
         hull = np.stack([ndimage.binary_fill_holes(s) for s in lung | lesion])
         dense = ndimage.binary_opening(hull & (hu > CONSOLIDATION_HU), structure=_disc(1))

@@ -104,7 +104,7 @@ def _runs(anatomies: Sequence[str], folds: bool) -> list[tuple[str, list[str]]]:
 
 
 def train_segmenter(
-    data_dir: Path,
+    data_dir: Path | None,
     *,
     root: Path | None = None,
     version: str = registry.SEGMENTER_VERSION,
@@ -275,7 +275,7 @@ def candidate_set(
 
 
 def train_screener(
-    data_dir: Path,
+    data_dir: Path | None,
     *,
     root: Path | None = None,
     version: str = registry.SCREENER_VERSION,
