@@ -157,8 +157,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return _train_synthetic(args, root)
     from ml.data.backgrounds import ANATOMIES
     from ml.training import real_training
+    from ml.training.segmenter import device_of
 
     anatomies = args.anatomies or list(ANATOMIES)
+    unknown = [a for a in anatomies if a not in ANATOMIES]
+    if unknown:
+        raise SystemExit(f"radai train: unknown anatomies {unknown}; known: {list(ANATOMIES)}")
+    try:
+        device_of(device)
+    except ValueError as exc:
+        raise SystemExit(f"radai train: {exc}") from None
     data = Path(args.data)
     cache = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "real-studies"
     print(
