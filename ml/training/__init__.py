@@ -1,3 +1,4 @@
 """Training: the segmentation U-Net (`segmenter`), the screening CNN (`screener`) and their shared
-progress log. Used by `radai train` only. Imports `ml.image`, `ml.runtime`, `ml.data`, `ml.baseline`
-and `ml.evaluation.metrics`."""
+progress log; on real data, the composited-study source (`real_samples`) and the runs that train and
+register both networks on it (`real_training`). Used by `radai train` only. Imports `ml.image`,
+`ml.runtime`, `ml.data`, `ml.baseline` and `ml.evaluation.metrics`."""
