@@ -37,7 +37,7 @@ SCREEN_PER_ANATOMY = 16  # screener studies per anatomy (apart from the U-Net's)
 SCREEN_FIRST = 1000  # index of the screener's first study (seeds apart from the U-Net's)
 SEG_STEPS = 2400
 SEG_BATCH = 16
-VALIDATE_EVERY = 200
+VALIDATE_EVERY = 400  # each check: about 1 min for the 12 validation studies on one thread
 HARD_CANDIDATES_PER_STUDY = 6
 HARD_CALL_RADIUS_PX = 3
 
