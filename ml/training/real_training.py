@@ -33,7 +33,7 @@ from ml.training import segmenter as seg
 
 TRAIN_PER_ANATOMY = 8  # U-Net training studies per anatomy
 VALIDATION_PER_ANATOMY = 2  # validation-split studies per anatomy (steps, thresholds)
-SCREEN_PER_ANATOMY = 16  # screener studies per anatomy (apart from the U-Net's)
+SCREEN_PER_ANATOMY = 12  # screener studies per anatomy (apart from the U-Net's): fits the hour
 SCREEN_FIRST = 1000  # index of the screener's first study (seeds apart from the U-Net's)
 SEG_STEPS = 2400
 SEG_BATCH = 16
