@@ -180,13 +180,14 @@ def _check_models(settings: Settings) -> None:
 
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
+# The shared data folder of this workplace (README: `radai train --data DIR`).
+REAL_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
     from ml.runtime import registry
-    from ml.training import screener, segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,13 +201,73 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         ):
             print(f"wrote {path}")
         return 0
+    device = args.device or settings.device
+    if args.source == "synthetic":
+        return _train_synthetic(args, root)
+    from ml.data.backgrounds import ANATOMIES
+    from ml.training import real_training
+    from ml.training.segmenter import device_of
+
+    anatomies = args.anatomies or list(ANATOMIES)
+    unknown = [a for a in anatomies if a not in ANATOMIES]
+    if unknown:
+        raise SystemExit(f"radai train: unknown anatomies {unknown}; known: {list(ANATOMIES)}")
+    try:
+        device_of(device)
+    except ValueError as exc:
+        raise SystemExit(f"radai train: {exc}") from None
+    data = Path(args.data)
+    cache = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "real-studies"
     print(
-        f"training {args.task} on semi-synthetic data from {args.data} into {root} "
+        f"training {args.task} on real LIDC nodules in the anatomies {', '.join(anatomies)} "
+        f"from {data} into {root} on {device} "
+        f"({'with' if args.folds else 'without'} leave-one-anatomy-out folds; cache {cache})"
+    )
+    common = {
+        "root": root,
+        "anatomies": anatomies,
+        "folds": args.folds,
+        "cache": cache,
+        "device": device,
+        "progress": not args.quiet,
+    }
+    if args.studies:
+        common["per_anatomy"] = args.studies
+    try:
+        if args.task == "screen":
+            written = real_training.train_screener(
+                data,
+                version=args.version or registry.SCREENER_VERSION,
+                segmenter_version=args.segmenter_version or registry.SEGMENTER_VERSION,
+                steps=args.steps or real_training.scr.STEPS,
+                **common,
+            )
+        else:
+            written = real_training.train_segmenter(
+                data,
+                version=args.version or registry.SEGMENTER_VERSION,
+                steps=args.steps or real_training.SEG_STEPS,
+                **common,
+            )
+    except (FileNotFoundError, ValueError, registry.ModelError) as exc:
+        raise SystemExit(f"radai train: {exc}") from None
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _train_synthetic(args: argparse.Namespace, root: Path) -> int:
+    """The earlier recipe: synthetic lesions drawn into lung1 and lung2 (data/samples)."""
+    from ml.training import screener, segmenter
+
+    data = Path(args.data) if args.data != str(REAL_DATA_DIR) else DATA_DIR
+    print(
+        f"training {args.task} on semi-synthetic data from {data} into {root} "
         f"({'with' if not args.no_folds else 'without'} leave-one-patient-out folds)"
     )
     if args.task == "screen":
         written = screener.train_and_register(
-            Path(args.data),
+            data,
             root=root,
             studies=args.studies or screener.STUDIES,
             steps=args.steps or screener.STEPS,
@@ -216,7 +277,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         written = segmenter.train_and_register(
             args.task,
-            Path(args.data),
+            data,
             root=root,
             steps=args.steps,
             folds=not args.no_folds,
@@ -764,22 +825,57 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="build the bundled sample CT studies as DICOM files")
     sample.add_argument("--out", default=None, help="folder (default RADAI_HOME/samples)")
 
-    train = sub.add_parser("train", help="train a model on semi-synthetic data (CPU, minutes)")
+    train = sub.add_parser(
+        "train",
+        help="train a model: real LIDC nodules in real CTs (default) or the synthetic recipe",
+    )
     train.add_argument("task", choices=["segment", "screen", "malignancy"])
+    train.add_argument(
+        "--source",
+        choices=["real", "synthetic"],
+        default="real",
+        help="real: LIDC nodules composited into the real anatomies (--data: the shared data "
+        "folder); synthetic: the earlier drawn lesions in lung1/lung2 (--data: data/samples)",
+    )
     train.add_argument(
         "--steps", type=int, default=None, help="steps of every run (default: the shipped ones')"
     )
-    train.add_argument("--no-folds", action="store_true", help="skip the held-out-patient folds")
+    train.add_argument(
+        "--anatomies",
+        nargs="+",
+        default=None,
+        help="real: training anatomies (default all six: lung1 lung2 normal001 cap001 cap002 P001)",
+    )
+    train.add_argument(
+        "--folds", action="store_true", help="real: also the leave-one-anatomy-out fold models"
+    )
+    train.add_argument(
+        "--no-folds", action="store_true", help="synthetic: skip the held-out-patient folds"
+    )
     train.add_argument(
         "--studies",
         type=int,
         default=None,
-        help="screen: semi-synthetic studies whose lesion calls it trains on (default 160)",
+        help="real: composited studies per anatomy; synthetic screen: studies (default 160)",
     )
     train.add_argument(
-        "--data", default=str(DATA_DIR), help="NRRD cases; malignancy: the lidc-nodules folder"
+        "--data",
+        default=str(REAL_DATA_DIR),
+        help="data folder (real: with lidc-nodules/, pyradiomics-ct/, covid-ct-md/)",
+    )
+    train.add_argument(
+        "--cache",
+        default=None,
+        help="real: composited-study cache (default RADAI_HOME/cache/real-studies)",
     )
     train.add_argument("--registry", default=None, help="model registry (default ml/models)")
+    train.add_argument("--version", default=None, help="version to write (default the shipped)")
+    train.add_argument(
+        "--segmenter-version", default=None, help="screen: the segmenter whose calls it learns"
+    )
+    train.add_argument(
+        "--device", default=None, help="auto, cpu, cuda or cuda:N (default RADAI_DEVICE)"
+    )
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate = sub.add_parser("evaluate", help="evaluate models and baseline; write the report")

@@ -45,6 +45,20 @@ class TrainingLog:
                 self._log.write(json.dumps(entry) + "\n")
                 self._log.flush()
 
+    def note(self, entry: dict) -> None:
+        """An extra log entry (validation metrics): kept in the history and the JSON-lines log."""
+        entry = {
+            "task": self.task,
+            **entry,
+            "elapsed_s": round(time.perf_counter() - self._start, 1),
+        }
+        self.history.append(entry)
+        if self._log:
+            self._log.write(json.dumps(entry) + "\n")
+            self._log.flush()
+        if self._bar:
+            self._bar.write(json.dumps(entry))
+
     def __enter__(self) -> TrainingLog:
         return self
 

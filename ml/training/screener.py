@@ -200,8 +200,12 @@ def train(
     seed: int = SEED,
     log_path: Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Train a fresh screening CNN on the training part of ``data``."""
+    """Train a fresh screening CNN on the training part of ``data``; returned on the CPU."""
+    from ml.training.segmenter import device_of
+
+    dev = device if isinstance(device, torch.device) else device_of(device)
     set_determinism(seed=seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -212,7 +216,7 @@ def train(
         raise ValueError("no candidates to train on")
     if not len(pos) or not len(neg):  # a barely trained segmenter: one kind only; still train
         pos = neg = train_idx
-    net = networks.build("screen")
+    net = networks.build("screen").to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.1
@@ -225,13 +229,13 @@ def train(
             x = _augment(torch.from_numpy(data.x[idx].astype(np.float32)), rng)
             y = torch.from_numpy(data.y[idx].astype(np.float32))[:, None]
             y = y * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / 2
-            loss = loss_fn(net(x), y)
+            loss = loss_fn(net(x.to(dev)), y.to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             log.step(step, float(loss.detach()), sched.get_last_lr()[0])
-    net.eval()
+    net.to("cpu").eval()
     return net, log.history
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -166,6 +167,23 @@ class SlabSampler:
         return x, y, p
 
 
+class Sampler(Protocol):
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def device_of(name: str | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when torch sees it, else the CPU); a clear
+    error when CUDA is asked for and absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use cpu or cuda")
+    return device
+
+
 def train(
     config: TrainingConfig,
     backgrounds: Sequence[Background],
@@ -173,12 +191,22 @@ def train(
     log_path: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    sampler: Sampler | None = None,
+    device: str | torch.device | None = None,
+    validate: Callable[[torch.nn.Module], dict] | None = None,
+    validate_every: int = 0,
+    validation_key: str = "lesion_dice",
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Train a fresh network for ``config.task``; return it (in eval mode) and the loss history."""
+    """Train a fresh network for ``config.task``; return it (in eval mode, on the CPU) and the
+    loss history. ``sampler`` replaces the semi-synthetic slab sampler of ``backgrounds``. With
+    ``validate`` (a function of the network returning metrics) every ``validate_every`` steps and
+    at the end, the weights with the highest ``validation_key`` are the ones returned: the
+    validation split chooses the number of steps."""
     set_determinism(seed=config.seed)
     torch.manual_seed(config.seed)
-    net = networks.build(config.task)
-    sampler = SlabSampler(backgrounds, config.seed)
+    dev = device if isinstance(device, torch.device) else device_of(device)
+    net = networks.build(config.task).to(dev)
+    sampler = sampler or SlabSampler(backgrounds, config.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
@@ -191,7 +219,7 @@ def train(
             to_onehot_y=True,
             softmax=True,
             batch=True,
-            weight=torch.tensor(SEG_CLASS_WEIGHTS),
+            weight=torch.tensor(SEG_CLASS_WEIGHTS, device=dev),
         )
 
         def loss_fn(x, y, p):
@@ -199,11 +227,12 @@ def train(
     else:
         raise ValueError("the screener is trained by ml.training.screener, on candidates")
 
+    best: tuple[float, int, dict] | None = None
     net.train()
     with TrainingLog(config.task, config.steps, log_path, progress) as log:
         for step in range(1, config.steps + 1):
             x, y, p = sampler.batch(config.batch)
-            loss = loss_fn(x, y, p)
+            loss = loss_fn(x.to(dev), y.to(dev), p)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -212,7 +241,19 @@ def train(
             if on_step:
                 on_step(step, value)
             log.step(step, value, sched.get_last_lr()[0], positives_in_batch=int(p.sum()))
-    net.eval()
+            if validate and (
+                step == config.steps or (validate_every and step % validate_every == 0)
+            ):
+                metrics = validate(net)
+                log.note({"step": step, "validation": metrics})
+                score = float(metrics.get(validation_key, float("nan")))
+                if best is None or (score == score and not score <= best[0]):
+                    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                    best = (score, step, state)
+    if best is not None and best[0] == best[0]:
+        net.load_state_dict(best[2])
+        log.history.append({"chosen_step": best[1], validation_key: best[0]})
+    net.to("cpu").eval()
     return net, log.history
 
 

@@ -216,6 +216,20 @@ def test_user_add_and_dashboard_serves(tmp_path):
         dash.wait(timeout=30)
 
 
+def test_train_on_a_folder_without_the_real_data_is_a_clear_error(tmp_path):
+    env = _env(tmp_path)
+    args = ["train", "segment", "--data", str(tmp_path / "nothing"), "--anatomies", "lung1"]
+    r = _radai([*args, "--registry", str(tmp_path / "registry"), "--quiet"], env)
+    assert r.returncode != 0
+    assert "radai train: no such background file" in r.stderr and "Traceback" not in r.stderr
+    r = _radai(["train", "segment", "--anatomies", "lung9", "--quiet"], env)
+    assert r.returncode != 0 and "unknown anatomies" in r.stderr
+    r = _radai(
+        ["train", "segment", "--device", "cuda:0", "--quiet"], env | {"CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert r.returncode != 0 and "CUDA" in r.stderr
+
+
 @pytest.mark.slow
 def test_train_then_evaluate_from_the_command_line(tmp_path):
     """A tiny run of both commands into a scratch registry: weights, cards, folds, report."""
@@ -223,8 +237,8 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     registry = tmp_path / "registry"
     for task in ("segment", "screen"):
         r = _radai(
-            ["train", task, "--steps", "3", "--studies", "4", "--registry", str(registry)]
-            + ["--quiet"],
+            ["train", task, "--source", "synthetic", "--steps", "3", "--studies", "4"]
+            + ["--registry", str(registry), "--quiet"],
             env,
             600,
         )
