@@ -499,6 +499,7 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
         ("Done", "4"),
         ("Failed", "1"),
         ("Not applicable", "0"),
+        ("Held", "0"),
         ("Reviewed findings", "1"),
         ("Accepted", "100%"),
     ]
