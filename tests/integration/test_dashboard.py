@@ -618,7 +618,7 @@ def test_amend_with_corrected_measurements(dash):
     # The study view shows the corrected values beside the model's, in the lesion table and
     # in the history; the audit page shows the entry's detail.
     table = at.dataframe[0].value
-    assert table.iloc[0]["Screener probability"] == lesion["screening_probability"]
+    assert table.iloc[0]["Screener probability"] == f"{lesion['screening_probability']:.0%}"
     shown = table.iloc[0]["Corrected by reader"]
     assert f"long-axis diameter {corrected:g} mm" in shown
     assert f"(model {lesion['max_2d_axial_diameter_mm']:g})" in shown
