@@ -92,7 +92,9 @@ def flags_section(db: Database, user: store.SessionUser, d: dict[str, Any]) -> N
                 {
                     "Kind": flag.get("kind") or "-",
                     "Reason": flag.get("reason") or "",
-                    "When (UTC)": flag.get("at") or "before flags were kept one by one",
+                    # Stored as ISO 8601 in UTC; shown to the second.
+                    "When (UTC)": (flag.get("at") or "")[:19].replace("T", " ")
+                    or "before flags were kept one by one",
                 }
                 for flag in d["flags"]
             ],
