@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from dashboard import access, resources, store
 from db import User, login_throttle
+from db.audit_actions import AuditAction
 from db.session import Database
 
 log = logging.getLogger("radai.dashboard")
@@ -99,7 +100,7 @@ def current_user(db: Database) -> store.SessionUser | None:
     if user is None:
         return None
     if expired():
-        store.log_event(db, user.name, "user.session_expired", None, {})
+        store.log_event(db, user.name, AuditAction.USER_SESSION_EXPIRED, None, {})
         log.info("session of %s expired", user.name)
         end_session("Your session expired after inactivity; please log in again.")
         return None
@@ -110,11 +111,15 @@ def current_user(db: Database) -> store.SessionUser | None:
             select(User.disabled, User.password_hash).where(User.id == user.id)
         ).one_or_none()
     if row is None or row.disabled:
-        store.log_event(db, user.name, "user.session_ended", None, {"reason": "account disabled"})
+        store.log_event(
+            db, user.name, AuditAction.USER_SESSION_ENDED, None, {"reason": "account disabled"}
+        )
         end_session("Your account is disabled.")
         return None
     if user.credential and store.credential_stamp(row.password_hash) != user.credential:
-        store.log_event(db, user.name, "user.session_ended", None, {"reason": "password reset"})
+        store.log_event(
+            db, user.name, AuditAction.USER_SESSION_ENDED, None, {"reason": "password reset"}
+        )
         end_session("Your password was reset; please log in again.")
         return None
     touch()
@@ -171,7 +176,7 @@ def xsrf_cookie() -> str | None:
 
 
 def logout(db: Database, user: store.SessionUser) -> None:
-    store.log_event(db, user.name, "user.logout", None, {})
+    store.log_event(db, user.name, AuditAction.USER_LOGOUT, None, {})
     log.info("logout of %s", user.name)
     end_session("You are logged out.")
 

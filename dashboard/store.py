@@ -1,6 +1,6 @@
 """The dashboard's reads and writes, in `db` terms: login with auditing and throttling, the
-worklist, one study with its jobs, outputs and reviews, recording a review, retrying a study,
-the audit trail and account management.
+worklist, one study with its flags, jobs, outputs and reviews, recording a review, retrying a
+study, releasing a HELD one, the audit trail and account management.
 
 Each of these takes the acting `SessionUser` and refuses (`Forbidden`) what its role may not do
 (`PERMISSIONS`, the table the pages also read): the UI hiding a page or button is not the guard.
@@ -8,11 +8,14 @@ Each of these takes the acting `SessionUser` and refuses (`Forbidden`) what its 
 Every function takes a session (the caller's transaction) or a `Database`, returns plain data
 (dicts and dataclasses, no ORM objects that would outlive their session) and never logs patient
 names or IDs. Reviews are append-only: a re-review adds a row, the latest per lesion is shown.
+A job's findings are read through `db.findings` (any schema version) and handed out as
+`Findings`; every audit entry names its `AuditAction`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,8 +40,13 @@ from db import (
     login_throttle,
     users,
 )
-from db.requeue import request_retry
+from db.audit_actions import AuditAction
+from db.findings import Findings, FindingsError, Lesion
+from db.flags import flags_of
+from db.requeue import release, request_retry
 from db.session import Database
+
+log = logging.getLogger("radai.dashboard")
 
 ANONYMOUS = "anonymous"
 
@@ -66,6 +74,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "read_studies": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN}),
     "review": frozenset({UserRole.RADIOLOGIST}),
     "retry": frozenset({UserRole.ADMIN}),
+    # Letting a HELD study (e.g. instances of two patients) be analysed is a clinical call.
+    "release": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN}),
     "read_audit": frozenset({UserRole.ADMIN, UserRole.AUDITOR}),
     "read_monitoring": frozenset({UserRole.RADIOLOGIST, UserRole.ADMIN, UserRole.AUDITOR}),
     "manage_users": frozenset({UserRole.ADMIN}),
@@ -119,18 +129,33 @@ def login(
                 detail["source"] = source
             if result.retry_after_s:
                 detail["retry_after_s"] = round(result.retry_after_s, 1)
-            audit.append(s, name if result.known else ANONYMOUS, "user.login_failed", None, detail)
+            audit.append(
+                s,
+                name if result.known else ANONYMOUS,
+                AuditAction.USER_LOGIN_FAILED,
+                None,
+                detail,
+            )
             return LoginResult(None, result.outcome, result.retry_after_s)
         detail = {"role": user.role} | ({"source": source} if source else {})
-        audit.append(s, user.name, "user.login", None, detail)
+        audit.append(s, user.name, AuditAction.USER_LOGIN, None, detail)
         stamp = credential_stamp(user.password_hash)
         return LoginResult(SessionUser(user.id, user.name, user.role, stamp), result.outcome)
 
 
 def log_event(
-    db: Database, actor: str, action: str, study_uid: str | None = None, detail: dict | None = None
+    db: Database,
+    actor: str,
+    action: AuditAction,
+    study_uid: str | None = None,
+    detail: dict | None = None,
 ) -> None:
-    """One audit entry in its own transaction (logout, expiry, study opened, chain checked)."""
+    """One audit entry in its own transaction (logout, expiry, study opened, chain checked).
+
+    TypeError for an action that is not an `AuditAction` (a spelled-out string would let a
+    typo into the append-only trail)."""
+    if not isinstance(action, AuditAction):
+        raise TypeError(f"audit action must be an AuditAction, not {action!r}")
     with db.session() as s:
         audit.append(s, actor, action, study_uid, detail or {})
 
@@ -143,6 +168,16 @@ def _current_job_id():  # noqa: ANN202 - a correlated scalar subquery
         .correlate(Study)
         .scalar_subquery()
     )
+
+
+def read_findings(job_id: int, data: dict[str, Any] | None) -> tuple[Findings | None, str | None]:
+    """A job's stored findings as `Findings` (None if it has none) and, when no schema version
+    can read them, None with the reason: one unreadable row must not take a page down."""
+    try:
+        return Findings.from_json(data), None
+    except FindingsError as exc:
+        log.warning("job %s: findings unreadable: %s", job_id, exc)
+        return None, f"the findings of job {job_id} cannot be read: {exc}"
 
 
 @dataclass(frozen=True)
@@ -193,7 +228,7 @@ def worklist(
     )
     rows = []
     for study, job_id, was_reviewed in result:
-        f = findings.get(job_id) or {}
+        f = read_findings(job_id, findings.get(job_id))[0] if job_id is not None else None
         rows.append(
             {
                 "study_uid": study.study_uid,
@@ -204,9 +239,12 @@ def worklist(
                 "study_date": display_date(study.study_date),
                 "description": study.study_description or "",
                 "instances": study.instance_count,
-                "probability": f.get("screening_probability"),
-                "lesions": len(f["lesions"]) if "lesions" in f else None,
+                "probability": f.screening_probability if f else None,
+                "lesions": len(f.lesions) if f else None,
                 "flagged": study.flagged,
+                # Every flag's reason, oldest first: a later flag never hides an earlier one.
+                "flags": [flag["reason"] for flag in flags_of(study)],
+                "hold_reason": study.hold_reason,
                 "reviewed": bool(was_reviewed),
                 "error": study.error
                 if study.state in (StudyState.FAILED, StudyState.NOT_APPLICABLE)
@@ -259,6 +297,7 @@ def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict
             {"modality": o.modality, "path": o.path, "sop_instance_uid": o.sop_instance_uid}
         )
     current = next((j.id for j in jobs if not j.superseded), None)
+    findings = {j.id: read_findings(j.id, j.findings) for j in jobs}
     return {
         "id": study.id,
         "study_uid": study.study_uid,
@@ -272,6 +311,9 @@ def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict
         "instances": study.instance_count,
         "flagged": study.flagged,
         "flag_reason": study.flag_reason,
+        # {"kind", "reason", "at"} each, oldest first (db/flags.py); hold_reason while HELD.
+        "flags": flags_of(study),
+        "hold_reason": study.hold_reason,
         "error": study.error,
         "current_job_id": current,
         "jobs": [
@@ -282,7 +324,8 @@ def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict
                 "pipeline_version": j.pipeline_version,
                 "model": model_of(j),
                 "model_versions": j.model_versions or {},
-                "findings": j.findings,
+                "findings": findings[j.id][0],
+                "findings_error": findings[j.id][1],
                 "finished_at": j.finished_at,
                 "superseded": j.superseded,
                 "outputs": by_job.get(j.id, []),
@@ -391,7 +434,7 @@ def _number(c: Correctable, value: Any) -> float:
 
 
 def validate_corrections(
-    lesion: dict[str, Any], corrections: dict[str, Any] | None
+    lesion: Lesion, corrections: dict[str, Any] | None
 ) -> dict[str, dict[str, Any]] | None:
     """The corrections to store, {key: {"model": value, "corrected": value}} in stored units.
 
@@ -411,18 +454,18 @@ def validate_corrections(
                     f"corrected location must be printable text of at most "
                     f"{MAX_LOCATION_LENGTH} characters"
                 )
-            if text != lesion.get(LOCATION):
-                out[LOCATION] = {"model": lesion.get(LOCATION), "corrected": text}
+            if text != lesion.location:
+                out[LOCATION] = {"model": lesion.location, "corrected": text}
             continue
         c = CORRECTABLE.get(key)
         if c is None:
             raise ValueError(f"{key!r} cannot be corrected")
         stored = round(_number(c, value) * c.to_stored, 3)
-        if stored != lesion.get(key):
-            out[key] = {"model": lesion.get(key), "corrected": stored}
+        if stored != getattr(lesion, key):
+            out[key] = {"model": getattr(lesion, key), "corrected": stored}
 
     def effective(key: str) -> float | None:
-        v = out[key]["corrected"] if key in out else lesion.get(key)
+        v = out[key]["corrected"] if key in out else getattr(lesion, key)
         return float(v) if v is not None else None
 
     axial, d3, volume = (
@@ -481,9 +524,12 @@ def add_review(
         .join(Study, Study.id == Job.study_id)
         .where(and_(Job.id == job_id, Study.study_uid == study_uid))
     ).scalar_one_or_none()
-    if job is None or not job.findings:
+    findings, unreadable = (None, None) if job is None else read_findings(job.id, job.findings)
+    if unreadable:
+        raise ValueError(unreadable)
+    if job is None or findings is None:
         raise ValueError("this result has no findings to review")
-    lesions = {int(les["label"]): les for les in job.findings.get("lesions", [])}
+    lesions = {les.label: les for les in findings.lesions}
     if lesion_label is not None and lesion_label not in lesions:
         raise ValueError(f"lesion {lesion_label} is not in this result")
     has_values = any(
@@ -513,7 +559,7 @@ def add_review(
     audit.append(
         session,
         user.name,
-        f"review.{decision}",
+        AuditAction.for_review(decision),
         study_uid,
         {
             "review": review.id,
@@ -589,6 +635,13 @@ def retry_study(session: Session, study_uid: str, *, user: SessionUser) -> None:
     """Send a study through the pipeline again (`db.requeue.request_retry`, audited)."""
     require(user, "retry")
     request_retry(session, study_uid, actor=user.name)
+
+
+def release_study(session: Session, study_uid: str, reason: str, *, user: SessionUser) -> None:
+    """Let a HELD study be analysed (`db.requeue.release`: audited "study.released" with the
+    reason, then queued). ValueError if it is not HELD or the reason is empty."""
+    require(user, "release")
+    release(session, study_uid, actor=user.name, reason=reason)
 
 
 # --- accounts (admins only) ------------------------------------------------------------------

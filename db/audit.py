@@ -34,6 +34,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from db import audit_checkpoints
+from db.audit_actions import AuditAction
 from db.audit_checkpoints import Checkpoint, CheckpointError
 from db.audit_keys import AuditKeyError, AuditKeys
 from db.models import AuditEntry, utcnow
@@ -125,7 +126,7 @@ def _is_keyed(scheme: str | None) -> bool:
 def append(
     session: Session,
     actor: str,
-    action: str,
+    action: AuditAction,
     study_uid: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditEntry:

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from db.findings import Findings, FindingsError
 from db.flags import flags_of
 from db.models import Job, Study
 
@@ -24,6 +25,16 @@ def study_summaries(session: Session, limit: int | None = None) -> list[dict[str
     for study in session.execute(query).scalars():
         current = [j for j in study.jobs if not j.superseded]
         job = current[-1] if current else None
+        # The findings in today's shape whatever schema wrote them; a row no schema reads is
+        # reported beside the others rather than ending the listing.
+        findings, findings_error = None, None
+        if job is not None:
+            try:
+                parsed = Findings.from_json(job.findings)
+            except FindingsError as exc:
+                findings_error = str(exc)
+            else:
+                findings = parsed.to_json() if parsed else None
         out.append(
             {
                 "study_uid": study.study_uid,
@@ -39,7 +50,8 @@ def study_summaries(session: Session, limit: int | None = None) -> list[dict[str
                 "first_received_at": study.first_received_at.isoformat(),
                 "last_instance_at": study.last_instance_at.isoformat(),
                 "state_changed_at": study.state_changed_at.isoformat(),
-                "findings": job.findings if job else None,
+                "findings": findings,
+                "findings_error": findings_error,
                 "outputs": [
                     {"modality": o.modality, "path": o.path, "sop_instance_uid": o.sop_instance_uid}
                     for o in (job.outputs if job else [])

@@ -609,6 +609,8 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
         # Every flag on its own line: a later flag never hides an earlier one.
         for flag in r["flags"]:
             print(f"{'':<66} flag {flag['at'] or 'before 0005':<32} {flag['reason']}")
+        if r["findings_error"]:
+            print(f"{'':<66} findings unreadable: {r['findings_error'][:120]}")
     return 0
 
 
@@ -671,6 +673,8 @@ def _wait_for_states(settings: Settings, study_uids: list[str], states: set[str]
 
 
 def _print_findings(case: str, row: dict | None) -> None:
+    from db.findings import Findings
+
     if row is None:
         print(f"{case}: study missing")
         return
@@ -678,20 +682,22 @@ def _print_findings(case: str, row: dict | None) -> None:
     if row["error"]:
         print(f" ({row['error']})")
         return
-    findings = row["findings"] or {}
-    if not findings:
-        print()
+    findings = Findings.from_json(row["findings"])
+    if findings is None:
+        print(f" ({row['findings_error']})" if row.get("findings_error") else "")
         return
     print(
-        f", suspicion {findings['screening_probability']:.2f}, priority {row['priority']}, "
-        f"lung volume {findings['lung_volume_ml'] / 1000:.1f} l"
+        f", suspicion {findings.screening_probability:.2f}, priority {row['priority']}, "
+        f"lung volume {findings.lung_volume_ml / 1000:.1f} l"
+        + (f", analysis {findings.pipeline}" if findings.pipeline else "")
     )
-    for lesion in findings["lesions"]:
+    for lesion in findings.lesions:
+        hu = "-" if lesion.mean_hu is None else f"{lesion.mean_hu:.0f}"
         print(
-            f"    lesion {lesion['label']}: {lesion['volume_mm3'] / 1000:.1f} ml, "
-            f"max diameter {lesion['max_3d_diameter_mm']:.1f} mm "
-            f"(axial {lesion['max_2d_axial_diameter_mm']:.1f} mm), "
-            f"mean {lesion['mean_hu']:.0f} HU, {lesion['location']}"
+            f"    lesion {lesion.label}: {lesion.volume_mm3 / 1000:.1f} ml, "
+            f"max diameter {lesion.max_3d_diameter_mm:.1f} mm "
+            f"(axial {lesion.max_2d_axial_diameter_mm:.1f} mm), "
+            f"mean {hu} HU, {lesion.location or '-'}"
         )
     for out in row["outputs"]:
         print(f"    {out['modality']}: {out['path']}")

@@ -11,6 +11,7 @@ import streamlit as st
 
 from dashboard import session, store
 from db import audit
+from db.audit_actions import AuditAction
 from db.session import Database
 
 ANY = "any"
@@ -65,7 +66,7 @@ def render(db: Database, user: store.SessionUser) -> None:
         store.log_event(
             db,
             user.name,
-            "audit.verified",
+            AuditAction.AUDIT_VERIFIED,
             None,
             {"ok": report.ok, "entries": report.entries, "broken_at_seq": report.broken_at_seq},
         )

@@ -28,11 +28,13 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-# Finished states in the colours people expect; waiting ones in greys and blues.
+# Finished states in the colours people expect; waiting ones in greys and blues; HELD, which
+# waits for a person rather than for the pipeline, in amber.
 STATE_COLORS = {
     StudyState.DONE: "#2e7d32",
     StudyState.NOT_APPLICABLE: "#9e9e9e",
     StudyState.FAILED: "#c62828",
+    StudyState.HELD: "#ef6c00",
     StudyState.PROCESSING: "#1565c0",
     StudyState.QUEUED: "#64b5f6",
     StudyState.STABLE: "#bbdefb",
@@ -72,13 +74,14 @@ def render(db: Database, user: store.SessionUser) -> None:
     )
     reviewed = sum(x.reviewed for x in m.models)
     accepted = sum(x.accepted for x in m.models)
-    c1, c2, c3, c4, c5, c6 = st.columns(6)
+    c1, c2, c3, c4, c5, c6, c7 = st.columns(7)
     c1.metric("Studies", m.studies)
     c2.metric("Done", m.study_states.get(StudyState.DONE, 0))
     c3.metric("Failed", m.study_states.get(StudyState.FAILED, 0))
     c4.metric("Not applicable", m.study_states.get(StudyState.NOT_APPLICABLE, 0))
-    c5.metric("Reviewed findings", reviewed)
-    c6.metric("Accepted", _rate(accepted / reviewed if reviewed else None))
+    c5.metric("Held", m.study_states.get(StudyState.HELD, 0), help="waiting for a release")
+    c6.metric("Reviewed findings", reviewed)
+    c7.metric("Accepted", _rate(accepted / reviewed if reviewed else None))
     if not m.models and not m.per_day:
         st.info("No studies in this period.")
         return

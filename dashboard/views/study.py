@@ -1,4 +1,5 @@
-"""The study page: the study's header, its results (newest first), the slice viewer with
+"""The study page: the study's header, its flags (and, for a HELD study, why it is held and the
+release for those who may), its results (newest first), the slice viewer with
 window presets and SEG/saliency overlays (inline images only), the lesion table, review forms for
 those who review, the review history and the DICOM downloads (audited when served)."""
 
@@ -13,6 +14,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import access, imaging, resources, session, store
+from db import StudyState
+from db.audit_actions import AuditAction
+from db.findings import Findings, Lesion
 from db.session import Database
 
 log = logging.getLogger("radai.dashboard")
@@ -42,8 +46,76 @@ def _serve_output(
     data = Path(path).read_bytes()
     if not access.grant_download(data, cookie, lambda: not activity.expired()):
         log.warning("download without a device token: the browser will be refused the file")
-    store.log_event(db, user_name, "study.output_downloaded", study_uid, {"sop_instance": sop_uid})
+    store.log_event(
+        db, user_name, AuditAction.STUDY_OUTPUT_DOWNLOADED, study_uid, {"sop_instance": sop_uid}
+    )
     return data
+
+
+def _dash(value: Any, fmt: str = "{}") -> str:
+    """A value as shown, "-" where the result has none (e.g. the baseline's lesion scores)."""
+    return "-" if value is None else fmt.format(value)
+
+
+def _release(db: Database, user: store.SessionUser, study_uid: str, reason: str) -> bool:
+    try:
+        with db.session() as s:
+            store.release_study(s, study_uid, reason, user=user)
+    except (ValueError, store.Forbidden) as exc:
+        st.error(str(exc))
+        return False
+    log.info("study %s released by %s", study_uid, user.name)
+    st.session_state["release_notice"] = "Released: the study is queued for analysis."
+    return True
+
+
+def flags_section(db: Database, user: store.SessionUser, d: dict[str, Any]) -> None:
+    """Why a study is held, every flag it ever got, and the release for those who may."""
+    notice = st.session_state.pop("release_notice", None)
+    if notice:
+        st.success(notice)
+    held = d["state"] == StudyState.HELD
+    if held:
+        st.error(
+            "HELD: this study is not analysed until a person releases it. "
+            f"Reason: {d['hold_reason'] or '(not recorded)'}"
+        )
+    if not d["flags"]:
+        if d["flagged"] and d["flag_reason"]:
+            st.warning(f"Flagged: {d['flag_reason']}")
+        return
+    if not held:
+        st.warning(f"Flagged ({len(d['flags'])}): read the flags before trusting the result.")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "Kind": flag.get("kind") or "-",
+                    "Reason": flag.get("reason") or "",
+                    # Stored as ISO 8601 in UTC; shown to the second.
+                    "When (UTC)": (flag.get("at") or "")[:19].replace("T", " ")
+                    or "before flags were kept one by one",
+                }
+                for flag in d["flags"]
+            ],
+            columns=["Kind", "Reason", "When (UTC)"],
+        ),
+        hide_index=True,
+        key=f"flags_{d['study_uid']}",
+    )
+    if not held or not store.allowed(user, "release"):
+        return
+    gen_key = f"release_gen_{d['study_uid']}"
+    gen = st.session_state.setdefault(gen_key, 0)
+    with st.form(f"release_{d['study_uid']}_{gen}"):
+        reason = st.text_input(
+            "Reason for the release (required; audited)",
+            key=f"release_reason_{d['study_uid']}_{gen}",
+        )
+        submitted = st.form_submit_button("Release for analysis")
+    if submitted and session.live() and _release(db, user, d["study_uid"], reason):
+        st.session_state[gen_key] = gen + 1
+        st.rerun()
 
 
 def render(db: Database, user: store.SessionUser) -> None:
@@ -64,9 +136,11 @@ def render(db: Database, user: store.SessionUser) -> None:
     )
     if d["error"]:
         st.warning(f"{d['state']}: {d['error']}")
-    if d["flagged"]:
-        st.warning(f"Flagged: {d['flag_reason']}")
-    jobs = [j for j in d["jobs"] if j["findings"]]
+    flags_section(db, user, d)
+    for j in d["jobs"]:
+        if j["findings_error"]:
+            st.error(j["findings_error"])
+    jobs = [j for j in d["jobs"] if j["findings"] is not None]
     if not jobs:
         st.info("No findings for this study yet.")
         return
@@ -85,20 +159,22 @@ def render(db: Database, user: store.SessionUser) -> None:
             key=f"job_{study_uid}",
         )
     job = by_id[job_id]
-    f = job["findings"]
+    f: Findings = job["findings"]
     if job["superseded"]:
         st.warning("This result was superseded by a later processing of the study.")
     name, version = job["model"]
     finished = job["finished_at"].strftime("%Y-%m-%d %H:%M UTC") if job["finished_at"] else "-"
     st.caption(
         f"Model {name} {version} · pipeline {job['pipeline']} {job['pipeline_version']} · "
-        f"job {job['id']} finished {finished} · {session.NOT_FOR_CLINICAL_USE}"
+        f"job {job['id']} finished {finished}"
+        + (f" · analysis {f.pipeline}" if f.pipeline else "")
+        + f" · {session.NOT_FOR_CLINICAL_USE}"
     )
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Suspicion", f"{f.get('screening_probability', 0):.0%}")
-    m2.metric("Priority", f.get("priority", "-"))
-    m3.metric("Lung volume", f"{f.get('lung_volume_ml', 0) / 1000:.1f} l")
-    m4.metric("Lesions", len(f.get("lesions", [])))
+    m1.metric("Suspicion", f"{f.screening_probability:.0%}")
+    m2.metric("Priority", f.priority)
+    m3.metric("Lung volume", f"{f.lung_volume_ml / 1000:.1f} l")
+    m4.metric("Lesions", len(f.lesions))
 
     slice_key = f"slice_{job['id']}"
     viewer(db, user, d, job, slice_key)
@@ -113,9 +189,9 @@ def render(db: Database, user: store.SessionUser) -> None:
 def viewer(
     db: Database, user: store.SessionUser, d: dict[str, Any], job: dict[str, Any], slice_key: str
 ) -> None:
-    f = job["findings"]
+    f: Findings = job["findings"]
     with db.session() as s:
-        paths = tuple(store.series_paths(s, d["id"], f.get("series_uid", ""), user=user))
+        paths = tuple(store.series_paths(s, d["id"], f.series_uid or "", user=user))
     try:
         volume = resources.cached_volume(paths)
     except imaging.ImagingError as exc:
@@ -130,11 +206,10 @@ def viewer(
             st.warning(f"The segmentation cannot be shown: {exc}")
     # The map is read when first asked for, not with the study: decompressing it costs more
     # than reading the whole series, and most readers never turn it on.
-    has_saliency = bool(f.get("saliency_path")) and Path(f["saliency_path"]).exists()
+    has_saliency = bool(f.saliency_path) and Path(f.saliency_path or "").exists()
 
     if slice_key not in st.session_state:
-        lesions = f.get("lesions") or []
-        first = lesions[0]["slice_index"] if lesions else volume.slices // 2
+        first = f.lesions[0].slice_index if f.lesions else volume.slices // 2
         st.session_state[slice_key] = int(first) + 1
     image_col, controls = st.columns([3, 1])
     with controls:
@@ -155,7 +230,7 @@ def viewer(
         saliency = None
         if has_saliency and st.checkbox("Saliency map", value=False, key="saliency_on"):
             try:
-                saliency = resources.cached_saliency(f["saliency_path"], paths)
+                saliency = resources.cached_saliency(f.saliency_path or "", paths)
             except imaging.ImagingError as exc:
                 st.warning(f"The saliency map cannot be shown: {exc}")
             else:
@@ -190,7 +265,7 @@ def _review_text(r: dict[str, Any] | None) -> str:
 
 
 def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key: str) -> None:
-    lesions = job["findings"].get("lesions") or []
+    lesions: tuple[Lesion, ...] = job["findings"].lesions
     st.subheader("Lesions")
     if not lesions:
         st.info("No lesion candidates in this result.")
@@ -199,18 +274,19 @@ def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key:
         pd.DataFrame(
             [
                 {
-                    "Lesion": les["label"],
-                    "Slice": les["slice_index"] + 1,
-                    "Volume (ml)": round(les["volume_mm3"] / 1000, 2),
-                    "Max 3D diameter (mm)": les["max_3d_diameter_mm"],
-                    "Max axial diameter (mm)": les["max_2d_axial_diameter_mm"],
-                    "Mean HU": les["mean_hu"],
-                    # the screening CNN's belief in this call; absent in results before 2.0.0
-                    "Screener probability": les.get("screening_probability"),
-                    "Location": les["location"],
-                    "Review": _review_text(latest.get(int(les["label"]))),
+                    "Lesion": les.label,
+                    "Slice": les.slice_index + 1,
+                    "Volume (ml)": round(les.volume_mm3 / 1000, 2),
+                    "Max 3D diameter (mm)": les.max_3d_diameter_mm,
+                    "Max axial diameter (mm)": les.max_2d_axial_diameter_mm,
+                    "Mean HU": _dash(les.mean_hu, "{:.0f}"),
+                    # The screening CNN's belief in this call: absent in results before 2.0.0
+                    # and in the classical baseline's, which has no screener.
+                    "Screener probability": _dash(les.screening_probability, "{:.0%}"),
+                    "Location": _dash(les.location),
+                    "Review": _review_text(latest.get(les.label)),
                     "Corrected by reader": store.describe_corrections(
-                        (latest.get(int(les["label"])) or {}).get("corrections")
+                        (latest.get(les.label) or {}).get("corrections")
                     ),
                 }
                 for les in lesions
@@ -221,10 +297,10 @@ def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key:
     cols = st.columns(min(len(lesions), 6))
     for i, les in enumerate(lesions):
         cols[i % len(cols)].button(
-            f"Go to lesion {les['label']}",
-            key=f"goto_{job['id']}_{les['label']}",
+            f"Go to lesion {les.label}",
+            key=f"goto_{job['id']}_{les.label}",
             on_click=_set_slice,
-            args=(slice_key, int(les["slice_index"]) + 1),
+            args=(slice_key, les.slice_index + 1),
         )
 
 
@@ -239,7 +315,7 @@ def review_forms(
     notice = st.session_state.pop("review_notice", None)
     if notice:
         st.success(notice)
-    lesions = {int(les["label"]): les for les in job["findings"].get("lesions", [])}
+    lesions = {les.label: les for les in job["findings"].lesions}
     targets: list[int | None] = [*lesions, None]
     for label in targets:
         title = "Whole study" if label is None else f"Lesion {label}"
@@ -292,13 +368,13 @@ def review_forms(
                 st.rerun()
 
 
-def correction_inputs(lesion: dict[str, Any], tag: str) -> dict[str, Any]:
+def correction_inputs(lesion: Lesion, tag: str) -> dict[str, Any]:
     """The amend form's corrected values (None: unchanged), typed in mm, ml and words."""
     st.caption("Corrected values (amend only; leave empty to keep the model's)")
     cols = st.columns(4)
     values: dict[str, Any] = {}
     for col, c in zip(cols, store.CORRECTABLE.values(), strict=False):
-        model = lesion.get(c.key)
+        model = getattr(lesion, c.key)
         shown = "-" if model is None else f"{model / c.to_stored:g}"
         values[c.key] = col.number_input(
             f"{c.name.capitalize()} ({c.unit})",
@@ -312,7 +388,7 @@ def correction_inputs(lesion: dict[str, Any], tag: str) -> dict[str, Any]:
     values[store.LOCATION] = cols[3].selectbox(
         "Location",
         options,
-        format_func=lambda o: o or f"unchanged ({lesion.get('location') or '-'})",
+        format_func=lambda o: o or f"unchanged ({lesion.location or '-'})",
         key=f"corr_location_{tag}",
     )
     return values

@@ -1,5 +1,6 @@
 """The worklist page: studies by AI priority, filtered and paged, refreshed every
-REFRESH_SECONDS; opening a study (audited) goes to the study page; admins retry FAILED studies."""
+REFRESH_SECONDS, with every flag's reason (HELD studies, waiting for a person's release, among
+them); opening a study (audited) goes to the study page; admins retry FAILED studies."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import streamlit as st
 
 from dashboard import session, store
 from db import StudyState
+from db.audit_actions import AuditAction
 from db.session import Database
 
 log = logging.getLogger("radai.dashboard")
@@ -37,7 +39,7 @@ def _open_study(db: Database, user: store.SessionUser) -> None:
     if not study_uid or not session.live():
         return
     st.session_state["study_uid"] = study_uid
-    store.log_event(db, user.name, "study.opened", study_uid, {})
+    store.log_event(db, user.name, AuditAction.STUDY_OPENED, study_uid, {})
 
 
 def _retry(db: Database, user: store.SessionUser, study_uid: str) -> None:
@@ -147,6 +149,8 @@ def worklist_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "Suspicion": r["probability"],
                 "Lesions": r["lesions"],
                 "Flagged": r["flagged"],
+                # All of them, oldest first: a later flag never hides an earlier one.
+                "Flags": "; ".join(r["flags"]),
                 "Reviewed": "yes" if r["reviewed"] else "no",
                 "Error": r["error"] or "",
                 "Study UID": r["study_uid"],
@@ -164,6 +168,7 @@ def worklist_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "Suspicion",
             "Lesions",
             "Flagged",
+            "Flags",
             "Reviewed",
             "Error",
             "Study UID",

@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 
 from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState
 from db import login_throttle as throttle
+from db.flags import FlagKind, add_flag
 from db.models import utcnow
 from db.session import Database
 from db.users import add_user
@@ -363,6 +364,71 @@ def test_study_viewer_and_review_are_stored_and_audited(dash):
     assert table[table["Study UID"] == LUNG1].iloc[0]["Reviewed"] == "yes"
 
 
+HELD_UID = "1.2.826.0.1.3680043.8.498.906"
+MIXED = "instances name 2 different patients"
+CONFLICT = "second object for SOP Instance UID 1.2.3.9"
+
+
+def test_held_study_shows_its_flags_and_is_released_with_a_reason(dash):
+    with dash.session() as s:
+        study = Study(study_uid=HELD_UID, state=StudyState.HELD, instance_count=4)
+        study.patient_name, study.first_received_at = "HELD^CASE", utcnow()
+        s.add(study)
+        s.flush()
+        for kind, reason, hold in (
+            (FlagKind.PATIENTS_MIXED, MIXED, True),
+            (FlagKind.INSTANCE_CONFLICT, CONFLICT, False),
+        ):
+            add_flag(s, study.id, HELD_UID, kind, reason, actor="node", hold=hold)
+    at = _login(_app().run(), "drhouse")
+    # HELD is a state of the filter, and the worklist shows every flag's reason.
+    at.multiselect(key="f_states").set_value(["HELD"]).run()
+    table = at.dataframe[0].value
+    assert list(table["Study UID"]) == [HELD_UID] and list(table["State"]) == ["HELD"]
+    assert table.iloc[0]["Flags"] == f"{MIXED}; {CONFLICT}"
+
+    at.selectbox(key="wl_pick").set_value(HELD_UID)
+    at = at.button(key="wl_open").click().run()
+    assert not at.exception
+    assert at.error and "HELD" in at.error[0].value and MIXED in at.error[0].value
+    flags = at.dataframe[0].value
+    assert list(flags["Kind"]) == ["patients_mixed", "instance_conflict"]
+    assert list(flags["Reason"]) == [MIXED, CONFLICT] and all(flags["When (UTC)"])
+    # No reason, no release.
+    submit = f"FormSubmitter:release_{HELD_UID}_0-Release for analysis"
+    at.button(key=submit).click().run()
+    assert any("needs a reason" in e.value for e in at.error)
+    assert _audit(dash, "study.released") == []
+    at.text_input(key=f"release_reason_{HELD_UID}_0").input("one patient, renamed at the CT")
+    at.button(key=submit).click().run()
+    assert not at.exception
+    assert at.success and "Released" in at.success[0].value
+    assert not any("HELD:" in e.value for e in at.error)
+    with dash.session() as s:
+        study = s.execute(select(Study).where(Study.study_uid == HELD_UID)).scalar_one()
+        assert study.state == StudyState.STABLE and len(study.flags) == 2
+    [entry] = _audit(dash, "study.released")
+    assert entry.actor == "drhouse" and entry.detail["reason"] == "one patient, renamed at the CT"
+
+
+def test_findings_without_screener_scores_show_a_dash(dash):
+    """A result of the classical baseline (or before screener 2.0.0): no lesion probability."""
+    with dash.session() as s:
+        job = s.execute(select(Job)).scalars().one()
+        findings = dict(job.findings)
+        findings["pipeline"] = "baseline"
+        findings["lesions"] = [
+            {k: v for k, v in les.items() if k != "screening_probability"}
+            for les in findings["lesions"]
+        ]
+        job.findings = findings
+    at = _open_lung1(_login(_app().run(), "drhouse"))
+    assert not at.exception
+    lesions = at.dataframe[0].value
+    assert set(lesions["Screener probability"]) == {"-"}
+    assert "analysis baseline" in _text(at)
+
+
 def test_roles_limit_the_pages(dash):
     at = _login(_app().run(), "eve")
     assert at.header[0].value == "Audit trail"  # the role's first page
@@ -499,6 +565,7 @@ def test_monitoring_page_shows_the_reviewed_real_study(dash):
         ("Done", "4"),
         ("Failed", "1"),
         ("Not applicable", "0"),
+        ("Held", "0"),
         ("Reviewed findings", "1"),
         ("Accepted", "100%"),
     ]
@@ -551,7 +618,7 @@ def test_amend_with_corrected_measurements(dash):
     # The study view shows the corrected values beside the model's, in the lesion table and
     # in the history; the audit page shows the entry's detail.
     table = at.dataframe[0].value
-    assert table.iloc[0]["Screener probability"] == lesion["screening_probability"]
+    assert table.iloc[0]["Screener probability"] == f"{lesion['screening_probability']:.0%}"
     shown = table.iloc[0]["Corrected by reader"]
     assert f"long-axis diameter {corrected:g} mm" in shown
     assert f"(model {lesion['max_2d_axial_diameter_mm']:g})" in shown

@@ -29,7 +29,12 @@ ROOT = "1.2.826.0.1.3680043.8.498.77"
 
 def _radai(args: list[str], db_url: str, home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
-    env.update(RADAI_HOME=str(home), RADAI_DATABASE_URL=db_url)
+    # The session's audit key (tests/conftest.py): one deployment, one key for every process.
+    env.update(
+        RADAI_HOME=str(home),
+        RADAI_DATABASE_URL=db_url,
+        RADAI_AUDIT_KEY_FILE=os.environ["RADAI_AUDIT_KEY_FILE"],
+    )
     return subprocess.run(
         [sys.executable, "-m", "radai", *args], env=env, capture_output=True, text=True, timeout=120
     )

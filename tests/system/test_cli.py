@@ -73,6 +73,9 @@ def test_demo_processes_samples_and_studies_json_shows_findings(tmp_path):
         assert {o["modality"] for o in row["outputs"]} == {"SEG", "SR"}
         assert all(Path(o["path"]).exists() for o in row["outputs"])
         assert row["model_versions"] and row["error"] is None
+        assert row["flags"] == [] and row["findings"]["pipeline"] in ("models", "baseline")
+        lesion = row["findings"]["lesions"][0]
+        assert lesion["volume_mm3"] > 0 and lesion["max_2d_axial_diameter_mm"] > 0
     # Patient data stays out of the logs.
     logs = {p.name: p.read_text() for p in (tmp_path / "home" / "logs").glob("*.log")}
     assert set(logs) >= {"demo.log", "worker.log"}
@@ -122,6 +125,75 @@ def test_commands_work_on_an_empty_home(tmp_path, args):
     assert out.returncode == 0, out.stderr
     if "--json" in args:
         assert json.loads(out.stdout) == []
+
+
+def test_studies_json_reads_findings_written_before_their_schema(tmp_path):
+    """A job's findings as the worker wrote them before db/findings.py (schema 1: no "schema"
+    or "pipeline", lesions without a screener probability) list in today's shape."""
+    from db import Job, Study, StudyState
+    from db.findings import SCHEMA_VERSION
+    from db.session import Database
+
+    env = _env(tmp_path / "home")
+    assert _radai(["db", "upgrade"], env).returncode == 0
+    lesion = {
+        "label": 1,
+        "slice_index": 20,
+        "volume_mm3": 1361.2,
+        "max_3d_diameter_mm": 21.3,
+        "max_2d_axial_diameter_mm": 16.6,
+        "centroid_zyx": [20.0, 100.5, 200.25],
+        "mean_hu": -12.0,
+        "location": "left lung, lower zone",
+    }
+    stored = {
+        "screening_probability": 0.91,
+        "priority": 1,
+        "lung_volume_ml": 5100.0,
+        "lesions": [lesion],
+        "series_uid": "1.2.3.4.5",
+    }
+    db = Database(f"sqlite:///{tmp_path / 'home' / 'radai.sqlite'}")
+    with db.session() as s:
+        study = Study(study_uid="1.2.826.0.1.3680043.8.498.55", state=StudyState.DONE)
+        study.instance_count, study.priority = 48, 1
+        s.add(study)
+        s.flush()
+        s.add(
+            Job(
+                study_id=study.id,
+                pipeline="radai-triage",
+                pipeline_version="0.9.0",
+                input_hash="x",
+                state=StudyState.DONE,
+                findings=stored,
+                model_versions={"radai-lung-lesion-unet": "1.0.0"},
+            )
+        )
+    db.dispose()
+    listing = _radai(["studies", "--json"], env)
+    assert listing.returncode == 0, listing.stderr
+    [row] = json.loads(listing.stdout)
+    assert {
+        "study_uid",
+        "state",
+        "instances",
+        "priority",
+        "findings",
+        "outputs",
+        "model_versions",
+        "error",
+        "flags",
+    } <= set(row)
+    assert (row["state"], row["instances"], row["priority"]) == ("DONE", 48, 1)
+    findings = row["findings"]
+    assert findings["schema"] == SCHEMA_VERSION and findings["pipeline"] is None
+    assert findings["screening_probability"] == 0.91 and findings["series_uid"] == "1.2.3.4.5"
+    [listed] = findings["lesions"]
+    assert listed == {**lesion, "screening_probability": None}
+    assert row["model_versions"] == {"radai-lung-lesion-unet": "1.0.0"} and row["flags"] == []
+    table = _radai(["studies"], env)
+    assert table.returncode == 0 and "1.2.826.0.1.3680043.8.498.55" in table.stdout
 
 
 # pyradiomics 3.0.1's published values for the expert masks (data/samples, see its README).

@@ -7,12 +7,16 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from dashboard import store
 from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState, User, audit
+from db.audit_actions import AuditAction
+from db.findings import Findings, Lesion
+from db.flags import FlagKind, add_flag
 from db.models import utcnow
+from db.queries import study_summaries
 from db.requeue import request_retry
 from db.users import (
     add_user,
@@ -70,12 +74,32 @@ def _study(db, uid: str, state: str = StudyState.DONE, **kw) -> int:  # noqa: AN
         return study.id
 
 
-def _job(db, study_id: int, key: str, lesions=(1, 2), **kw) -> int:  # noqa: ANN001
-    findings = {
+def _lesion_v1(n: int) -> dict:
+    # As the worker wrote lesions before db/findings.py (schema 1, before screener 2.0.0).
+    return {
+        "label": n,
+        "slice_index": n,
+        "volume_mm3": 500.0,
+        "max_3d_diameter_mm": 12.0,
+        "max_2d_axial_diameter_mm": 10.0,
+        "centroid_zyx": [float(n), 10.0, 10.0],
+        "mean_hu": -40.0,
+        "location": "right lung, upper zone",
+    }
+
+
+def _findings_v1(lesions=(1, 2)) -> dict:  # noqa: ANN001
+    return {
         "screening_probability": 0.7,
-        "lesions": [{"label": n, "slice_index": n} for n in lesions],
+        "priority": 2,
+        "lung_volume_ml": 4800.0,
+        "lesions": [_lesion_v1(n) for n in lesions],
         "series_uid": "1.2.3.4",
     }
+
+
+def _job(db, study_id: int, key: str, lesions=(1, 2), findings=None, **kw) -> int:  # noqa: ANN001
+    findings = _findings_v1(lesions) if findings is None else findings
     with db.session() as s:
         job = Job(
             study_id=study_id,
@@ -208,14 +232,15 @@ def test_audit_entries_filter_by_study_actor_and_time(database):
         assert store.audit_actors(s, user=AUDITOR) == ["alice", "bob"]
 
 
-LESION = {
-    "label": 1,
-    "slice_index": 1,
-    "volume_mm3": 900.0,
-    "max_3d_diameter_mm": 15.0,
-    "max_2d_axial_diameter_mm": 13.0,
-    "location": "right lung, upper zone",
-}
+LESION = Lesion(
+    label=1,
+    slice_index=1,
+    volume_mm3=900.0,
+    max_3d_diameter_mm=15.0,
+    max_2d_axial_diameter_mm=13.0,
+    centroid_zyx=(1.0, 10.0, 10.0),
+    location="right lung, upper zone",
+)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +289,7 @@ def test_amend_stores_corrections_append_only(database):
         user = add_user(s, "doc", "radiologist", "long enough")
         me = store.SessionUser(user.id, user.name, user.role)
     common = {"study_uid": "1.2.30", "job_id": job, "note": None, "user": me}
-    fix = {"max_3d_diameter_mm": 8.0}
+    fix = {"max_3d_diameter_mm": 14.0}
     for kw in (
         {"lesion_label": 1, "decision": "accept", "reason": None},
         {"lesion_label": None, "decision": "amend", "reason": "x"},
@@ -279,10 +304,13 @@ def test_amend_stores_corrections_append_only(database):
     with database.session() as s:
         [review] = store.reviews_of(s, study_id)
         [entry] = s.execute(select(AuditEntry).where(AuditEntry.action == "review.amend"))
-    # The test job's lesions carry no measurements: the model value is recorded as unknown.
-    expected = {"max_3d_diameter_mm": {"model": None, "corrected": 8.0}}
+    # The model's value, read from the job's findings, is kept beside the correction.
+    expected = {"max_3d_diameter_mm": {"model": 12.0, "corrected": 14.0}}
     assert review["corrections"] == expected and entry[0].detail["corrections"] == expected
-    assert "maximum 3D diameter 8 mm (model -)" in store.describe_corrections(expected)
+    assert "maximum 3D diameter 14 mm (model 12)" in store.describe_corrections(expected)
+    assert "maximum 3D diameter 8 mm (model -)" in store.describe_corrections(
+        {"max_3d_diameter_mm": {"model": None, "corrected": 8.0}}
+    )
     # Migration 0004 added the column without losing 0003's triggers.
     for sql in ("UPDATE reviews SET corrections = NULL", "DELETE FROM reviews"):
         with pytest.raises(DBAPIError, match="append-only"):
@@ -414,3 +442,218 @@ def test_the_store_refuses_what_a_role_may_not_do(database):
     with database.session() as s:
         assert [a["name"] for a in store.list_accounts(s, user=root)][0] == "newbie"
         assert store.allowed(doc, "review") and not store.allowed(root, "review")
+
+
+def _held(db, uid: str) -> int:  # noqa: ANN001
+    """A HELD study with two flags: the mixed patients that hold it, then a conflict."""
+    study_id = _study(db, uid, StudyState.HELD)
+    with db.session() as s:
+        add_flag(
+            s,
+            study_id,
+            uid,
+            FlagKind.PATIENTS_MIXED,
+            "instances name 2 different patients",
+            actor="node",
+            action=AuditAction.STUDY_PATIENTS_MIXED,
+            hold=True,
+        )
+        add_flag(
+            s,
+            study_id,
+            uid,
+            FlagKind.INSTANCE_CONFLICT,
+            "second object for SOP Instance UID 1.2.3.9",
+            actor="node",
+        )
+    return study_id
+
+
+def test_release_is_for_radiologists_and_admins_and_is_audited(database):
+    _held(database, "1.2.60")
+    _held(database, "1.2.61")
+    with database.session() as s:
+        doc, root, eve = (
+            store.SessionUser(add_user(s, name, role, "long enough").id, name, role)
+            for name, role in (("doc", "radiologist"), ("root", "admin"), ("eve", "auditor"))
+        )
+    with database.session() as s:
+        before = s.execute(select(func.count()).select_from(AuditEntry)).scalar_one()
+    # An auditor is refused by the store itself: the study stays HELD and nothing is written.
+    with pytest.raises(store.Forbidden, match="a auditor may not release"):
+        with database.session() as s:
+            store.release_study(s, "1.2.60", "looked at it", user=eve)
+    # Without a reason nothing happens either.
+    with pytest.raises(ValueError, match="needs a reason"):
+        with database.session() as s:
+            store.release_study(s, "1.2.60", "  ", user=doc)
+    with database.session() as s:
+        assert s.execute(select(func.count()).select_from(AuditEntry)).scalar_one() == before
+        assert s.execute(select(OutboxMessage)).first() is None
+        assert store.study_detail(s, "1.2.60", user=doc)["state"] == StudyState.HELD
+
+    with database.session() as s:
+        store.release_study(s, "1.2.60", "same patient, renamed at the modality", user=doc)
+        store.release_study(s, "1.2.61", "checked with the technologist", user=root)
+    with database.session() as s:
+        detail = store.study_detail(s, "1.2.60", user=doc)
+        released = list(
+            s.execute(
+                select(AuditEntry)
+                .where(AuditEntry.action == AuditAction.STUDY_RELEASED)
+                .order_by(AuditEntry.seq)
+            ).scalars()
+        )
+        messages = list(s.execute(select(OutboxMessage)).scalars())
+        assert audit.verify(s).ok
+    assert detail["state"] == StudyState.STABLE and detail["hold_reason"] is None
+    assert [(e.study_uid, e.actor) for e in released] == [("1.2.60", "doc"), ("1.2.61", "root")]
+    assert released[0].detail["reason"] == "same patient, renamed at the modality"
+    assert released[0].detail["held_for"] == "instances name 2 different patients"
+    assert len(messages) == 2
+    # The flags stay: they are the study's history.
+    assert [f["kind"] for f in detail["flags"]] == ["patients_mixed", "instance_conflict"]
+    # Released once, it is no longer HELD: a second release is refused with a reason.
+    with pytest.raises(ValueError, match="not HELD"):
+        with database.session() as s:
+            store.release_study(s, "1.2.60", "again", user=doc)
+    assert store.allowed(doc, "release") and store.allowed(root, "release")
+    assert not store.allowed(eve, "release")
+
+
+def test_held_studies_are_filtered_and_show_every_flag(database):
+    _held(database, "1.2.70")
+    _study(database, "1.2.71")
+    with database.session() as s:
+        [row] = store.worklist(s, user=READER, states=[StudyState.HELD]).rows
+        detail = store.study_detail(s, "1.2.70", user=READER)
+        [summary] = [r for r in study_summaries(s) if r["study_uid"] == "1.2.70"]
+    assert row["study_uid"] == "1.2.70" and row["state"] == StudyState.HELD
+    # Both reasons, oldest first: the later conflict does not hide why it is held.
+    assert row["flags"] == [
+        "instances name 2 different patients",
+        "second object for SOP Instance UID 1.2.3.9",
+    ]
+    assert row["hold_reason"] == detail["hold_reason"] == "instances name 2 different patients"
+    assert [(f["kind"], f["reason"]) for f in detail["flags"]] == [
+        ("patients_mixed", "instances name 2 different patients"),
+        ("instance_conflict", "second object for SOP Instance UID 1.2.3.9"),
+    ]
+    assert all(f["at"] for f in detail["flags"]) and summary["flags"] == detail["flags"]
+
+
+def test_schema_1_findings_read_through_db_findings(database):
+    """A job written before findings had a schema version (and a lesion without a screener
+    probability) reads as `Findings` in the worklist, the study page and `radai studies`."""
+    study_id = _study(database, "1.2.80", priority=2)
+    stored = _findings_v1((1, 2))
+    assert "schema" not in stored and "screening_probability" not in stored["lesions"][0]
+    job = _job(database, study_id, "a", findings=stored)
+    with database.session() as s:
+        [row] = store.worklist(s, user=READER).rows
+        detail = store.study_detail(s, "1.2.80", user=READER)
+        [summary] = study_summaries(s)
+    assert (row["probability"], row["lesions"]) == (0.7, 2)
+    [current] = detail["jobs"]
+    findings = current["findings"]
+    assert isinstance(findings, Findings) and current["findings_error"] is None
+    assert findings.pipeline is None and findings.lesion(2).screening_probability is None
+    assert findings.lesion(2).volume_mm3 == 500.0
+    # `radai studies --json` gives today's shape: schema 2, every lesion key present.
+    assert summary["findings"] == Findings.from_json(stored).to_json()
+    assert summary["findings"]["schema"] == 2 and summary["findings_error"] is None
+    assert summary["findings"]["lesions"][0]["screening_probability"] is None
+
+    # Findings no schema reads: the listing and the page go on, the review is refused clearly.
+    broken = _study(database, "1.2.81", priority=1)
+    bad_job = _job(database, broken, "b", findings={"lesions": [{"label": 1}]})
+    with database.session() as s:
+        rows = {r["study_uid"]: r for r in store.worklist(s, user=READER).rows}
+        bad = store.study_detail(s, "1.2.81", user=READER)
+        summaries = {r["study_uid"]: r for r in study_summaries(s)}
+        user = add_user(s, "doc", "radiologist", "long enough")
+        me = store.SessionUser(user.id, user.name, user.role)
+    assert rows["1.2.81"]["probability"] is None and rows["1.2.80"]["lesions"] == 2
+    assert bad["jobs"][0]["findings"] is None
+    assert f"findings of job {bad_job} cannot be read" in bad["jobs"][0]["findings_error"]
+    assert summaries["1.2.81"]["findings"] is None and summaries["1.2.81"]["findings_error"]
+    with pytest.raises(ValueError, match="cannot be read"):
+        with database.session() as s:
+            store.add_review(
+                s,
+                study_uid="1.2.81",
+                job_id=bad_job,
+                lesion_label=1,
+                decision="accept",
+                reason=None,
+                note=None,
+                user=me,
+            )
+    with database.session() as s:
+        store.add_review(
+            s,
+            study_uid="1.2.80",
+            job_id=job,
+            lesion_label=2,
+            decision="accept",
+            reason=None,
+            note=None,
+            user=me,
+        )
+
+
+def test_every_action_the_dashboard_appends_is_an_audit_action(database):
+    """A session's worth of dashboard actions through the store: each entry's action is a
+    member of `AuditAction`, and a spelled-out string is refused before it reaches the trail."""
+    study_id = _study(database, "1.2.90", priority=1)
+    job = _job(database, study_id, "a")
+    _study(database, "1.2.91", StudyState.FAILED, error="boom")
+    _held(database, "1.2.92")
+    with database.session() as s:
+        add_user(s, "doc", "radiologist", "long enough")
+        add_user(s, "root", "admin", "long enough")
+        first = s.execute(select(func.max(AuditEntry.seq))).scalar_one()
+    assert store.login(database, "doc", "wrong password").user is None
+    assert store.login(database, "nobody", "long enough").user is None
+    doc = store.login(database, "doc", "long enough", source="10.0.0.1").user
+    root = store.login(database, "root", "long enough").user
+    assert doc is not None and root is not None
+    store.log_event(database, doc.name, AuditAction.STUDY_OPENED, "1.2.90")
+    with database.session() as s:
+        for decision, lesion in (("accept", 1), ("reject", 2), ("amend", None)):
+            store.add_review(
+                s,
+                study_uid="1.2.90",
+                job_id=job,
+                lesion_label=lesion,
+                decision=decision,
+                reason=None if decision == "accept" else "because",
+                note=None,
+                user=doc,
+            )
+        store.release_study(s, "1.2.92", "one patient after all", user=doc)
+        store.retry_study(s, "1.2.91", user=root)
+    store.log_event(database, doc.name, AuditAction.STUDY_OUTPUT_DOWNLOADED, "1.2.90")
+    store.log_event(database, root.name, AuditAction.AUDIT_VERIFIED, None, {"ok": True})
+    store.log_event(database, root.name, AuditAction.USER_SESSION_EXPIRED)
+    store.log_event(database, doc.name, AuditAction.USER_LOGOUT)
+    with pytest.raises(TypeError, match="must be an AuditAction"):
+        store.log_event(database, doc.name, "user.logged_out")  # type: ignore[arg-type]
+    with database.session() as s:
+        appended = list(
+            s.execute(select(AuditEntry.action).where(AuditEntry.seq > first)).scalars()
+        )
+    members = {a.value for a in AuditAction}
+    assert appended and set(appended) <= members
+    assert "user.logged_out" not in appended
+    for expected in (
+        "user.login_failed",
+        "user.login",
+        "review.accept",
+        "review.reject",
+        "review.amend",
+        "study.released",
+        "study.retry",
+        "user.logout",
+    ):
+        assert expected in appended
