@@ -59,6 +59,15 @@ def audit_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditKeys]:
     audit.configure(None)
 
 
+@pytest.fixture(autouse=True)
+def _session_audit_keys(audit_key: AuditKeys) -> Iterator[None]:
+    """Give every test the session's audit keys back afterwards: the keys are process-wide, and
+    code under test (the dashboard in AppTest, the audit tests) may configure others, with a
+    checkpoint folder that later tests' databases would then be held against."""
+    yield
+    audit.configure(audit_key)
+
+
 def _pg_available() -> bool:
     try:
         with psycopg.connect(PG_DSN, connect_timeout=3):
