@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.baseline import run_baseline  # noqa: E402
 from ml.data.synth import load_nrrd_case  # noqa: E402
 from ml.runtime import inference, qa, registry  # noqa: E402
+from ml.runtime.baseline import run_baseline  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
 

@@ -1,8 +1,9 @@
 """radai's image processing and models on numpy/torch arrays, by lifecycle:
 
 - `ml.image`: image operations (windowing, resampling, morphology, lungs, measurements);
-- `ml.runtime`: what a worker runs (networks, registry, inference, QA, triage);
-- `ml.baseline`: the classical pipeline, a transparent peer of the models;
+- `ml.runtime`: what a worker runs (networks, registry, inference, QA, triage, malignancy,
+  follow-up, and `ml.runtime.baseline`, the classical pipeline: a peer of the models that a site
+  can run instead, `RADAI_PIPELINE=baseline`);
 - `ml.data`: real cases, synthetic lesions, perturbations (training and evaluation only);
 - `ml.evaluation`: metrics, the held-out evaluation and its report;
 - `ml.training`: training the networks.

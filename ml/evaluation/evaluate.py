@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml.baseline import BASELINE_NAME, BASELINE_VERSION, run_baseline
 from ml.data import perturb
 from ml.data.cases import CASES, load_backgrounds
 from ml.data.synth import Background, load_nrrd_case, sample_study
 from ml.evaluation import metrics
 from ml.image import preprocess
 from ml.runtime import inference, registry
+from ml.runtime.baseline import BASELINE_NAME, BASELINE_VERSION, run_baseline
 from ml.runtime.registry import LoadedModel
 
 TEST_SEED = 7_000_000  # training streams are seeded elsewhere; these seeds are never trained on

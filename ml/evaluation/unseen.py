@@ -38,7 +38,7 @@ grown by `DICE_MARGIN_MM`, the union of the candidates that hit it (whatever the
 measures the outline, not the decision) against the nodule's label on the study's grid (the
 readers' mask resampled there, see :mod:`ml.data.compose`). A missed nodule has Dice 0.
 
-Imports `ml.data`, `ml.runtime`, `ml.baseline` and `ml.evaluation.froc` / `metrics`.
+Imports `ml.data`, `ml.runtime`, `ml.runtime.baseline` and `ml.evaluation.froc` / `metrics`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ml.baseline import run_baseline
 from ml.data import scanner_aug
 from ml.data.backgrounds import ANATOMIES, PYRADIOMICS, load_anatomy
 from ml.data.compose import PlacementError, PlacementIndex, attachment, insert_nodule
@@ -63,6 +62,7 @@ from ml.data.synth import Background, load_nrrd_case
 from ml.evaluation import metrics
 from ml.evaluation.froc import FP_RATES, Froc, ScanDetections, froc
 from ml.runtime import inference
+from ml.runtime.baseline import run_baseline
 from ml.runtime.registry import LoadedModel
 from ml.runtime.triage import lesion_probability
 

@@ -142,7 +142,7 @@ def test_unexpected_error_leaves_study_retryable(database, queued_lung1, tmp_pat
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_the_baseline_pipeline_gives_the_same_shape_of_result(database, queued_lung1, tmp_path):
     from db.findings import Findings
-    from ml.baseline import BASELINE_NAME, BASELINE_VERSION
+    from ml.runtime.baseline import BASELINE_NAME, BASELINE_VERSION
     from workers.pipeline.analysers import BaselineAnalyser
 
     out = tmp_path / "outputs"

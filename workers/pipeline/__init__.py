@@ -13,7 +13,7 @@
 
 A stage that ends the study for a reason people read (not analysable, no suitable series) raises
 `Finished`; anything else propagates for the task to retry. Imports `db`, `dicom_io`,
-`ml.runtime`, `ml.baseline` and `workers.dicom_out`.
+`ml.runtime`, `ml.runtime.baseline` and `workers.dicom_out`.
 """
 
 from workers.pipeline.errors import Finished

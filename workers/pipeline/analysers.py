@@ -3,8 +3,8 @@ Each turns a Hounsfield volume into an `Analysis` of one shape, so that everythi
 inference (SEG, SR, findings, triage) is the same whichever ran.
 
 - `models`: the segmentation U-Net and the screening CNN from the registry (`workers/models.py`).
-- `baseline`: `ml.baseline` (HU-threshold lungs, shape-filtered lesion candidates, Lung-RADS size
-  triage); no per-lesion screening probability.
+- `baseline`: `ml.runtime.baseline` (HU-threshold lungs, shape-filtered lesion candidates,
+  Lung-RADS size triage); no per-lesion screening probability.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ml import baseline
 from ml.image.measure import RegionMeasurement
-from ml.runtime import inference
+from ml.runtime import baseline, inference
 from workers.models import ModelSet, load_models
 
 PIPELINES = ("models", "baseline")

@@ -1,5 +1,5 @@
-"""Tests for ml.baseline: the classical pipeline on the two sample chest CTs (expert masks as
-ground truth), on a synthetic chest phantom, and its score/priority mapping."""
+"""Tests for ml.runtime.baseline: the classical pipeline on the two sample chest CTs (expert masks
+as ground truth), on a synthetic chest phantom, and its score/priority mapping."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ml.baseline import (
+from ml.image.measure import RegionMeasurement, measure_regions
+from ml.runtime.baseline import (
     BASELINE_NAME,
     BASELINE_VERSION,
     BaselineResult,
@@ -23,7 +24,6 @@ from ml.baseline import (
     screen_probability,
     segment_lungs,
 )
-from ml.image.measure import RegionMeasurement, measure_regions
 from tests.kit.paths import SAMPLES
 
 SAMPLES = SAMPLES
