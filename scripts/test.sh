@@ -8,4 +8,5 @@ scripts/setup.sh --test
 .venv/bin/ruff format --check .
 .venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 .venv/bin/mypy
+.venv/bin/python scripts/check_import_cycles.py
 exec .venv/bin/pytest -q "$@"

@@ -31,6 +31,7 @@ from ml.data import perturb
 from ml.data.cases import CASES, load_backgrounds
 from ml.data.synth import Background, load_nrrd_case, sample_study
 from ml.evaluation import metrics
+from ml.evaluation.methods import Methods, load_methods
 from ml.image import preprocess
 from ml.runtime import inference, registry
 from ml.runtime.baseline import BASELINE_NAME, BASELINE_VERSION, run_baseline
@@ -55,38 +56,6 @@ class StudyOutcome:
     truth_sizes_mm: list[float] = field(default_factory=list)
     found_sizes_mm: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass
-class Methods:
-    """The shipped models, the fold models by held-out case, and how to run the baseline."""
-
-    segmenter: LoadedModel
-    screener: LoadedModel
-    fold_segmenters: dict[str, LoadedModel]
-    fold_screeners: dict[str, LoadedModel]
-
-
-def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
-    seg = registry.load(registry.DEFAULT_REFS["segment"], root)
-    scr = registry.load(registry.DEFAULT_REFS["screen"], root)
-
-    def folds(model: LoadedModel) -> dict[str, LoadedModel]:
-        out = {}
-        folder = root / model.name / model.version
-        for run, info in model.card.get("folds", {}).items():
-            net = registry.load_weights(
-                type(model.net)(**_arch(model)), folder / info["weights"], info["sha256"]
-            )
-            case = run.removeprefix("holdout-")
-            out[case] = LoadedModel(model.name, f"{model.version}-{run}", model.task, net, info)
-        return out
-
-    return Methods(seg, scr, folds(seg), folds(scr))
-
-
-def _arch(model: LoadedModel) -> dict:
-    return model.card["architecture"]
 
 
 def _sizes(labels: np.ndarray, spacing) -> dict[int, float]:

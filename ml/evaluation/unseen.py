@@ -838,7 +838,7 @@ def verdict(results: dict, models: str = "models", baseline: str = "baseline") -
 def standard_methods(root: Path | None = None) -> dict[str, MethodChooser]:
     """The classical baseline and the registry's models (fold models where they held the anatomy
     out, else the shipped ones)."""
-    from ml.evaluation.evaluate import load_methods
+    from ml.evaluation.methods import load_methods
     from ml.runtime import registry
 
     m = load_methods(root or registry.MODELS_DIR)

@@ -50,6 +50,7 @@ from ml.data.backgrounds import ANATOMIES, load_anatomy
 from ml.data.compose import KINDS, PlacementError, PlacementIndex, attachment, insert_nodule
 from ml.data.nodules import NoduleCrop, NoduleRow, load_crop, read_nodule_table
 from ml.runtime import networks
+from ml.training.segmenter import collate
 
 RECIPE_VERSION = 2  # part of the cache key: change it when the recipe changes
 PNEUMONIA = ("cap001", "cap002", "P001")
@@ -473,11 +474,7 @@ class RealSlabSampler:
         return networks.scale_hu(image), label, float((label == 2).any())  # type: ignore[return-value]
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        items = [self.sample() for _ in range(size)]
-        x = torch.from_numpy(np.stack([i[0] for i in items]))
-        y = torch.from_numpy(np.stack([i[1] for i in items])).long()
-        p = torch.tensor([i[2] for i in items], dtype=torch.float32)
-        return x, y, p
+        return collate([self.sample() for _ in range(size)])
 
 
 @torch.no_grad()

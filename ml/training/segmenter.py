@@ -160,11 +160,17 @@ class SlabSampler:
         return networks.scale_hu(image), label, positive
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        items = [self.sample() for _ in range(size)]
-        x = torch.from_numpy(np.stack([i[0] for i in items]))
-        y = torch.from_numpy(np.stack([i[1] for i in items])).long()
-        p = torch.tensor([i[2] for i in items], dtype=torch.float32)
-        return x, y, p
+        return collate([self.sample() for _ in range(size)])
+
+
+def collate(
+    items: list[tuple[np.ndarray, np.ndarray, float]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples (image, label map, has-lesion) into the batch tensors the training step takes."""
+    x = torch.from_numpy(np.stack([i[0] for i in items]))
+    y = torch.from_numpy(np.stack([i[1] for i in items])).long()
+    p = torch.tensor([i[2] for i in items], dtype=torch.float32)
+    return x, y, p
 
 
 class Sampler(Protocol):

@@ -243,6 +243,15 @@ def _pick(driver: WebDriver, key: str, typed: str) -> None:
     box.send_keys(Keys.ENTER)
 
 
+def _pick_lung1(driver) -> None:  # noqa: ANN001
+    _pick(driver, "wl_pick", "LUNG1")
+    _until(
+        driver,
+        lambda d: PATIENT in _css(d, ".st-key-wl_pick input").get_attribute("value"),
+        "the study picked",
+    )
+
+
 def _shot(driver: WebDriver, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.png"
     assert driver.save_screenshot(str(path)), f"no screenshot {name}"
@@ -295,13 +304,8 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
         driver, lambda d: len(_grid_rows(d)) == len(expected) and _grid_rows(d), "the table"
     )
     assert [row[2] for row in rows] == expected  # Priority, State, Patient, ...
-    _pick(driver, "wl_pick", "LUNG1")
     # The picked study's label (with the patient's name) is shown in the combobox.
-    _until(
-        driver,
-        lambda d: PATIENT in _css(d, ".st-key-wl_pick input").get_attribute("value"),
-        "the study picked",
-    )
+    _pick_lung1(driver)
     _idle(driver)
     _shot(driver, tmp_path, "2-worklist")
 
@@ -458,12 +462,7 @@ def test_nothing_leaves_the_session(dashboard, browser, tmp_path):
     _login(driver, USER)
     _css(driver, ".st-key-wl_pick")
     _idle(driver)
-    _pick(driver, "wl_pick", "LUNG1")
-    _until(
-        driver,
-        lambda d: PATIENT in _css(d, ".st-key-wl_pick input").get_attribute("value"),
-        "the study picked",
-    )
+    _pick_lung1(driver)
     _idle(driver)
     _click(driver, ".st-key-wl_open button")
     src = _image_src(driver)

@@ -1,0 +1,42 @@
+"""The methods an evaluation compares: the shipped models, their fold models by held-out case (or
+anatomy), read from the registry. Imports `ml.runtime`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ml.runtime import registry
+from ml.runtime.registry import LoadedModel
+
+
+@dataclass
+class Methods:
+    """The shipped models, the fold models by held-out case, and how to run the baseline."""
+
+    segmenter: LoadedModel
+    screener: LoadedModel
+    fold_segmenters: dict[str, LoadedModel]
+    fold_screeners: dict[str, LoadedModel]
+
+
+def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
+    seg = registry.load(registry.DEFAULT_REFS["segment"], root)
+    scr = registry.load(registry.DEFAULT_REFS["screen"], root)
+
+    def folds(model: LoadedModel) -> dict[str, LoadedModel]:
+        out = {}
+        folder = root / model.name / model.version
+        for run, info in model.card.get("folds", {}).items():
+            net = registry.load_weights(
+                type(model.net)(**_arch(model)), folder / info["weights"], info["sha256"]
+            )
+            case = run.removeprefix("holdout-")
+            out[case] = LoadedModel(model.name, f"{model.version}-{run}", model.task, net, info)
+        return out
+
+    return Methods(seg, scr, folds(seg), folds(scr))
+
+
+def _arch(model: LoadedModel) -> dict:
+    return model.card["architecture"]
