@@ -283,6 +283,8 @@ def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key:
                     # The screening CNN's belief in this call: absent in results before 2.0.0
                     # and in the classical baseline's, which has no screener.
                     "Screener probability": _dash(les.screening_probability, "{:.0%}"),
+                    # LIDC readers' impression learned by a CNN, not pathology (see caption).
+                    "Malignancy rating 4-5": _dash(les.malignancy_score, "{:.0%}"),
                     "Location": _dash(les.location),
                     "Review": _review_text(latest.get(les.label)),
                     "Corrected by reader": store.describe_corrections(
@@ -294,6 +296,12 @@ def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key:
         ),
         hide_index=True,
     )
+    if any(les.malignancy_score is not None for les in lesions):
+        st.caption(
+            "Malignancy rating 4-5: the estimated probability that LIDC-IDRI radiologists would "
+            "rate the nodule 4 or 5 of 5 for malignancy. Their impression, learned by a CNN; "
+            "not pathology, not a diagnosis. Research software: NOT FOR CLINICAL USE."
+        )
     cols = st.columns(min(len(lesions), 6))
     for i, les in enumerate(lesions):
         cols[i % len(cols)].button(

@@ -429,6 +429,19 @@ def test_findings_without_screener_scores_show_a_dash(dash):
     assert "analysis baseline" in _text(at)
 
 
+def test_the_malignancy_score_is_shown_with_what_it_means(dash):
+    with dash.session() as s:
+        job = s.execute(select(Job)).scalars().one()
+        findings = dict(job.findings)
+        findings["lesions"] = [{**les, "malignancy_score": 0.81} for les in findings["lesions"]]
+        job.findings = findings
+    at = _open_lung1(_login(_app().run(), "drhouse"))
+    assert not at.exception
+    lesions = at.dataframe[0].value
+    assert set(lesions["Malignancy rating 4-5"]) == {"81%"}
+    assert "not pathology" in " ".join(c.value for c in at.caption)
+
+
 def test_roles_limit_the_pages(dash):
     at = _login(_app().run(), "eve")
     assert at.header[0].value == "Audit trail"  # the role's first page
