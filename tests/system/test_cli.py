@@ -352,5 +352,9 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
         assert (out / png).stat().st_size > 1000
     card = (registry / "radai-lung-lesion-unet/1.0.0/card.md").read_text()
     assert "synthetic held-out patient" in card and "NOT FOR CLINICAL USE" in card
-    bad = _radai(["worker"], _env(tmp_path, RADAI_SEGMENT_MODEL="nope@0"))
+    # Model settings are checked at start for the pipeline that uses them (and the malignancy
+    # model for either pipeline), not on the first study.
+    bad = _radai(["worker"], _env(tmp_path, RADAI_PIPELINE="models", RADAI_SEGMENT_MODEL="nope@0"))
+    assert bad.returncode != 0 and "bad model setting" in bad.stderr
+    bad = _radai(["worker"], _env(tmp_path, RADAI_MALIGNANCY_MODEL="nope@0"))
     assert bad.returncode != 0 and "bad model setting" in bad.stderr
