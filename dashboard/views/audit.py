@@ -73,10 +73,9 @@ def render(db: Database, user: store.SessionUser) -> None:
         if report.ok:
             st.success(f"Chain OK: {report.entries} entries verified.")
         else:
-            st.error(
-                f"Chain BROKEN at seq {report.broken_at_seq}: {report.problem} "
-                f"(checked {report.entries} entries)."
-            )
+            # A bad checkpoint names no entry: say so rather than "at seq None".
+            where = "" if report.broken_at_seq is None else f" at seq {report.broken_at_seq}"
+            st.error(f"Chain BROKEN{where}: {report.problem} (checked {report.entries} entries).")
 
 
 if __name__ == "__main__":  # run by st.navigation (dashboard/app.py)
