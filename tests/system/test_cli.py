@@ -191,7 +191,9 @@ def test_studies_json_reads_findings_written_before_their_schema(tmp_path):
     assert findings["screening_probability"] == 0.91 and findings["series_uid"] == "1.2.3.4.5"
     [listed] = findings["lesions"]
     # what a schema-1 row never had reads as absent (null), not invented
-    assert listed == {**lesion, "screening_probability": None, "malignancy_score": None}
+    absent = ("screening_probability", "malignancy_score", "tracking_uid", "tracking_id", "change")
+    assert listed == {**lesion, **dict.fromkeys(absent)}
+    assert findings["prior_study_uid"] is None and findings["follow_up"] == {}
     assert row["model_versions"] == {"radai-lung-lesion-unet": "1.0.0"} and row["flags"] == []
     table = _radai(["studies"], env)
     assert table.returncode == 0 and "1.2.826.0.1.3680043.8.498.55" in table.stdout

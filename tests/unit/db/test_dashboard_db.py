@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from dashboard import store
 from db import AuditEntry, Job, OutboxMessage, Review, Study, StudyState, User, audit
 from db.audit_actions import AuditAction
-from db.findings import Findings, Lesion
+from db.findings import SCHEMA_VERSION, Findings, Lesion
 from db.flags import FlagKind, add_flag
 from db.models import utcnow
 from db.queries import study_summaries
@@ -561,7 +561,7 @@ def test_schema_1_findings_read_through_db_findings(database):
     assert findings.lesion(2).volume_mm3 == 500.0
     # `radai studies --json` gives today's shape: schema 2, every lesion key present.
     assert summary["findings"] == Findings.from_json(stored).to_json()
-    assert summary["findings"]["schema"] == 2 and summary["findings_error"] is None
+    assert summary["findings"]["schema"] == SCHEMA_VERSION and summary["findings_error"] is None
     assert summary["findings"]["lesions"][0]["screening_probability"] is None
 
     # Findings no schema reads: the listing and the page go on, the review is refused clearly.

@@ -97,3 +97,41 @@ def test_unreadable_findings_raise_findings_error(broken):
 def test_lesion_to_json_gives_plain_lists():
     les = Lesion.from_json(SCHEMA_1["lesions"][0])
     assert les.to_json()["centroid_zyx"] == [30.2, 250.0, 140.5]
+
+
+def test_schema_3_follow_up_round_trips_and_older_rows_have_none():
+    change = {
+        "prior_study_uid": "1.2.9",
+        "prior_volume_mm3": 500.0,
+        "volume_change_pct": 40.0,
+        "doubling_time_days": 247.3,
+        "prior_label": 2,
+    }
+    data = {
+        **SCHEMA_1,
+        "schema": 3,
+        "prior_study_uid": "1.2.9",
+        "follow_up": {"new": 0, "resolved": 1},
+        "lesions": [
+            {**SCHEMA_1["lesions"][0], "tracking_uid": "2.25.7", "tracking_id": "Nodule 1"},
+            {**SCHEMA_1["lesions"][1], "tracking_uid": "2.25.8", "change": change},
+        ],
+    }
+    f = Findings.from_json(json.loads(json.dumps(data)))
+    assert f.prior_study_uid == "1.2.9" and f.prior_reason is None
+    assert f.tracked("2.25.8").change.doubling_time_days == pytest.approx(247.3)
+    assert f.tracked("2.25.8").change.prior_label == 2
+    assert f.tracked("2.25.7").change is None and f.tracked("2.25.9") is None
+    again = Findings.from_json(json.loads(json.dumps(f.to_json())))
+    assert again == f
+    assert again.to_json()["lesions"][1]["change"]["volume_change_pct"] == 40.0
+
+    old = Findings.from_json(SCHEMA_1)
+    assert old.prior_study_uid is None and old.follow_up == {}
+    assert all(les.tracking_uid is None and les.change is None for les in old.lesions)
+
+
+def test_an_unreadable_change_is_refused():
+    bad = {**SCHEMA_1, "lesions": [{**SCHEMA_1["lesions"][0], "change": {"prior_study_uid": "1"}}]}
+    with pytest.raises(FindingsError, match="lesion change"):
+        Findings.from_json(bad)
