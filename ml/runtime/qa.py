@@ -177,16 +177,39 @@ def _block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(2, 4), dtype=np.float32)
 
 
-def _edge_runs_enclosed(on_edge: np.ndarray) -> bool:
+def _edge_runs_enclosed(on_edge: np.ndarray, body_on_edge: np.ndarray | None = None) -> bool:
     """Whether a 1-D edge profile of a component has a run that starts and ends away from the
     corners: the component meets the edge between two stretches of tissue, as a lung cut by a
-    narrow field of view does (air under the table runs into a corner instead)."""
+    narrow field of view does (air under the table runs into a corner instead).
+
+    With ``body_on_edge`` (the same profile of the slice's body, its largest tissue component),
+    both stretches must be body: air that meets the edge between the body and the table, or
+    between the folds of a blanket, is outside the patient (CTs cropped to the body, as archives
+    and data sets store them, put that air on the edge)."""
     if not on_edge.any():
         return False
     padded = np.concatenate([[False], on_edge, [False]])
     steps = np.flatnonzero(np.diff(padded.astype(np.int8)))
     starts, ends = steps[::2], steps[1::2]
-    return bool(((starts > 0) & (ends < on_edge.size)).any())
+    inner = (starts > 0) & (ends < on_edge.size)
+    if body_on_edge is not None:
+        before = body_on_edge[np.maximum(starts - 1, 0)]
+        after = body_on_edge[np.minimum(ends, on_edge.size - 1)]
+        inner &= before & after
+    return bool(inner.any())
+
+
+def _body(coarse: np.ndarray) -> np.ndarray:
+    """Per slice, the largest connected tissue component (everything not air): the patient,
+    with anything that touches it."""
+    body = np.zeros(coarse.shape, dtype=bool)
+    for z in range(coarse.shape[0]):
+        labels, n = ndimage.label(coarse[z] >= AIR_THRESHOLD_HU)
+        if n:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            body[z] = labels == int(sizes.argmax())
+    return body
 
 
 def _is_z_invariant(mask: np.ndarray, step: int, min_iou: float) -> bool:
@@ -239,20 +262,31 @@ def _cut_lungs(
     cut_ml = 0.0
     step = max(1, round(t.z_invariant_distance_mm / slice_mm))
     boxes = ndimage.find_objects(labels)
+    body = _body(coarse)
+    body_edges = (body[:, 0, :], body[:, -1, :], body[:, :, 0], body[:, :, -1])
     for label in candidates:
         box = boxes[label - 1]
         component = labels[box] == label
         if _is_z_invariant(component, step, t.z_invariant_min_iou):
             continue
         hit = np.array(
-            [any(_edge_runs_enclosed(e[z] == label) for e in edges) for z in range(len(flags))]
+            [
+                any(
+                    _edge_runs_enclosed(e[z] == label, b[z])
+                    for e, b in zip(edges, body_edges, strict=True)
+                )
+                for z in range(len(flags))
+            ]
         )
         if by_padding is not None:
             hit |= (by_padding == label).any(axis=(1, 2))
         if hit.any():
             flags |= hit
             present[box[0]] |= component.any(axis=(1, 2))
-            cut_ml += float(sizes[label]) * voxel_ml
+            # Only the slices where it is cut: the air around a patient can meet the edge
+            # between two stretches of body in one skin fold, and is not lung elsewhere.
+            per_slice = component.sum(axis=(1, 2), dtype=np.int64)
+            cut_ml += float(per_slice[hit[box[0]]].sum()) * voxel_ml
     return flags, present, cut_ml
 
 

@@ -95,6 +95,47 @@ def test_cropped_field_of_view_is_truncated(samples: dict[str, Volume], name: st
     assert report.lung_volume_ml > 2000
 
 
+def _cropped_to_body_with_table_and_blanket(vol: np.ndarray) -> np.ndarray:
+    """``vol`` cropped to the patient's bounding box, as data sets and some archives store CTs,
+    with what lies in the air around a patient drawn in: a blanket (thin wavy fabric lines over
+    the front), a mattress of lung-like density filling the air between the back and the table
+    (so its cross-section follows the back, slice by slice) and the table's shell, all reaching
+    the image's left and right edges."""
+    body = vol > -500
+    ys, xs = np.flatnonzero(body.any(axis=(0, 2))), np.flatnonzero(body.any(axis=(0, 1)))
+    out = vol[:, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1].astype(np.float32, copy=True)
+    out = np.pad(out, ((0, 0), (14, 26), (0, 0)), constant_values=-1000.0)
+    nz, ny, nx = out.shape
+    x = np.arange(nx)
+    rng = np.random.default_rng(5)
+    for z in range(nz):
+        for base in (3, 8):  # two folds of a blanket over the front
+            rows = (base + 2.5 * np.sin(x / 9.0 + z / 7.0 + base)).astype(int)
+            out[z, rows, x] = out[z, rows + 1, x] = -100.0
+        under = out[z, ny // 2 : ny - 8, :]
+        behind = np.cumsum((under > -500)[::-1], axis=0)[::-1] == 0  # below the last tissue
+        under[behind] = -850.0 + rng.normal(0, 20, int(behind.sum()))  # mattress foam
+        out[z, ny - 8 : ny - 6, :] = 200.0  # table shell
+    return out
+
+
+def test_body_cropped_ct_with_table_and_blanket_is_analysable(
+    samples: dict[str, Volume],
+) -> None:
+    # The air between the fabric folds and in the table's foam meets the image edge between
+    # two stretches of denser material, as a cut lung does, but outside the patient: two of the
+    # four COVID-CT-MD chest CTs (stored cropped to the body) were refused for this.
+    vol, spacing = samples["lung2"]
+    cropped = _cropped_to_body_with_table_and_blanket(vol)
+    report = assess(cropped, spacing)
+    assert report.analysable, report.reasons
+    # One slice where a skin fold's air meets the edge between two stretches of body remains.
+    assert report.truncated_fraction < THRESHOLDS.max_truncated_fraction / 2
+    assert report.lung_volume_ml == pytest.approx(assess(vol, spacing).lung_volume_ml, rel=0.05)
+    # Cutting the same volume through the lungs is still refused.
+    assert assess(cropped[:, 60:-60, 60:-60], spacing).failed == ["truncated"]
+
+
 def _circular_fov(vol: np.ndarray, radius_px: float) -> np.ndarray:
     """Padding (-3024 HU) outside a circle, as scanners store the corners they do not
     reconstruct."""
