@@ -388,9 +388,10 @@ def series_paths(
 def prior_for_comparison(
     session: Session, prior_uid: str, *, patient_id: str, user: SessionUser
 ) -> dict[str, Any] | None:
-    """The prior study a result was compared with, for viewing beside it: its date, its current
-    job's findings (or why they cannot be read), that job's SEG and its analysed series' archive
-    paths. None when the study is not in the database.
+    """The prior study a result was compared with, for viewing beside it: its date, its latest
+    finished result's findings (or why they cannot be read), that result's SEG and its analysed
+    series' archive paths. None when the study is not in the database (a prior fetched from a
+    PACS for the comparison is not stored).
 
     The same permission as viewing a study. ValueError when the prior names another patient
     than `patient_id` (the current study's): a mismatched prior is refused, never shown.
@@ -401,9 +402,15 @@ def prior_for_comparison(
         return None
     if (study.patient_id or "") != (patient_id or ""):
         raise ValueError("the prior study recorded for this result is of another patient")
+    # The result the worker compares with (workers/pipeline/prior.py): the newest finished one
+    # not superseded, whose SEG's "Lesion N" is the prior lesion N that `prior_label` names.
     job = session.execute(
         select(Job)
-        .where(Job.study_id == study.id, Job.superseded.is_(False))
+        .where(
+            Job.study_id == study.id,
+            Job.superseded.is_(False),
+            Job.state == StudyState.DONE,
+        )
         .order_by(Job.id.desc())
         .limit(1)
     ).scalar_one_or_none()

@@ -88,7 +88,14 @@ def section(db: Database, user: store.SessionUser, d: dict[str, Any], job: dict[
         st.error(str(exc))
         return
     if prior is None:
-        st.warning("The prior study this result was compared with is no longer in the database.")
+        source = f.follow_up.get("prior_source")
+        if source and source != "local":
+            st.info(
+                f"The prior study came from {source} for the comparison and is not stored in "
+                "radai: its images cannot be shown here (the change figures are in the findings)."
+            )
+        else:
+            st.warning("The prior study this result was compared with is no longer in radai.")
         return
     prior_f: Findings | None = prior["findings"]
     if prior_f is None:

@@ -32,6 +32,7 @@ T_A, T_N, T_R = "2.25.1001", "2.25.1002", "2.25.1003"  # grown, new, resolved no
 NO_PRIOR = "no earlier CT of this patient"
 OTHER_PATIENT_PRIOR = "1.2.826.0.1.3680043.8.498.77"
 MISMATCHED = "1.2.826.0.1.3680043.8.498.78"
+REMOTE = "1.2.826.0.1.3680043.8.498.79"  # its prior was fetched from a PACS, never stored
 
 # The current study: 2.5 mm slices; the prior: 5 mm slices from another table position.
 CURRENT = CTStudy(
@@ -111,18 +112,29 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         # A result whose recorded prior is another patient's study: refused, never shown.
         other = Study(study_uid=OTHER_PATIENT_PRIOR, state=StudyState.DONE, patient_id="OTHER")
         mismatched = Study(study_uid=MISMATCHED, state=StudyState.DONE, patient_id="CMP1")
-        s.add_all([other, mismatched])
+        remote = Study(study_uid=REMOTE, state=StudyState.DONE, patient_id="CMP1")
+        s.add_all([other, mismatched, remote])
         s.flush()
-        s.add(
-            Job(
-                study_id=mismatched.id,
-                pipeline="radai-test",
-                pipeline_version="0",
-                input_hash="0" * 64,
-                state="DONE",
-                findings=_findings(prior_study_uid=OTHER_PATIENT_PRIOR).to_json(),
+        for study, findings in (
+            (mismatched, _findings(prior_study_uid=OTHER_PATIENT_PRIOR)),
+            (
+                remote,
+                _findings(
+                    prior_study_uid="1.2.826.0.1.3680043.8.498.80",
+                    follow_up={"prior_source": "PACS@10.0.0.9:104"},
+                ),
+            ),
+        ):
+            s.add(
+                Job(
+                    study_id=study.id,
+                    pipeline="radai-test",
+                    pipeline_version="0",
+                    input_hash=study.study_uid[-2:] * 32,
+                    state="DONE",
+                    findings=findings.to_json(),
+                )
             )
-        )
         add_user(s, "drhouse", "radiologist", PASSWORD, actor="test")
     db.dispose()
     yield path
@@ -230,6 +242,11 @@ def test_a_result_without_prior_says_why_and_a_prior_of_another_patient_is_refus
     assert any("of another patient" in e.value for e in at.error)
     assert not [t for t in at.toggle if (t.key or "").startswith("cmp_on_")]
     assert _audit(dash, "study.opened") == []
+
+    at = _study_page(REMOTE)
+    assert not at.exception
+    assert any("came from PACS@10.0.0.9:104" in i.value for i in at.info)
+    assert not [t for t in at.toggle if (t.key or "").startswith("cmp_on_")]
 
 
 def test_the_prior_is_read_with_the_permission_to_read_studies(dash):
