@@ -180,20 +180,27 @@ def current_slice_for(
     z_offset_mm: float | None = None,
 ) -> int:
     """The current slice whose linked prior slice is nearest ``prior_index`` (where to scroll to
-    show a nodule found only in the prior). A search, not an inverse: the link is not one-to-one
-    when the two series' slice spacings differ."""
-    links = [
-        link_slice(
-            i,
-            current_positions,
-            prior_positions,
-            current_slices=current_slices,
-            prior_slices=prior_slices,
-            z_offset_mm=z_offset_mm,
-        ).prior_index
-        for i in range(current_slices)
-    ]
-    return int(np.argmin(np.abs(np.asarray(links) - prior_index)))
+    show a nodule found only in the prior). A search over every current slice, not an inverse:
+    the link is not one-to-one when the two series' slice spacings differ. Vectorised, as
+    `link_slice` without an anchor would link each slice."""
+    if current_slices < 1 or prior_slices < 1:
+        raise ValueError("both series need at least one slice")
+    real_positions = len(current_positions) == current_slices and len(prior_positions) == (
+        prior_slices
+    )
+    if z_offset_mm is not None and real_positions:
+        cur = np.asarray(current_positions, dtype=float)
+        pri = np.asarray(prior_positions, dtype=float)
+        linked = np.abs(pri[None, :] - (cur + z_offset_mm)[:, None]).argmin(axis=1)
+    else:
+        fraction = (
+            np.arange(current_slices) / (current_slices - 1)
+            if current_slices > 1
+            else np.array([0.5])
+        )
+        # np.round, like the builtin round of link_slice, rounds halves to even.
+        linked = np.round(fraction * (prior_slices - 1))
+    return int(np.argmin(np.abs(linked - prior_index)))
 
 
 def nodule_segment(seg: imaging.SegOverlay | None, lesion: Lesion | None) -> imaging.Segment | None:

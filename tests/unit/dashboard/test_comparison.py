@@ -125,6 +125,14 @@ def test_scrolling_to_a_prior_only_nodule_finds_the_current_slice_that_shows_it(
     assert current_slice_for(10, cur, pri, **kw) in (19, 20)  # both show prior slice 10
     assert current_slice_for(10, cur, pri, z_offset_mm=50.0, **kw) in (19, 20)
     assert current_slice_for(0, cur, pri, z_offset_mm=50.0, **kw) == 0
+    # Every prior slice some current slice links to is found again (with +20 mm, prior slices
+    # above 220 mm are beyond the current series: none links to them).
+    for offset, reachable in ((None, 21), (50.0, 21), (20.0, 15)):
+        links = {link_slice(i, cur, pri, z_offset_mm=offset, **kw).prior_index for i in range(41)}
+        assert links == set(range(reachable))
+        for p in links:
+            i = current_slice_for(p, cur, pri, z_offset_mm=offset, **kw)
+            assert link_slice(i, cur, pri, z_offset_mm=offset, **kw).prior_index == p
 
 
 def _seg_with_nodule(label_number: int, tracking_uid: str | None) -> SegOverlay:
