@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
-from selenium.webdriver.common.by import By
 from sqlalchemy import select
 
 from db import Job, Study
@@ -24,7 +24,6 @@ from db.session import Database
 from tests.integration import test_dashboard_compare as compare
 from tests.system.test_dashboard_browser import (
     USER,
-    WebDriver,
     _click,
     _css,
     _idle,
@@ -36,6 +35,13 @@ from tests.system.test_dashboard_browser import (
     dashboard,  # noqa: F401 - a fixture, here on this module's template
 )
 
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+# Selenium's By.CSS_SELECTOR, spelled out: without selenium this module must still import, so
+# that the browser fixture can skip (or, in CI, fail) with its message.
+CSS = "css selector"
+
 # The two synthetic studies (and the refused ones) instead of the processed sample study.
 template = compare.template
 
@@ -44,8 +50,7 @@ pytestmark = pytest.mark.slow
 
 def _images(driver: WebDriver) -> list[str]:
     return [
-        e.get_attribute("src")
-        for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')
+        e.get_attribute("src") for e in driver.find_elements(CSS, '[data-testid="stImage"] img')
     ]
 
 
@@ -90,9 +95,7 @@ def _walk(base: str, db: Database, driver: WebDriver, tmp_path: Path) -> None:
     _, prior, current = _images(driver)
     assert prior.startswith("data:image/jpeg;base64,") and current.startswith("data:image/")
     assert _yellow(prior) > 40 and _yellow(current) > 40
-    captions = [
-        e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
-    ]
+    captions = [e.text for e in driver.find_elements(CSS, '[data-testid="stImageCaption"]')]
     assert captions[1].startswith("Prior · slice 10 of 24 · Nodule A outlined"), captions
     assert captions[2].startswith("Current · slice 25 of 40 · Nodule A outlined"), captions
     picked = _css(driver, f".st-key-cmp_nodule_{job_id} input").get_attribute("value")
