@@ -7,5 +7,6 @@ or `radai`.
 `st.navigation` over the role's pages in `views/`), `session` login, logout and expiry,
 `resources` the cached engine, series and overlays, `store` the reads and writes in `db` terms
 with the role checks (`store.PERMISSIONS`), `imaging` the CT volume, SEG and saliency overlays
-in numpy.
+in numpy, `comparison` the prior-and-current pairing of nodules and slices (the study page's
+"Compare with prior", `views/compare.py`).
 """

@@ -38,6 +38,9 @@ class ImagingError(Exception):
 class CTVolume:
     hu: np.ndarray  # int16 (z, y, x), read-only: shared between sessions by the app's cache
     sop_instance_uids: tuple[str, ...]  # in volume order
+    # Each slice's position along the slice normal (mm, ascending, volume order): what lines a
+    # slice up with another study's; empty for volumes not read from DICOM.
+    positions_mm: tuple[float, ...] = ()
 
     @property
     def slices(self) -> int:
@@ -51,6 +54,8 @@ class Segment:
     color: tuple[int, int, int]
     layer: int  # index into SegOverlay.layers
     slices: tuple[int, ...]  # volume indices where the segment has pixels
+    # The segment's Tracking UID: the same nodule carries it in every study of the patient.
+    tracking_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,13 @@ def load_ct(paths: list[str] | tuple[str, ...]) -> CTVolume:
     except SeriesError as exc:
         raise ImagingError(str(exc)) from None
     volume.hu.setflags(write=False)
-    return CTVolume(hu=volume.hu, sop_instance_uids=volume.sop_instance_uids)
+    normal = np.cross(volume.row_cosine, volume.column_cosine)
+    positions = tuple(
+        float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in volume.datasets
+    )
+    return CTVolume(
+        hu=volume.hu, sop_instance_uids=volume.sop_instance_uids, positions_mm=positions
+    )
 
 
 def load_seg(path: str, volume: CTVolume) -> SegOverlay:
@@ -118,7 +129,10 @@ def _seg_overlay(seg: hd.seg.Segmentation, volume: CTVolume) -> SegOverlay:
         label = str(item.get("SegmentLabel", f"Segment {number}"))
         color = LUNG_COLOR if label.lower() == "lung" else next(lesion_colors)
         slices = tuple(int(z) for z in np.nonzero(mask.any(axis=(1, 2)))[0])
-        segments.append(Segment(number, label, color, layer, slices))
+        tracking = item.get("TrackingUID")
+        segments.append(
+            Segment(number, label, color, layer, slices, str(tracking) if tracking else None)
+        )
     for lay in layers:
         lay.setflags(write=False)
     return SegOverlay(segments=tuple(segments), layers=tuple(layers))

@@ -385,6 +385,60 @@ def series_paths(
     )
 
 
+def prior_for_comparison(
+    session: Session, prior_uid: str, *, patient_id: str, user: SessionUser
+) -> dict[str, Any] | None:
+    """The prior study a result was compared with, for viewing beside it: its date, its latest
+    finished result's findings (or why they cannot be read), that result's SEG and its analysed
+    series' archive paths. None when the study is not in the database (a prior fetched from a
+    PACS for the comparison is not stored).
+
+    The same permission as viewing a study. ValueError when the prior names another patient
+    than `patient_id` (the current study's): a mismatched prior is refused, never shown.
+    """
+    require(user, "read_studies")
+    study = session.execute(select(Study).where(Study.study_uid == prior_uid)).scalar_one_or_none()
+    if study is None:
+        return None
+    if (study.patient_id or "") != (patient_id or ""):
+        raise ValueError("the prior study recorded for this result is of another patient")
+    # The result the worker compares with (workers/pipeline/prior.py): the newest finished one
+    # not superseded, whose SEG's "Lesion N" is the prior lesion N that `prior_label` names.
+    job = session.execute(
+        select(Job)
+        .where(
+            Job.study_id == study.id,
+            Job.superseded.is_(False),
+            Job.state == StudyState.DONE,
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    findings, error = (None, None) if job is None else read_findings(job.id, job.findings)
+    seg_path = None
+    if job is not None:
+        seg_path = session.execute(
+            select(Output.path)
+            .where(Output.job_id == job.id, Output.modality == "SEG")
+            .order_by(Output.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+    paths = (
+        series_paths(session, study.id, findings.series_uid, user=user)
+        if findings is not None and findings.series_uid
+        else []
+    )
+    return {
+        "study_uid": study.study_uid,
+        "study_date": display_date(study.study_date),
+        "job_id": None if job is None else job.id,
+        "findings": findings,
+        "findings_error": error,
+        "seg_path": seg_path,
+        "series_paths": paths,
+    }
+
+
 @dataclass(frozen=True)
 class Correctable:
     """A lesion measurement a reader may correct when amending: its findings key, its name for

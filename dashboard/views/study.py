@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import access, imaging, resources, session, store
+from dashboard.views import compare
 from db import StudyState
 from db.audit_actions import AuditAction
 from db.findings import Findings, Lesion
@@ -178,6 +179,7 @@ def render(db: Database, user: store.SessionUser) -> None:
 
     slice_key = f"slice_{job['id']}"
     viewer(db, user, d, job, slice_key)
+    compare.section(db, user, d, job)
     latest = store.latest_reviews(d["reviews"], job["id"])
     lesion_table(job, latest, slice_key)
     if store.allowed(user, "review"):
