@@ -284,3 +284,48 @@ def test_stow_of_garbage_stores_nothing_and_is_audited_like_a_bad_cstore(web: di
     assert broken.status_code == 400 and "Traceback" not in broken.text
     assert count(db, Instance) == instances_before
     assert count(db, AuditEntry, AuditEntry.action == "dicomweb.refused") == 1
+
+
+def test_anonymous_access_reads_only_when_configured(sqlite_db, node_factory) -> None:  # noqa: ANN001
+    node = node_factory(sqlite_db)
+    with dicomweb_server(sqlite_db, node.node.receive, anonymous=True) as server:
+        url = f"http://{HOST}:{server.port}/dicomweb/studies"
+        assert requests.get(url, timeout=30).status_code == 200
+        stow = requests.post(
+            url,
+            data=b"--x\r\n\r\n\r\n--x--\r\n",
+            headers={"Content-Type": "multipart/related; boundary=x"},
+            timeout=30,
+        )
+        assert stow.status_code == 403
+
+
+def test_tls_only_with_the_nodes_certificate(sqlite_db, node_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    import subprocess
+
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(
+        [
+            "/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    node = node_factory(sqlite_db)
+    with sqlite_db.session() as s:
+        add_user(s, "rad", "radiologist", "password-123", actor="test")
+        token = create_token(s, "rad", actor="test")[1]
+    with dicomweb_server(sqlite_db, node.node.receive, tls_cert=cert, tls_key=key) as server:
+        headers = {"Authorization": f"Bearer {token}"}
+        secure = f"https://{HOST}:{server.port}/dicomweb"
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would replace the CA given here
+        session.verify = str(cert)
+        client = DICOMwebClient(url=secure, headers=headers, session=session)
+        assert client.search_for_studies() == []
+        with pytest.raises(requests.ConnectionError):
+            requests.get(
+                f"http://{HOST}:{server.port}/dicomweb/studies", headers=headers, timeout=10
+            )
