@@ -107,6 +107,7 @@ class App:
         p = request.path_params
         query = qido.parse_query(list(request.query_params.multi_items()))
         study, series_uid = p.get("study"), p.get("series")
+        spans: tuple[str, ...]
         if level == qido.STUDY:
             rows, spans = index.studies(self.service.db, query), ()
         elif level == qido.SERIES:
@@ -123,7 +124,8 @@ class App:
             for k in query.keys
         )
         base = _base(request)
-        out, more = [], False
+        out: list[dict] = []
+        more = False
         for row, ds in index.matching(rows, query, level, sql_exact=sql_exact):
             if len(out) == query.limit:
                 more = True
