@@ -277,6 +277,18 @@ def model_of(job: Job) -> tuple[str, str]:
     return "+".join(versions), "+".join(str(v) for v in versions.values())
 
 
+def output_file(session: Session, path: str, sop_instance_uid: str) -> str:
+    """Where the dashboard reads a result: its file, or, for a result a remote worker stored in
+    an archive by STOW-RS (its row names the WADO-RS address), the node's copy when the archive
+    was the node itself; else the address as recorded (not a file: not shown)."""
+    if not path.startswith(("http://", "https://")):
+        return path
+    copy = session.execute(
+        select(Instance.archive_path).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).scalar_one_or_none()
+    return copy or path
+
+
 def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict[str, Any] | None:
     """A study with its jobs (newest first), their outputs, and every review of any of its jobs."""
     require(user, "read_studies")
@@ -294,7 +306,11 @@ def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict
     by_job: dict[int, list[dict[str, Any]]] = {}
     for o in outputs:
         by_job.setdefault(o.job_id, []).append(
-            {"modality": o.modality, "path": o.path, "sop_instance_uid": o.sop_instance_uid}
+            {
+                "modality": o.modality,
+                "path": output_file(session, o.path, o.sop_instance_uid),
+                "sop_instance_uid": o.sop_instance_uid,
+            }
         )
     current = next((j.id for j in jobs if not j.superseded), None)
     findings = {j.id: read_findings(j.id, j.findings) for j in jobs}
@@ -417,12 +433,13 @@ def prior_for_comparison(
     findings, error = (None, None) if job is None else read_findings(job.id, job.findings)
     seg_path = None
     if job is not None:
-        seg_path = session.execute(
-            select(Output.path)
+        seg = session.execute(
+            select(Output.path, Output.sop_instance_uid)
             .where(Output.job_id == job.id, Output.modality == "SEG")
             .order_by(Output.id.desc())
             .limit(1)
-        ).scalar_one_or_none()
+        ).first()
+        seg_path = None if seg is None else output_file(session, *seg)
     paths = (
         series_paths(session, study.id, findings.series_uid, user=user)
         if findings is not None and findings.series_uid

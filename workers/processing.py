@@ -60,9 +60,9 @@ def process_study(
     """Run the pipeline for one study; return a short description of what happened.
 
     The analyser is ``analyser``, else the models in ``models``, else the shipped models on the
-    CPU-or-GPU ``auto`` device. With ``archive``, the series are read by WADO-RS and the SEG and
-    SR stored back by STOW-RS (a worker on another machine: RADAI_ARCHIVE_URL). With ``grader`` (the malignancy model), each kept lesion also gets
-    its malignancy score.
+    CPU-or-GPU ``auto`` device. With ``grader`` (the malignancy model), each kept lesion also gets
+    its malignancy score. With ``archive`` (a worker on another machine: RADAI_ARCHIVE_URL), the
+    series are read by WADO-RS and the SEG and SR stored back by STOW-RS.
     """
     if analyser is None:
         analyser = ModelsAnalyser(models) if models else make_analyser("models", *DEFAULT_MODELS)

@@ -72,7 +72,7 @@ class _Forwarder:
 
 
 class NetNamespace:
-    """`with NetNamespace() as ns:` a fresh namespace at ``ns.address``, this host at ``ns.host``."""
+    """`with NetNamespace() as ns:` a namespace at ``ns.address``; this host is ``ns.host``."""
 
     def __init__(self) -> None:
         if os.geteuid() != 0 or shutil.which("ip") is None:

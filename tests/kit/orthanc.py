@@ -61,7 +61,11 @@ class OrthancServer:
     """
 
     def __init__(
-        self, aet: str = "ORTHANC", dicomweb: bool = False, host: str = "127.0.0.1", **config: object
+        self,
+        aet: str = "ORTHANC",
+        dicomweb: bool = False,
+        host: str = "127.0.0.1",
+        **config: object,
     ) -> None:
         self.aet = aet
         self.dicomweb = dicomweb
@@ -133,7 +137,7 @@ class OrthancServer:
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
-            "RemoteAccessAllowed": self.host != "127.0.0.1",
+            "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,

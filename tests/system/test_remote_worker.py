@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from dashboard.store import output_file
 from db import AuditEntry, Instance, Job, Output, Study, StudyState
 from db.api_tokens import create_token
 from db.audit_actions import AuditAction
@@ -145,6 +146,10 @@ def test_remote_worker_against_radais_own_dicomweb(
             )
         results = [c for c in classes if c in RESULT_SOP_CLASSES]
         assert len(results) == 2 and len(classes) == len(files) + 2
+        # The dashboard finds the results in the node's copies of them.
+        with database.session() as s:
+            for out in s.query(Output).all():
+                assert Path(output_file(s, out.path, out.sop_instance_uid)).is_file()
         # Several stable periods later: still DONE, one job, never reopened.
         time.sleep(3)
         assert study_state(database, study_uid) == StudyState.DONE

@@ -116,7 +116,9 @@ def test_remote_workers_in_their_own_network_namespace(
         jobs, outputs = jobs_and_outputs(database)
         assert len(jobs) == STUDIES and all(j.state == StudyState.DONE for j in jobs)
         with database.session() as s:
-            rows = s.execute(select(Study.study_uid, Job.attempts).join(Job, Job.study_id == Study.id))
+            rows = s.execute(
+                select(Study.study_uid, Job.attempts).join(Job, Job.study_id == Study.id)
+            )
             attempts = {uid: n for uid, n in rows}
         assert attempts[killed[0]] == 2 and sum(attempts.values()) == STUDIES + 1
         per_study = Counter((o.study_id, o.modality) for o in outputs)

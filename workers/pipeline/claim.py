@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from db import Instance, Job, Series, Study, StudyState, lifecycle
-from db.own_results import is_own_result
 from db.audit_actions import AuditAction
 from db.models import utcnow
+from db.own_results import is_own_result
 from db.session import Database
 
 PIPELINE = "chest-ct-lung-lesions"
