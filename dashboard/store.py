@@ -43,6 +43,7 @@ from db import (
 from db.audit_actions import AuditAction
 from db.findings import Findings, FindingsError, Lesion
 from db.flags import flags_of
+from db.own_results import result_file
 from db.requeue import release, request_retry
 from db.session import Database
 
@@ -277,18 +278,6 @@ def model_of(job: Job) -> tuple[str, str]:
     return "+".join(versions), "+".join(str(v) for v in versions.values())
 
 
-def output_file(session: Session, path: str, sop_instance_uid: str) -> str:
-    """Where the dashboard reads a result: its file, or, for a result a remote worker stored in
-    an archive by STOW-RS (its row names the WADO-RS address), the node's copy when the archive
-    was the node itself; else the address as recorded (not a file: not shown)."""
-    if not path.startswith(("http://", "https://")):
-        return path
-    copy = session.execute(
-        select(Instance.archive_path).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).scalar_one_or_none()
-    return copy or path
-
-
 def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict[str, Any] | None:
     """A study with its jobs (newest first), their outputs, and every review of any of its jobs."""
     require(user, "read_studies")
@@ -308,7 +297,7 @@ def study_detail(session: Session, study_uid: str, *, user: SessionUser) -> dict
         by_job.setdefault(o.job_id, []).append(
             {
                 "modality": o.modality,
-                "path": output_file(session, o.path, o.sop_instance_uid),
+                "path": result_file(session, o.path, o.sop_instance_uid),
                 "sop_instance_uid": o.sop_instance_uid,
             }
         )
@@ -439,7 +428,7 @@ def prior_for_comparison(
             .order_by(Output.id.desc())
             .limit(1)
         ).first()
-        seg_path = None if seg is None else output_file(session, *seg)
+        seg_path = None if seg is None else result_file(session, *seg)
     paths = (
         series_paths(session, study.id, findings.series_uid, user=user)
         if findings is not None and findings.series_uid

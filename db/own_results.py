@@ -3,9 +3,15 @@ archive by STOW-RS may reach the node as an instance of the study it describes (
 is the node itself). It is kept like any instance, but it is not new input: it neither reopens
 the study nor changes the job key (the hash of the input instances), so a study is not analysed
 again because of its own result. Recognised by SOP Class and the series description the workers
-write (`workers/dicom_out/`)."""
+write (`workers/dicom_out/`). A remote worker's output row names the result's WADO-RS address;
+`result_file` finds the node's copy of it for the readers on the node (dashboard, exports)."""
 
 from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Instance
 
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -18,3 +24,15 @@ def is_own_result(sop_class_uid: str | None, series_description: str | None) -> 
     return sop_class_uid in RESULT_SOP_CLASSES and (series_description or "").startswith(
         SERIES_PREFIXES
     )
+
+
+def result_file(session: Session, path: str, sop_instance_uid: str) -> str:
+    """The file to read for an output row: its own path, or for a result stored in an archive
+    by STOW-RS (the row names its WADO-RS address), the node's copy when that archive was the
+    node itself; else the address as recorded (no file: readers treat it as absent)."""
+    if not path.startswith(("http://", "https://")):
+        return path
+    copy = session.execute(
+        select(Instance.archive_path).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).scalar_one_or_none()
+    return copy or path

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from db import Export, Output, audit
 from db.audit_actions import AuditAction
 from db.models import utcnow
+from db.own_results import result_file
 from db.session import Database
 from dicom_io.backoff import backoff_delay
 from dicom_io.cstore import StoreError, send_files
@@ -50,9 +51,11 @@ def run_export(
         if export is None or export.state != "PENDING":
             return None
         paths = [
-            Path(p)
-            for (p,) in s.execute(
-                select(Output.path).where(Output.job_id == export.job_id).order_by(Output.id)
+            Path(result_file(s, p, sop))
+            for p, sop in s.execute(
+                select(Output.path, Output.sop_instance_uid)
+                .where(Output.job_id == export.job_id)
+                .order_by(Output.id)
             )
         ]
         name = export.destination

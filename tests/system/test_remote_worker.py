@@ -14,11 +14,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dashboard.store import output_file
 from db import AuditEntry, Instance, Job, Output, Study, StudyState
 from db.api_tokens import create_token
 from db.audit_actions import AuditAction
-from db.own_results import RESULT_SOP_CLASSES
+from db.own_results import RESULT_SOP_CLASSES, result_file
 from db.users import add_user
 from dicom_node.dispatcher import celery_publisher
 from dicom_node.samples import sample_study_uid
@@ -149,7 +148,7 @@ def test_remote_worker_against_radais_own_dicomweb(
         # The dashboard finds the results in the node's copies of them.
         with database.session() as s:
             for out in s.query(Output).all():
-                assert Path(output_file(s, out.path, out.sop_instance_uid)).is_file()
+                assert Path(result_file(s, out.path, out.sop_instance_uid)).is_file()
         # Several stable periods later: still DONE, one job, never reopened.
         time.sleep(3)
         assert study_state(database, study_uid) == StudyState.DONE
