@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
@@ -199,8 +200,12 @@ class ArchiveClient:
         if not datasets:
             return
         study_uid = str(datasets[0].StudyInstanceUID)
+        # dicomweb-client writes each dataset as it is: one built in memory has no preamble nor
+        # "DICM" prefix, and some servers (Orthanc) keep such bytes, which no reader then opens.
+        # A Part 10 round trip gives each its preamble and file meta.
+        parts = [pydicom.dcmread(BytesIO(_part10(ds))) for ds in datasets]
         try:
-            response = self._client.store_instances(list(datasets), study_instance_uid=study_uid)
+            response = self._client.store_instances(parts, study_instance_uid=study_uid)
         except requests.HTTPError as exc:
             raise ArchiveError(f"STOW-RS refused: {exc}") from None
         failed = response.get("FailedSOPSequence") if response is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import urllib.request
 import uuid
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -84,7 +85,13 @@ def test_remote_worker_reads_by_wado_and_stores_by_stow(
         with database.session() as s:
             outputs = s.query(Output).all()
         assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
+        stored = {}
+        for instance_id in orthanc.instances():
+            with _HTTP.open(f"{orthanc.http_url}/instances/{instance_id}/file", timeout=30) as r:
+                ds = pydicom.dcmread(BytesIO(r.read()))  # a Part 10 file, as any reader wants
+            stored[str(ds.SOPInstanceUID)] = ds
         for out in outputs:
+            assert stored[out.sop_instance_uid].SeriesInstanceUID == out.series_uid
             assert out.path.startswith(orthanc.dicomweb_url + f"/studies/{LUNG2}/")
             local = next((worker_home / "outputs").rglob(f"{out.modality.lower()}.dcm"))
             assert pydicom.dcmread(local).SOPInstanceUID == out.sop_instance_uid
