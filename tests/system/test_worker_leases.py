@@ -129,9 +129,7 @@ def test_a_vanished_worker_host_loses_the_study_and_its_late_result_is_refused(
     owner = f"{socket.gethostname()}:{frozen.pid}"  # solo pool: the task runs in this process
     try:
         assert storescu(node.port, samples["lung2"]).returncode == 0
-        wait_for(
-            lambda: study_state(db, LUNG2) == StudyState.PROCESSING, timeout=90, interval=0.05
-        )
+        wait_for(lambda: study_state(db, LUNG2) == StudyState.PROCESSING, timeout=90, interval=0.05)
         os.kill(frozen.pid, signal.SIGSTOP)
         other = radai_workers(env, "w2")
         wait_for(
