@@ -144,3 +144,35 @@ def test_held_elsewhere_only_for_another_owners_live_lease(database):
         assert leases.held_elsewhere(job, "host-b:2", now)
         assert not leases.held_elsewhere(job, "host-a:1", now)
         assert not leases.held_elsewhere(job, "host-b:2", now + timedelta(seconds=31))
+
+
+def test_migration_0008_gives_jobs_running_before_it_the_old_redelivery_time(tmp_path):
+    from alembic import command
+
+    from db.session import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'm.sqlite'}")
+    config = db.alembic_config()
+    command.upgrade(config, "0007")
+    with db.engine.begin() as conn:
+        now = "2026-11-30 00:00:00"
+        conn.exec_driver_sql(
+            "INSERT INTO studies (study_uid, state, modalities, instance_count, first_received_at,"
+            " last_instance_at, state_changed_at, attempts, flagged, flags)"
+            f" VALUES ('{UID}', 'PROCESSING', 'CT', 1, '{now}', '{now}', '{now}', 1, 0, '[]')"
+        )
+        for state in ("RUNNING", "DONE"):
+            conn.exec_driver_sql(
+                "INSERT INTO jobs (study_id, pipeline, pipeline_version, input_hash, state,"
+                f" attempts, superseded, created_at) VALUES (1, 'p', 'v', '{state}', '{state}',"
+                f" 1, 0, '{now}')"
+            )
+    command.upgrade(config, "0008")
+    with db.session() as s:
+        jobs = {j.state: j for j in s.execute(select(Job)).scalars()}
+    running = jobs["RUNNING"].lease_expires_at
+    assert running is not None and running > utcnow() + timedelta(seconds=800)
+    assert jobs["DONE"].lease_expires_at is None and jobs["DONE"].lease_expiries == 0
+    command.downgrade(config, "0007")
+    command.upgrade(config, "head")
+    db.dispose()
