@@ -89,7 +89,13 @@ def claim(
         if study.state not in lifecycle.TRANSITIONS[AuditAction.JOB_STARTED].sources:
             return f"study is {study.state}; nothing to start"
         now = utcnow()
-        if job is not None and leases.held_elsewhere(job, owner, now):
+        # Only a PROCESSING study is in the holder's hands: one queued again meanwhile (reopened
+        # by a duplicate instance, same key) is taken over, and the old holder's end refused.
+        if (
+            study.state == StudyState.PROCESSING
+            and job is not None
+            and leases.held_elsewhere(job, owner, now)
+        ):
             return f"job {job.id} is running under {job.lease_owner}'s lease"
         if job is None:
             job = Job(

@@ -60,6 +60,18 @@ def test_the_claim_takes_the_lease_and_refuses_a_second_worker_while_it_lives(qu
     assert (third.job_id, third.attempt) == (first.job_id, 2)
 
 
+def test_a_study_queued_again_meanwhile_is_taken_over_from_a_live_lease(queued):
+    old = claim(queued, UID, VERSION, owner="host-a:1", lease_seconds=60)
+    assert isinstance(old, JobTicket)
+    # A duplicate instance reopened the study; it was assembled and queued again (same key).
+    with queued.session() as s:
+        s.get_one(Study, old.study_id).state = StudyState.QUEUED
+    new = claim(queued, UID, VERSION, owner="host-b:2", lease_seconds=60)
+    assert isinstance(new, JobTicket) and new.attempt == 2
+    assert not record_end(queued, old, StudyState.DONE)
+    assert record_end(queued, new, StudyState.DONE)
+
+
 def test_a_late_end_of_the_worker_that_lost_its_lease_is_refused(queued):
     old = claim(queued, UID, VERSION, owner="host-a:1", lease_seconds=60)
     assert isinstance(old, JobTicket)
