@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from db import AuditEntry, Job, OutboxMessage, Output, StudyState
 from db.audit_actions import AuditAction
+from db.models import utcnow
 from db.outbox_tasks import TaskName
 from db.session import Database
 from dicom_node.dispatcher import celery_publisher
@@ -100,6 +101,7 @@ def test_killed_worker_and_redis_restarted_without_persistence_lose_no_study(
     assert storescu(node.port, samples["lung2"]).returncode == 0
     wait_for(lambda: study_state(db, LUNG2) == StudyState.PROCESSING, timeout=90, interval=0.05)
     os.kill(first.pid, signal.SIGKILL)
+    killed_at = utcnow()
     first.wait(timeout=10)
     volatile_redis.stop()
     volatile_redis.start()  # empty: the unacknowledged task is gone with the queue
@@ -114,6 +116,11 @@ def test_killed_worker_and_redis_restarted_without_persistence_lose_no_study(
     _assert_one_result(db, attempts=2)
     expired = _audit(db, AuditAction.JOB_LEASE_EXPIRED)[0]
     assert expired.detail["lease_owner"] == f"{socket.gethostname()}:{first.pid}"
+    done = _audit(db, AuditAction.JOB_DONE)[0]
+    print(
+        f"lease {LEASE_S} s: requeued {(expired.at - killed_at).total_seconds():.1f} s after "
+        f"the kill, DONE {(done.at - killed_at).total_seconds():.1f} s after it"
+    )
 
 
 @pytest.mark.slow
