@@ -124,6 +124,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
         visibility_timeout=settings.visibility_timeout,
+        lease_seconds=settings.lease_seconds,
         calling_aet=settings.ae_title,
         torch_threads=settings.torch_threads,
     )
@@ -144,6 +145,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker_shutdown.connect(lambda **_: _checkpoint_quietly(db), weak=False)
     config = _worker_config(settings)
     config.processes = args.concurrency
+    _reap_quietly(db)
     app = configure(config)
     queues = args.queues or f"{settings.queue},{settings.io_queue}"
     argv = [
@@ -163,6 +165,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--hostname", args.name]
     app.worker_main(argv)
     return 0
+
+
+def _reap_quietly(db) -> None:  # noqa: ANN001
+    """A worker starting after a crash queues again the studies whose workers were lost, even
+    where no node runs its reaper (db/leases.py)."""
+    from db import leases
+
+    try:
+        requeued = leases.reap(db, actor="reaper:worker")
+    except Exception:  # noqa: BLE001 - the node's loop reaps too; starting matters more
+        log.warning("reaping lapsed leases at start failed", exc_info=True)
+        return
+    if requeued:
+        log.info("queued again %d studies whose worker was lost", len(requeued))
 
 
 def _check_models(settings: Settings) -> None:

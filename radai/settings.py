@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         description="NAME@VERSION of the per-lesion malignancy model; none: no score",
     )
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
+    lease_seconds: float = Field(
+        default=60.0, ge=3, description="a running job's lease; a lost worker's study is requeued"
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch threads per worker process; 0: cores / processes"
     )

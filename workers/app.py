@@ -36,6 +36,7 @@ class WorkerConfig:
     malignancy_model: str = DEFAULT_REFS["malignancy"]  # "none": no malignancy score
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900
+    lease_seconds: float = 60.0  # a running job's lease (db/leases.py), renewed every third
     export_max_attempts: int = 8
     export_timeout: float = 10.0
     calling_aet: str = "RADAI"

@@ -7,6 +7,11 @@ after a crash rewrites the same files instead of adding new ones. Data problems 
 NOT_APPLICABLE or FAILED with a reason; anything else propagates for the task to retry. A job
 starts only for a study that is STABLE, QUEUED or PROCESSING (db/lifecycle.py): a message that
 arrives for a study reopened, held or finished meanwhile does nothing.
+
+While a study runs its worker renews the job's lease (`pipeline/heartbeat.py`, db/leases.py); a
+worker that finds its lease gone stops before writing, and its late end is refused in any case.
+On an error the lease is released to the task's retry, kept for `retry_grace_seconds` after which
+the reaper queues the study again should the retry never come.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from db import StudyState
+from db import StudyState, leases
 from db.session import Database
 from dicom_io.series import UnusableSeries, load_series  # noqa: F401 (the loader workers use)
 from ml.runtime import inference  # noqa: F401 (tests replace inference.analyse)
@@ -25,10 +30,11 @@ from workers.models import ModelSet
 from workers.pipeline.analysers import Analyser, ModelsAnalyser, make_analyser
 from workers.pipeline.claim import PIPELINE, claim
 from workers.pipeline.errors import Finished
+from workers.pipeline.heartbeat import Heartbeat, LeaseLost
 from workers.pipeline.infer import grade_lesions, run_analyser
 from workers.pipeline.load import load_volume
 from workers.pipeline.qa import check_input
-from workers.pipeline.record import fail, record_end
+from workers.pipeline.record import fail, lease_lost, record_end
 from workers.pipeline.select import choose_series
 from workers.pipeline.write import write_results
 
@@ -54,12 +60,14 @@ def process_study(
     models: ModelSet | None = None,
     analyser: Analyser | None = None,
     grader: LoadedModel | None = None,
+    lease_seconds: float = leases.DEFAULT_SECONDS,
+    retry_grace_seconds: float | None = None,
 ) -> str:
     """Run the pipeline for one study; return a short description of what happened.
 
     The analyser is ``analyser``, else the models in ``models``, else the shipped models on the
     CPU-or-GPU ``auto`` device. With ``grader`` (the malignancy model), each kept lesion also gets
-    its malignancy score.
+    its malignancy score. The job's lease lasts `lease_seconds` and is renewed while it runs.
     """
     if analyser is None:
         analyser = ModelsAnalyser(models) if models else make_analyser("models", *DEFAULT_MODELS)
@@ -68,33 +76,46 @@ def process_study(
     if grader is not None:
         versions[grader.name] = grader.version
         version = f"{version}+m{grader.version}"[:32]
-    ticket = claim(db, study_uid, version)
+    ticket = claim(db, study_uid, version, lease_seconds=lease_seconds)
     if isinstance(ticket, str):
         log.info("study %s: nothing to do: %s", study_uid, ticket)
         return ticket
+    heartbeat = Heartbeat(db, ticket, lease_seconds)
     timings: dict[str, float] = {}
-    try:
-        volume = load_volume(choose_series(db, ticket))
-        t0 = time.perf_counter()
-        check = check_input(volume)
-        timings["qa"] = time.perf_counter() - t0
-        analysis = run_analyser(analyser, volume)
-        timings.update(analysis.timings_s)
-        malignancy = None
-        if grader is not None:
+    with heartbeat:
+        try:
+            volume = load_volume(choose_series(db, ticket))
             t0 = time.perf_counter()
-            malignancy = grade_lesions(grader, analysis, volume)
-            timings["malignancy"] = time.perf_counter() - t0
-        seed = f"{ticket.study_uid}/{version}/{ticket.input_hash}"
-        written = write_results(
-            ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy
-        )
-        timings["write_dicom"] = written.seconds
-    except Finished as end:
-        record_end(db, ticket, end.state, reason=end.reason, model_versions=versions)
-        log.info("study %s ended %s: %s", study_uid, end.state, end.reason)
-        return f"{end.state}: {end.reason}"
-    record_end(
+            check = check_input(volume)
+            timings["qa"] = time.perf_counter() - t0
+            analysis = run_analyser(analyser, volume)
+            timings.update(analysis.timings_s)
+            malignancy = None
+            if grader is not None:
+                t0 = time.perf_counter()
+                malignancy = grade_lesions(grader, analysis, volume)
+                timings["malignancy"] = time.perf_counter() - t0
+            # A worker that was frozen or cut off past its lease writes nothing: another has
+            # the study by now (the result files' names derive from the job key).
+            heartbeat.confirm()
+            seed = f"{ticket.study_uid}/{version}/{ticket.input_hash}"
+            written = write_results(
+                ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy
+            )
+            timings["write_dicom"] = written.seconds
+        except Finished as end:
+            if not record_end(db, ticket, end.state, reason=end.reason, model_versions=versions):
+                return _lost(study_uid, ticket.job_id)
+            log.info("study %s ended %s: %s", study_uid, end.state, end.reason)
+            return f"{end.state}: {end.reason}"
+        except LeaseLost:
+            lease_lost(db, ticket)
+            return _lost(study_uid, ticket.job_id)
+        except BaseException:
+            grace = lease_seconds if retry_grace_seconds is None else retry_grace_seconds
+            heartbeat.release(grace)
+            raise
+    recorded = record_end(
         db,
         ticket,
         StudyState.DONE,
@@ -103,6 +124,8 @@ def process_study(
         destinations=list(destinations),
         model_versions=versions,
     )
+    if not recorded:
+        return _lost(study_uid, ticket.job_id)
     log.info(
         "study %s DONE: p=%.3f, %d lesion(s), priority %d",
         study_uid,
@@ -111,3 +134,8 @@ def process_study(
         written.findings.priority,
     )
     return "DONE"
+
+
+def _lost(study_uid: str, job_id: int) -> str:
+    log.warning("study %s: job %d's lease was lost; its result is not recorded", study_uid, job_id)
+    return "LEASE_LOST: the study was queued again; this run's result is not recorded"
