@@ -126,6 +126,8 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         visibility_timeout=settings.visibility_timeout,
         calling_aet=settings.ae_title,
         torch_threads=settings.torch_threads,
+        prior_sources=settings.prior_destinations,
+        prior_cache_mb=settings.prior_cache_mb,
     )
 
 

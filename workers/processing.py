@@ -1,5 +1,5 @@
 """One study through the pipeline, as the composition of its stages (`workers/pipeline/`):
-claim -> select -> load -> QA -> infer -> write SEG/SR -> record.
+claim -> select -> load -> QA -> infer -> follow-up -> write SEG/SR -> record.
 
 Idempotent by construction: a job is keyed by (study, pipeline version, hash of the input
 instances); the same key twice yields one result, and output UIDs derive from the key, so a rerun
@@ -25,8 +25,10 @@ from workers.models import ModelSet
 from workers.pipeline.analysers import Analyser, ModelsAnalyser, make_analyser
 from workers.pipeline.claim import PIPELINE, claim
 from workers.pipeline.errors import Finished
+from workers.pipeline.followup import run_follow_up
 from workers.pipeline.infer import grade_lesions, run_analyser
 from workers.pipeline.load import load_volume
+from workers.pipeline.prior import PriorSources
 from workers.pipeline.qa import check_input
 from workers.pipeline.record import fail, record_end
 from workers.pipeline.select import choose_series
@@ -37,7 +39,7 @@ __all__ = ["PIPELINE", "PIPELINE_RELEASE", "fail", "pipeline_version", "process_
 log = logging.getLogger("radai.worker")
 
 # The pipeline's own version; a job's key also carries the analyser's (see pipeline_version).
-PIPELINE_RELEASE = "2.0"
+PIPELINE_RELEASE = "2.1"  # 2.1: follow-up (tracking UIDs, change since the prior)
 DEFAULT_MODELS = (DEFAULT_REFS["segment"], DEFAULT_REFS["screen"], "auto")
 
 
@@ -54,12 +56,13 @@ def process_study(
     models: ModelSet | None = None,
     analyser: Analyser | None = None,
     grader: LoadedModel | None = None,
+    prior_sources: PriorSources | None = None,
 ) -> str:
     """Run the pipeline for one study; return a short description of what happened.
 
     The analyser is ``analyser``, else the models in ``models``, else the shipped models on the
     CPU-or-GPU ``auto`` device. With ``grader`` (the malignancy model), each kept lesion also gets
-    its malignancy score.
+    its malignancy score. Priors come from the database and, with ``prior_sources``, from PACS.
     """
     if analyser is None:
         analyser = ModelsAnalyser(models) if models else make_analyser("models", *DEFAULT_MODELS)
@@ -85,9 +88,11 @@ def process_study(
             t0 = time.perf_counter()
             malignancy = grade_lesions(grader, analysis, volume)
             timings["malignancy"] = time.perf_counter() - t0
+        followed = run_follow_up(db, ticket, volume, analysis, analyser, prior_sources)
+        timings["follow_up"] = followed.seconds
         seed = f"{ticket.study_uid}/{version}/{ticket.input_hash}"
         written = write_results(
-            ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy
+            ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy, followed
         )
         timings["write_dicom"] = written.seconds
     except Finished as end:
