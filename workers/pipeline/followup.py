@@ -143,9 +143,10 @@ def run_follow_up(
     for cand in candidates(db, ticket.study_id, volume, sources or PriorSources()):
         if tried >= MAX_CANDIDATES:
             break
-        tried += 1
         try:
             prior = cand.load()
+            # Only priors that loaded count: refusing one by its headers costs nothing.
+            tried += 1
             check_same_patient(volume.datasets[0], prior.volume)
             result = compare_with_prior(
                 ticket.study_uid, current.study_date, volume, analysis, prior, analyser

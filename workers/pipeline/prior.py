@@ -130,17 +130,31 @@ def candidates(
         for m in sorted(matches, key=lambda m: m.study_date, reverse=True):
             if m.study_uid == current_uid or m.study_uid in known or not _UID.match(m.study_uid):
                 continue
-            if m.modalities and "CT" not in m.modalities:
-                continue  # an MR or other study: never a chest CT prior
             if current_date and m.study_date and m.study_date >= current_date:
                 continue
             known.add(m.study_uid)
+            if m.modalities and "CT" not in m.modalities:
+                # An MR or other study is never compared; it is named in the reason.
+                yield Candidate(
+                    m.study_uid,
+                    m.study_date or None,
+                    format_destination(dest),
+                    _refuse(f"the prior is {'/'.join(m.modalities)}, not CT"),
+                )
+                continue
             yield Candidate(
                 m.study_uid,
                 m.study_date or None,
                 format_destination(dest),
                 lambda m=m, dest=dest: load_remote(dest, m.study_uid, m.study_date, sources),
             )
+
+
+def _refuse(reason: str) -> Callable[[], Prior]:
+    def load() -> Prior:
+        raise PriorUnusable(reason)
+
+    return load
 
 
 def interval_days(current: str | None, prior: str | None) -> float:
