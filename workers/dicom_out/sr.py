@@ -426,7 +426,7 @@ def _prior_items(prior: PriorReference) -> list[Any]:
     ]
 
 
-def _evidence(prior: PriorReference) -> DicomSequence:
+def _evidence(prior: PriorReference) -> list[Dataset]:
     """The prior's images as Pertinent Other Evidence (Hierarchical SOP Instance Reference)."""
     refs = []
     for class_uid, instance_uid in prior.instances:
@@ -440,4 +440,4 @@ def _evidence(prior: PriorReference) -> DicomSequence:
     study = Dataset()
     study.StudyInstanceUID = prior.study_uid
     study.ReferencedSeriesSequence = DicomSequence([series])
-    return DicomSequence([study])
+    return [study]

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ def candidates(
         local = [(p.study_uid, p.study_date) for p in local_priors(s, study)]
         current_date = study.study_date
     for uid, day in local:
-        yield Candidate(uid, day, "local", lambda uid=uid, day=day: load_local(db, uid, day))
+        yield Candidate(uid, day, "local", partial(load_local, db, uid, day))
     if not sources.destinations:
         return
     patient_id = str(volume.datasets[0].get("PatientID", "") or "").strip()
@@ -146,7 +147,7 @@ def candidates(
                 m.study_uid,
                 m.study_date or None,
                 format_destination(dest),
-                lambda m=m, dest=dest: load_remote(dest, m.study_uid, m.study_date, sources),
+                partial(load_remote, dest, m.study_uid, m.study_date, sources),
             )
 
 

@@ -115,7 +115,12 @@ def case():
         sop_refs=[("1.2.840.10008.5.1.4.1.1.2", "1.2.3.1.1")],
     )
     result = compare_with_prior(
-        CURRENT_UID, "20240629", current, analysis, prior, NoAnalyser()  # type: ignore[arg-type]
+        CURRENT_UID,
+        "20240629",
+        current,
+        analysis,
+        prior,
+        NoAnalyser(),  # type: ignore[arg-type]
     )
     return pair, current, analysis, prior, result
 
@@ -224,7 +229,12 @@ def test_a_prior_missing_half_its_slices_is_refused_by_registration(case):
     )
     with pytest.raises(RegistrationRefused, match="lung|cover"):
         compare_with_prior(
-            CURRENT_UID, "20240629", current, analysis, cut, NoAnalyser()  # type: ignore[arg-type]
+            CURRENT_UID,
+            "20240629",
+            current,
+            analysis,
+            cut,
+            NoAnalyser(),  # type: ignore[arg-type]
         )
 
 
