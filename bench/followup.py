@@ -40,7 +40,6 @@ from workers import processing  # noqa: E402
 from workers.models import set_torch_threads  # noqa: E402
 from workers.pipeline.analysers import make_analyser  # noqa: E402
 
-
 STAGES = ("qa", "total", "malignancy", "follow_up", "write_dicom")
 
 
