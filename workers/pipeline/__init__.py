@@ -8,7 +8,8 @@
 | load | `load.py` | `Selected` | `dicom_io.series.Volume` |
 | QA | `qa.py` | `Volume` | `ml.runtime.qa.QAReport` (analysable) |
 | infer | `analysers.py`, `infer.py` | `Volume`, an `Analyser` | `Analysis` |
-| write | `write.py` | `Volume`, `Analysis`, `Analyser` | `Written` (SEG, SR, `Findings`) |
+| follow-up | `followup.py`, `prior.py` | `JobTicket`, `Volume`, `Analysis` | `FollowUpResult` (tracking, change, prior or why none) |
+| write | `write.py` | `Volume`, `Analysis`, `Analyser`, `FollowUpResult` | `Written` (SEG, SR, `Findings`) |
 | record | `record.py` | `JobTicket`, the end state, `Written` | the job, outputs, exports, audit |
 
 A stage that ends the study for a reason people read (not analysable, no suitable series) raises

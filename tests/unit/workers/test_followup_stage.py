@@ -253,3 +253,18 @@ def test_an_interval_that_cannot_be_measured_is_refused(current, prior, why):
 
 def test_the_interval_is_in_days():
     assert interval_days("20240629", "20240101") == 180.0
+
+
+def test_the_prior_cache_keeps_to_its_size_dropping_the_oldest_first(tmp_path):
+    import os
+
+    from workers.pipeline.prior import prune_cache
+
+    for i, name in enumerate(["1.1", "1.2", "1.3"]):
+        folder = tmp_path / name / "9.9"
+        folder.mkdir(parents=True)
+        (folder / "a.dcm").write_bytes(b"x" * 400_000)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    prune_cache(tmp_path, max_mb=0.9, keep=tmp_path / "1.1")
+    # 1.1 is the oldest but was just fetched (kept); the next oldest, 1.2, goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.1", "1.3"]
