@@ -43,6 +43,7 @@ from workers.pipeline.errors import Finished
 from workers.pipeline.infer import run_analyser
 from workers.pipeline.prior import (
     MAX_CANDIDATES,
+    MAX_LOOKED_AT,
     Prior,
     PriorSources,
     PriorUnusable,
@@ -140,12 +141,15 @@ def run_follow_up(
         return FollowUpResult(plain, prior_reason=NO_PATIENT_ID, seconds=time.perf_counter() - t0)
     reasons: list[str] = []
     tried = 0
-    for cand in candidates(db, ticket.study_id, volume, sources or PriorSources()):
-        if tried >= MAX_CANDIDATES:
+    for looked, cand in enumerate(
+        candidates(db, ticket.study_id, volume, sources or PriorSources())
+    ):
+        # Priors that loaded are compared at most MAX_CANDIDATES times (a registration each);
+        # ones refused while loading cost less but are bounded too.
+        if tried >= MAX_CANDIDATES or looked >= MAX_LOOKED_AT:
             break
         try:
             prior = cand.load()
-            # Only priors that loaded count: refusing one by its headers costs nothing.
             tried += 1
             check_same_patient(volume.datasets[0], prior.volume)
             result = compare_with_prior(

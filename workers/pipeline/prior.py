@@ -42,6 +42,7 @@ log = logging.getLogger("radai.worker.followup")
 # A worker tries at most this many candidates (the most recent first): each unusable one costs a
 # load and perhaps a registration, and an older prior is a weaker comparison anyway.
 MAX_CANDIDATES = 2
+MAX_LOOKED_AT = 6  # candidates refused while loading (headers, series, retrieval) included
 CACHE_DIRNAME = "prior-cache"
 COMPLETE_MARK = ".complete"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
