@@ -127,6 +127,8 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         lease_seconds=settings.lease_seconds,
         calling_aet=settings.ae_title,
         torch_threads=settings.torch_threads,
+        prior_sources=settings.prior_destinations,
+        prior_cache_mb=settings.prior_cache_mb,
     )
 
 

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     export_deidentified: str = Field(
         default="", description="comma list of RADAI_EXPORT_TO destinations sent de-identified"
     )
+    prior_sources: str = Field(
+        default="", description="comma list of AET@HOST:PORT searched for priors (C-FIND, C-GET)"
+    )
+    prior_cache_mb: float = Field(
+        default=2048.0, gt=0, description="the cache of retrieved priors in home holds at most this"
+    )
     dashboard_port: int = 8501
     max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
     min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
@@ -91,7 +97,7 @@ class Settings(BaseSettings):
             raise ValueError("RADAI_AE_TITLE must be 1 to 16 characters")
         return value.strip()
 
-    @field_validator("export_to")
+    @field_validator("export_to", "prior_sources")
     @classmethod
     def _destinations_parse(cls, value: str) -> str:
         for part in filter(None, (p.strip() for p in value.split(","))):
@@ -187,6 +193,10 @@ class Settings(BaseSettings):
     @property
     def destinations(self) -> list[Destination]:
         return [parse_destination(p) for p in self.export_to.split(",") if p.strip()]
+
+    @property
+    def prior_destinations(self) -> list[Destination]:
+        return [parse_destination(p) for p in self.prior_sources.split(",") if p.strip()]
 
     @property
     def deidentified_destinations(self) -> list[Destination]:

@@ -45,10 +45,17 @@ class WorkerConfig:
     deidentified: set[str] = field(default_factory=set)
     torch_threads: int = 0  # per process; 0: the host's cores shared among `processes`
     processes: int = 1  # pool processes of this worker (Celery's --concurrency)
+    # PACS nodes searched for a study's prior when the database has none (RADAI_PRIOR_SOURCES).
+    prior_sources: list[tuple[str, str, int]] = field(default_factory=list)
+    prior_cache_mb: float = 2048.0
 
     @property
     def outputs_dir(self) -> Path:
         return self.home / "outputs"
+
+    @property
+    def prior_cache_dir(self) -> Path:
+        return self.home / "prior-cache"
 
 
 @dataclass

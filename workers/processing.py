@@ -1,5 +1,5 @@
 """One study through the pipeline, as the composition of its stages (`workers/pipeline/`):
-claim -> select -> load -> QA -> infer -> write SEG/SR -> record.
+claim -> select -> load -> QA -> infer -> follow-up -> write SEG/SR -> record.
 
 Idempotent by construction: a job is keyed by (study, pipeline version, hash of the input
 instances); the same key twice yields one result, and output UIDs derive from the key, so a rerun
@@ -30,9 +30,11 @@ from workers.models import ModelSet
 from workers.pipeline.analysers import Analyser, ModelsAnalyser, make_analyser
 from workers.pipeline.claim import PIPELINE, claim
 from workers.pipeline.errors import Finished
+from workers.pipeline.followup import run_follow_up
 from workers.pipeline.heartbeat import Heartbeat, LeaseLost
 from workers.pipeline.infer import grade_lesions, run_analyser
 from workers.pipeline.load import load_volume
+from workers.pipeline.prior import PriorSources
 from workers.pipeline.qa import check_input
 from workers.pipeline.record import fail, lease_lost, record_end
 from workers.pipeline.select import choose_series
@@ -43,7 +45,7 @@ __all__ = ["PIPELINE", "PIPELINE_RELEASE", "fail", "pipeline_version", "process_
 log = logging.getLogger("radai.worker")
 
 # The pipeline's own version; a job's key also carries the analyser's (see pipeline_version).
-PIPELINE_RELEASE = "2.0"
+PIPELINE_RELEASE = "2.1"  # 2.1: follow-up (tracking UIDs, change since the prior)
 DEFAULT_MODELS = (DEFAULT_REFS["segment"], DEFAULT_REFS["screen"], "auto")
 
 
@@ -62,12 +64,14 @@ def process_study(
     grader: LoadedModel | None = None,
     lease_seconds: float = leases.DEFAULT_SECONDS,
     retry_grace_seconds: float | None = None,
+    prior_sources: PriorSources | None = None,
 ) -> str:
     """Run the pipeline for one study; return a short description of what happened.
 
     The analyser is ``analyser``, else the models in ``models``, else the shipped models on the
     CPU-or-GPU ``auto`` device. With ``grader`` (the malignancy model), each kept lesion also gets
     its malignancy score. The job's lease lasts `lease_seconds` and is renewed while it runs.
+    Priors come from the database and, with ``prior_sources``, from PACS.
     """
     if analyser is None:
         analyser = ModelsAnalyser(models) if models else make_analyser("models", *DEFAULT_MODELS)
@@ -95,12 +99,14 @@ def process_study(
                 t0 = time.perf_counter()
                 malignancy = grade_lesions(grader, analysis, volume)
                 timings["malignancy"] = time.perf_counter() - t0
+            followed = run_follow_up(db, ticket, volume, analysis, analyser, prior_sources)
+            timings["follow_up"] = followed.seconds
             # A worker that was frozen or cut off past its lease writes nothing: another has
             # the study by now (the result files' names derive from the job key).
             heartbeat.confirm()
             seed = f"{ticket.study_uid}/{version}/{ticket.input_hash}"
             written = write_results(
-                ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy
+                ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy, followed
             )
             timings["write_dicom"] = written.seconds
         except Finished as end:

@@ -18,6 +18,7 @@ from workers import exporting, processing
 from workers.app import app, runtime
 from workers.models import load_grader
 from workers.pipeline.analysers import make_analyser
+from workers.pipeline.prior import PriorSources
 
 log = logging.getLogger("radai.worker")
 
@@ -47,6 +48,12 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
             grader=load_grader(rt.config.malignancy_model, rt.config.device),
             lease_seconds=rt.config.lease_seconds,
             retry_grace_seconds=delay + rt.config.lease_seconds,
+            prior_sources=PriorSources(
+                destinations=tuple(Destination(*d) for d in rt.config.prior_sources),
+                cache_dir=rt.config.prior_cache_dir,
+                cache_max_mb=rt.config.prior_cache_mb,
+                calling_aet=rt.config.calling_aet,
+            ),
         )
     except Exception as exc:
         if self.request.retries >= MAX_RETRIES:

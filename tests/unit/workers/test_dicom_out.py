@@ -17,6 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DS
 
 from workers.dicom_out import build_measurement_report, build_segmentation
+from workers.dicom_out.sr import PriorReference
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
@@ -387,3 +388,83 @@ def test_bad_input_is_refused(case: Case) -> None:
         build_measurement_report(
             case.ct, seg, case.lesions, lung_volume_ml=None, screening_probability=1.5, **ALGO
         )
+
+
+def test_follow_up_tracking_change_and_prior_in_seg_and_sr(case: Case, tmp_path: Path) -> None:
+    """A nodule tracked across studies: the SEG segment and the SR group carry its Tracking ID and
+    UID from the prior; its change is measured; the prior study is named and its images are
+    Pertinent Other Evidence."""
+    tracking = {1: ("2.25.1111", "Nodule 3"), 2: ("2.25.2222", "Nodule 4")}
+    lesions = [dict(lesion) for lesion in case.lesions]
+    for lesion in lesions:
+        lesion["tracking_uid"], lesion["tracking_id"] = tracking[lesion["label"]]
+    lesions[0]["change"] = {
+        "prior_study_uid": "1.2.826.0.1.3680043.8.498.77",
+        "prior_volume_mm3": 100.0,
+        "volume_change_pct": 45.5,
+        "doubling_time_days": -350.0,  # a shrinking nodule's halving time, negative
+        "diameter_change_mm": 1.5,
+        "interval_days": 180.0,
+    }
+    prior = PriorReference(
+        study_uid="1.2.826.0.1.3680043.8.498.77",
+        series_uid="1.2.826.0.1.3680043.8.498.77.1",
+        instances=(("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.77.1.1"),),
+        study_date="20230615",
+    )
+    seg = build_segmentation(
+        case.ct, case.lung, case.labels, instance_uid_seed="s", tracking=tracking, **ALGO
+    )
+    sr = build_measurement_report(
+        case.ct,
+        seg,
+        lesions,
+        lung_volume_ml=1.0,
+        screening_probability=0.5,
+        instance_uid_seed="s",
+        prior=prior,
+        **ALGO,
+    )
+    seg_path, sr_path = save(seg, tmp_path / "seg.dcm"), save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(seg_path)
+    assert_dciodvfy_clean(sr_path)
+    segments = {str(s.SegmentLabel): s for s in hd.seg.segread(seg_path).SegmentSequence}
+    assert (segments["Lesion 1"].TrackingID, segments["Lesion 1"].TrackingUID) == (
+        "Nodule 3",
+        "2.25.1111",
+    )
+    back = hd.sr.srread(sr_path)
+    groups = {
+        g.tracking_identifier: g for g in back.content.get_volumetric_roi_measurement_groups()
+    }
+    assert str(groups["Nodule 3"].tracking_uid) == "2.25.1111"
+    assert str(groups["Nodule 4"].tracking_uid) == "2.25.2222"
+    names = {m.name.meaning: m.value for m in groups["Nodule 3"].get_measurements()}
+    assert names["Volume change since prior study"] == pytest.approx(45.5)
+    assert names["Volume doubling time"] == pytest.approx(-350.0)
+    assert "Volume change since prior study" not in {
+        m.name.meaning for m in groups["Nodule 4"].get_measurements()
+    }
+    [study] = back.PertinentOtherEvidenceSequence
+    assert study.StudyInstanceUID == prior.study_uid
+    dump = dsrdump(sr_path)
+    assert "Compared with prior study 1.2.826.0.1.3680043.8.498.77 of 20230615" in dump
+    assert "(d,UCUM" in dump and "(%,UCUM" in dump
+
+
+def test_sr_says_why_no_prior_was_compared(case: Case, tmp_path: Path) -> None:
+    seg = build_segmentation(case.ct, case.lung, case.labels, instance_uid_seed="s", **ALGO)
+    sr = build_measurement_report(
+        case.ct,
+        seg,
+        case.lesions,
+        lung_volume_ml=1.0,
+        screening_probability=0.5,
+        instance_uid_seed="s",
+        prior=PriorReference(reason="the prior is of a different patient"),
+        **ALGO,
+    )
+    path = save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(path)
+    assert "No prior study was compared: the prior is of a different patient" in dsrdump(path)
+    assert "PertinentOtherEvidenceSequence" not in pydicom.dcmread(path)
