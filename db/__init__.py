@@ -13,6 +13,7 @@ import it. Paths and keys come in from the caller (`audit.configure`), never fro
 """
 
 from db.models import (
+    ApiToken,
     AuditEntry,
     Base,
     Export,
@@ -34,6 +35,7 @@ from db.models import (
 from db.session import Database
 
 __all__ = [
+    "ApiToken",
     "AuditEntry",
     "Base",
     "Export",
