@@ -49,6 +49,7 @@ from scipy import ndimage
 from ml.data.backgrounds import ANATOMIES, load_anatomy
 from ml.data.chest_phantom import Breathing
 from ml.data.compose import (
+    InsertedNodule,
     PlacementError,
     PlacementIndex,
     attachment,
@@ -313,29 +314,9 @@ def build_pair(
     ).reshape(-1, 3)
     for req in (r for r in requests if not r.prior_volume_mm3 and r.current_volume_mm3):
         label += 1
-        for _ in range(5):
-            saved_hu, saved_labels = current_hu.copy(), current_labels.copy()
-            try:
-                ins = insert_nodule(
-                    current_hu,
-                    current_labels,
-                    current_index,
-                    req.crop,
-                    "free",
-                    rng,
-                    scale=scale_for_volume(req.crop, float(req.current_volume_mm3)),
-                    label_value=label,
-                    seed=seed,
-                )
-            except (PlacementError, ValueError):
-                ins = None
-                break
-            centre = np.asarray(ins.centre_mm)
-            if not len(mapped_prior) or (
-                np.linalg.norm(mapped_prior - centre, axis=1).min() >= DISTRACTOR_MIN_DISTANCE_MM
-            ):
-                break
-            current_hu, current_labels, ins = saved_hu, saved_labels, None
+        ins = _insert_new(
+            req, label, seed, rng, (current_hu, current_labels, current_index), mapped_prior
+        )
         if ins is None:
             label -= 1
             continue
@@ -365,6 +346,45 @@ def build_pair(
         nodules=nodules,
         provenance=provenance,
     )
+
+
+def _insert_new(
+    req: Request,
+    label: int,
+    seed: int,
+    rng: np.random.Generator,
+    current: tuple[np.ndarray, np.ndarray, PlacementIndex],
+    mapped_prior: np.ndarray,
+    tries: int = 5,
+) -> InsertedNodule | None:
+    """Insert a nodule of the current only at a drawn ``free`` position at least
+    `DISTRACTOR_MIN_DISTANCE_MM` from every prior nodule mapped into the current (a position too
+    near is undone and another drawn); None when none is found. Arrays are modified in place."""
+    current_hu, current_labels, index = current
+    for _ in range(tries):
+        saved_hu, saved_labels = current_hu.copy(), current_labels.copy()
+        try:
+            ins = insert_nodule(
+                current_hu,
+                current_labels,
+                index,
+                req.crop,
+                "free",
+                rng,
+                scale=scale_for_volume(req.crop, float(req.current_volume_mm3 or 0.0)),
+                label_value=label,
+                seed=seed,
+            )
+        except (PlacementError, ValueError):
+            return None
+        centre = np.asarray(ins.centre_mm)
+        if not len(mapped_prior) or (
+            np.linalg.norm(mapped_prior - centre, axis=1).min() >= DISTRACTOR_MIN_DISTANCE_MM
+        ):
+            return ins
+        current_hu[...] = saved_hu
+        current_labels[...] = saved_labels
+    return None
 
 
 def _insert_both(
@@ -397,7 +417,7 @@ def _insert_both(
                 req.crop,
                 "free",
                 rng,
-                scale=scale_for_volume(req.crop, float(req.prior_volume_mm3)),
+                scale=scale_for_volume(req.crop, float(req.prior_volume_mm3 or 0.0)),
                 label_value=label,
                 seed=seed,
             )
@@ -418,7 +438,7 @@ def _insert_both(
                 current_index,
                 req.crop,
                 current_centre / sp,
-                scale=scale_for_volume(req.crop, float(req.current_volume_mm3)),
+                scale=scale_for_volume(req.crop, float(req.current_volume_mm3 or 0.0)),
                 label_value=label,
                 seed=seed,
                 kind="same nodule, mapped",
@@ -436,7 +456,7 @@ def _insert_both(
     return None
 
 
-def _xyz(values: Sequence[float]) -> tuple[float, float, float]:
+def _xyz(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in values)
     return a, b, c
 
@@ -475,10 +495,7 @@ def hits(
     ).reshape(-1, 3)
     radii = np.array(
         [
-            _diameter(
-                float(n.prior_volume_mm3 if study == "prior" else n.current_volume_mm3) or 0.0
-            )
-            / 2
+            _diameter((n.prior_volume_mm3 if study == "prior" else n.current_volume_mm3) or 0.0) / 2
             for n in present
         ]
     )
@@ -570,7 +587,7 @@ def evaluate_pair(pair: RealPair, *, baseline: bool = True) -> dict[str, Any]:
             {**asdict(n), "status": n.status, "diameter_mm": n.diameter_mm} for n in pair.nodules
         ],
     }
-    keys = {"current_study_key": f"{pair.name}/current", "prior_study_key": f"{pair.name}/prior"}
+    current_key, prior_key = f"{pair.name}/current", f"{pair.name}/prior"
     start, cpu = time.perf_counter(), time.process_time()
     try:
         fu, reg = follow_up(
@@ -581,7 +598,8 @@ def evaluate_pair(pair: RealPair, *, baseline: bool = True) -> dict[str, Any]:
             sp,
             pair.prior_labels,
             pair.interval_days,
-            **keys,
+            current_study_key=current_key,
+            prior_study_key=prior_key,
         )
     except RegistrationRefused as refused:
         out["truth_labels"] = {
@@ -623,7 +641,8 @@ def evaluate_pair(pair: RealPair, *, baseline: bool = True) -> dict[str, Any]:
             pair.interval_days,
             current_lungs=calls_current.lung_mask,
             prior_lungs=calls_prior.lung_mask,
-            **keys,
+            current_study_key=current_key,
+            prior_study_key=prior_key,
         )
     except RegistrationRefused as refused:
         out["baseline"] = {"refused": refused.reason, "seconds": time.perf_counter() - start}

@@ -18,25 +18,9 @@ from ml.data.synth import Background
 from ml.evaluation import followup_real as fr
 from ml.evaluation import report
 from ml.runtime.followup import FollowUp, Lesion, NoduleChange
-from tests.kit.phantoms import phantom_background, phantom_crop
+from tests.kit.phantoms import blob_chest, phantom_crop
 
 SPACING = (2.5, 1.2, 1.2)
-
-
-def _background(seed: int = 0) -> Background:
-    """The kit's phantom chest with small dense blobs in the lungs, so that a registration has
-    structure to follow in every direction (the kit's vessels run along z only)."""
-    bg = phantom_background(seed, spacing=SPACING, shape=(48, 112, 112))
-    rng = np.random.default_rng(seed)
-    hu = bg.hu.copy()
-    sp = np.asarray(SPACING)
-    grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(hu.shape, sp, strict=True)], indexing="ij")
-    lung_voxels = np.argwhere(bg.lung)
-    for c in lung_voxels[rng.choice(len(lung_voxels), 40, replace=False)] * sp:
-        r = rng.uniform(1.5, 3.0)
-        blob = sum((g - ci) ** 2 for g, ci in zip(grid, c, strict=True)) <= r * r
-        hu[blob & bg.lung] = 40.0
-    return Background(bg.name, hu, bg.lung, bg.spacing, bg.tumour)
 
 
 def _crops(n: int = 8):
@@ -49,7 +33,7 @@ def _crops(n: int = 8):
 
 @pytest.fixture(scope="module")
 def background() -> Background:
-    return _background()
+    return blob_chest()
 
 
 @pytest.fixture(scope="module")
