@@ -776,7 +776,9 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     false_all = sum(c["false_matches"] for c in summary["matching_by_size"].values())
     g = summary["growth_by_size"].get(big, {}).get("error_pct", {})
     tre = summary.get("tre_mm", {}).get("median")
-    secs = summary["seconds"]["max"]
+    # CPU seconds of the follow-up (both threads together) bound its wall time on two cores of
+    # its own from above, whatever else the measuring machine was running; wall time does not.
+    secs = summary.get("cpu_seconds", {}).get("max")
     rows = [
         {
             "target": "TRE median inside the lungs <= 1.5 mm",
@@ -796,7 +798,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
             and m["true_matches"] == m["nodules"],
         },
         {
-            "target": "follow-up adds <= 20 s per study on 2 cores (slowest pair)",
+            "target": "follow-up adds <= 20 s per study on 2 cores (slowest pair, CPU s)",
             "value": secs,
             "met": secs is not None and secs <= TARGETS["seconds_per_study"],
         },

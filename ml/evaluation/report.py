@@ -747,8 +747,10 @@ def followup_markdown(results: dict) -> str:
             f"(not part of the follow-up): {_stat(base.get('detection_seconds_both_studies'), 1)}."
         )
     lines += [
-        "Wall time was measured on the shared 2-core machine under other jobs' load; CPU "
-        "seconds / 2 is what two free cores would need.",
+        "Wall time was measured on a shared 2-core machine under other jobs' load (load "
+        "average far above 2), so it overstates the cost; the CPU seconds of both threads "
+        "together bound the wall time on two free cores from above (no I/O is involved), and "
+        "the time target is judged on them.",
         "",
         "What this measures. The *truth labels* run gives `follow_up` the compositor's own "
         "nodule labels: its registration, matching and measurement are judged, not a "

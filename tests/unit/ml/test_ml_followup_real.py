@@ -275,7 +275,10 @@ def test_targets_are_judged_against_the_issue():
     rows = {t["target"]: t["met"] for t in fr.targets(_results()["summary"]["truth_labels"])}
     assert all(rows.values()) and len(rows) == 4
     slow = _results()["summary"]["truth_labels"]
-    slow["seconds"] = {"n": 1, "median": 25.0, "p90": 25.0, "max": 25.0}
+    # The time target is judged on CPU seconds: a loaded machine's wall time does not count.
+    slow["seconds"] = {"n": 1, "median": 90.0, "p90": 90.0, "max": 90.0}
+    assert all(t["met"] for t in fr.targets(slow))
+    slow["cpu_seconds"] = {"n": 1, "median": 25.0, "p90": 25.0, "max": 25.0}
     slow["matching_by_size"][">=6 mm"]["false_matches"] = 1
     rows = {t["target"]: t["met"] for t in fr.targets(slow)}
     assert [rows[k] for k in rows] == [True, False, True, False]
