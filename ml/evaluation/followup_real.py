@@ -69,6 +69,7 @@ __all__ = [
     "TruthNodule",
     "build_pair",
     "breathing_for",
+    "compact",
     "evaluate_pair",
     "invert",
     "run",
@@ -806,6 +807,16 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def compact(pair: dict[str, Any]) -> dict[str, Any]:
+    """``pair`` with its per-landmark lists replaced by their statistics (the summary already
+    holds the pooled figures), to keep the written JSON small."""
+    tl = pair.get("truth_labels", {})
+    if "tre_mm" not in tl or not isinstance(tl["tre_mm"], list):
+        return pair
+    short = {**tl, "tre_mm": _stats(tl["tre_mm"]), "displacement_mm": _stats(tl["displacement_mm"])}
+    return {**pair, "truth_labels": short}
+
+
 # --- the evaluation -----------------------------------------------------------------------------
 
 
@@ -902,6 +913,7 @@ def run(
     summary = {"truth_labels": summarise(pairs, "truth_labels")}
     if baseline:
         summary["baseline"] = summarise(pairs, "baseline")
+    pairs = [compact(p) for p in pairs]
     return {
         "settings": {
             "anatomies": list(anatomies),

@@ -292,3 +292,15 @@ def test_followup_section_is_written_replaced_and_kept(tmp_path):
     assert text.count(report.FOLLOWUP_BEGIN) == 1 and "## Other" in text and "intro" in text
     assert "Targets met: 4 of 4" in text and "| a-followup-1 | 0.40 |" in text
     assert json.loads((tmp_path / report.FOLLOWUP_JSON).read_text())["seconds"] == 12.0
+
+
+def test_followup_and_unseen_sections_replace_only_themselves():
+    unseen = f"{report.UNSEEN_BEGIN}\nunseen v1\n{report.UNSEEN_END}\n"
+    text = report._with_section("# Report\n\nintro\n\n## Table\n\nrows\n", unseen)
+    first = f"{report.FOLLOWUP_BEGIN}\nfollow-up v1\n{report.FOLLOWUP_END}\n"
+    second = f"{report.FOLLOWUP_BEGIN}\nfollow-up v2\n{report.FOLLOWUP_END}\n"
+    text = report._with_section(text, first, report.FOLLOWUP_BEGIN, report.FOLLOWUP_END)
+    assert text.index("unseen v1") < text.index("## Table") < text.index("follow-up v1")
+    text = report._with_section(text, second, report.FOLLOWUP_BEGIN, report.FOLLOWUP_END)
+    assert "follow-up v1" not in text and text.count("follow-up v2") == 1
+    assert "unseen v1" in text and "rows" in text

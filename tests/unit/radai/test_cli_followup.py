@@ -67,7 +67,8 @@ def test_evaluate_followup_writes_its_json_and_report_section(tmp_path, monkeypa
     assert results["settings"]["lidc_split"] == "validation"
     (pair,) = results["pairs"]
     assert pair["truth_labels"]["refused"] is None
-    assert len(pair["truth_labels"]["tre_mm"]) == 300
+    assert pair["truth_labels"]["tre_mm"]["n"] == 300
+    assert results["summary"]["truth_labels"]["tre_mm"]["n"] == 300
     assert "baseline" in results["summary"]
     assert len(results["targets"]) == 4
     text = (out / "report.md").read_text()
