@@ -942,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its section of report.md",
     )
     evaluate.add_argument(
-        "--followup-pairs", type=int, default=1, help="pairs per anatomy (--followup)"
+        "--followup-pairs", type=int, default=2, help="pairs per anatomy (--followup)"
     )
     evaluate.add_argument(
         "--followup-anatomies",
