@@ -372,6 +372,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out)
     if args.unseen:
         return _evaluate_unseen(args, root, out)
+    if args.followup:
+        return _evaluate_followup(args, out)
     results = evaluation.evaluate(
         Path(args.data),
         out,
@@ -400,6 +402,27 @@ def _evaluate_unseen(args: argparse.Namespace, root: Path, out: Path) -> int:
     )
     path = report.write_unseen(out, results)
     print(results["verdict"]["sentence"])
+    print(f"report: {path} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def _evaluate_followup(args: argparse.Namespace, out: Path) -> int:
+    """The follow-up validation on real CT pairs (known deformation, real LIDC nodules at two
+    sizes); its section of the report is replaced, the other tables stay."""
+    from ml.evaluation import followup_real, report
+
+    anatomies = args.followup_anatomies or list(followup_real.ANATOMIES)
+    results = followup_real.run(
+        Path(args.data),
+        anatomies,
+        pairs_per_anatomy=args.followup_pairs,
+        baseline=not args.followup_no_baseline,
+        threads=args.followup_threads,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    path = report.write_followup(out, results)
+    for t in results["targets"]:
+        print(f"{'met' if t['met'] else 'NOT met'}: {t['target']} ({t['value']})")
     print(f"report: {path} ({results['seconds']:.0f} s)")
     return 0
 
@@ -1036,6 +1059,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="composite studies per anatomy under each robustness condition (--unseen)",
+    )
+    evaluate.add_argument(
+        "--followup",
+        action="store_true",
+        help="only the follow-up validation: pairs built from each real CT (known breathing-like "
+        "deformation, real LIDC validation-split nodules at two sizes); --data is then the "
+        "folder with lidc-nodules/, pyradiomics-ct/ and covid-ct-md/; writes followup.json and "
+        "its section of report.md",
+    )
+    evaluate.add_argument(
+        "--followup-pairs", type=int, default=2, help="pairs per anatomy (--followup)"
+    )
+    evaluate.add_argument(
+        "--followup-anatomies",
+        nargs="+",
+        default=None,
+        help="anatomies to build pairs from (--followup; default all six)",
+    )
+    evaluate.add_argument(
+        "--followup-threads", type=int, default=2, help="SimpleITK threads (--followup)"
+    )
+    evaluate.add_argument(
+        "--followup-no-baseline",
+        action="store_true",
+        help="skip the end-to-end run on the baseline's own calls (--followup)",
     )
     sub.add_parser("models", help="list the models in the registry and the configured ones")
     return parser
