@@ -33,6 +33,7 @@ __all__ = [
     "GrowthTriage",
     "Lesion",
     "NoduleChange",
+    "Registration",
     "RegistrationRefused",
     "compare",
     "doubling_time_days",

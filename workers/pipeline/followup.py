@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from db.findings import Findings, LesionChange
 from db.session import Database
@@ -32,6 +33,7 @@ from dicom_io.series import Volume
 from ml.runtime import qa
 from ml.runtime.followup import (
     FollowUp,
+    Registration,
     RegistrationRefused,
     follow_up,
     growth_triage,
@@ -208,7 +210,7 @@ def compare_with_prior(
     else:
         sizes = {les.label: (les.volume_mm3, les.max_3d_diameter_mm) for les in prior.lesions}
     prior_ids = {les.label: les.tracking_id for les in prior.lesions if les.tracking_id is not None}
-    fu, _ = follow_up(
+    fu, registration = follow_up(
         volume.hu,
         volume.spacing_zyx,
         analysis.lesion_labels,
@@ -227,7 +229,22 @@ def compare_with_prior(
         prior_lungs=None if prior_lungs is None else prior_lungs > 0,
     )
     current_size = {m.label: m.max_3d_diameter_mm for m in analysis.lesions}
-    return _result(study_uid, prior, fu, prior_ids, sizes, current_size, interval)
+    result = _result(study_uid, prior, fu, prior_ids, sizes, current_size, interval)
+    offset = lung_z_offset_mm(registration, analysis.lung_mask, volume)
+    if offset is not None:
+        result.follow_up["registration"]["z_offset_mm"] = round(offset, 2)
+    return result
+
+
+def lung_z_offset_mm(registration: Registration, lungs: np.ndarray, volume: Volume) -> float | None:
+    """Where the current lungs' centre lies in the prior, along the slice normal, minus where it
+    lies in the current (prior z = current z + offset): what a viewer needs to scroll the two
+    series together away from any matched nodule. None without lungs."""
+    if not np.any(lungs):
+        return None
+    centre_idx = np.array(ndimage.center_of_mass(lungs > 0), dtype=float)
+    centre_mm = np.asarray(origin_zyx(volume)) + centre_idx * np.asarray(volume.spacing_zyx)
+    return float(registration.to_prior(centre_mm[None, :])[0, 0] - centre_mm[0])
 
 
 def _result(

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from db.findings import Findings, Lesion
 from dicom_io.series import Volume
@@ -159,6 +160,15 @@ def test_study_summary_counts_new_and_resolved_and_names_the_prior(case):
     assert fu["registration"]["ok"] is True and fu["registration"]["lung_dice_after"] > 0.85
     assert result.prior_study_uid == PRIOR_UID and result.prior_reason is None
     assert result.prior_refs is not None and result.prior_refs[0] == PRIOR_UID
+
+
+def test_the_registration_z_offset_at_the_lungs_centre_is_the_known_one(case):
+    # The dashboard scrolls the prior beside the current by it, away from any matched nodule.
+    pair, _, analysis, _, result = case
+    centre = np.array(ndimage.center_of_mass(analysis.lung_mask > 0)) * np.asarray(pair.spacing)
+    truth = float(pair.mapping(centre[None, :])[0, 0] - centre[0])
+    assert abs(truth) > 2.0  # the pair moves along z, so an offset of 0 would fail
+    assert result.follow_up["registration"]["z_offset_mm"] == pytest.approx(truth, abs=1.5)
 
 
 def test_growth_makes_the_study_more_urgent_than_its_size_alone(case):
