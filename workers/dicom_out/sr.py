@@ -23,6 +23,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from workers.dicom_out.axial_line import AxialLine
 from workers.dicom_out.seg import (
     LESION_PROPERTY_TYPE,
     LUNG_TRACKING_ID,
@@ -86,6 +87,8 @@ DIAMETER_CHANGE = (
     codes.UCUM.Millimeter,
 )
 COMPARISON = codes.DCM.ComparisonToPreviousStudies
+LONG_AXIS = (codes.SCT.LongAxis, None, codes.UCUM.Millimeter)
+LONG_AXIS_SUFFIX = " long axis"  # the planar group's tracking identifier: "Nodule 2 long axis"
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,37 @@ def _lesion_group(
     return group
 
 
+def _long_axis_group(
+    lesion: Mapping[str, Any],
+    line: AxialLine,
+    source_images: Sequence[pydicom.Dataset],
+    algorithm: hd.sr.AlgorithmIdentification,
+    seed: str | None,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    label = int(lesion["label"])
+    if not 0 <= line.slice_index < len(source_images):
+        raise ValueError(f"lesion {label}'s line is on slice {line.slice_index}, not in the series")
+    image = source_images[line.slice_index]
+    tracking_id = (lesion.get("tracking_id") or lesion_tracking_id(label)) + LONG_AXIS_SUFFIX
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_uid(seed, f"sr.tracking.long-axis.{label}"), identifier=tracking_id
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=line.graphic_data(),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+            ),
+        ),
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        finding_type=LESION_PROPERTY_TYPE,
+        algorithm_id=algorithm,
+        measurements=[_measurement(LONG_AXIS, line.length_mm)],
+    )
+
+
 def _change_text(change: Mapping[str, Any]) -> str:
     vdt = change.get("doubling_time_days")
     interval = change.get("interval_days")
@@ -284,6 +318,7 @@ def build_measurement_report(
     series_number: int = 902,
     instance_uid_seed: str | None = None,
     prior: PriorReference | None = None,
+    axial_lines: Mapping[int, AxialLine] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 Measurement Report of the lesions segmented in ``segmentation``.
 
@@ -297,7 +332,10 @@ def build_measurement_report(
     and, without lesions, that none was found. Each lesion dict has label, volume_mm3,
     max_3d_diameter_mm, max_2d_axial_diameter_mm, mean_hu and location (free text or None),
     and may have tracking_uid, tracking_id and change (db.findings.LesionChange as a dict).
-    ``prior`` names the prior study compared with (or why none was).
+    ``prior`` names the prior study compared with (or why none was). ``axial_lines`` (by lesion
+    label) add, after the volumetric groups, one TID 1410 planar group per lesion: its longest
+    axial diameter as a two-point POLYLINE on its CT slice, which viewers that draw only image
+    coordinates (OHIF) show.
     """
     if not source_images:
         raise ValueError("source_images is empty")
@@ -341,6 +379,12 @@ def build_measurement_report(
         )
         for lesion in lesions
     ]
+    for lesion in lesions:
+        line = (axial_lines or {}).get(int(lesion["label"]))
+        if line is not None:
+            groups.append(
+                _long_axis_group(lesion, line, source_images, algorithm, instance_uid_seed)
+            )
     screener = algorithm
     if screening_algorithm is not None:
         screener = hd.sr.AlgorithmIdentification(

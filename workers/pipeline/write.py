@@ -17,6 +17,7 @@ import numpy as np
 from db.findings import Findings
 from dicom_io.series import Volume
 from ml.runtime.qa import QAReport
+from workers.dicom_out.axial_line import longest_axial_lines
 from workers.dicom_out.seg import build_segmentation
 from workers.dicom_out.sr import PriorReference, build_measurement_report
 from workers.outputs import write_output
@@ -74,6 +75,7 @@ def write_results(
         screening_algorithm=analyser.screening_algorithm,
         instance_uid_seed=seed + "/sr",
         prior=prior_reference(findings, followed),
+        axial_lines=longest_axial_lines(analysis.lesion_labels, volume.spacing_zyx[1:]),
     )
     outputs = [
         write_output(folder / "seg.dcm", seg, "SEG"),
