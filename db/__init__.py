@@ -4,7 +4,8 @@ database: `audit`, `audit_keys`, `audit_checkpoints`).
 
 Each contract has one home: a study's states and the only way to change them (`lifecycle`), its
 safety flags and holds (`flags`), the audit actions (`audit_actions.AuditAction`), the outbox's
-task names and payloads (`outbox_tasks`), and people's retry and release requests (`requeue`).
+task names and payloads (`outbox_tasks`), people's retry and release requests (`requeue`), and
+the job leases that bring back a lost worker's study (`leases`).
 
 SQLite by default, PostgreSQL in production; the same code and migrations serve both. This package
 imports nothing of radai's (only SQLAlchemy, Alembic and `cryptography`): every other package may

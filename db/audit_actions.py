@@ -23,6 +23,10 @@ class AuditAction(enum.StrEnum):
     JOB_DONE = "job.done"
     JOB_NOT_APPLICABLE = "job.not_applicable"
     JOB_FAILED = "job.failed"
+    # A running job's lease lapsed (its worker died or its host vanished): queued again.
+    JOB_LEASE_EXPIRED = "job.lease_expired"
+    # A worker found its lease gone (it was reaped or taken over): its result was not recorded.
+    JOB_LEASE_LOST = "job.lease_lost"
     # What the node noticed about received objects.
     STUDY_PATIENTS_MIXED = "study.patients_mixed"
     INSTANCE_CONFLICT = "instance.conflict"

@@ -8,6 +8,7 @@ transaction, with `from_state` and `to_state` in its detail. Nothing else assign
     RECEIVING --study.stable--> STABLE --study.queued--> QUEUED --job.started--> PROCESSING
     RECEIVING --study.held--> HELD --study.released--> STABLE
     PROCESSING --job.done | job.not_applicable | job.failed--> DONE | NOT_APPLICABLE | FAILED
+    PROCESSING --job.lease_expired--> STABLE   (its worker was lost: queued again, db/leases.py)
     DONE | NOT_APPLICABLE | FAILED --study.retry--> STABLE
     any state but RECEIVING --study.reopened--> RECEIVING   (a late instance)
 
@@ -61,6 +62,9 @@ TRANSITIONS: dict[A, Rule] = {
     A.JOB_DONE: _rule(_RUNNABLE, S.DONE),
     A.JOB_NOT_APPLICABLE: _rule(_RUNNABLE, S.NOT_APPLICABLE),
     A.JOB_FAILED: _rule([S.PROCESSING], S.FAILED),
+    # The worker's lease lapsed: STABLE with a new outbox message, which the dispatcher
+    # publishes (-> QUEUED) as it does any other; the job key keeps the result single.
+    A.JOB_LEASE_EXPIRED: _rule([S.PROCESSING], S.STABLE),
 }
 
 FINISHED = frozenset({S.DONE, S.NOT_APPLICABLE, S.FAILED})

@@ -192,6 +192,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     timings: Mapped[dict | None] = mapped_column(JSON)
+    # The lease of a RUNNING job (db/leases.py): its worker renews it; when it lapses the study
+    # is queued again, and a result of the worker that lost it is refused.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    lease_expiries: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     outputs: Mapped[list[Output]] = relationship(back_populates="job")

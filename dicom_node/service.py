@@ -1,5 +1,9 @@
 """The node as a running service: listener, stability monitor and outbox dispatcher together.
 
+Every `reap_seconds` its loop also queues again the studies whose worker was lost (a job lease
+that lapsed, `db.leases.reap`): through the outbox, so the dispatcher publishes them in its next
+round even when the broker lost its queue.
+
 Its loop also signs the audit trail's checkpoints (`db.audit.write_checkpoint`) every
 `checkpoint_seconds` when the trail grew, and once more on a clean stop, when the process has
 audit keys with a checkpoint folder (`db.audit.configure`)."""
@@ -10,7 +14,7 @@ import logging
 import threading
 import time
 
-from db import audit
+from db import audit, leases
 from db.session import Database
 from dicom_node.archive import Archive
 from dicom_node.assembly import mark_stable
@@ -32,6 +36,7 @@ class NodeService:
         poll_seconds: float = 0.5,
         backoff_cap: float = 30.0,
         checkpoint_seconds: float = 60.0,
+        reap_seconds: float = 5.0,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -43,6 +48,8 @@ class NodeService:
         self.poll_seconds = poll_seconds
         self.checkpoint_seconds = checkpoint_seconds
         self._next_checkpoint = 0.0  # monotonic time; the first round signs one at once
+        self.reap_seconds = reap_seconds
+        self._next_reap = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -62,6 +69,7 @@ class NodeService:
         while not self._stop.is_set():
             try:
                 mark_stable(self.db, self.stable_seconds, actor=self.node.actor)
+                self._reap_when_due()
                 self.dispatcher.run_once()
             except Exception:  # noqa: BLE001 - e.g. the database restarting: try again soon
                 log.exception("assembly/dispatch round failed; retrying")
@@ -70,6 +78,14 @@ class NodeService:
                 self._next_checkpoint = time.monotonic() + self.checkpoint_seconds
                 self.checkpoint()
             self._stop.wait(self.poll_seconds)
+
+    def _reap_when_due(self) -> None:
+        if time.monotonic() < self._next_reap:
+            return
+        self._next_reap = time.monotonic() + self.reap_seconds
+        requeued = leases.reap(self.db, actor=f"reaper:{self.node.config.ae_title}")
+        for uid, state in requeued.items():
+            log.warning("study %s: its worker's lease lapsed; now %s", uid, state)
 
     def checkpoint(self) -> None:
         """Sign the audit trail's head; a failure is logged (loudly) and never stops the node."""

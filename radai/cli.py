@@ -178,8 +178,11 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
         visibility_timeout=settings.visibility_timeout,
+        lease_seconds=settings.lease_seconds,
         calling_aet=settings.ae_title,
         torch_threads=settings.torch_threads,
+        prior_sources=settings.prior_destinations,
+        prior_cache_mb=settings.prior_cache_mb,
         archive_url=settings.archive_url.strip(),
         archive_token=settings.archive_bearer,
         archive_verify=settings.archive_tls_verify,
@@ -202,6 +205,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker_shutdown.connect(lambda **_: _checkpoint_quietly(db), weak=False)
     config = _worker_config(settings)
     config.processes = args.concurrency
+    _reap_quietly(db)
     app = configure(config)
     queues = args.queues or f"{settings.queue},{settings.io_queue}"
     argv = [
@@ -221,6 +225,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--hostname", args.name]
     app.worker_main(argv)
     return 0
+
+
+def _reap_quietly(db) -> None:  # noqa: ANN001
+    """A worker starting after a crash queues again the studies whose workers were lost, even
+    where no node runs its reaper (db/leases.py)."""
+    from db import leases
+
+    try:
+        requeued = leases.reap(db, actor="reaper:worker")
+    except Exception:  # noqa: BLE001 - the node's loop reaps too; starting matters more
+        log.warning("reaping lapsed leases at start failed", exc_info=True)
+        return
+    if requeued:
+        log.info("queued again %d studies whose worker was lost", len(requeued))
 
 
 def _check_models(settings: Settings) -> None:
@@ -358,6 +376,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out)
     if args.unseen:
         return _evaluate_unseen(args, root, out)
+    if args.followup:
+        return _evaluate_followup(args, out)
     results = evaluation.evaluate(
         Path(args.data),
         out,
@@ -386,6 +406,27 @@ def _evaluate_unseen(args: argparse.Namespace, root: Path, out: Path) -> int:
     )
     path = report.write_unseen(out, results)
     print(results["verdict"]["sentence"])
+    print(f"report: {path} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def _evaluate_followup(args: argparse.Namespace, out: Path) -> int:
+    """The follow-up validation on real CT pairs (known deformation, real LIDC nodules at two
+    sizes); its section of the report is replaced, the other tables stay."""
+    from ml.evaluation import followup_real, report
+
+    anatomies = args.followup_anatomies or list(followup_real.ANATOMIES)
+    results = followup_real.run(
+        Path(args.data),
+        anatomies,
+        pairs_per_anatomy=args.followup_pairs,
+        baseline=not args.followup_no_baseline,
+        threads=args.followup_threads,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    path = report.write_followup(out, results)
+    for t in results["targets"]:
+        print(f"{'met' if t['met'] else 'NOT met'}: {t['target']} ({t['value']})")
     print(f"report: {path} ({results['seconds']:.0f} s)")
     return 0
 
@@ -1022,6 +1063,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="composite studies per anatomy under each robustness condition (--unseen)",
+    )
+    evaluate.add_argument(
+        "--followup",
+        action="store_true",
+        help="only the follow-up validation: pairs built from each real CT (known breathing-like "
+        "deformation, real LIDC validation-split nodules at two sizes); --data is then the "
+        "folder with lidc-nodules/, pyradiomics-ct/ and covid-ct-md/; writes followup.json and "
+        "its section of report.md",
+    )
+    evaluate.add_argument(
+        "--followup-pairs", type=int, default=2, help="pairs per anatomy (--followup)"
+    )
+    evaluate.add_argument(
+        "--followup-anatomies",
+        nargs="+",
+        default=None,
+        help="anatomies to build pairs from (--followup; default all six)",
+    )
+    evaluate.add_argument(
+        "--followup-threads", type=int, default=2, help="SimpleITK threads (--followup)"
+    )
+    evaluate.add_argument(
+        "--followup-no-baseline",
+        action="store_true",
+        help="skip the end-to-end run on the baseline's own calls (--followup)",
     )
     sub.add_parser("models", help="list the models in the registry and the configured ones")
     return parser

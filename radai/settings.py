@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     export_deidentified: str = Field(
         default="", description="comma list of RADAI_EXPORT_TO destinations sent de-identified"
     )
+    prior_sources: str = Field(
+        default="", description="comma list of AET@HOST:PORT searched for priors (C-FIND, C-GET)"
+    )
+    prior_cache_mb: float = Field(
+        default=2048.0, gt=0, description="the cache of retrieved priors in home holds at most this"
+    )
     dashboard_port: int = 8501
     dicomweb_port: int = Field(
         default=8080, ge=0, le=65535, description="DICOMweb (/dicomweb) beside the node; 0: off"
@@ -73,6 +79,9 @@ class Settings(BaseSettings):
         description="NAME@VERSION of the per-lesion malignancy model; none: no score",
     )
     visibility_timeout: int = Field(default=900, description="s before an unacked task returns")
+    lease_seconds: float = Field(
+        default=60.0, ge=3, description="a running job's lease; a lost worker's study is requeued"
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch threads per worker process; 0: cores / processes"
     )
@@ -113,7 +122,7 @@ class Settings(BaseSettings):
             raise ValueError("RADAI_AE_TITLE must be 1 to 16 characters")
         return value.strip()
 
-    @field_validator("export_to")
+    @field_validator("export_to", "prior_sources")
     @classmethod
     def _destinations_parse(cls, value: str) -> str:
         for part in filter(None, (p.strip() for p in value.split(","))):
@@ -232,6 +241,10 @@ class Settings(BaseSettings):
     @property
     def destinations(self) -> list[Destination]:
         return [parse_destination(p) for p in self.export_to.split(",") if p.strip()]
+
+    @property
+    def prior_destinations(self) -> list[Destination]:
+        return [parse_destination(p) for p in self.prior_sources.split(",") if p.strip()]
 
     @property
     def deidentified_destinations(self) -> list[Destination]:

@@ -37,6 +37,7 @@ class WorkerConfig:
     malignancy_model: str = DEFAULT_REFS["malignancy"]  # "none": no malignancy score
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900
+    lease_seconds: float = 60.0  # a running job's lease (db/leases.py), renewed every third
     export_max_attempts: int = 8
     export_timeout: float = 10.0
     calling_aet: str = "RADAI"
@@ -45,6 +46,9 @@ class WorkerConfig:
     deidentified: set[str] = field(default_factory=set)
     torch_threads: int = 0  # per process; 0: the host's cores shared among `processes`
     processes: int = 1  # pool processes of this worker (Celery's --concurrency)
+    # PACS nodes searched for a study's prior when the database has none (RADAI_PRIOR_SOURCES).
+    prior_sources: list[tuple[str, str, int]] = field(default_factory=list)
+    prior_cache_mb: float = 2048.0
     # Set: series come by WADO-RS from this DICOMweb root and results go back by STOW-RS, so the
     # worker needs no access to the node's files (RADAI_ARCHIVE_URL).
     archive_url: str = ""
@@ -55,6 +59,10 @@ class WorkerConfig:
     @property
     def outputs_dir(self) -> Path:
         return self.home / "outputs"
+
+    @property
+    def prior_cache_dir(self) -> Path:
+        return self.home / "prior-cache"
 
     @property
     def archive_cache_dir(self) -> Path:

@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+import SimpleITK as sitk
 import torch
 
 from ml.runtime import registry
@@ -52,7 +53,9 @@ def torch_threads(setting: int, processes: int, cores: int | None = None) -> int
 
 
 def set_torch_threads(n: int) -> None:
+    """Torch's threads, and SimpleITK's (follow-up registration), which would take every core."""
     torch.set_num_threads(n)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
 
 
 def resolve_device(device: str) -> str:

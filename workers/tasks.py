@@ -18,6 +18,7 @@ from workers import exporting, processing
 from workers.app import app, runtime
 from workers.models import load_grader
 from workers.pipeline.analysers import make_analyser
+from workers.pipeline.prior import PriorSources
 
 log = logging.getLogger("radai.worker")
 
@@ -29,6 +30,9 @@ RETRY_BASE, RETRY_CAP = 2.0, 120.0  # seconds
 def process_study(self, study_uid: str, instances: int | None = None) -> str:  # noqa: ANN001
     """`db.outbox_tasks.ProcessStudy`'s fields are this task's arguments."""
     rt = runtime()
+    # Should the retry below never arrive, the reaper queues the study once its delay and a
+    # lease have passed (db/leases.py).
+    delay = backoff_delay(self.request.retries + 1, base=RETRY_BASE, cap=RETRY_CAP)
     try:
         return processing.process_study(
             rt.db,
@@ -42,6 +46,15 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
                 rt.config.device,
             ),
             grader=load_grader(rt.config.malignancy_model, rt.config.device),
+            lease_seconds=rt.config.lease_seconds,
+            retry_grace_seconds=delay + rt.config.lease_seconds,
+            prior_sources=PriorSources(
+                destinations=tuple(Destination(*d) for d in rt.config.prior_sources),
+                cache_dir=rt.config.prior_cache_dir,
+                cache_max_mb=rt.config.prior_cache_mb,
+                calling_aet=rt.config.calling_aet,
+                archive=rt.archive,
+            ),
             archive=rt.archive,
         )
     except Exception as exc:
@@ -52,7 +65,6 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
             return f"FAILED: {reason}"
         log.warning("study %s: attempt failed (%s); retrying", study_uid, exc)
         # `retries` counts the retries already made: this failure is number retries + 1.
-        delay = backoff_delay(self.request.retries + 1, base=RETRY_BASE, cap=RETRY_CAP)
         raise self.retry(exc=exc, countdown=delay) from exc
 
 

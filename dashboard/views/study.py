@@ -266,38 +266,82 @@ def _review_text(r: dict[str, Any] | None) -> str:
     return f"{r['decision']} by {r['user']} ({r['created_at']:%Y-%m-%d %H:%M})"
 
 
+def prior_caption(findings: Findings) -> str:
+    """One line on the comparison: the prior study and interval, or why there was none."""
+    if findings.prior_study_uid:
+        fu = findings.follow_up
+        when = f" of {fu['prior_study_date']}" if fu.get("prior_study_date") else ""
+        days = f", {fu['interval_days']:.0f} days earlier" if fu.get("interval_days") else ""
+        counts = (
+            f": {fu.get('matched', 0)} matched, {fu.get('new', 0)} new, "
+            f"{fu.get('resolved', 0)} resolved"
+            if "matched" in fu
+            else ""
+        )
+        return f"Compared with prior study {findings.prior_study_uid}{when}{days}{counts}."
+    if findings.prior_reason:
+        return f"No prior compared: {findings.prior_reason}"
+    return "No prior compared (result from before follow-up)."
+
+
+_NO_CHANGE = {"Volume change": "-", "Doubling time (days)": "-"}
+
+
+def _change(les: Lesion) -> dict[str, str]:
+    c = les.change
+    if c is None:
+        return {**_NO_CHANGE, "Volume change": "new"}
+    return {
+        "Volume change": f"{c.volume_change_pct:+.0f} %",
+        # Negative: the nodule shrank; its magnitude is the halving time.
+        "Doubling time (days)": _dash(c.doubling_time_days, "{:.0f}"),
+    }
+
+
+def lesion_rows(findings: Findings, latest: dict[int | None, dict]) -> list[dict[str, Any]]:
+    """The lesion table's rows, one per lesion, with its tracking and change since the prior."""
+    rows = []
+    for les in findings.lesions:
+        change = _change(les) if findings.prior_study_uid else _NO_CHANGE
+        rows.append(
+            {"Lesion": les.label, "Nodule": _dash(les.tracking_id), **change, **_row(les, latest)}
+        )
+    return rows
+
+
 def lesion_table(job: dict[str, Any], latest: dict[int | None, dict], slice_key: str) -> None:
-    lesions: tuple[Lesion, ...] = job["findings"].lesions
+    findings: Findings = job["findings"]
+    lesions: tuple[Lesion, ...] = findings.lesions
     st.subheader("Lesions")
+    st.caption(prior_caption(findings))
     if not lesions:
         st.info("No lesion candidates in this result.")
         return
-    st.dataframe(
-        pd.DataFrame(
-            [
-                {
-                    "Lesion": les.label,
-                    "Slice": les.slice_index + 1,
-                    "Volume (ml)": round(les.volume_mm3 / 1000, 2),
-                    "Max 3D diameter (mm)": les.max_3d_diameter_mm,
-                    "Max axial diameter (mm)": les.max_2d_axial_diameter_mm,
-                    "Mean HU": _dash(les.mean_hu, "{:.0f}"),
-                    # The screening CNN's belief in this call: absent in results before 2.0.0
-                    # and in the classical baseline's, which has no screener.
-                    "Screener probability": _dash(les.screening_probability, "{:.0%}"),
-                    # LIDC readers' impression learned by a CNN, not pathology (see caption).
-                    "Malignancy rating 4-5": _dash(les.malignancy_score, "{:.0%}"),
-                    "Location": _dash(les.location),
-                    "Review": _review_text(latest.get(les.label)),
-                    "Corrected by reader": store.describe_corrections(
-                        (latest.get(les.label) or {}).get("corrections")
-                    ),
-                }
-                for les in lesions
-            ]
+    st.dataframe(pd.DataFrame(lesion_rows(findings, latest)), hide_index=True)
+    _after_table(job, lesions, slice_key)
+
+
+def _row(les: Lesion, latest: dict[int | None, dict]) -> dict[str, Any]:
+    return {
+        "Slice": les.slice_index + 1,
+        "Volume (ml)": round(les.volume_mm3 / 1000, 2),
+        "Max 3D diameter (mm)": les.max_3d_diameter_mm,
+        "Max axial diameter (mm)": les.max_2d_axial_diameter_mm,
+        "Mean HU": _dash(les.mean_hu, "{:.0f}"),
+        # The screening CNN's belief in this call: absent in results before 2.0.0
+        # and in the classical baseline's, which has no screener.
+        "Screener probability": _dash(les.screening_probability, "{:.0%}"),
+        # LIDC readers' impression learned by a CNN, not pathology (see caption).
+        "Malignancy rating 4-5": _dash(les.malignancy_score, "{:.0%}"),
+        "Location": _dash(les.location),
+        "Review": _review_text(latest.get(les.label)),
+        "Corrected by reader": store.describe_corrections(
+            (latest.get(les.label) or {}).get("corrections")
         ),
-        hide_index=True,
-    )
+    }
+
+
+def _after_table(job: dict[str, Any], lesions: tuple[Lesion, ...], slice_key: str) -> None:
     if any(les.malignancy_score is not None for les in lesions):
         st.caption(
             "Malignancy rating 4-5: the estimated probability that LIDC-IDRI radiologists would "

@@ -496,6 +496,71 @@ def insert_nodule(
     )
 
 
+def insert_at(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    index: PlacementIndex,
+    crop: NoduleCrop,
+    centre_voxel,  # noqa: ANN001
+    *,
+    scale: float = 1.0,
+    rotation: np.ndarray | None = None,
+    label_value: int = 1,
+    seed: int = 0,
+    kind: str = "given",
+) -> InsertedNodule:
+    """Insert ``crop`` with its mask centroid at ``centre_voxel`` (z, y, x, fractional voxels of
+    ``hu``), by the blend rule of this module, without a placement search: for a nodule whose
+    position is known beforehand (the same nodule seen again in a follow-up study). ``kind`` is
+    only recorded. Raises PlacementError when the label would be empty inside the lungs, reach
+    the edge of the volume or touch another nodule of ``labels``."""
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    sp = index.spacing
+    prepared = _prepare_crop(crop, sp, scale)
+    reach_mm = prepared.radius_max_mm * scale + RIM_MM + EDGE_MM + 3 * STRUCTURE_SIGMA_MM
+    centre = np.asarray(centre_voxel, dtype=np.float64)
+    shape = np.array(hu.shape)
+    half = np.ceil(reach_mm / sp).astype(int) + 1
+    lo = np.floor(centre).astype(int) - half
+    hi = np.floor(centre).astype(int) + half + 1
+    if (lo < 0).any() or (hi > shape).any():
+        raise PlacementError(f"{crop.row.crop_name} at {centre.round(1)} reaches the volume's edge")
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    rot = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)
+    crop_hu, fraction = _resample_into(prepared, scale, box, centre, sp, rot)
+    lung = index.lung[box]
+    label = (fraction >= 0.5) & lung
+    if not label.any() or (labels[box][ndimage.binary_dilation(label)] != 0).any():
+        raise PlacementError(
+            f"{crop.row.crop_name} at {centre.round(1)}: outside the lungs or touching a nodule"
+        )
+    region = hu[box]
+    parenchyma = region[lung & (region < PARENCHYMA_MAX_HU)]
+    level = float(np.median(parenchyma)) if parenchyma.size >= 20 else DEFAULT_PARENCHYMA_HU
+    crop_hu = match_parenchyma(crop_hu, prepared.parenchyma_hu, level)
+    out, _ = blend(region, crop_hu, fraction, index.rim[box], sp)
+    hu[box] = out
+    labels[box][label] = label_value
+    return InsertedNodule(
+        patient_id=crop.row.patient_id,
+        nodule_id=crop.row.nodule_id,
+        source_file=crop.source_file,
+        background=index.background.name,
+        kind=kind,
+        seed=seed,
+        scale=float(scale),
+        centre_mm=_xyz(centre * sp),
+        centre_voxel=_xyz(centre),
+        volume_mm3=float(label.sum() * math.prod(sp)),
+        nominal_volume_mm3=float(crop.volume_mm3 * scale**3),
+        label_value=int(label_value),
+        source_attached=False,
+        rotation=rot.tolist(),
+        background_licence=LICENCES.get(index.background.name, ""),
+    )
+
+
 def compose(
     background: Background,
     crops: list[NoduleCrop],

@@ -23,7 +23,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ml.image.measure import RegionMeasurement, measure_regions
-from ml.image.registration import Registration, register
+
+# RegistrationRefused is re-exported: workers may import ml.runtime, not ml.image.
+from ml.image.registration import Registration, RegistrationRefused, register
 from ml.runtime.triage import diameter_probability, priority_from_probability
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "GrowthTriage",
     "Lesion",
     "NoduleChange",
+    "Registration",
+    "RegistrationRefused",
     "compare",
     "doubling_time_days",
     "follow_up",

@@ -1,5 +1,8 @@
 """A worker killed with SIGKILL in the middle of a study: the message comes back (acks_late,
-Redis visibility timeout) and a new worker completes the study with exactly one set of outputs."""
+Redis visibility timeout) or the job's lease lapses and the node queues the study again
+(db/leases.py), whichever comes first; a new worker completes the study with exactly one set of
+outputs. (With a lease as long as the visibility timeout both happen; test_worker_leases.py has
+the broker lose the message.)"""
 
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ def test_killed_worker_loses_no_study(sqlite_db, node_factory, samples, tmp_path
     node = node_factory(
         sqlite_db, publish=celery_publisher(broker, queue), home=home, stable_seconds=0.5
     )
-    env = radai_env(home, sqlite_db.url, broker, queue, RADAI_VISIBILITY_TIMEOUT="8")
+    env = radai_env(
+        home, sqlite_db.url, broker, queue, RADAI_VISIBILITY_TIMEOUT="8", RADAI_LEASE_SECONDS="8"
+    )
 
     def start(n: int) -> subprocess.Popen:
         log = open(tmp_path / f"worker{n}.log", "w")  # noqa: SIM115

@@ -6,6 +6,7 @@ USE, with UIDs derived from a seed so that reprocessing the same input gives the
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 
 import highdicom as hd
 import numpy as np
@@ -77,6 +78,7 @@ def build_segmentation(
     algorithm_version: str,
     series_number: int = 901,
     instance_uid_seed: str | None = None,
+    tracking: Mapping[int, tuple[str, str]] | None = None,
 ) -> hd.seg.Segmentation:
     """Build a BINARY DICOM SEG of the lungs and lesions of a single-frame CT series.
 
@@ -86,7 +88,8 @@ def build_segmentation(
     "Lesion N" (N is the label, so segment numbers skip nothing even where labels do). Frames
     without any segmented pixel are left out. With ``instance_uid_seed`` every UID the SEG
     creates (series, instance, tracking, dimension organization) is derived from it; without,
-    they are random.
+    they are random. ``tracking`` maps a label to the nodule's (Tracking UID, Tracking ID), the
+    same in every study of the patient (follow-up); the segment label stays "Lesion N".
     """
     lung_mask = np.asarray(lung_mask)
     lesion_labels = np.asarray(lesion_labels)
@@ -108,6 +111,10 @@ def build_segmentation(
     masks = [lung_mask > 0]
     labels = [int(v) for v in np.unique(lesion_labels) if v > 0]
     for label in labels:
+        uid, tracking_id = (tracking or {}).get(
+            label,
+            (_uid(instance_uid_seed, f"seg.tracking.lesion.{label}"), lesion_tracking_id(label)),
+        )
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=len(descriptions) + 1,
@@ -116,8 +123,8 @@ def build_segmentation(
                 segmented_property_type=LESION_PROPERTY_TYPE,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
-                tracking_id=lesion_tracking_id(label),
-                tracking_uid=_uid(instance_uid_seed, f"seg.tracking.lesion.{label}"),
+                tracking_id=tracking_id,
+                tracking_uid=uid,
                 anatomic_regions=[codes.SCT.Lung],
             )
         )

@@ -1,19 +1,29 @@
 """DICOM SR writer: a TID 1500 Measurement Report (Comprehensive 3D SR) with one TID 1411 group per
 lesion referencing its SEG segment, a lung group, the study's screening probability and a NOT FOR
 CLINICAL USE statement, with UIDs derived from a seed like the SEG's.
+
+Follow-up: each lesion group carries the nodule's Tracking Identifier and Tracking Unique
+Identifier, the same in every study of the patient, and, when it was matched in the prior study,
+its change (volume change, doubling time, diameter change) and a comparison text; the report
+names the prior study (a Comparison to previous studies text and its Study Instance UID) and its
+images are listed as Pertinent Other Evidence, or it says why no prior was compared.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from workers.dicom_out.axial_line import AxialLine
 from workers.dicom_out.seg import (
     LESION_PROPERTY_TYPE,
     LUNG_TRACKING_ID,
@@ -27,6 +37,7 @@ __all__ = [
     "MAX_3D_DIAMETER",
     "LUNG_VOLUME",
     "MEAN_HU",
+    "PriorReference",
     "SCREENING_PROBABILITY",
     "SCREENING_TRACKING_ID",
     "VOLUME",
@@ -60,6 +71,37 @@ MALIGNANCY_NOTE = (
     "Malignancy score: an estimate of the LIDC-IDRI radiologists' impression (rating 4-5 of 5), "
     "not pathology, not a diagnosis"
 )
+
+# Change since the prior study: no DCM or SCT concept names a lesion's volume change,
+# volume-doubling time or diameter change, so they get private codes (as the malignancy score
+# does), with UCUM units; the comparison itself is DCM 111424 "Comparison to previous studies".
+VOLUME_CHANGE = (
+    Code("RADAI-FU-1", "99RADAI", "Volume change since prior study"),
+    None,
+    codes.UCUM.Percent,
+)
+DOUBLING_TIME = (Code("RADAI-FU-2", "99RADAI", "Volume doubling time"), None, codes.UCUM.Day)
+DIAMETER_CHANGE = (
+    Code("RADAI-FU-3", "99RADAI", "Maximum 3D diameter change since prior study"),
+    None,
+    codes.UCUM.Millimeter,
+)
+COMPARISON = codes.DCM.ComparisonToPreviousStudies
+LONG_AXIS = (codes.SCT.LongAxis, None, codes.UCUM.Millimeter)
+LONG_AXIS_SUFFIX = " long axis"  # the planar group's tracking identifier: "Nodule 2 long axis"
+
+
+@dataclass(frozen=True)
+class PriorReference:
+    """The prior study a report compared with (its images as (SOP class, SOP instance) UIDs), or
+    ``reason`` why none was compared."""
+
+    study_uid: str | None = None
+    series_uid: str | None = None
+    instances: tuple[tuple[str, str], ...] = ()
+    study_date: str | None = None
+    reason: str | None = None
+
 
 _QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 _PROCEDURE = Code("169069000", "SCT", "Computed tomography of chest")
@@ -100,9 +142,10 @@ def _laterality(location: str | None) -> Code | None:
 
 def _segments(segmentation: hd.seg.Segmentation) -> dict[str, tuple[int, str | None]]:
     """Segment number and tracking UID of each segment, by tracking identifier."""
+    # Keyed by segment label ("Lesion N"): the tracking identifier is the nodule's across studies.
     found = {}
     for item in segmentation.SegmentSequence:
-        key = str(item.get("TrackingID", item.SegmentLabel))
+        key = str(item.SegmentLabel)
         found[key] = (int(item.SegmentNumber), item.get("TrackingUID"))
     return found
 
@@ -176,6 +219,8 @@ def _lesion_group(
     if tracking_id not in segments:
         raise ValueError(f"the segmentation has no segment for lesion label {label}")
     number, tracking_uid = segments[tracking_id]
+    tracking_uid = lesion.get("tracking_uid") or tracking_uid
+    tracking_id = lesion.get("tracking_id") or tracking_id
     measurements = [
         _measurement(VOLUME, lesion["volume_mm3"]),
         _measurement(MAX_3D_DIAMETER, lesion["max_3d_diameter_mm"]),
@@ -188,6 +233,13 @@ def _lesion_group(
         if not 0.0 <= score <= 1.0:
             raise ValueError(f"malignancy_score {score} is outside [0, 1]")
         measurements.append(_measurement(MALIGNANCY_RATING_PROBABILITY, score))
+    change = lesion.get("change")
+    if change:
+        measurements.append(_measurement(VOLUME_CHANGE, change["volume_change_pct"]))
+        if change.get("doubling_time_days") is not None:
+            measurements.append(_measurement(DOUBLING_TIME, change["doubling_time_days"]))
+        if change.get("diameter_change_mm") is not None:
+            measurements.append(_measurement(DIAMETER_CHANGE, change["diameter_change_mm"]))
     location = lesion.get("location")
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -205,7 +257,52 @@ def _lesion_group(
         group[0].ContentSequence.append(_text(codes.SCT.FindingSite, str(location)))
     if lesion.get("malignancy_score") is not None:
         group[0].ContentSequence.append(_text(codes.DCM.Comment, MALIGNANCY_NOTE))
+    if change:
+        group[0].ContentSequence.append(_text(COMPARISON, _change_text(change)))
     return group
+
+
+def _long_axis_group(
+    lesion: Mapping[str, Any],
+    line: AxialLine,
+    source_images: Sequence[pydicom.Dataset],
+    algorithm: hd.sr.AlgorithmIdentification,
+    seed: str | None,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    label = int(lesion["label"])
+    if not 0 <= line.slice_index < len(source_images):
+        raise ValueError(f"lesion {label}'s line is on slice {line.slice_index}, not in the series")
+    image = source_images[line.slice_index]
+    tracking_id = (lesion.get("tracking_id") or lesion_tracking_id(label)) + LONG_AXIS_SUFFIX
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_uid(seed, f"sr.tracking.long-axis.{label}"), identifier=tracking_id
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=line.graphic_data(),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+            ),
+        ),
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        finding_type=LESION_PROPERTY_TYPE,
+        algorithm_id=algorithm,
+        measurements=[_measurement(LONG_AXIS, line.length_mm)],
+    )
+
+
+def _change_text(change: Mapping[str, Any]) -> str:
+    vdt = change.get("doubling_time_days")
+    interval = change.get("interval_days")
+    return (
+        f"Matched in prior study {change['prior_study_uid']}"
+        + (f" ({interval:.0f} days earlier)" if interval is not None else "")
+        + f": volume {change['prior_volume_mm3']:.1f} mm3 then, "
+        f"{change['volume_change_pct']:+.1f} % since"
+        + (f", volume doubling time {vdt:.0f} days" if vdt is not None else "")
+    )
 
 
 def build_measurement_report(
@@ -220,6 +317,8 @@ def build_measurement_report(
     screening_algorithm: tuple[str, str] | None = None,
     series_number: int = 902,
     instance_uid_seed: str | None = None,
+    prior: PriorReference | None = None,
+    axial_lines: Mapping[int, AxialLine] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 Measurement Report of the lesions segmented in ``segmentation``.
 
@@ -231,7 +330,12 @@ def build_measurement_report(
     it, identified by ``screening_algorithm`` (name, version) when a different model scored the
     study than segmented it. A Qualitative Evaluations container states NOT FOR CLINICAL USE
     and, without lesions, that none was found. Each lesion dict has label, volume_mm3,
-    max_3d_diameter_mm, max_2d_axial_diameter_mm, mean_hu and location (free text or None).
+    max_3d_diameter_mm, max_2d_axial_diameter_mm, mean_hu and location (free text or None),
+    and may have tracking_uid, tracking_id and change (db.findings.LesionChange as a dict).
+    ``prior`` names the prior study compared with (or why none was). ``axial_lines`` (by lesion
+    label) add, after the volumetric groups, one TID 1410 planar group per lesion: its longest
+    axial diameter as a two-point POLYLINE on its CT slice, which viewers that draw only image
+    coordinates (OHIF) show.
     """
     if not source_images:
         raise ValueError("source_images is empty")
@@ -275,6 +379,12 @@ def build_measurement_report(
         )
         for lesion in lesions
     ]
+    for lesion in lesions:
+        line = (axial_lines or {}).get(int(lesion["label"]))
+        if line is not None:
+            groups.append(
+                _long_axis_group(lesion, line, source_images, algorithm, instance_uid_seed)
+            )
     screener = algorithm
     if screening_algorithm is not None:
         screener = hd.sr.AlgorithmIdentification(
@@ -322,9 +432,11 @@ def build_measurement_report(
                 f"No lesion was found by {algorithm_name} {algorithm_version}.",
             )
         )
+    if prior is not None:
+        evaluations.ContentSequence.extend(_prior_items(prior))
     report[0].ContentSequence.append(evaluations)
 
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, segmentation],
         content=report[0],
         series_instance_uid=_uid(instance_uid_seed, "sr.series"),
@@ -339,3 +451,37 @@ def build_measurement_report(
         is_final=False,
         is_verified=False,
     )
+    if prior is not None and prior.study_uid and prior.series_uid and prior.instances:
+        sr.PertinentOtherEvidenceSequence = _evidence(prior)
+    return sr
+
+
+def _prior_items(prior: PriorReference) -> list[Any]:
+    if not prior.study_uid:
+        return [_text(COMPARISON, f"No prior study was compared: {prior.reason or 'none found'}")]
+    when = f" of {prior.study_date}" if prior.study_date else ""
+    return [
+        _text(COMPARISON, f"Compared with prior study {prior.study_uid}{when}"),
+        hd.sr.UIDRefContentItem(
+            name=codes.DCM.StudyInstanceUID,
+            value=prior.study_uid,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+    ]
+
+
+def _evidence(prior: PriorReference) -> list[Dataset]:
+    """The prior's images as Pertinent Other Evidence (Hierarchical SOP Instance Reference)."""
+    refs = []
+    for class_uid, instance_uid in prior.instances:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = class_uid
+        ref.ReferencedSOPInstanceUID = instance_uid
+        refs.append(ref)
+    series = Dataset()
+    series.SeriesInstanceUID = prior.series_uid
+    series.ReferencedSOPSequence = DicomSequence(refs)
+    study = Dataset()
+    study.StudyInstanceUID = prior.study_uid
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    return [study]

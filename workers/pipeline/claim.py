@@ -2,7 +2,9 @@
 
 Takes the study UID and the pipeline version; gives a `JobTicket`. The job is keyed by (study,
 pipeline version, hash of the input instances): the same key twice yields one result. A job
-starts only for a study that is STABLE, QUEUED or PROCESSING (db/lifecycle.py).
+starts only for a study that is STABLE, QUEUED or PROCESSING (db/lifecycle.py), and not while
+another worker holds a live lease on it (db/leases.py): a message the broker delivers again to a
+second worker while the first still runs the study does nothing. The claim takes the lease.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from db import Instance, Job, Series, Study, StudyState, lifecycle
+from db import Instance, Job, Series, Study, StudyState, leases, lifecycle
 from db.audit_actions import AuditAction
 from db.models import utcnow
 from db.own_results import is_own_result
@@ -20,7 +22,7 @@ from db.session import Database
 
 PIPELINE = "chest-ct-lung-lesions"
 ACTOR = "worker"
-RUNNING = "RUNNING"
+RUNNING = leases.RUNNING
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class JobTicket:
     study_uid: str
     input_hash: str
     attempt: int
+    # Who holds the job's lease; None for a ticket that only records a failure (`record.fail`).
+    owner: str | None = None
+
+    @property
+    def lease(self) -> leases.Lease | None:
+        return None if self.owner is None else leases.Lease(self.job_id, self.owner, self.attempt)
 
 
 def input_hash(pairs: list[tuple[str, str]]) -> str:
@@ -39,8 +47,18 @@ def input_hash(pairs: list[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def claim(db: Database, study_uid: str, version: str) -> JobTicket | str:
-    """Claim the job for the study's current instances, or say why there is nothing to do."""
+def claim(
+    db: Database,
+    study_uid: str,
+    version: str,
+    *,
+    owner: str | None = None,
+    lease_seconds: float = leases.DEFAULT_SECONDS,
+) -> JobTicket | str:
+    """Claim the job for the study's current instances, or say why there is nothing to do.
+
+    `owner` (default: this host and process) takes the job's lease for `lease_seconds`."""
+    owner = owner or leases.owner_name()
     with db.session() as s:
         study = s.execute(
             select(Study).where(Study.study_uid == study_uid).with_for_update()
@@ -79,6 +97,15 @@ def claim(db: Database, study_uid: str, version: str) -> JobTicket | str:
             return f"already {job.state} for these instances (job {job.id})"
         if study.state not in lifecycle.TRANSITIONS[AuditAction.JOB_STARTED].sources:
             return f"study is {study.state}; nothing to start"
+        now = utcnow()
+        # Only a PROCESSING study is in the holder's hands: one queued again meanwhile (reopened
+        # by a duplicate instance, same key) is taken over, and the old holder's end refused.
+        if (
+            study.state == StudyState.PROCESSING
+            and job is not None
+            and leases.held_elsewhere(job, owner, now)
+        ):
+            return f"job {job.id} is running under {job.lease_owner}'s lease"
         if job is None:
             job = Job(
                 study_id=study.id,
@@ -91,8 +118,9 @@ def claim(db: Database, study_uid: str, version: str) -> JobTicket | str:
             s.add(job)
         job.state = RUNNING
         job.attempts += 1
-        job.started_at = utcnow()
+        job.started_at = now
         job.error = None
+        leases.take(job, owner, lease_seconds, now)
         study.attempts += 1
         s.flush()
         lifecycle.transition(
@@ -100,6 +128,7 @@ def claim(db: Database, study_uid: str, version: str) -> JobTicket | str:
             study,
             AuditAction.JOB_STARTED,
             actor=ACTOR,
-            detail={"job": job.id, "attempt": job.attempts},
+            detail={"job": job.id, "attempt": job.attempts, "lease_owner": owner},
+            now=now,
         )
-        return JobTicket(job.id, study.id, study_uid, key, job.attempts)
+        return JobTicket(job.id, study.id, study_uid, key, job.attempts, owner)

@@ -20,11 +20,13 @@ from db.findings import Findings
 from dicom_io.archive import ArchiveClient
 from dicom_io.series import Volume
 from ml.runtime.qa import QAReport
+from workers.dicom_out.axial_line import longest_axial_lines
 from workers.dicom_out.seg import build_segmentation
-from workers.dicom_out.sr import build_measurement_report
+from workers.dicom_out.sr import PriorReference, build_measurement_report
 from workers.outputs import write_output
 from workers.pipeline.analysers import Analyser, Analysis
 from workers.pipeline.claim import JobTicket
+from workers.pipeline.followup import FollowUpResult, new_tracking
 from workers.pipeline.infer import findings_of
 
 
@@ -44,12 +46,18 @@ def write_results(
     outputs_dir: Path,
     seed: str,
     malignancy: list[float] | None = None,
+    followed: FollowUpResult | None = None,
     archive: ArchiveClient | None = None,
 ) -> Written:
     t0 = time.perf_counter()
     folder = outputs_dir / ticket.study_uid / f"job-{ticket.job_id}"
     saliency_path = folder / "saliency.npz"
     findings = findings_of(analysis, volume, check, analyser, str(saliency_path), malignancy)
+    if followed is None:
+        followed = FollowUpResult(
+            new_tracking(ticket.study_uid, [m.label for m in analysis.lesions])
+        )
+    findings = followed.apply(findings)
     seg_name, seg_version = analyser.segmentation_algorithm
     seg = build_segmentation(
         volume.datasets,
@@ -58,6 +66,7 @@ def write_results(
         algorithm_name=seg_name,
         algorithm_version=seg_version,
         instance_uid_seed=seed + "/seg",
+        tracking=followed.tracking,
     )
     sr = build_measurement_report(
         volume.datasets,
@@ -69,6 +78,8 @@ def write_results(
         algorithm_version=seg_version,
         screening_algorithm=analyser.screening_algorithm,
         instance_uid_seed=seed + "/sr",
+        prior=prior_reference(findings, followed),
+        axial_lines=longest_axial_lines(analysis.lesion_labels, volume.spacing_zyx[1:]),
     )
     outputs = [
         write_output(folder / "seg.dcm", seg, "SEG"),
@@ -84,3 +95,16 @@ def write_results(
             )
     np.savez_compressed(saliency_path, saliency=analysis.saliency.astype(np.float16))
     return Written(findings, outputs, time.perf_counter() - t0)
+
+
+def prior_reference(findings: Findings, followed: FollowUpResult) -> PriorReference | None:
+    """What the SR says of the prior: the study compared with and its images, or why none."""
+    if followed.prior_refs is None:
+        return PriorReference(reason=findings.prior_reason) if findings.prior_reason else None
+    study_uid, series_uid, instances = followed.prior_refs
+    return PriorReference(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instances=tuple(instances),
+        study_date=findings.follow_up.get("prior_study_date"),
+    )

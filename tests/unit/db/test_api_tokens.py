@@ -68,12 +68,12 @@ def test_bad_requests_for_tokens_are_refused(users, name: str, kw: dict) -> None
         create_token(s, name, actor="test", **kw)
 
 
-def test_migration_0010_downgrades_and_upgrades(database) -> None:  # noqa: ANN001
+def test_migration_0009_downgrades_and_upgrades(database) -> None:  # noqa: ANN001
     from alembic import command
     from sqlalchemy import inspect
 
-    command.downgrade(database.alembic_config(), "0010")
-    command.downgrade(database.alembic_config(), "-1")  # relative: 0010's parent may change
+    command.downgrade(database.alembic_config(), "0009")
+    command.downgrade(database.alembic_config(), "-1")  # relative: 0009's parent may change
     assert "api_tokens" not in inspect(database.engine).get_table_names()
     database.upgrade()
     assert "api_tokens" in inspect(database.engine).get_table_names()

@@ -151,7 +151,7 @@ def test_migration_0007_downgrades_and_upgrades(database):
 
     _alice(database)
     store.login(database, "alice", "guess", source="10.0.0.1")
-    # To 0007 first (later migrations sit on top), then one step: 0007's parent may change.
+    # Down to 0007 itself (later migrations may follow it), then one step: its parent may change.
     command.downgrade(database.alembic_config(), "0007")
     command.downgrade(database.alembic_config(), "-1")
     assert "login_attempts" not in inspect(database.engine).get_table_names()

@@ -17,6 +17,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DS
 
 from workers.dicom_out import build_measurement_report, build_segmentation
+from workers.dicom_out.axial_line import longest_axial_lines
+from workers.dicom_out.sr import PriorReference
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
@@ -387,3 +389,136 @@ def test_bad_input_is_refused(case: Case) -> None:
         build_measurement_report(
             case.ct, seg, case.lesions, lung_volume_ml=None, screening_probability=1.5, **ALGO
         )
+
+
+def test_follow_up_tracking_change_and_prior_in_seg_and_sr(case: Case, tmp_path: Path) -> None:
+    """A nodule tracked across studies: the SEG segment and the SR group carry its Tracking ID and
+    UID from the prior; its change is measured; the prior study is named and its images are
+    Pertinent Other Evidence."""
+    tracking = {1: ("2.25.1111", "Nodule 3"), 2: ("2.25.2222", "Nodule 4")}
+    lesions = [dict(lesion) for lesion in case.lesions]
+    for lesion in lesions:
+        lesion["tracking_uid"], lesion["tracking_id"] = tracking[lesion["label"]]
+    lesions[0]["change"] = {
+        "prior_study_uid": "1.2.826.0.1.3680043.8.498.77",
+        "prior_volume_mm3": 100.0,
+        "volume_change_pct": 45.5,
+        "doubling_time_days": -350.0,  # a shrinking nodule's halving time, negative
+        "diameter_change_mm": 1.5,
+        "interval_days": 180.0,
+    }
+    prior = PriorReference(
+        study_uid="1.2.826.0.1.3680043.8.498.77",
+        series_uid="1.2.826.0.1.3680043.8.498.77.1",
+        instances=(("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.77.1.1"),),
+        study_date="20230615",
+    )
+    seg = build_segmentation(
+        case.ct, case.lung, case.labels, instance_uid_seed="s", tracking=tracking, **ALGO
+    )
+    sr = build_measurement_report(
+        case.ct,
+        seg,
+        lesions,
+        lung_volume_ml=1.0,
+        screening_probability=0.5,
+        instance_uid_seed="s",
+        prior=prior,
+        **ALGO,
+    )
+    seg_path, sr_path = save(seg, tmp_path / "seg.dcm"), save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(seg_path)
+    assert_dciodvfy_clean(sr_path)
+    segments = {str(s.SegmentLabel): s for s in hd.seg.segread(seg_path).SegmentSequence}
+    assert (segments["Lesion 1"].TrackingID, segments["Lesion 1"].TrackingUID) == (
+        "Nodule 3",
+        "2.25.1111",
+    )
+    back = hd.sr.srread(sr_path)
+    groups = {
+        g.tracking_identifier: g for g in back.content.get_volumetric_roi_measurement_groups()
+    }
+    assert str(groups["Nodule 3"].tracking_uid) == "2.25.1111"
+    assert str(groups["Nodule 4"].tracking_uid) == "2.25.2222"
+    names = {m.name.meaning: m.value for m in groups["Nodule 3"].get_measurements()}
+    assert names["Volume change since prior study"] == pytest.approx(45.5)
+    assert names["Volume doubling time"] == pytest.approx(-350.0)
+    assert "Volume change since prior study" not in {
+        m.name.meaning for m in groups["Nodule 4"].get_measurements()
+    }
+    [study] = back.PertinentOtherEvidenceSequence
+    assert study.StudyInstanceUID == prior.study_uid
+    dump = dsrdump(sr_path)
+    assert "Compared with prior study 1.2.826.0.1.3680043.8.498.77 of 20230615" in dump
+    assert "(d,UCUM" in dump and "(%,UCUM" in dump
+
+
+def test_sr_says_why_no_prior_was_compared(case: Case, tmp_path: Path) -> None:
+    seg = build_segmentation(case.ct, case.lung, case.labels, instance_uid_seed="s", **ALGO)
+    sr = build_measurement_report(
+        case.ct,
+        seg,
+        case.lesions,
+        lung_volume_ml=1.0,
+        screening_probability=0.5,
+        instance_uid_seed="s",
+        prior=PriorReference(reason="the prior is of a different patient"),
+        **ALGO,
+    )
+    path = save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(path)
+    assert "No prior study was compared: the prior is of a different patient" in dsrdump(path)
+    assert "PertinentOtherEvidenceSequence" not in pydicom.dcmread(path)
+
+
+def test_longest_axial_line_of_an_ellipse() -> None:
+    labels = np.zeros((5, 64, 64), dtype=np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    # Widest on slice 2: an ellipse of semi-axes 12 px along x and 5 px along y.
+    labels[2][((yy - 30) / 5.0) ** 2 + ((xx - 28) / 12.0) ** 2 <= 1] = 3
+    labels[1][((yy - 30) / 3.0) ** 2 + ((xx - 28) / 6.0) ** 2 <= 1] = 3
+    labels[4, 10, 10] = 1  # one pixel
+    lines = longest_axial_lines(labels, (0.5, 0.8))
+    assert set(lines) == {1, 3}
+    line = lines[3]
+    assert line.slice_index == 2
+    # End points on the long (x) axis, 24 px apart: 24 * 0.8 mm.
+    assert {line.start_rc, line.end_rc} == {(30.0, 16.0), (30.0, 40.0)}
+    assert line.length_mm == pytest.approx(24 * 0.8)
+    assert lines[1].length_mm == 0.0 and lines[1].slice_index == 4
+    assert {tuple(p) for p in line.graphic_data().tolist()} == {(16.5, 30.5), (40.5, 30.5)}
+
+
+def test_sr_draws_each_lesions_long_axis_on_its_slice(case: Case, tmp_path: Path) -> None:
+    # OHIF draws only groups with image coordinates; each lesion gets one beside its volume group.
+    seg = build_segmentation(case.ct, case.lung, case.labels, instance_uid_seed="s", **ALGO)
+    lines = longest_axial_lines(case.labels, SPACING[1:])
+    sr = build_measurement_report(
+        case.ct,
+        seg,
+        case.lesions,
+        lung_volume_ml=1.0,
+        screening_probability=0.5,
+        instance_uid_seed="s",
+        axial_lines=lines,
+        **ALGO,
+    )
+    path = save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(path)
+    assert "POLYLINE" in dsrdump(path)
+    back = hd.sr.srread(str(path))
+    planar = back.content.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in planar] == ["Lesion 1 long axis", "Lesion 2 long axis"]
+    for group, lesion in zip(planar, case.lesions, strict=True):
+        line = lines[lesion["label"]]
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        assert np.allclose(region.value, line.graphic_data())
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert ref == case.ct[line.slice_index].SOPInstanceUID
+        # the sphere's widest slice is its centre's, and the chord spans about its diameter
+        centre_z = {1: 3, 2: 4}[lesion["label"]]
+        assert line.slice_index == centre_z
+        assert line.length_mm == pytest.approx(lesion["max_2d_axial_diameter_mm"], abs=1.5)
+        [measurement] = group.get_measurements()
+        assert measurement.value == pytest.approx(line.length_mm)

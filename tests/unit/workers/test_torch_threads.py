@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import SimpleITK as sitk
 import torch
 
 from workers.app import WorkerConfig, configure
@@ -20,6 +21,7 @@ def test_an_explicit_setting_wins():
 
 def test_configure_applies_it_to_this_process(tmp_path):
     before = torch.get_num_threads()
+    sitk_before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     try:
         configure(
             WorkerConfig(
@@ -30,5 +32,8 @@ def test_configure_applies_it_to_this_process(tmp_path):
             )
         )
         assert torch.get_num_threads() == 1
+        # follow-up's registration runs under the same budget
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
     finally:
         torch.set_num_threads(before)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_before)
