@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -46,6 +47,12 @@ def test_remote_workers_in_their_own_network_namespace(
     database, node_factory, redis_server, samples, tmp_path
 ):
     studies = small_chest_ct_studies(samples["lung2"], tmp_path / "studies", STUDIES)
+    # One patient seen on ten days: each study's prior is the one before (read over the link).
+    for day, files in enumerate(studies.values(), start=1):
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyDate = f"202401{day:02d}"
+            ds.save_as(path, enforce_file_format=True)
     redis_port = redis_server()
     queue = f"radai.test.{uuid.uuid4().hex[:8]}"
     node_home = tmp_path / "node"
@@ -129,6 +136,12 @@ def test_remote_workers_in_their_own_network_namespace(
         )
         for uid in studies:
             assert archived[(uid, "SEG")] == 1 and archived[(uid, "SR")] == 1
+
+        # Earlier studies were compared as priors, their series and SEG read by WADO-RS too (not
+        # every one: a study taken up before the one before it was DONE has none yet).
+        compared = [j.findings.get("prior_study_uid") for j in jobs]
+        reasons = {j.findings.get("prior_reason") for j in jobs}
+        assert sum(1 for uid in compared if uid) >= STUDIES // 2, reasons
 
         # Everything the workers opened came over the link, from the namespace's own address.
         assert ns.peers() == {ns.address}
