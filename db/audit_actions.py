@@ -25,6 +25,9 @@ class AuditAction(enum.StrEnum):
     JOB_FAILED = "job.failed"
     # A running job's lease lapsed (its worker died or its host vanished): queued again.
     JOB_LEASE_EXPIRED = "job.lease_expired"
+    # A study queued long ago that no worker started: its message is presumed lost (a broker that
+    # restarted without persistence) and the study is queued again through the outbox.
+    STUDY_QUEUE_LOST = "study.queue_lost"
     # A worker found its lease gone (it was reaped or taken over): its result was not recorded.
     JOB_LEASE_LOST = "job.lease_lost"
     # What the node noticed about received objects.

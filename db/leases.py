@@ -7,6 +7,11 @@ outbox in one transaction: the job is released, the study goes PROCESSING -> STA
 `db.lifecycle` (audited as "job.lease_expired") and a `radai.process_study` message is written.
 This holds even when the broker lost its queue (Redis restarted without persistence).
 
+A study that was published but that no worker ever started has no lease to lapse: when it has
+been QUEUED for longer than `queued_timeout` (`republish_stale`, run by `reap`), its message is
+presumed lost and it is published again the same way (audited as "study.queue_lost"). A
+duplicate of a message that was only slow costs a claim that finds nothing to do.
+
 A lease is identified by its owner and the job's attempt number. Only the holder may renew it or
 record the job's end (`holds`); the holder of a lapsed lease learns so at its next renewal and its
 late result is refused, so the job key keeps a single result. A job whose lease lapsed
@@ -32,6 +37,7 @@ from db.session import Database
 
 RUNNING = "RUNNING"
 DEFAULT_SECONDS = 60.0
+DEFAULT_QUEUED_TIMEOUT = 900.0  # as Celery's visibility timeout: a message not taken by then
 MAX_EXPIRIES = 3
 ACTOR = "reaper"
 
@@ -209,20 +215,74 @@ def reap_one(
     )
 
 
+def stale_queued(session: Session, queued_timeout: float, now: datetime | None = None) -> list[str]:
+    """UIDs of studies QUEUED for more than `queued_timeout` seconds (never started since)."""
+    before = (now or utcnow()) - timedelta(seconds=queued_timeout)
+    rows = session.execute(
+        select(Study.study_uid)
+        .where(Study.state == StudyState.QUEUED, Study.state_changed_at < before)
+        .order_by(Study.study_uid)
+    ).all()
+    return [uid for (uid,) in rows]
+
+
+def republish_one(
+    session: Session,
+    study_uid: str,
+    queued_timeout: float,
+    *,
+    actor: str = ACTOR,
+    now: datetime | None = None,
+) -> StudyState | None:
+    """Queue one long-QUEUED study again through the outbox, in the caller's transaction; None
+    if, once locked, it no longer qualifies (a worker started it meanwhile)."""
+    now = now or utcnow()
+    study = session.execute(
+        select(Study).where(Study.study_uid == study_uid).with_for_update()
+    ).scalar_one_or_none()
+    before = now - timedelta(seconds=queued_timeout)
+    if study is None or study.state != StudyState.QUEUED or study.state_changed_at >= before:
+        return None
+    message = ProcessStudy(study.study_uid, study.instance_count).message(now)
+    session.add(message)
+    session.flush()
+    return lifecycle.transition(
+        session,
+        study,
+        AuditAction.STUDY_QUEUE_LOST,
+        actor=actor,
+        detail={
+            "queued_at": study.state_changed_at.isoformat(),
+            "queued_timeout_s": queued_timeout,
+            "outbox_id": message.id,
+        },
+        now=now,
+    )
+
+
 def reap(
     db: Database,
     *,
     actor: str = ACTOR,
     max_expiries: int = MAX_EXPIRIES,
+    queued_timeout: float | None = DEFAULT_QUEUED_TIMEOUT,
     now: datetime | None = None,
 ) -> dict[str, StudyState]:
-    """Queue again every study whose lease lapsed (one transaction each); what became of each."""
+    """Queue again every study whose lease lapsed and, unless `queued_timeout` is None, every
+    study QUEUED for longer than it (one transaction each); what became of each."""
     with db.session() as s:
         candidates = lapsed(s, now)
+        stale = [] if queued_timeout is None else stale_queued(s, queued_timeout, now)
     done: dict[str, StudyState] = {}
     for uid in candidates:
         with db.session() as s:
             state = reap_one(s, uid, actor=actor, max_expiries=max_expiries, now=now)
+        if state is not None:
+            done[uid] = state
+    for uid in stale:
+        assert queued_timeout is not None
+        with db.session() as s:
+            state = republish_one(s, uid, queued_timeout, actor=actor, now=now)
         if state is not None:
             done[uid] = state
     return done

@@ -65,6 +65,9 @@ TRANSITIONS: dict[A, Rule] = {
     # The worker's lease lapsed: STABLE with a new outbox message, which the dispatcher
     # publishes (-> QUEUED) as it does any other; the job key keeps the result single.
     A.JOB_LEASE_EXPIRED: _rule([S.PROCESSING], S.STABLE),
+    # Queued long ago and never started: the message is presumed lost; published again the same
+    # way (a duplicate of a message that was only slow is harmless: the claim and the job key).
+    A.STUDY_QUEUE_LOST: _rule([S.QUEUED], S.STABLE),
 }
 
 FINISHED = frozenset({S.DONE, S.NOT_APPLICABLE, S.FAILED})

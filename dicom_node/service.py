@@ -37,6 +37,7 @@ class NodeService:
         backoff_cap: float = 30.0,
         checkpoint_seconds: float = 60.0,
         reap_seconds: float = 5.0,
+        queued_timeout: float | None = leases.DEFAULT_QUEUED_TIMEOUT,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -49,6 +50,7 @@ class NodeService:
         self.checkpoint_seconds = checkpoint_seconds
         self._next_checkpoint = 0.0  # monotonic time; the first round signs one at once
         self.reap_seconds = reap_seconds
+        self.queued_timeout = queued_timeout
         self._next_reap = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,9 +85,13 @@ class NodeService:
         if time.monotonic() < self._next_reap:
             return
         self._next_reap = time.monotonic() + self.reap_seconds
-        requeued = leases.reap(self.db, actor=f"reaper:{self.node.config.ae_title}")
+        requeued = leases.reap(
+            self.db,
+            actor=f"reaper:{self.node.config.ae_title}",
+            queued_timeout=self.queued_timeout,
+        )
         for uid, state in requeued.items():
-            log.warning("study %s: its worker's lease lapsed; now %s", uid, state)
+            log.warning("study %s: its worker was lost or its message lost; now %s", uid, state)
 
     def checkpoint(self) -> None:
         """Sign the audit trail's head; a failure is logged (loudly) and never stops the node."""

@@ -84,6 +84,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
             {str(TaskName.EXPORT_OUTPUT): settings.io_queue},
         ),
         checkpoint_seconds=settings.audit_checkpoint_seconds,
+        queued_timeout=settings.queued_timeout,
     )
 
 
@@ -205,7 +206,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker_shutdown.connect(lambda **_: _checkpoint_quietly(db), weak=False)
     config = _worker_config(settings)
     config.processes = args.concurrency
-    _reap_quietly(db)
+    _reap_quietly(db, settings.queued_timeout)
     app = configure(config)
     queues = args.queues or f"{settings.queue},{settings.io_queue}"
     argv = [
@@ -227,13 +228,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _reap_quietly(db) -> None:  # noqa: ANN001
+def _reap_quietly(db, queued_timeout: float) -> None:  # noqa: ANN001
     """A worker starting after a crash queues again the studies whose workers were lost, even
     where no node runs its reaper (db/leases.py)."""
     from db import leases
 
     try:
-        requeued = leases.reap(db, actor="reaper:worker")
+        requeued = leases.reap(db, actor="reaper:worker", queued_timeout=queued_timeout)
     except Exception:  # noqa: BLE001 - the node's loop reaps too; starting matters more
         log.warning("reaping lapsed leases at start failed", exc_info=True)
         return

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=60.0, ge=3, description="a running job's lease; a lost worker's study is requeued"
     )
+    queued_timeout: float = Field(
+        default=900.0,
+        ge=10,
+        description="s a study may stay QUEUED unstarted before its message is presumed lost",
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch threads per worker process; 0: cores / processes"
     )

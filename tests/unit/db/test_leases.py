@@ -176,3 +176,44 @@ def test_migration_0008_gives_jobs_running_before_it_the_old_redelivery_time(tmp
     command.downgrade(config, "0007")
     command.upgrade(config, "head")
     db.dispose()
+
+
+def _queued(db, *, queued_for: float) -> None:
+    """A QUEUED study that no worker has started, queued `queued_for` s ago."""
+    then = utcnow() - timedelta(seconds=queued_for)
+    with db.session() as s:
+        s.add(
+            Study(
+                study_uid=UID,
+                state=StudyState.QUEUED,
+                instance_count=4,
+                last_instance_at=then,
+                state_changed_at=then,
+            )
+        )
+
+
+def test_a_study_queued_too_long_unstarted_is_published_again(database):
+    # Its message went with a broker that restarted empty: no lease exists to lapse.
+    _queued(database, queued_for=120)
+    assert leases.reap(database, queued_timeout=300) == {}  # not yet: it may be waiting its turn
+    assert _state(database) == StudyState.QUEUED
+    assert leases.reap(database, actor="reaper:test", queued_timeout=60) == {UID: StudyState.STABLE}
+    with database.session() as s:
+        messages = list(s.execute(select(OutboxMessage)).scalars())
+        entry = s.execute(
+            select(AuditEntry).where(AuditEntry.action == AuditAction.STUDY_QUEUE_LOST)
+        ).scalar_one()
+    assert [(m.task, m.payload) for m in messages] == [
+        (str(TaskName.PROCESS_STUDY), {"study_uid": UID, "instances": 4})
+    ]
+    assert entry.actor == "reaper:test" and entry.detail["outbox_id"] == messages[0].id
+    assert (entry.detail["from_state"], entry.detail["to_state"]) == ("QUEUED", "STABLE")
+    # Once STABLE (and, published again, freshly QUEUED) it is not touched again.
+    assert leases.reap(database, queued_timeout=60) == {}
+
+
+def test_queued_timeout_none_leaves_queued_studies_alone(database):
+    _queued(database, queued_for=10_000)
+    assert leases.reap(database, queued_timeout=None) == {}
+    assert _state(database) == StudyState.QUEUED

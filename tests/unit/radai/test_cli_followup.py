@@ -57,7 +57,7 @@ def test_evaluate_followup_writes_its_json_and_report_section(tmp_path, monkeypa
     (out / "report.md").write_text("# Model evaluation\n\n## Earlier table\n\nkept\n")
     rc = cli.main(
         ["evaluate", "--followup", "--data", str(data), "--out", str(out)]
-        + ["--followup-anatomies", "lung1", "--followup-threads", "1"]
+        + ["--followup-anatomies", "lung1", "--followup-pairs", "1", "--followup-threads", "1"]
     )
     assert rc == 0
     printed = capsys.readouterr().out
