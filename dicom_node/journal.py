@@ -39,10 +39,15 @@ class Record:
 
 
 def _write_all(fd: int, parts: list[bytes]) -> None:
-    view = memoryview(b"".join(parts)) if len(parts) > 1 else memoryview(parts[0])
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    # One writev, without joining (a copy of the instance's bytes); loops only on short writes.
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -74,8 +74,18 @@ _STUDY_ROW = (
 )
 _SERIES_ID = select(_SE.c.id).where(_SE.c.series_uid == bindparam("uid"))
 _INSERT_INSTANCE = _I.insert()
-_COUNT_SERIES = (
-    update(_SE).where(_SE.c.id == bindparam("sid")).values(instance_count=_SE.c.instance_count + 1)
+# A new instance counts in its study and series: each counted and read back in one statement.
+_BUMP_STUDY = (
+    update(_S)
+    .where(_S.c.study_uid == bindparam("uid"))
+    .values(instance_count=_S.c.instance_count + 1, last_instance_at=bindparam("now"))
+    .returning(_S.c.id, _S.c.state, _S.c.modalities, _S.c.patient_id, _S.c.hold_reason)
+)
+_BUMP_SERIES = (
+    update(_SE)
+    .where(_SE.c.series_uid == bindparam("uid"))
+    .values(instance_count=_SE.c.instance_count + 1)
+    .returning(_SE.c.id)
 )
 
 
@@ -125,7 +135,14 @@ def record_in_session(
     if known == digest:
         conn.execute(_TOUCH, {"uid": obj.study_uid, "now": now})
         return Outcome.DUPLICATE
-    study_id, state, modalities, patient_id, hold_reason = _upsert_study(s, obj, now, actor)
+    if known is None:
+        row = conn.execute(_BUMP_STUDY, {"uid": obj.study_uid, "now": now}).first()
+        if row is None:
+            _upsert_study(s, obj, now, actor)
+            row = conn.execute(_BUMP_STUDY, {"uid": obj.study_uid, "now": now}).one()
+        study_id, state, modalities, patient_id, hold_reason = row
+    else:
+        study_id, state, modalities, patient_id, hold_reason = _upsert_study(s, obj, now, actor)
     _record_alterations(s, obj, study_id, calling_ae, actor, now)
     if known is not None:
         _record_conflict(
@@ -141,7 +158,10 @@ def record_in_session(
             replay=replay,
         )
         return Outcome.CONFLICT
-    series_id = _upsert_series(s, obj, study_id)
+    series_id = conn.execute(_BUMP_SERIES, {"uid": obj.series_uid}).scalar()
+    if series_id is None:
+        _upsert_series(s, obj, study_id)
+        series_id = conn.execute(_BUMP_SERIES, {"uid": obj.series_uid}).scalar_one()
     conn.execute(
         _INSERT_INSTANCE,
         {
@@ -158,8 +178,7 @@ def record_in_session(
             "received_at": now,
         },
     )
-    conn.execute(_COUNT_SERIES, {"sid": series_id})
-    values: dict = {"instance_count": _S.c.instance_count + 1, "last_instance_at": now}
+    values: dict = {}
     present = [m for m in modalities.split("\\") if m]
     if obj.modality and obj.modality not in present:
         values["modalities"] = "\\".join([*present, obj.modality])
@@ -183,7 +202,8 @@ def record_in_session(
             once=False,  # held again after a release: a new flag with its own time
             now=now,
         )
-    conn.execute(update(_S).where(_S.c.id == study_id).values(**values))
+    if values:
+        conn.execute(update(_S).where(_S.c.id == study_id).values(**values))
     return Outcome.NEW
 
 
