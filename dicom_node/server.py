@@ -194,7 +194,10 @@ class DicomNode:
     def _tune_polling(self, event: evt.Event) -> None:
         # `_run_loop_delay` is the DUL's documented knob ("higher uses less CPU when idle, but
         # increases the latency to respond"); it is read on every loop, so this takes effect at once.
-        event.assoc.dul._run_loop_delay = self.config.poll_seconds
+        # Each association's poll costs CPU while it waits; with many at once the CPU, not one
+        # association's latency, limits the rate: poll less often the more there are.
+        active = max(1, len(self.ae.active_associations))
+        event.assoc.dul._run_loop_delay = min(0.001, self.config.poll_seconds * active)
 
     def _handshake(self, event: evt.Event) -> None:
         # Runs in the connection's own thread, before pynetdicom's DUL reads the socket.
