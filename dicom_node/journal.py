@@ -12,6 +12,7 @@ acknowledged) ends its segment's replay.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _read_segment(path: Path, seq: int) -> list[Record]:
-    records = []
+    records: list[Record] = []
     with open(path, "rb") as fh:
         while True:
             head = fh.read(_HEAD.size)
@@ -97,10 +98,21 @@ class Journal:
         self._written = 0  # bytes appended since open, over all segments
         self._synced = 0  # of those, bytes known to be durable
         self._outstanding: dict[int, int] = {}  # segment -> records not yet applied
+        self._lock_fd = -1
 
     def open(self) -> list[Record]:
         """Read what earlier runs left (to replay), then start a fresh segment for appends."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        # One node per journal: another would replay (and delete) records still in flight here.
+        self._lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise RuntimeError(
+                f"another node is running on this archive (its journal {self.folder} is locked)"
+            ) from None
         found = sorted(
             (int(p.stem), p) for p in self.folder.glob(f"*{_SUFFIX}") if p.stem.isdigit()
         )
@@ -174,9 +186,7 @@ class Journal:
         with self._lock:
             for record in records:
                 self._outstanding[record.segment] -= 1
-            done = [
-                seq for seq, n in self._outstanding.items() if n == 0 and seq != self._seq
-            ]
+            done = [seq for seq, n in self._outstanding.items() if n == 0 and seq != self._seq]
             for seq in done:
                 self._delete(seq)
             if self._outstanding.get(self._seq) == 0 and self._size >= _REUSE_BYTES:
@@ -203,3 +213,6 @@ class Journal:
                 self._fd = -1
                 if self._outstanding.get(self._seq, 0) == 0:
                     self._delete(self._seq)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = -1

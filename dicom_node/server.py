@@ -151,18 +151,22 @@ class DicomNode:
         return self._server.server_address[1]
 
     def start(self) -> None:
-        left = self.journal.open()
-        if left:
-            counts = replay(self.db, self.archive, left, actor=self.actor)
-            self.journal.applied(left)
-            log.info("replayed %d journal records left by an earlier run: %s", len(left), counts)
-        self.durability.start()
         context: ssl.SSLContext | None = None
         if self.config.tls_cert is not None and self.config.tls_key is not None:
             # Built here, not in __init__, so a renewed certificate is picked up on restart.
             context = tls.server_context(
                 self.config.tls_cert, self.config.tls_key, self.config.tls_ca
             )
+        left = self.journal.open()
+        try:
+            if left:
+                counts = replay(self.db, self.archive, left, actor=self.actor)
+                self.journal.applied(left)
+                log.info("replayed %d journal records of an earlier run: %s", len(left), counts)
+        except BaseException:
+            self.journal.close()  # nothing is lost: the records stay for the next start
+            raise
+        self.durability.start()
         handlers = [
             # The handshake goes first: nothing else may read or write a socket still shaking hands.
             (evt.EVT_CONN_OPEN, self._handshake),
@@ -172,12 +176,17 @@ class DicomNode:
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=context,
-        )
+        try:
+            self._server = self.ae.start_server(
+                (self.config.host, self.config.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=context,
+            )
+        except BaseException:
+            self.durability.stop()
+            self.journal.close()  # another start may follow: release the journal's lock
+            raise
         log.info(
             "DICOM node %s listening on %s:%d (%s%s%s)",
             self.config.ae_title,
@@ -192,8 +201,8 @@ class DicomNode:
         _tune_socket(event, self.config.network_timeout)
 
     def _tune_polling(self, event: evt.Event) -> None:
-        # `_run_loop_delay` is the DUL's documented knob ("higher uses less CPU when idle, but
-        # increases the latency to respond"); it is read on every loop, so this takes effect at once.
+        # `_run_loop_delay` is the DUL's knob ("higher uses less CPU when idle, but increases the
+        # latency to respond"); it is read on every loop, so this takes effect at once.
         # Each association's poll costs CPU while it waits; with many at once the CPU, not one
         # association's latency, limits the rate: poll less often the more there are.
         active = max(1, len(self.ae.active_associations))

@@ -55,7 +55,8 @@ service.wait()
 def _send(port: int, files: list[Path]) -> None:
     result = storescu(port, files, aet="CRASHSCU", extra=("-d", "-nh"))
     got = storescu_statuses(result.stdout + result.stderr)
-    assert [got.get(str(f)) for f in files] == [statuses.SUCCESS] * len(files), result.stderr[-2000:]
+    answers = [got.get(str(f)) for f in files]
+    assert answers == [statuses.SUCCESS] * len(files), result.stderr[-2000:]
 
 
 def _snapshot(db_path: Path, to: Path) -> None:
