@@ -17,6 +17,7 @@ association from any other address is rejected (A-ASSOCIATE-RJ) and audited.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -24,10 +25,12 @@ import socket
 import ssl
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
@@ -48,6 +51,7 @@ from dicom_node.statuses import Refusal
 log = logging.getLogger("radai.node")
 
 _STRIPES = 64
+_INLINE_BYTES = 256 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given. The standard has no
@@ -114,6 +118,10 @@ class DicomNode:
         # Serialise work on one SOP Instance UID so two concurrent senders of different content
         # under the same UID cannot both take the primary file.
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
+        # SQLite takes one writer at a time and makes the others wait in its busy handler, which
+        # sleeps 1 to 100 ms between tries: concurrent associations queue here instead, and the
+        # next one starts the moment the last commit ends.
+        self._sqlite_writer = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
         self._server = None
         self.networks = parse_networks(config.allowed_networks)
         if (config.tls_cert is None) != (config.tls_key is None):
@@ -304,10 +312,15 @@ class DicomNode:
                 "sop_instance": sop_instance,
             }
             # The journal's fdatasync, writing the file and hashing release the GIL: they run
-            # while we parse.
+            # while we parse. Below _INLINE_BYTES, handing the write and the hash to another
+            # thread costs more than doing them.
             journalled = self._pool.submit(self.journal.append, meta, data)
-            staged = self._pool.submit(stage, self.archive.staging, data, sync=False)
-            digest = self._pool.submit(sha256, data)
+            if len(data) < _INLINE_BYTES:
+                staged = _done(stage, self.archive.staging, data, sync=False)
+                digest = _done(sha256, data)
+            else:
+                staged = self._pool.submit(stage, self.archive.staging, data, sync=False)
+                digest = self._pool.submit(sha256, data)
             try:
                 obj = inspect_received(data, sop_class, sop_instance)
             except BaseException:
@@ -388,7 +401,7 @@ class DicomNode:
 
         lock = self._locks[zlib.crc32(obj.sop_instance_uid.encode()) % _STRIPES]
         try:
-            with lock, self.db.deferred_session() as s:
+            with lock, self._sqlite_writer, self.db.deferred_session() as s:
                 outcome = recording.record_in_session(
                     s,
                     obj,
@@ -456,6 +469,16 @@ class DicomNode:
             )
         except Exception:  # noqa: BLE001 - the log line above is the record of last resort
             log.exception("could not record the refusal in the database")
+
+
+def _done(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """`fn` run here and now, as a future (its result or its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - handed over, as the pool would
+        future.set_exception(exc)
+    return future
 
 
 def _discard(staged: Future) -> None:
