@@ -1,13 +1,21 @@
-"""Ingest benchmark: how fast does radai's DICOM node take in CT slices, next to two other peers?
+"""Ingest benchmark: how fast does radai's DICOM node take in CT instances, next to two peers?
 
 What it measures
 ----------------
-Instances per second for ONE dcmtk `storescu` association that sends a corpus of N (default 500)
-512x512 16-bit CT slices (about 0.5 MB each, Explicit VR Little Endian) over loopback to:
+Instances per second for dcmtk `storescu` senders over loopback, for two corpora and for 1 and
+8 concurrent associations (files dealt out in turn):
 
-* radai  - `radai node` (pynetdicom). Before it answers success it writes the file under a
-           temporary name, fsyncs it, renames it into place, fsyncs the folder, and commits one
-           SQLite transaction (WAL, synchronous=FULL) recording the instance, series and study.
+* 512x512 CT: `--instances` (default 305) 16-bit slices of about 0.5 MB, 6 studies;
+* 64x64 CT: `--small-instances` (default 5000) of about 10 KB, where the fixed cost per
+  instance, not the bytes, sets the rate;
+
+to three receivers:
+
+* radai  - `radai node` (pynetdicom). Before it answers success the instance's bytes are in an
+           append-only journal, fdatasynced (one sync shared by concurrent senders), the file is
+           renamed into place and the SQLite index committed without waiting for the disk; files,
+           folders and index are fsynced in the background before the journal drops the record,
+           and the journal is replayed at start (dicom_node/journal.py, durability.py).
 * storescp - dcmtk's `storescp`: writes each file into one folder, with no fsync and no index.
            This is the raw speed of the protocol and the page cache: an upper bound, not a peer
            with the same guarantees.
@@ -15,29 +23,31 @@ Instances per second for ONE dcmtk `storescu` association that sends a corpus of
            stored file ("SyncStorageArea" defaults to true) and records the instance in its SQLite
            index before it answers; this is the closest like-for-like comparison.
 
-The time is wall clock from the start of `storescu` to its exit, so it includes association
-set-up and storescu's own reading of the files (which are in the page cache: they are read once
-before timing; and `sync` runs before each timed send, so that no run pays for flushing another
-run's writes). Every receiver runs fresh (new process, empty storage and database) for each of
-3 repetitions, the receivers take turns within a repetition, and the table shows the median. A
-run counts only if storescu exits 0 and the receiver holds all N instances afterwards (radai:
-`radai studies --json`; storescp: files in its folder; Orthanc: its /statistics); a failed
-receiver is reported as FAILED with the reason, never timed.
+The time is wall clock from the start of the first `storescu` to the exit of the last, so it
+includes association set-up and storescu's own reading of the files (which are in the page
+cache: they are read once before timing; and `sync` runs before each timed send, so that no run
+pays for flushing another run's writes). Every receiver runs fresh (new process, empty storage
+and database) for each of `--repeats` (default 3) repetitions, the receivers take turns within a
+repetition, and the table shows the median. A run counts only if every storescu exits 0 and the
+receiver holds all N instances afterwards (radai: `radai studies --json`; storescp: files in its
+folder; Orthanc: its /statistics); a failed receiver is reported as FAILED, never timed.
 
-Then a memory run: a fresh radai node receives `--memory-instances` (default 2000) instances in
-one association, and its peak resident set (VmHWM from /proc/PID/status) is printed in MB.
+Then a memory run: a fresh radai node receives `--memory-instances` (default 2000) 512x512
+instances in one association, and its peak resident set (VmHWM from /proc/PID/status) is printed.
 
 How to read it
 --------------
-`inst/s` is throughput for a single sender; `x orthanc` and `x storescp` are radai's (and each
-row's) inst/s divided by Orthanc's and storescp's. A ratio near or above 1.0 to Orthanc means the
-node keeps up with an established archive that makes the same durability promise; the gap to
-storescp is mostly the price of fsync and indexing. The numbers depend on the disk's fsync
-latency and the CPU, both printed first: compare runs on the same machine only.
+`inst/s` is throughput; `x orthanc` and `x storescp` are each row's inst/s divided by Orthanc's
+and storescp's in the same run, and the closing summary repeats radai's ratios per case. A ratio
+near or above 1.0 to Orthanc means the node keeps up with an established archive that makes the
+same durability promise; the gap to storescp is mostly the price of fsync and indexing. The
+numbers depend on the disk's fsync latency, the CPU and the machine's load (printed before and
+after each case): compare ratios from one run only.
 
-Run: `python bench/ingest.py [--instances N] [--memory-instances M]` with the project's venv
-active. Needs dcmtk (/usr/bin/storescu, storescp, echoscu) and Orthanc (/usr/sbin/Orthanc).
-Only loopback (127.0.0.1) is used; everything it starts is stopped and its temp dirs deleted.
+Run: `python bench/ingest.py [--instances N] [--small-instances M] [--senders 1,8]` with the
+project's venv active. Needs dcmtk (/usr/bin/storescu, storescp, echoscu) and Orthanc
+(/usr/sbin/Orthanc). Only loopback (127.0.0.1) is used; everything it starts is stopped and its
+temp dirs deleted.
 """
 
 from __future__ import annotations
