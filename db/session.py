@@ -66,10 +66,12 @@ class Database:
         """A session whose commit does not wait for the disk: visible to every reader at once,
         durable at the next `make_durable()` (or the database's own next flush).
 
-        Only for writers that hold a durable copy of what they record elsewhere and can redo it
-        after a crash (the DICOM node's ingest journal). SQLite: synchronous=NORMAL on its own
-        connections (WAL: a crash of the machine may lose the last commits, never corrupt);
-        PostgreSQL: synchronous_commit=off.
+        Only for writers that hold a durable copy of what they record elsewhere and redo it at
+        their next start (the DICOM node's ingest journal). SQLite: synchronous=NORMAL on its own
+        connections (WAL: only a crash of the machine, which restarts the writer too, can lose
+        the last commits; nothing is corrupted). PostgreSQL commits as usual: its server can crash
+        and lose asynchronous commits while the writer runs on, with nothing to tell it to redo
+        them (and it syncs its WAL for concurrent commits together anyway).
         """
         with self._deferred_factory()() as session, session.begin():
             yield session
@@ -80,15 +82,9 @@ class Database:
                 if self.is_sqlite:
                     engine = create_engine(self.url, connect_args={"timeout": 30})
                     _sqlite_setup(engine, synchronous="NORMAL")
+                    self._deferred = sessionmaker(engine, expire_on_commit=False)
                 else:
-                    engine = create_engine(
-                        self.url,
-                        pool_size=4,
-                        max_overflow=8,
-                        pool_pre_ping=True,
-                        connect_args={"options": "-c synchronous_commit=off"},
-                    )
-                self._deferred = sessionmaker(engine, expire_on_commit=False)
+                    self._deferred = self.sessionmaker
             return self._deferred
 
     def make_durable(self) -> None:
@@ -110,10 +106,7 @@ class Database:
                 finally:
                     os.close(fd)
             return
-        # A commit that waits for the WAL flush flushes every commit before it, also the
-        # asynchronous ones; txid_current() gives this one a transaction ID, hence a commit record.
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql("SELECT txid_current()")
+        # PostgreSQL: `deferred_session` commits synchronously; nothing is left to sync.
 
     def alembic_config(self) -> Config:
         cfg = Config()
@@ -126,7 +119,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-        if self._deferred is not None:
+        if self._deferred is not None and self._deferred is not self.sessionmaker:
             bind = self._deferred.kw.get("bind")
             if bind is not None:
                 bind.dispose()

@@ -99,6 +99,8 @@ class Journal:
         self._synced = 0  # of those, bytes known to be durable
         self._outstanding: dict[int, int] = {}  # segment -> records not yet applied
         self._lock_fd = -1
+        self._old_bytes = 0  # held by segments before the current one
+        self._sizes: dict[int, int] = {}
 
     def open(self) -> list[Record]:
         """Read what earlier runs left (to replay), then start a fresh segment for appends."""
@@ -120,6 +122,8 @@ class Journal:
         for seq, path in found:
             got = _read_segment(path, seq)
             self._outstanding[seq] = len(got)
+            self._sizes[seq] = path.stat().st_size
+            self._old_bytes += self._sizes[seq]
             records += got
         with self._sync_lock, self._lock:
             self._start_segment((found[-1][0] if found else 0) + 1)
@@ -137,6 +141,8 @@ class Journal:
             os.fdatasync(self._fd)
             self._synced = self._written
             os.close(self._fd)
+            self._sizes[self._seq] = self._size
+            self._old_bytes += self._size
             if self._outstanding.get(self._seq, 0) == 0:
                 self._delete(self._seq)
         self._seq = seq
@@ -199,7 +205,13 @@ class Journal:
     def _delete(self, seq: int) -> None:
         # No fsync: a deletion lost in a crash only replays records already applied (idempotent).
         self._outstanding.pop(seq, None)
+        self._old_bytes -= self._sizes.pop(seq, 0)
         self._path(seq).unlink(missing_ok=True)
+
+    def disk_bytes(self) -> int:
+        """Bytes the journal's segments hold now (transient: they go once applied)."""
+        with self._lock:
+            return self._size + self._old_bytes
 
     def outstanding(self) -> int:
         with self._lock:
