@@ -94,17 +94,17 @@ class Database:
             if not self.url.startswith("sqlite:///") or path.startswith(":memory:"):
                 return
             # A commit lives in the WAL until a checkpoint copies it into the database file, and
-            # with synchronous=NORMAL the database file is fsynced after every checkpoint: syncing
-            # the WAL makes every earlier commit durable.
-            for name in (f"{path}-wal", path):
-                try:
-                    fd = os.open(name, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            # every completed checkpoint fsyncs the database file before the WAL is reused:
+            # syncing the WAL makes every earlier commit durable. Never the database file itself:
+            # closing any descriptor of it drops this process's POSIX locks on it (SQLite's).
+            try:
+                fd = os.open(f"{path}-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return  # no WAL: everything is checkpointed into the (synced) database file
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             return
         # PostgreSQL: `deferred_session` commits synchronously; nothing is left to sync.
 
