@@ -19,6 +19,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,10 +209,11 @@ class Journal:
         self._old_bytes -= self._sizes.pop(seq, 0)
         self._path(seq).unlink(missing_ok=True)
 
-    def disk_bytes(self) -> int:
-        """Bytes the journal's segments hold now (transient: they go once applied)."""
+    def free_mb_beside(self, free_mb: Callable[[], float]) -> float:
+        """`free_mb()` plus what the journal's segments hold (transient: they go once applied),
+        measured together: a segment emptied between the two would be counted twice or not."""
         with self._lock:
-            return self._size + self._old_bytes
+            return free_mb() + (self._size + self._old_bytes) / 1e6
 
     def outstanding(self) -> int:
         with self._lock:

@@ -297,8 +297,9 @@ class DicomNode:
                     f"instance of {len(data)} bytes exceeds the "
                     f"{self.config.max_instance_bytes}-byte limit",
                 )
-            # Twice the size: the journal holds a copy until the file is synced.
-            if free_mb(self.archive.root) - 2 * len(data) / 1e6 < self.config.min_free_disk_mb:
+            # The journal's copies go once their files are synced: that space counts as free.
+            free = self.journal.free_mb_beside(lambda: free_mb(self.archive.root))
+            if free - len(data) / 1e6 < self.config.min_free_disk_mb:
                 raise Refusal(
                     statuses.DISK_LOW,
                     f"free disk below {self.config.min_free_disk_mb:.0f} MB; refusing new data",
