@@ -153,7 +153,7 @@ def main() -> int:
         node.start()
         config = {"Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
         try:
-            with dicomweb_server(db, node.node.receive) as web, OrthancServer(**config) as orthanc:
+            with dicomweb_server(db, node.node.store) as web, OrthancServer(**config) as orthanc:
                 send_files(files, ("RADAI", HOST, node.port), calling_aet="BENCH")
                 send_files(files, orthanc.destination, calling_aet="BENCH")
                 radai = DICOMwebClient(

@@ -1,13 +1,21 @@
-"""Ingest benchmark: how fast does radai's DICOM node take in CT slices, next to two other peers?
+"""Ingest benchmark: how fast does radai's DICOM node take in CT instances, next to two peers?
 
 What it measures
 ----------------
-Instances per second for ONE dcmtk `storescu` association that sends a corpus of N (default 500)
-512x512 16-bit CT slices (about 0.5 MB each, Explicit VR Little Endian) over loopback to:
+Instances per second for dcmtk `storescu` senders over loopback, for two corpora and for 1 and
+8 concurrent associations (files dealt out in turn):
 
-* radai  - `radai node` (pynetdicom). Before it answers success it writes the file under a
-           temporary name, fsyncs it, renames it into place, fsyncs the folder, and commits one
-           SQLite transaction (WAL, synchronous=FULL) recording the instance, series and study.
+* 512x512 CT: `--instances` (default 305) 16-bit slices of about 0.5 MB, 6 studies;
+* 64x64 CT: `--small-instances` (default 5000) of about 10 KB, where the fixed cost per
+  instance, not the bytes, sets the rate;
+
+to three receivers:
+
+* radai  - `radai node` (pynetdicom). Before it answers success the instance's bytes are in an
+           append-only journal, fdatasynced (one sync shared by concurrent senders), the file is
+           renamed into place and the SQLite index committed without waiting for the disk; files,
+           folders and index are fsynced in the background before the journal drops the record,
+           and the journal is replayed at start (dicom_node/journal.py, durability.py).
 * storescp - dcmtk's `storescp`: writes each file into one folder, with no fsync and no index.
            This is the raw speed of the protocol and the page cache: an upper bound, not a peer
            with the same guarantees.
@@ -15,29 +23,31 @@ Instances per second for ONE dcmtk `storescu` association that sends a corpus of
            stored file ("SyncStorageArea" defaults to true) and records the instance in its SQLite
            index before it answers; this is the closest like-for-like comparison.
 
-The time is wall clock from the start of `storescu` to its exit, so it includes association
-set-up and storescu's own reading of the files (which are in the page cache: they are read once
-before timing; and `sync` runs before each timed send, so that no run pays for flushing another
-run's writes). Every receiver runs fresh (new process, empty storage and database) for each of
-3 repetitions, the receivers take turns within a repetition, and the table shows the median. A
-run counts only if storescu exits 0 and the receiver holds all N instances afterwards (radai:
-`radai studies --json`; storescp: files in its folder; Orthanc: its /statistics); a failed
-receiver is reported as FAILED with the reason, never timed.
+The time is wall clock from the start of the first `storescu` to the exit of the last, so it
+includes association set-up and storescu's own reading of the files (which are in the page
+cache: they are read once before timing; and `sync` runs before each timed send, so that no run
+pays for flushing another run's writes). Every receiver runs fresh (new process, empty storage
+and database) for each of `--repeats` (default 3) repetitions, the receivers take turns within a
+repetition, and the table shows the median. A run counts only if every storescu exits 0 and the
+receiver holds all N instances afterwards (radai: `radai studies --json`; storescp: files in its
+folder; Orthanc: its /statistics); a failed receiver is reported as FAILED, never timed.
 
-Then a memory run: a fresh radai node receives `--memory-instances` (default 2000) instances in
-one association, and its peak resident set (VmHWM from /proc/PID/status) is printed in MB.
+Then a memory run: a fresh radai node receives `--memory-instances` (default 2000) 512x512
+instances in one association, and its peak resident set (VmHWM from /proc/PID/status) is printed.
 
 How to read it
 --------------
-`inst/s` is throughput for a single sender; `x orthanc` and `x storescp` are radai's (and each
-row's) inst/s divided by Orthanc's and storescp's. A ratio near or above 1.0 to Orthanc means the
-node keeps up with an established archive that makes the same durability promise; the gap to
-storescp is mostly the price of fsync and indexing. The numbers depend on the disk's fsync
-latency and the CPU, both printed first: compare runs on the same machine only.
+`inst/s` is throughput; `x orthanc` and `x storescp` are each row's inst/s divided by Orthanc's
+and storescp's in the same run, and the closing summary repeats radai's ratios per case. A ratio
+near or above 1.0 to Orthanc means the node keeps up with an established archive that makes the
+same durability promise; the gap to storescp is mostly the price of fsync and indexing. The
+numbers depend on the disk's fsync latency, the CPU and the machine's load (printed before and
+after each case): compare ratios from one run only.
 
-Run: `python bench/ingest.py [--instances N] [--memory-instances M]` with the project's venv
-active. Needs dcmtk (/usr/bin/storescu, storescp, echoscu) and Orthanc (/usr/sbin/Orthanc).
-Only loopback (127.0.0.1) is used; everything it starts is stopped and its temp dirs deleted.
+Run: `python bench/ingest.py [--instances N] [--small-instances M] [--senders 1,8]` with the
+project's venv active. Needs dcmtk (/usr/bin/storescu, storescp, echoscu) and Orthanc
+(/usr/sbin/Orthanc). Only loopback (127.0.0.1) is used; everything it starts is stopped and its
+temp dirs deleted.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -143,6 +154,35 @@ def build_corpus(lung2: Path, out: Path, n: int, studies: int = STUDIES) -> list
     return paths
 
 
+def build_small_corpus(lung2: Path, out: Path, n: int, studies: int = STUDIES) -> list[Path]:
+    """`n` 64x64 CT instances (lung2's first slice, subsampled; about 9 KB each) in `studies`
+    studies: a corpus where the fixed cost per instance, not the bytes, sets the rate."""
+    source = pydicom.dcmread(sorted(lung2.glob("*.dcm"))[0])
+    pixels = source.pixel_array[::8, ::8].copy()
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-n // studies)
+    paths: list[Path] = []
+    ds = source
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    spacing = [float(v) * 8 for v in source.PixelSpacing]
+    ds.PixelSpacing = [f"{v:.10g}" for v in spacing]
+    for i in range(n):
+        study, index = divmod(i, per)
+        tag = f"small{n}/study{study}"
+        sop_uid = _uid(tag, "instance", str(index))
+        ds.StudyInstanceUID = _uid(tag)
+        ds.SeriesInstanceUID = _uid(tag, "series")
+        ds.SOPInstanceUID = sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.AccessionNumber = f"SMALL{n}S{study}"
+        ds.InstanceNumber = index + 1
+        path = out / f"S{study:02d}_{index + 1:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def warm_cache(paths: list[Path]) -> None:
     for p in paths:
         p.read_bytes()
@@ -187,19 +227,37 @@ class Send:
     problems: list[str]  # storescu's error and warning lines
 
 
-def storescu(files: list[Path], aet: str, port: int) -> Send:
+def storescu(files: list[Path], aet: str, port: int, senders: int = 1) -> Send:
+    """Send `files` over `senders` concurrent storescu associations (files dealt out in turn);
+    the time until the last one exits."""
+    shares = [files[i::senders] for i in range(senders)]
+    results: list[subprocess.CompletedProcess] = []
+    lock = threading.Lock()
+
+    def send(share: list[Path], i: int) -> None:
+        result = kit_storescu(
+            port,
+            share,
+            aec=aet,
+            aet=f"{CALLING_AET}{i}" if senders > 1 else CALLING_AET,
+            timeout=SEND_TIMEOUT,
+            verbose=False,
+            capture_stdout=False,
+        )
+        with lock:
+            results.append(result)
+
     t0 = time.perf_counter()
-    result = kit_storescu(
-        port,
-        files,
-        aec=aet,
-        aet=CALLING_AET,
-        timeout=SEND_TIMEOUT,
-        verbose=False,
-        capture_stdout=False,
-    )
+    threads = [threading.Thread(target=send, args=(sh, i)) for i, sh in enumerate(shares)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     seconds = time.perf_counter() - t0
-    return Send(seconds, result.returncode, problems(result.stderr))
+    if len(results) < senders:
+        return Send(seconds, -1, ["a storescu sender did not finish"])
+    rc = next((r.returncode for r in results if r.returncode != 0), 0)
+    return Send(seconds, rc, [p for r in results for p in problems(r.stderr)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +303,9 @@ class RadaiNode(Receiver):
     name = "radai"
     aet = "RADAI"
     durability = (
-        "file: temp + fsync + rename + dir fsync; SQLite (WAL, synchronous=FULL) commit per "
-        "instance; success only after both"
+        "the instance's bytes in an append-only journal, fdatasynced (shared by concurrent "
+        "senders); file renamed into place and SQLite index committed (not yet synced); file, "
+        "folder and index fsynced in the background before the journal drops it, replayed at start"
     )
 
     def __init__(self, procs: Processes, workdir: Path, stable_seconds: float) -> None:
@@ -395,7 +454,9 @@ class Outcome:
         return statistics.median(self.seconds) if self.seconds and not self.failures else None
 
 
-def measure_once(receiver: Receiver, files: list[Path]) -> tuple[float | None, list[str]]:
+def measure_once(
+    receiver: Receiver, files: list[Path], senders: int = 1
+) -> tuple[float | None, list[str]]:
     """Start the receiver, send, verify, stop. Returns (seconds or None if it failed, notes)."""
     notes: list[str] = []
     try:
@@ -406,7 +467,7 @@ def measure_once(receiver: Receiver, files: list[Path]) -> tuple[float | None, l
         return None, [f"did not start: {exc}", *(f"log: {ln}" for ln in tail)]
     try:
         settle()
-        sent = storescu(files, receiver.aet, receiver.port)
+        sent = storescu(files, receiver.aet, receiver.port, senders)
         held = receiver.count()
         notes += [f"storescu: {p}" for p in sent.problems[:5]]
         if sent.returncode != 0:
@@ -430,6 +491,9 @@ def run_comparison(
     procs: Processes,
     stable_seconds: float,
     on_done: Callable[[str, int, float | None], None],
+    *,
+    senders: int = 1,
+    repeats: int = REPEATS,
 ) -> dict[str, Outcome]:
     makers: dict[str, Callable[[Path], Receiver]] = {
         "radai": lambda d: RadaiNode(procs, d, stable_seconds),
@@ -437,11 +501,11 @@ def run_comparison(
         "orthanc": lambda d: Orthanc(procs, d),
     }
     outcomes = {name: Outcome(name) for name in makers}
-    for rep in range(1, REPEATS + 1):
+    for rep in range(1, repeats + 1):
         for name, make in makers.items():
             workdir = work / f"{name}-{rep}"
             receiver = make(workdir)
-            seconds, notes = measure_once(receiver, files)
+            seconds, notes = measure_once(receiver, files, senders)
             if isinstance(receiver, Orthanc) and rep == 1:
                 outcomes[name].notes.append(f"index journal_mode={receiver.index_journal_mode()}")
             outcomes[name].notes += [f"run {rep}: {n}" for n in notes]
@@ -527,7 +591,9 @@ def print_load(when: str) -> None:
     print(f"  load average {when}: {one:.2f} (1 min), {five:.2f} (5 min)")
 
 
-def print_table(outcomes: dict[str, Outcome], n: int) -> None:
+def print_table(
+    outcomes: dict[str, Outcome], n: int, title: str = "", repeats: int = REPEATS
+) -> None:
     medians = {k: o.median for k, o in outcomes.items()}
     ref_orthanc, ref_scp = medians.get("orthanc"), medians.get("storescp")
 
@@ -535,7 +601,8 @@ def print_table(outcomes: dict[str, Outcome], n: int) -> None:
         # Ratio of throughputs = inverse ratio of times.
         return f"{ref / seconds:.2f}" if seconds and ref else "-"
 
-    print(f"\nOne storescu association, {n} instances, median of {REPEATS} fresh runs")
+    title = title or f"One storescu association, {n} instances"
+    print(f"\n{title}, median of {repeats} fresh runs")
     header = f"{'receiver':<10} {'instances':>9} {'seconds':>8} {'inst/s':>8} "
     header += f"{'x orthanc':>9} {'x storescp':>10}  runs (s)"
     print(header)
@@ -549,9 +616,6 @@ def print_table(outcomes: dict[str, Outcome], n: int) -> None:
             f"{name:<10} {n:>9} {o.median:>8.2f} {n / o.median:>8.1f} "
             f"{ratio(o.median, ref_orthanc):>9} {ratio(o.median, ref_scp):>10}  {runs}"
         )
-    print("\nDurable before success:")
-    for name, cls in (("radai", RadaiNode), ("storescp", StoreScp), ("orthanc", Orthanc)):
-        print(f"  {name:<9} {cls.durability}")
     for name, o in outcomes.items():
         if o.failures or o.notes:
             print(f"\nNotes for {name}:")
@@ -573,7 +637,18 @@ def _workspace() -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=500, help="corpus size (default 500)")
+    parser.add_argument(
+        "--instances", type=int, default=305, help="512x512 CT slices (default 305)"
+    )
+    parser.add_argument(
+        "--small-instances", type=int, default=5000, help="64x64 CT instances (default 5000)"
+    )
+    parser.add_argument(
+        "--senders",
+        default="1,8",
+        help="concurrent storescu associations, comma-separated (default 1,8)",
+    )
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="fresh runs per receiver")
     parser.add_argument(
         "--memory-instances", type=int, default=2000, help="instances for the memory run"
     )
@@ -585,41 +660,87 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-memory", action="store_true", help="no memory run")
     args = parser.parse_args(argv)
+    senders = [int(v) for v in args.senders.split(",") if v.strip()]
     for tool in (STORESCU, STORESCP, ECHOSCU, ORTHANC, str(_RADAI_EXE)):
         if not os.access(tool, os.X_OK):
             print(f"missing {tool}", file=sys.stderr)
             return 2
 
     procs = Processes()
-    outcomes: dict[str, Outcome] = {}
+    failed = False
+    summary: list[str] = []
     with _workspace() as work:
         try:
             lung2 = build_samples(work / "samples")
-            corpus = build_corpus(lung2, work / f"corpus-{args.instances}", args.instances)
+            corpora = []
+            if args.instances > 0:
+                ct = build_corpus(lung2, work / f"corpus-{args.instances}", args.instances)
+                corpora.append(("512x512 CT", ct))
+            if args.small_instances > 0:
+                small = build_small_corpus(
+                    lung2, work / f"small-{args.small_instances}", args.small_instances
+                )
+                corpora.append(("64x64 CT", small))
             print_machine(work)
-            size = sum(p.stat().st_size for p in corpus) / 1e6
-            print(f"\nCorpus: {len(corpus)} CT slices, {size:.0f} MB, {STUDIES} studies")
-            warm_cache(corpus)
+            for label, corpus in corpora:
+                size = sum(p.stat().st_size for p in corpus) / 1e6
+                print(f"Corpus {label}: {len(corpus)} instances, {size:.1f} MB, {STUDIES} studies")
+            print("\nDurable before success:")
+            for name, cls in (("radai", RadaiNode), ("storescp", StoreScp), ("orthanc", Orthanc)):
+                print(f"  {name:<9} {cls.durability}")
 
             def progress(name: str, rep: int, seconds: float | None) -> None:
                 shown = "FAILED" if seconds is None else f"{seconds:.2f} s"
                 print(f"  run {rep} {name}: {shown}", flush=True)
 
-            outcomes = run_comparison(corpus, work / "runs", procs, args.stable_seconds, progress)
-            print_load("after the comparison")
-            print_table(outcomes, len(corpus))
+            for label, corpus in corpora:
+                for k in senders:
+                    title = f"{label}, {len(corpus)} instances, {k} storescu association(s)"
+                    print(f"\n{title}", flush=True)
+                    warm_cache(corpus)
+                    print_load("before")
+                    outcomes = run_comparison(
+                        corpus,
+                        work / "runs",
+                        procs,
+                        args.stable_seconds,
+                        progress,
+                        senders=k,
+                        repeats=args.repeats,
+                    )
+                    print_load("after")
+                    print_table(outcomes, len(corpus), title, args.repeats)
+                    failed |= any(o.median is None for o in outcomes.values())
+                    summary.append(_summary_line(title, outcomes, len(corpus)))
+            print("\nSummary (inst/s; radai's ratios to Orthanc and storescp in the same run)")
+            for line in summary:
+                print(f"  {line}")
 
             if not args.skip_memory:
-                memory_corpus = corpus
-                if args.memory_instances != args.instances:
-                    extra = work / f"corpus-{args.memory_instances}"
-                    memory_corpus = build_corpus(lung2, extra, args.memory_instances)
+                memory_corpus = build_corpus(
+                    lung2, work / f"corpus-{args.memory_instances}", args.memory_instances
+                )
                 warm_cache(memory_corpus)
                 memory_run(memory_corpus, work / "runs", procs, args.stable_seconds)
         finally:
             procs.stop_all()
-    failed = any(o.median is None for o in outcomes.values())
     return 1 if failed else 0
+
+
+def _summary_line(title: str, outcomes: dict[str, Outcome], n: int) -> str:
+    rate = {k: (n / o.median if o.median else None) for k, o in outcomes.items()}
+
+    def shown(k: str) -> str:
+        return f"{rate[k]:.0f}" if rate.get(k) else "FAILED"
+
+    def ratio(k: str) -> str:
+        return f"{rate['radai'] / rate[k]:.2f}x" if rate.get("radai") and rate.get(k) else "-"
+
+    return (
+        f"{title}: radai {shown('radai')}, orthanc {shown('orthanc')}, "
+        f"storescp {shown('storescp')}; radai/orthanc {ratio('orthanc')}, "
+        f"radai/storescp {ratio('storescp')}"
+    )
 
 
 if __name__ == "__main__":

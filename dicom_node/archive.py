@@ -34,26 +34,46 @@ def ensure_dir(folder: Path) -> None:
     _fsync_dir(folder.parent)
 
 
-def stage(folder: Path, data: bytes) -> Path:
-    """Write `data` durably under a temporary name in `folder`; `place` gives it its name."""
+def stage(folder: Path, data: bytes, *, sync: bool = True) -> Path:
+    """Write `data` durably under a temporary name in `folder`; `place` gives it its name.
+
+    With `sync=False` the caller makes it durable later (`fsync_file`), e.g. many files at once.
+    """
     ensure_dir(folder)
     tmp = folder / f".{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
 
 
-def place(staged: Path, path: Path) -> None:
-    """Rename a staged file into place (same filesystem: atomic) and make the rename durable."""
+def place(staged: Path, path: Path, *, sync: bool = True) -> None:
+    """Rename a staged file into place (same filesystem: atomic) and make the rename durable.
+
+    With `sync=False` the caller fsyncs the folder later (`fsync_dir`), once for many renames.
+    """
     ensure_dir(path.parent)
     os.replace(staged, path)
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    _fsync_dir(path)
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -75,8 +75,18 @@ _STUDY_ROW = (
 )
 _SERIES_ID = select(_SE.c.id).where(_SE.c.series_uid == bindparam("uid"))
 _INSERT_INSTANCE = _I.insert()
-_COUNT_SERIES = (
-    update(_SE).where(_SE.c.id == bindparam("sid")).values(instance_count=_SE.c.instance_count + 1)
+# A new instance counts in its study and series: each counted and read back in one statement.
+_BUMP_STUDY = (
+    update(_S)
+    .where(_S.c.study_uid == bindparam("uid"))
+    .values(instance_count=_S.c.instance_count + 1, last_instance_at=bindparam("now"))
+    .returning(_S.c.id, _S.c.state, _S.c.modalities, _S.c.patient_id, _S.c.hold_reason)
+)
+_BUMP_SERIES = (
+    update(_SE)
+    .where(_SE.c.series_uid == bindparam("uid"))
+    .values(instance_count=_SE.c.instance_count + 1)
+    .returning(_SE.c.id)
 )
 
 
@@ -96,66 +106,108 @@ def record_instance(
     it runs inside the transaction, so a file is never filed as primary for an instance whose
     primary copy another sender recorded first.
     """
-    now = utcnow()
     with db.session() as s:
-        conn = s.connection()
-        known = conn.execute(_FIND, {"sop": obj.sop_instance_uid}).scalar()
-        if known == digest:
-            conn.execute(_TOUCH, {"uid": obj.study_uid, "now": now})
-            return Outcome.DUPLICATE
-        study_id, state, modalities, patient_id, hold_reason = _upsert_study(s, obj, now, actor)
-        _record_alterations(s, obj, study_id, calling_ae, actor, now)
-        if known is not None:
-            _record_conflict(
-                s, obj, study_id, place(Outcome.CONFLICT), digest, size, calling_ae, now, actor
-            )
-            return Outcome.CONFLICT
-        series_id = _upsert_series(s, obj, study_id)
-        conn.execute(
-            _INSERT_INSTANCE,
-            {
-                "study_id": study_id,
-                "series_id": series_id,
-                "sop_instance_uid": obj.sop_instance_uid,
-                "sop_class_uid": obj.sop_class_uid,
-                "instance_number": obj.instance_number,
-                "archive_path": place(Outcome.NEW),
-                "sha256": digest,
-                "size": size,
-                "transfer_syntax": obj.transfer_syntax,
-                "calling_ae": calling_ae,
-                "received_at": now,
-            },
+        return record_in_session(
+            s, obj, digest=digest, size=size, calling_ae=calling_ae, actor=actor, place=place
         )
-        conn.execute(_COUNT_SERIES, {"sid": series_id})
-        values: dict = {"instance_count": _S.c.instance_count + 1, "last_instance_at": now}
-        present = [m for m in modalities.split("\\") if m]
-        if obj.modality and obj.modality not in present:
-            values["modalities"] = "\\".join([*present, obj.modality])
-        # A result of ours stored back into the study (STOW-RS) is kept but is not new input.
-        own = is_own_result(obj.sop_class_uid, obj.series_description)
-        if state != StudyState.RECEIVING and not own:
-            lifecycle.transition_where(
-                s, study_id, obj.study_uid, AuditAction.STUDY_REOPENED, state, actor=actor, now=now
-            )
-        mixed = obj.patient_id and patient_id and obj.patient_id != patient_id
-        if mixed and hold_reason is None:
-            # Which instance, never which patients: the audit trail holds no patient data.
-            add_flag(
-                s,
-                study_id,
-                obj.study_uid,
-                FlagKind.PATIENTS_MIXED,
-                MIXED_PATIENTS,
-                actor=actor,
-                action=AuditAction.STUDY_PATIENTS_MIXED,
-                detail={"sop_instance_uid": obj.sop_instance_uid, "calling_ae": calling_ae},
-                hold=True,
-                once=False,  # held again after a release: a new flag with its own time
-                now=now,
-            )
+
+
+def record_in_session(
+    s: Session,
+    obj: ReceivedObject,
+    *,
+    digest: str,
+    size: int,
+    calling_ae: str,
+    actor: str,
+    place: Place,
+    now: datetime | None = None,
+    replay: bool = False,
+) -> Outcome:
+    """`record_instance` inside the caller's transaction, so that many instances share one commit.
+
+    `now` is when the instance was received (acknowledged), not when it is indexed. With
+    `replay`, the instance comes from the ingest journal after a crash and may have been recorded
+    before: a conflicting copy already on record is not flagged and audited a second time.
+    """
+    now = now or utcnow()
+    conn = s.connection()
+    known = conn.execute(_FIND, {"sop": obj.sop_instance_uid}).scalar()
+    if known == digest:
+        conn.execute(_TOUCH, {"uid": obj.study_uid, "now": now})
+        return Outcome.DUPLICATE
+    if known is None:
+        row = conn.execute(_BUMP_STUDY, {"uid": obj.study_uid, "now": now}).first()
+        if row is None:
+            _upsert_study(s, obj, now, actor)
+            row = conn.execute(_BUMP_STUDY, {"uid": obj.study_uid, "now": now}).one()
+        study_id, state, modalities, patient_id, hold_reason = row
+    else:
+        study_id, state, modalities, patient_id, hold_reason = _upsert_study(s, obj, now, actor)
+    _record_alterations(s, obj, study_id, calling_ae, actor, now)
+    if known is not None:
+        _record_conflict(
+            s,
+            obj,
+            study_id,
+            place(Outcome.CONFLICT),
+            digest,
+            size,
+            calling_ae,
+            now,
+            actor,
+            replay=replay,
+        )
+        return Outcome.CONFLICT
+    series_id = conn.execute(_BUMP_SERIES, {"uid": obj.series_uid}).scalar()
+    if series_id is None:
+        _upsert_series(s, obj, study_id)
+        series_id = conn.execute(_BUMP_SERIES, {"uid": obj.series_uid}).scalar_one()
+    conn.execute(
+        _INSERT_INSTANCE,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_instance_uid": obj.sop_instance_uid,
+            "sop_class_uid": obj.sop_class_uid,
+            "instance_number": obj.instance_number,
+            "archive_path": place(Outcome.NEW),
+            "sha256": digest,
+            "size": size,
+            "transfer_syntax": obj.transfer_syntax,
+            "calling_ae": calling_ae,
+            "received_at": now,
+        },
+    )
+    values: dict = {}
+    present = [m for m in modalities.split("\\") if m]
+    if obj.modality and obj.modality not in present:
+        values["modalities"] = "\\".join([*present, obj.modality])
+    # A result of ours stored back into the study (STOW-RS) is kept but is not new input.
+    own = is_own_result(obj.sop_class_uid, obj.series_description)
+    if state != StudyState.RECEIVING and not own:
+        lifecycle.transition_where(
+            s, study_id, obj.study_uid, AuditAction.STUDY_REOPENED, state, actor=actor, now=now
+        )
+    mixed = obj.patient_id and patient_id and obj.patient_id != patient_id
+    if mixed and hold_reason is None:
+        # Which instance, never which patients: the audit trail holds no patient data.
+        add_flag(
+            s,
+            study_id,
+            obj.study_uid,
+            FlagKind.PATIENTS_MIXED,
+            MIXED_PATIENTS,
+            actor=actor,
+            action=AuditAction.STUDY_PATIENTS_MIXED,
+            detail={"sop_instance_uid": obj.sop_instance_uid, "calling_ae": calling_ae},
+            hold=True,
+            once=False,  # held again after a release: a new flag with its own time
+            now=now,
+        )
+    if values:
         conn.execute(update(_S).where(_S.c.id == study_id).values(**values))
-        return Outcome.NEW
+    return Outcome.NEW
 
 
 def _record_conflict(
@@ -168,8 +220,10 @@ def _record_conflict(
     calling_ae: str,
     now: datetime,
     actor: str,
+    *,
+    replay: bool = False,
 ) -> None:
-    _insert_ignore(
+    inserted = _insert_ignore(
         s,
         InstanceConflict,
         study_id=study_id,
@@ -180,6 +234,8 @@ def _record_conflict(
         calling_ae=calling_ae,
         received_at=now,
     )
+    if replay and not inserted:
+        return  # recorded, flagged and audited before the crash that left it in the journal
     reason = (
         f"SOP Instance UID {obj.sop_instance_uid} was received again with different content; "
         "both versions are kept"

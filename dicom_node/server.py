@@ -1,6 +1,14 @@
 """The DICOM listener: C-ECHO and C-STORE for every storage SOP class, acknowledged only after
 the instance is on disk durably and recorded in the database.
 
+Durably means in the ingest journal (`journal`: the instance's bytes and who sent it, one
+fdatasync shared with concurrent senders), written while the instance is parsed. The file is
+then renamed into the archive and the index rows committed without waiting for the disk, and the
+C-STORE answered; `durability` syncs files, folders and index in the background, in groups, and
+only then lets the journal drop the record. At start, whatever the journal still holds is filed
+and indexed again (`replay`) before the node listens. pynetdicom polls its sockets and queues
+with short sleeps; the node shortens the DUL's sleep for its own associations (`poll_seconds`).
+
 Every refusal answers a specific status (see `statuses`), keeps the bytes in quarantine, writes an
 `ingest_failures` row and an audit entry, and logs a line with UIDs and AE titles only. With a
 certificate and key the node speaks only TLS (see `tls`); with an allow-list of networks, an
@@ -9,6 +17,7 @@ association from any other address is rejected (A-ASSOCIATE-RJ) and audited.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -16,9 +25,12 @@ import socket
 import ssl
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
@@ -26,15 +38,20 @@ from pynetdicom.sop_class import Verification
 
 from db import audit
 from db.audit_actions import AuditAction
+from db.models import utcnow
 from db.session import Database
 from dicom_node import recording, statuses, tls
 from dicom_node.archive import Archive, free_mb, place, sha256, stage
+from dicom_node.durability import Durability
 from dicom_node.inspection import ReceivedObject, inspect_received
+from dicom_node.journal import Journal, Record
+from dicom_node.replay import replay
 from dicom_node.statuses import Refusal
 
 log = logging.getLogger("radai.node")
 
 _STRIPES = 64
+_INLINE_BYTES = 256 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given. The standard has no
@@ -58,6 +75,12 @@ class NodeConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     allowed_networks: list[str] = field(default_factory=list)
+    # How often acknowledged instances are synced in the background (files, folders, index);
+    # until then the journal holds them.
+    sync_seconds: float = 0.05
+    # The DUL reactor's sleep between polls of an idle socket (pynetdicom's default is 1 ms, paid
+    # up to twice per instance on one association).
+    poll_seconds: float = 0.0002
 
 
 def parse_networks(values: list[str]) -> list[Network]:
@@ -95,13 +118,19 @@ class DicomNode:
         # Serialise work on one SOP Instance UID so two concurrent senders of different content
         # under the same UID cannot both take the primary file.
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
+        # SQLite takes one writer at a time and makes the others wait in its busy handler, which
+        # sleeps 1 to 100 ms between tries: concurrent associations queue here instead, and the
+        # next one starts the moment the last commit ends.
+        self._sqlite_writer = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
         self._server = None
         self.networks = parse_networks(config.allowed_networks)
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         if config.tls_ca is not None and config.tls_cert is None:
             raise ValueError("a TLS CA is given but no certificate and key")
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="radai-store")
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="radai-store")
+        self.journal = Journal(archive.root / ".journal")
+        self.durability = Durability(db, self.journal, interval=config.sync_seconds)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -136,20 +165,36 @@ class DicomNode:
             context = tls.server_context(
                 self.config.tls_cert, self.config.tls_key, self.config.tls_ca
             )
+        left = self.journal.open()
+        try:
+            if left:
+                counts = replay(self.db, self.archive, left, actor=self.actor)
+                self.journal.applied(left)
+                log.info("replayed %d journal records of an earlier run: %s", len(left), counts)
+        except BaseException:
+            self.journal.close()  # nothing is lost: the records stay for the next start
+            raise
+        self.durability.start()
         handlers = [
             # The handshake goes first: nothing else may read or write a socket still shaking hands.
             (evt.EVT_CONN_OPEN, self._handshake),
             (evt.EVT_CONN_OPEN, self._tune_socket),
+            (evt.EVT_CONN_OPEN, self._tune_polling),
             (evt.EVT_REQUESTED, self._check_peer),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=context,
-        )
+        try:
+            self._server = self.ae.start_server(
+                (self.config.host, self.config.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=context,
+            )
+        except BaseException:
+            self.durability.stop()
+            self.journal.close()  # another start may follow: release the journal's lock
+            raise
         log.info(
             "DICOM node %s listening on %s:%d (%s%s%s)",
             self.config.ae_title,
@@ -162,6 +207,14 @@ class DicomNode:
 
     def _tune_socket(self, event: evt.Event) -> None:
         _tune_socket(event, self.config.network_timeout)
+
+    def _tune_polling(self, event: evt.Event) -> None:
+        # `_run_loop_delay` is the DUL's knob ("higher uses less CPU when idle, but increases the
+        # latency to respond"); it is read on every loop, so this takes effect at once.
+        # Each association's poll costs CPU while it waits; with many at once the CPU, not one
+        # association's latency, limits the rate: poll less often the more there are.
+        active = max(1, len(self.ae.active_associations))
+        event.assoc.dul._run_loop_delay = min(0.001, self.config.poll_seconds * active)
 
     def _handshake(self, event: evt.Event) -> None:
         # Runs in the connection's own thread, before pynetdicom's DUL reads the socket.
@@ -215,6 +268,8 @@ class DicomNode:
             self._server = None
         self.ae.shutdown()
         self._pool.shutdown(wait=True)
+        self.durability.stop()
+        self.journal.close()
 
     def handle_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
@@ -226,14 +281,16 @@ class DicomNode:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - the association must get an answer
             return self._unexpected(exc, b"", calling_ae, peer, sop_class, sop_instance)
-        return self.receive(data, sop_class, sop_instance, calling_ae, peer)
+        return self.store(
+            data, sop_class=sop_class, sop_instance=sop_instance, calling_ae=calling_ae, peer=peer
+        )
 
-    def receive(
-        self, data: bytes, sop_class: str, sop_instance: str, calling_ae: str, peer: str
+    def store(
+        self, data: bytes, *, sop_class: str, sop_instance: str, calling_ae: str, peer: str
     ) -> int:
-        """Store one received Part 10 stream (meta included) as C-STORE does, and return the
-        C-STORE status: durable and recorded on success, refused, quarantined and audited
-        otherwise. The one way in, shared by C-STORE and DICOMweb's STOW-RS."""
+        """Check, keep and record one instance (Part 10 bytes, file meta included); the status to
+        answer: durable and recorded on success, refused, quarantined and audited otherwise.
+        Every way an instance comes in (C-STORE, DICOMweb's STOW-RS) goes through here."""
         try:
             if len(data) > self.config.max_instance_bytes:
                 raise Refusal(
@@ -241,20 +298,38 @@ class DicomNode:
                     f"instance of {len(data)} bytes exceeds the "
                     f"{self.config.max_instance_bytes}-byte limit",
                 )
-            if free_mb(self.archive.root) - len(data) / 1e6 < self.config.min_free_disk_mb:
+            # The journal's copies go once their files are synced: that space counts as free.
+            free = self.journal.free_mb_beside(lambda: free_mb(self.archive.root))
+            if free - len(data) / 1e6 < self.config.min_free_disk_mb:
                 raise Refusal(
                     statuses.DISK_LOW,
                     f"free disk below {self.config.min_free_disk_mb:.0f} MB; refusing new data",
                 )
-            # Writing (with its fsync) and hashing release the GIL: they run while we parse.
-            staged = self._pool.submit(stage, self.archive.staging, data)
-            digest = self._pool.submit(sha256, data)
+            received_at = utcnow()
+            meta = {
+                "received_at": received_at.isoformat(),
+                "calling_ae": calling_ae,
+                "peer": peer,
+                "sop_class": sop_class,
+                "sop_instance": sop_instance,
+            }
+            # The journal's fdatasync, writing the file and hashing release the GIL: they run
+            # while we parse. Below _INLINE_BYTES, handing the write and the hash to another
+            # thread costs more than doing them.
+            journalled = self._pool.submit(self.journal.append, meta, data)
+            if len(data) < _INLINE_BYTES:
+                staged = _done(stage, self.archive.staging, data, sync=False)
+                digest = _done(sha256, data)
+            else:
+                staged = self._pool.submit(stage, self.archive.staging, data, sync=False)
+                digest = self._pool.submit(sha256, data)
             try:
                 obj = inspect_received(data, sop_class, sop_instance)
-            except Refusal:
+            except BaseException:
                 _discard(staged)
+                self._forget(journalled)
                 raise
-            return self._store(obj, staged, digest, len(data), calling_ae)
+            return self._store(obj, staged, digest, journalled, len(data), calling_ae, received_at)
         except Refusal as refusal:
             self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
             return refusal.status
@@ -285,16 +360,33 @@ class DicomNode:
         self._refuse(refusal, data, calling_ae, peer, sop_class, sop_instance)
         return status
 
+    def _forget(self, journalled: Future) -> None:
+        """The instance is refused: its journal record must not be replayed."""
+        try:
+            record = journalled.result()
+        except Exception:  # noqa: BLE001 - the append itself failed: nothing to forget
+            return
+        self.journal.applied([record])
+
     def _store(
         self,
         obj: ReceivedObject,
         staged_future: Future,
         digest_future: Future,
+        journalled: Future,
         size: int,
         calling_ae: str,
+        received_at: datetime,
     ) -> int:
-        staged: Path = staged_future.result()
-        digest: str = digest_future.result()
+        try:
+            staged: Path = staged_future.result()
+            digest: str = digest_future.result()
+            record: Record = journalled.result()
+        except BaseException:
+            _discard(staged_future)
+            self._forget(journalled)
+            raise
+        placed: list[Path] = []
 
         def put(outcome: recording.Outcome) -> str:
             if outcome == recording.Outcome.CONFLICT:
@@ -305,23 +397,29 @@ class DicomNode:
                 target = self.archive.instance_path(
                     obj.study_uid, obj.series_uid, obj.sop_instance_uid
                 )
-            place(staged, target)
+            place(staged, target, sync=False)  # synced in the background; the journal has it
+            placed.append(target)
             return str(target)
 
         lock = self._locks[zlib.crc32(obj.sop_instance_uid.encode()) % _STRIPES]
         try:
-            with lock:
-                outcome = recording.record_instance(
-                    self.db,
+            with lock, self._sqlite_writer, self.db.deferred_session() as s:
+                outcome = recording.record_in_session(
+                    s,
                     obj,
                     digest=digest,
                     size=size,
                     calling_ae=calling_ae,
                     actor=self.actor,
                     place=put,
+                    now=received_at,
                 )
+        except BaseException:
+            self._forget(journalled)
+            raise
         finally:
             staged.unlink(missing_ok=True)  # still there: duplicate, or the transaction failed
+        self.durability.add(record, placed[-1] if placed else None)
         if outcome == recording.Outcome.DUPLICATE:
             log.info("duplicate %s from %s: already held", obj.sop_instance_uid, calling_ae)
         elif outcome == recording.Outcome.CONFLICT:
@@ -373,6 +471,16 @@ class DicomNode:
             )
         except Exception:  # noqa: BLE001 - the log line above is the record of last resort
             log.exception("could not record the refusal in the database")
+
+
+def _done(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """`fn` run here and now, as a future (its result or its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - handed over, as the pool would
+        future.set_exception(exc)
+    return future
 
 
 def _discard(staged: Future) -> None:

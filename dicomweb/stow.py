@@ -6,17 +6,24 @@ instance, its C-STORE status as the Failure Reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from dicomweb.multipart import Part
 
-# (Part 10 bytes, SOP Class UID, SOP Instance UID, calling AE, peer) -> C-STORE status.
-Store = Callable[[bytes, str, str, str, str], int]
+
+class Store(Protocol):
+    """The node's way in (`DicomNode.store`): Part 10 bytes -> the C-STORE status."""
+
+    def __call__(
+        self, data: bytes, *, sop_class: str, sop_instance: str, calling_ae: str, peer: str
+    ) -> int: ...
+
 
 CALLING_AE = "DICOMWEB"
 # PS3.18 table 10.5.3-? / PS3.4 B.2.3: the failure reasons radai answers of its own.
@@ -87,7 +94,9 @@ def store_parts(
         if study_uid is not None and study and study != study_uid:
             outcome.failed.append((sop_class, sop_instance, DOES_NOT_MATCH))
             continue
-        status = store(data, sop_class, sop_instance, CALLING_AE, peer)
+        status = store(
+            data, sop_class=sop_class, sop_instance=sop_instance, calling_ae=CALLING_AE, peer=peer
+        )
         if status == 0:
             outcome.stored.append((sop_class, sop_instance, study))
         elif _is_warning(status):

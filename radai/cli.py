@@ -90,7 +90,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
 
 class _NodeWithDicomWeb:
     """The node service and, on RADAI_DICOMWEB_PORT, DICOMweb in the same process: STOW-RS
-    stores through the node's own C-STORE path (`DicomNode.receive`) and its locks."""
+    stores through the node's own C-STORE path (`DicomNode.store`) and its locks."""
 
     def __init__(self, service, web) -> None:  # noqa: ANN001
         self.service = service
@@ -129,7 +129,7 @@ def _node_with_dicomweb(settings: Settings) -> _NodeWithDicomWeb:
     web = DicomWebServer(
         Service(
             service.db,
-            service.node.receive,
+            service.node.store,
             anonymous=settings.dicomweb_anonymous,
             public_url=settings.dicomweb_public_url.strip() or None,
         ),

@@ -54,7 +54,7 @@ def web(sqlite_db, node_factory, tmp_path: Path) -> Iterator[dict]:  # noqa: ANN
             "worker": create_token(s, "rad", role="worker", actor="test")[1],
             "aud": create_token(s, "aud", actor="test")[1],
         }
-    with dicomweb_server(sqlite_db, node.node.receive) as server:
+    with dicomweb_server(sqlite_db, node.node.store) as server:
         url = f"http://{HOST}:{server.port}/dicomweb"
         yield {"db": sqlite_db, "url": url, "tokens": tokens, "files": files, "node": node}
 
@@ -301,7 +301,7 @@ def test_stow_of_garbage_stores_nothing_and_is_audited_like_a_bad_cstore(web: di
 
 def test_anonymous_access_reads_only_when_configured(sqlite_db, node_factory) -> None:  # noqa: ANN001
     node = node_factory(sqlite_db)
-    with dicomweb_server(sqlite_db, node.node.receive, anonymous=True) as server:
+    with dicomweb_server(sqlite_db, node.node.store, anonymous=True) as server:
         url = f"http://{HOST}:{server.port}/dicomweb/studies"
         assert requests.get(url, timeout=30).status_code == 200
         stow = requests.post(
@@ -330,7 +330,7 @@ def test_tls_only_with_the_nodes_certificate(sqlite_db, node_factory, tmp_path: 
     with sqlite_db.session() as s:
         add_user(s, "rad", "radiologist", "password-123", actor="test")
         token = create_token(s, "rad", actor="test")[1]
-    with dicomweb_server(sqlite_db, node.node.receive, tls_cert=cert, tls_key=key) as server:
+    with dicomweb_server(sqlite_db, node.node.store, tls_cert=cert, tls_key=key) as server:
         headers = {"Authorization": f"Bearer {token}"}
         secure = f"https://{HOST}:{server.port}/dicomweb"
         session = requests.Session()

@@ -51,7 +51,7 @@ def test_orthanc_searches_retrieves_and_stores_through_radai(
         add_user(s, "peer", "admin", "password-123", actor="test")
         token = create_token(s, "peer", role="worker", actor="test")[1]
 
-    with dicomweb_server(sqlite_db, node.node.receive) as web:
+    with dicomweb_server(sqlite_db, node.node.store) as web:
         config = {
             "Plugins": [str(PLUGIN)],
             "DicomWeb": {
