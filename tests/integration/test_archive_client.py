@@ -65,7 +65,7 @@ def test_radais_dicomweb_refuses_a_store_without_a_worker_token(
         reader = create_token(s, "rad", actor="test")[1]
         worker = create_token(s, "rad", role="worker", actor="test")[1]
     study, series = generate_uid(), generate_uid()
-    with dicomweb_server(sqlite_db, node.node.receive) as web:
+    with dicomweb_server(sqlite_db, node.node.store) as web:
         url = f"http://{HOST}:{web.port}/dicomweb"
         cache = SeriesCache(tmp_path / "cache", 10 << 20)
         with pytest.raises(ArchiveError, match="refused"):

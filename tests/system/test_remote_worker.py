@@ -124,7 +124,7 @@ def test_remote_worker_against_radais_own_dicomweb(
     token_file.write_text(token + "\n")
 
     # The node serves the study from its files; the worker has its own home and reads over HTTP.
-    with dicomweb_server(database, node.node.receive) as web:
+    with dicomweb_server(database, node.node.store) as web:
         url = f"http://127.0.0.1:{web.port}/dicomweb"
         env = radai_env(
             tmp_path / "worker",
