@@ -82,6 +82,15 @@ def _close_lung_slice(
     return fill_holes(out)
 
 
+def _component_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
+    """Voxels per label, counted a few slices at a time: np.bincount converts its input to
+    int64, which over a whole clinical CT is a copy twice the size of the label volume."""
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for z in range(0, labels.shape[0], slab):
+        sizes += np.bincount(labels[z : z + slab].ravel(), minlength=n + 1)
+    return sizes
+
+
 def segment_lungs(
     volume_hu: np.ndarray,
     spacing_zyx: tuple[float, float, float],
@@ -100,9 +109,8 @@ def segment_lungs(
     """
     spacing = check_volume(volume_hu, spacing_zyx)
     volume_hu = np.asarray(volume_hu)
-    air = volume_hu < AIR_THRESHOLD_HU
-    labels, n = ndimage.label(air)
-    empty = np.zeros(air.shape, dtype=bool)
+    labels, n = ndimage.label(volume_hu < AIR_THRESHOLD_HU)
+    empty = np.zeros(labels.shape, dtype=bool)
     if n == 0:
         return empty
     border = np.unique(
@@ -112,7 +120,7 @@ def segment_lungs(
         )
     )
     border = border[border > 0]
-    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64)
+    sizes = _component_sizes(labels, n)
     sizes[0] = 0
     sizes[border] = 0
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
@@ -128,6 +136,7 @@ def segment_lungs(
     outside_lut = np.zeros(n + 1, dtype=bool)
     outside_lut[border] = True
     body = ~outside_lut[labels]
+    del labels  # the largest array here: gone before the per-slice work
 
     mask = empty
     for z in np.flatnonzero(lungs.any(axis=(1, 2))):

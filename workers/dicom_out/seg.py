@@ -64,8 +64,66 @@ def _check_inputs(
     for name, array in (("lung_mask", lung_mask), ("lesion_labels", lesion_labels)):
         if array.shape != expected:
             raise ValueError(f"{name} has shape {array.shape}, expected (z, y, x) = {expected}")
-    if np.issubdtype(lesion_labels.dtype, np.floating) or (lesion_labels < 0).any():
+    if lesion_labels.dtype.kind not in "iub" or (
+        lesion_labels.dtype.kind == "i" and lesion_labels.size and lesion_labels.min() < 0
+    ):
         raise ValueError("lesion_labels must hold non-negative integer labels")
+
+
+def _present_labels(lesion_labels: np.ndarray, planes: np.ndarray) -> list[int]:
+    """The non-zero labels, in increasing order, found plane by plane (np.unique would sort a
+    copy of the whole volume)."""
+    found: set[int] = set()
+    for z in planes:
+        found.update(int(v) for v in np.unique(lesion_labels[z]))
+    return sorted(found - {0})
+
+
+def _segment_planes(
+    lung_mask: np.ndarray, lesion_labels: np.ndarray, labels: list[int], planes: np.ndarray
+) -> np.ndarray:
+    """(planes, rows, cols, 1 + lesions) bool: the lung, then each lesion, on the given planes
+    only, filled plane by plane so that no whole-volume temporary is made."""
+    stack = np.empty((len(planes), *lung_mask.shape[1:], 1 + len(labels)), dtype=bool)
+    for i, z in enumerate(planes):
+        np.not_equal(lung_mask[z], 0, out=stack[i, :, :, 0])
+        for j, label in enumerate(labels, start=1):
+            np.equal(lesion_labels[z], label, out=stack[i, :, :, j])
+    return stack
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, with its overlap check done a plane at a time for our input.
+
+    For a stack of binary segments highdicom sums the segments into an int64 array the size of
+    the whole stack to see whether any overlap: for a clinical CT that is more memory than
+    everything else the worker holds. The answer (the lung holds the lesions, so they overlap)
+    is the same; anything but a (planes, rows, cols, segments) bool stack goes to highdicom.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls,
+        pixel_array: np.ndarray | hd.Volume,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
+        if not (
+            isinstance(pixel_array, np.ndarray)
+            and pixel_array.ndim == 4
+            and pixel_array.dtype == bool
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+            and pixel_array.shape[-1] == len(segment_numbers) < 256
+        ):
+            return super()._check_and_cast_pixel_array(
+                pixel_array, segment_numbers, segmentation_type, dtype
+            )
+        overlap = pixel_array.shape[-1] > 1 and any(
+            int(plane.sum(axis=-1, dtype=np.uint8).max()) > 1 for plane in pixel_array
+        )
+        values = hd.seg.SegmentsOverlapValues
+        return pixel_array, values.YES if overlap else values.NO
 
 
 def build_segmentation(
@@ -105,8 +163,12 @@ def build_segmentation(
             tracking_uid=_uid(instance_uid_seed, "seg.tracking.lung"),
         )
     ]
-    masks = [lung_mask > 0]
-    labels = [int(v) for v in np.unique(lesion_labels) if v > 0]
+    # Only the planes with anything segmented go to highdicom (it leaves the empty ones out
+    # anyway): its checks make whole-array temporaries, one of them int64.
+    planes = np.flatnonzero(lung_mask.any(axis=(1, 2)) | lesion_labels.any(axis=(1, 2)))
+    if planes.size == 0:
+        planes = np.arange(len(source_images))  # nothing at all: every frame, as highdicom does
+    labels = _present_labels(lesion_labels, planes)
     for label in labels:
         descriptions.append(
             hd.seg.SegmentDescription(
@@ -121,11 +183,16 @@ def build_segmentation(
                 anatomic_regions=[codes.SCT.Lung],
             )
         )
-        masks.append(lesion_labels == label)
 
-    seg = hd.seg.Segmentation(
+    seg = _Segmentation(
         source_images=source_images,
-        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
+        pixel_array=_segment_planes(lung_mask, lesion_labels, labels, planes),
+        plane_positions=[
+            hd.PlanePositionSequence(
+                hd.CoordinateSystemNames.PATIENT, source_images[z].ImagePositionPatient
+            )
+            for z in planes
+        ],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=_uid(instance_uid_seed, "seg.series"),
