@@ -314,6 +314,7 @@ class Service:
         self.node: subprocess.Popen | None = None
         self.workers: list[Worker] = []
         self.db_path = home / "radai.sqlite"
+        self.extra_env: dict[str, str] = {}
         (home / "bench").mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict[str, str]:
@@ -328,6 +329,7 @@ class Service:
             RADAI_IO_QUEUE=f"{self.queue}.io",
             RADAI_BROKER_URL=self.broker_url,
         )
+        env.update(self.extra_env)
         return env
 
     def start_node(self) -> None:
@@ -776,6 +778,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="s to wait for results")
     parser.add_argument(
+        "--slices",
+        type=int,
+        default=61,
+        help="slices of the study: 61 is the sample; more resamples lung2 (bench/ct_series.py)",
+    )
+    parser.add_argument(
+        "--pipeline", choices=["baseline", "models"], help="the workers' RADAI_PIPELINE"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, help="the workers' RADAI_TORCH_THREADS (default: unset)"
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (RADAI_HOME, logs) and print it"
     )
     args = parser.parse_args(argv)
@@ -806,8 +820,23 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.DEVNULL,
             env={**os.environ, "RADAI_HOME": str(work / "sample-home")},
         )
-        factory = StudyFactory(work / "samples" / "lung2", work / "studies")
+        sample = work / "samples" / "lung2"
+        if args.slices != 61:
+            from ct_series import write_resampled
+
+            sample = work / "samples" / f"lung2-{args.slices}"
+            write_resampled(sample, slices=args.slices)
+        print(
+            f"  study: {args.slices} slices; RADAI_PIPELINE {args.pipeline or '(default)'}, "
+            f"RADAI_TORCH_THREADS {args.torch_threads or '(default)'}",
+            flush=True,
+        )
+        factory = StudyFactory(sample, work / "studies")
         svc = Service(work / "home", procs, broker_url, queue, args.stable_seconds)
+        if args.pipeline:
+            svc.extra_env["RADAI_PIPELINE"] = args.pipeline
+        if args.torch_threads:
+            svc.extra_env["RADAI_TORCH_THREADS"] = str(args.torch_threads)
         svc.start_node()
 
         # 1. Latency, 2. memory while processing.

@@ -83,7 +83,6 @@ def run_child(series: Path, pipeline: str, out: Path) -> dict:
     from workers.pipeline.qa import check_input
     from workers.pipeline.select import Selected
     from workers.pipeline.write import write_results
-
     from workers.processing import DEFAULT_MODELS
 
     analyser = make_analyser(pipeline, *DEFAULT_MODELS[:2], "cpu")

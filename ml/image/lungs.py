@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ml.image.morphology import centroid, check_volume, coarse_close, fill_holes
+from ml.image.morphology import centroid, check_volume, coarse_close, fill_holes, label_sizes
 
 # Lung parenchyma is about -850 HU; -320 HU sits between it and soft tissue (0..80 HU) and keeps
 # partial-volume voxels of the pleural border with the tissue.
@@ -82,15 +82,6 @@ def _close_lung_slice(
     return fill_holes(out)
 
 
-def _component_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
-    """Voxels per label, counted a few slices at a time: np.bincount converts its input to
-    int64, which over a whole clinical CT is a copy twice the size of the label volume."""
-    sizes = np.zeros(n + 1, dtype=np.int64)
-    for z in range(0, labels.shape[0], slab):
-        sizes += np.bincount(labels[z : z + slab].ravel(), minlength=n + 1)
-    return sizes
-
-
 def segment_lungs(
     volume_hu: np.ndarray,
     spacing_zyx: tuple[float, float, float],
@@ -120,7 +111,7 @@ def segment_lungs(
         )
     )
     border = border[border > 0]
-    sizes = _component_sizes(labels, n)
+    sizes = label_sizes(labels, n)
     sizes[0] = 0
     sizes[border] = 0
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0

@@ -18,6 +18,7 @@ from ml.image.morphology import (
     bbox,
     check_volume,
     coarse_factor,
+    compact_labels,
     disk,
     downsample,
     upsample,
@@ -186,11 +187,6 @@ def _seeds(mask: np.ndarray, min_mm3: float, voxel_mm3: float) -> np.ndarray:
     return labels
 
 
-def _label_dtype(highest: int) -> np.dtype:
-    """uint8 for up to 255 labels, else uint16, else uint32."""
-    return np.min_scalar_type(max(highest, 255))
-
-
 def find_lesions(
     volume_hu: np.ndarray, lung_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> np.ndarray:
@@ -261,7 +257,7 @@ def _detect_lesions(
     coarse[~plausible[coarse]] = 0
     # Brought to full resolution in the narrowest type that holds the labels: at 0.6 mm slices
     # an int32 copy of the lungs' box is most of a gigabyte.
-    coarse = coarse.astype(_label_dtype(int(coarse.max())))
+    coarse = coarse.astype(compact_labels(int(coarse.max())))
     grown = np.where(soft, upsample(coarse, f, soft.shape), 0)
     in_plane = spacing[1:]
     centres = _lung_centres(lung)
@@ -281,7 +277,7 @@ def _detect_lesions(
             continue
         kept.append(m)
     kept.sort(key=lambda m: (-m.voxel_count, m.label))
-    lut = np.zeros(int(grown.max()) + 1, dtype=_label_dtype(len(kept)))
+    lut = np.zeros(int(grown.max()) + 1, dtype=compact_labels(len(kept)))
     for rank, m in enumerate(kept, start=1):
         lut[m.label] = rank
     out = np.zeros(volume_hu.shape, dtype=lut.dtype)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ml.image.measure import RegionMeasurement, measure_regions
+from ml.image.morphology import compact_labels, label_sizes
 from ml.runtime import candidates, networks
 from ml.runtime.laps import Laps
 from ml.runtime.registry import LoadedModel
@@ -95,17 +96,23 @@ def segment(
     x = _inputs(to_grid(volume_hu))
     z, h, w = volume_hu.shape
     tissue = np.empty((z, h, w), dtype=bool)
-    lesion_p = np.empty((z, h, w), dtype=np.float32)
+    # Only the two thresholds of the lesion probability are used: two bool volumes instead of a
+    # float32 one (half a gigabyte for a clinical CT).
+    extent_mask = np.empty((z, h, w), dtype=bool)
+    seed_mask = np.empty((z, h, w), dtype=bool)
     for i in range(0, z, BATCH):
         logits = model.net(x[i : i + BATCH])
         if (h, w) != logits.shape[-2:]:
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         # arg-max > 0 without torch's arg-max over channels, which took 0.7 s per batch here
         tissue[i : i + BATCH] = (logits[:, 0] < logits[:, 1:].amax(dim=1)).numpy()
-        lesion_p[i : i + BATCH] = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS].numpy()
-    extent, n = ndimage.label(lesion_p >= extent_p, structure=np.ones((3, 3, 3), dtype=bool))
+        lesion_p = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS].numpy()
+        np.greater_equal(lesion_p, extent_p, out=extent_mask[i : i + BATCH])
+        np.greater_equal(lesion_p, seed_p, out=seed_mask[i : i + BATCH])
+    extent, n = ndimage.label(extent_mask, structure=np.ones((3, 3, 3), dtype=bool))
+    del extent_mask
     seeded = np.zeros(n + 1, dtype=bool)
-    seeded[extent[lesion_p >= seed_p]] = True
+    seeded[extent[seed_mask]] = True
     seeded[0] = False
     lesion = seeded[extent]
     return tissue | lesion, lesion
@@ -182,7 +189,7 @@ def lesion_components(
     if n == 0:
         return labels.astype(np.int32), 0
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = label_sizes(labels, n)
     keep = [i for i in range(1, n + 1) if sizes[i] * voxel_mm3 >= MIN_LESION_MM3]
     if hu is not None and lung is not None and keep:
         r = max(1, int(round(RIM_MM / spacing[1])))
@@ -201,7 +208,7 @@ def lesion_components(
             if float(hu[box][comp].mean()) > MIN_MEAN_HU and contact >= MIN_LUNG_CONTACT:
                 kept.append(i)
         keep = kept
-    lut = np.zeros(n + 1, dtype=np.int32)
+    lut = np.zeros(n + 1, dtype=compact_labels(len(keep)))
     lut[keep] = np.arange(1, len(keep) + 1)
     return lut[labels], len(keep)
 
@@ -236,7 +243,7 @@ def analyse(
     probs, saliency = screen(screener, volume_hu, labels, n)
     lap("screen_and_gradcam")
     kept = np.flatnonzero(probs >= operating_threshold(screener)) + 1
-    lut = np.zeros(n + 1, dtype=np.int32)
+    lut = np.zeros(n + 1, dtype=compact_labels(len(kept)))
     lut[kept] = np.arange(1, len(kept) + 1)
     labels = lut[labels]
     lesions = measure_regions(labels, spacing, volume_hu)

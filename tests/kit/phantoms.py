@@ -83,9 +83,7 @@ def chest_ct_phantom(
     rng = np.random.default_rng(seed)
     dz, dy, dx = spacing
     length = slices * dz
-    yy, xx = np.meshgrid(
-        (np.arange(size) + 0.5) * dy, (np.arange(size) + 0.5) * dx, indexing="ij"
-    )
+    yy, xx = np.meshgrid((np.arange(size) + 0.5) * dy, (np.arange(size) + 0.5) * dx, indexing="ij")
     yc, xc = size * dy / 2, size * dx / 2
     body = ((yy - yc) / (0.42 * size * dy)) ** 2 + ((xx - xc) / (0.46 * size * dx)) ** 2 <= 1
     nodule_zyx = (0.5 * length, yc, xc - 0.2 * size * dx)
