@@ -57,6 +57,10 @@ SQLite broker is polled, about once a second). Throughput `two / one` near 2.0 m
 pipeline scales with worker processes; much less on a 2-core machine means the cores, not the
 queue, are the limit. Compare numbers from the same machine only.
 
+`--slices N` sends lung2 resampled to N slices (bench/ct_series.py) instead of the 61-slice
+sample; `--pipeline` and `--torch-threads` set the workers' RADAI_PIPELINE and
+RADAI_TORCH_THREADS (unset by default: the service's defaults).
+
 Run: `python bench/e2e.py [--studies N] [--broker redis|sqlite]` with the project's venv active
 (`--help` lists the other options). Needs dcmtk (/usr/bin/storescu, /usr/bin/echoscu) and, for
 the default broker, Redis at 127.0.0.1:6379. Everything it starts is stopped, its Redis keys
@@ -97,8 +101,18 @@ START_TIMEOUT = 120.0
 POLL = 0.05
 OTHER_CPU_LIMIT = 0.25  # cores busy with other people's work above which a phase is flagged
 _RADAI_EXE = Path(sys.executable).with_name("radai")
-# The workers' jobs.timings keys: input QA, then ml.inference.analyse's laps.
-PIPELINE_STAGES = ("qa", "segment", "screen_and_gradcam", "measure")
+# The workers' jobs.timings keys: input QA, then the analyser's laps (ml.runtime.inference's for
+# the models, ml.runtime.baseline's for the baseline); a pipeline's rows show "-" for the other's.
+PIPELINE_STAGES = (
+    "qa",
+    "segment",
+    "screen_and_gradcam",
+    "measure",
+    "lungs",
+    "lesions",
+    "score",
+    "saliency",
+)
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -550,7 +564,7 @@ def latency_row(send: Send, rec: StudyRecord, stable: float) -> dict[str, float 
     row["total"] = total
     row["total - stable window"] = None if total is None else total - stable
     row["(job: started -> finished)"] = job
-    row["(storescu send, 61 slices)"] = send.seconds
+    row["(storescu send)"] = send.seconds
     return row
 
 
