@@ -29,6 +29,7 @@ memory).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -114,6 +115,7 @@ def run_child(series: Path, pipeline: str, out: Path) -> dict:
 
     seg_ds = pydicom.dcmread(seg["path"])
     seg_pixels = np.asarray(seg_ds.pixel_array)
+    saliency = np.load(out / "bench" / "job-1" / "saliency.npz")["saliency"]
     return {
         "slices": len(files),
         "shape": list(volume.hu.shape),
@@ -125,7 +127,8 @@ def run_child(series: Path, pipeline: str, out: Path) -> dict:
         "findings": written.findings.to_json(),
         "seg_frames": int(seg_ds.NumberOfFrames),
         "seg_sum": int(seg_pixels.sum(dtype=np.int64)),
-        "seg_hash": __import__("hashlib").sha256(seg_pixels.tobytes()).hexdigest()[:16],
+        "seg_hash": hashlib.sha256(seg_pixels.tobytes()).hexdigest()[:16],
+        "saliency_hash": hashlib.sha256(saliency.tobytes()).hexdigest()[:16],
     }
 
 
@@ -156,7 +159,7 @@ def _row(label: str, r: dict) -> str:
 
 def _same(a: dict, b: dict) -> list[str]:
     diffs = []
-    for key in ("seg_frames", "seg_sum", "seg_hash"):
+    for key in ("seg_frames", "seg_sum", "seg_hash", "saliency_hash"):
         if a[key] != b[key]:
             diffs.append(f"{key}: {a[key]} != {b[key]}")
     fa, fb = dict(a["findings"]), dict(b["findings"])

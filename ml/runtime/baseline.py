@@ -315,8 +315,10 @@ def _saliency(
         peak = float(blob.max())
         if peak > 0:
             blob *= lesion_probability(m) / peak
+            # Clipped per blob, in float32: clipping the whole float16 map is slow.
+            np.clip(blob, 0.0, 1.0, out=blob)
             np.maximum(saliency[box], blob, out=saliency[box])
-    return np.clip(saliency, 0.0, 1.0, out=saliency)
+    return saliency
 
 
 def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> BaselineResult:
