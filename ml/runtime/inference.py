@@ -64,18 +64,30 @@ class ModelResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-def to_grid(volume_hu: np.ndarray) -> torch.Tensor:
-    """(z, y, x) HU -> (z, GRID, GRID) float tensor by area averaging (or bilinear if smaller)."""
-    t = torch.from_numpy(np.ascontiguousarray(volume_hu, dtype=np.float32))[None]
-    if t.shape[-2:] == (networks.GRID, networks.GRID):
-        return t[0]
-    mode = "area" if min(t.shape[-2:]) >= networks.GRID else "bilinear"
-    return F.interpolate(t, size=(networks.GRID, networks.GRID), mode=mode)[0]
+def to_grid(volume_hu: np.ndarray, slab: int = 32) -> torch.Tensor:
+    """(z, y, x) HU -> (z, GRID, GRID) float tensor by area averaging (or bilinear if smaller).
+
+    Each slice is resized on its own, so a few slices at a time give the same result without a
+    float32 copy of the whole volume (a mask passed here would need one)."""
+    z, h, w = np.shape(volume_hu)
+    g = networks.GRID
+    if (h, w) == (g, g):
+        return torch.from_numpy(np.ascontiguousarray(volume_hu, dtype=np.float32))
+    mode = "area" if min(h, w) >= g else "bilinear"
+    out = torch.empty((z, g, g), dtype=torch.float32)
+    for i in range(0, z, slab):
+        t = torch.from_numpy(np.ascontiguousarray(volume_hu[i : i + slab], dtype=np.float32))
+        out[i : i + slab] = F.interpolate(t[None], size=(g, g), mode=mode)[0]
+    return out
 
 
-def _inputs(grid_hu: torch.Tensor) -> torch.Tensor:
-    """(z, GRID, GRID) HU -> (z, CONTEXT, GRID, GRID) scaled network input."""
-    return torch.from_numpy(networks.stack_context(networks.scale_hu(grid_hu.numpy())))
+def _batch_inputs(scaled: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    """The network input (batch, CONTEXT, GRID, GRID) of slices start..stop-1 of the scaled
+    grid: each with its neighbours, edges repeated (as `networks.stack_context`), built per
+    batch rather than for the whole volume at once (CONTEXT times the grid)."""
+    half = networks.CONTEXT // 2
+    rows = np.arange(start, stop)[:, None] + np.arange(-half, half + 1)[None, :]
+    return torch.from_numpy(scaled[np.clip(rows, 0, len(scaled) - 1)])
 
 
 @torch.no_grad()
@@ -93,7 +105,7 @@ def segment(
     threshold recovers the edge without adding calls. The training of the screener lowers
     ``seed_p`` to collect the segmenter's near misses as well.
     """
-    x = _inputs(to_grid(volume_hu))
+    scaled = np.asarray(networks.scale_hu(to_grid(volume_hu).numpy()))
     z, h, w = volume_hu.shape
     tissue = np.empty((z, h, w), dtype=bool)
     # Only the two thresholds of the lesion probability are used: two bool volumes instead of a
@@ -101,7 +113,7 @@ def segment(
     extent_mask = np.empty((z, h, w), dtype=bool)
     seed_mask = np.empty((z, h, w), dtype=bool)
     for i in range(0, z, BATCH):
-        logits = model.net(x[i : i + BATCH])
+        logits = model.net(_batch_inputs(scaled, i, min(i + BATCH, z)))
         if (h, w) != logits.shape[-2:]:
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         # arg-max > 0 without torch's arg-max over channels, which took 0.7 s per batch here
@@ -125,7 +137,7 @@ def candidate_inputs(
     g = networks.GRID
     h, w = volume_hu.shape[1:]
     grid = networks.scale_hu(to_grid(volume_hu).numpy())
-    calls = to_grid((labels > 0).astype(np.float32)).numpy() >= 0.25
+    calls = to_grid(labels > 0).numpy() >= 0.25
     at = [
         (z, min(g - 1, int(y * g / h)), min(g - 1, int(x * g / w)))
         for z, y, x in candidates.centres(labels, n)
