@@ -79,51 +79,58 @@ def _present_labels(lesion_labels: np.ndarray, planes: np.ndarray) -> list[int]:
     return sorted(found - {0})
 
 
-def _segment_planes(
+def _segment_codes(
     lung_mask: np.ndarray, lesion_labels: np.ndarray, labels: list[int], planes: np.ndarray
 ) -> np.ndarray:
-    """(planes, rows, cols, 1 + lesions) bool: the lung, then each lesion, on the given planes
-    only, filled plane by plane so that no whole-volume temporary is made."""
-    stack = np.empty((len(planes), *lung_mask.shape[1:], 1 + len(labels)), dtype=bool)
+    """(planes, rows, cols) codes on the given planes only, for `_Segmentation`: bit 0 set in
+    the lung, and the lesion's index in ``labels`` (1-based) above it; filled plane by plane so
+    that no whole-volume temporary is made."""
+    dtype = np.uint8 if len(labels) < 128 else np.uint16 if len(labels) < 32768 else np.uint32
+    index = np.zeros(max(labels, default=0) + 1, dtype=dtype)
+    index[labels] = np.arange(1, len(labels) + 1)
+    codes = np.empty((len(planes), *lung_mask.shape[1:]), dtype=dtype)
     for i, z in enumerate(planes):
-        np.not_equal(lung_mask[z], 0, out=stack[i, :, :, 0])
-        for j, label in enumerate(labels, start=1):
-            np.equal(lesion_labels[z], label, out=stack[i, :, :, j])
-    return stack
+        np.left_shift(index[lesion_labels[z]], 1, out=codes[i])
+        codes[i] |= lung_mask[z] != 0
+    return codes
 
 
 class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation, with its overlap check done a plane at a time for our input.
+    """highdicom's Segmentation, fed one compact code array instead of a stack of masks.
 
-    For a stack of binary segments highdicom sums the segments into an int64 array the size of
-    the whole stack to see whether any overlap: for a clinical CT that is more memory than
-    everything else the worker holds. The answer (the lung holds the lesions, so they overlap)
-    is the same; anything but a (planes, rows, cols, segments) bool stack goes to highdicom.
+    highdicom takes overlapping segments only as a (planes, rows, cols, segments) stack, one
+    byte a voxel per segment, and checks for overlap by summing that stack into an int64 array:
+    for a clinical CT with a dozen lesions that is several gigabytes. Here each voxel holds one
+    code (bit 0: lung; the rest: the lesion's index in the segment list, from
+    `_segment_codes`), each segment's frame is cut from it plane by plane, and the overlap is
+    found a plane at a time. Only `build_segmentation` constructs this class, always with such
+    codes; the frames, and so the SEG, are those highdicom makes from the stack.
     """
 
     @classmethod
     def _check_and_cast_pixel_array(  # type: ignore[override]
         cls,
-        pixel_array: np.ndarray | hd.Volume,
+        pixel_array: np.ndarray,
         segment_numbers: np.ndarray,
         segmentation_type: hd.seg.SegmentationTypeValues,
         dtype: type,
-    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
-        if not (
-            isinstance(pixel_array, np.ndarray)
-            and pixel_array.ndim == 4
-            and pixel_array.dtype == bool
-            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
-            and pixel_array.shape[-1] == len(segment_numbers) < 256
-        ):
-            return super()._check_and_cast_pixel_array(
-                pixel_array, segment_numbers, segmentation_type, dtype
-            )
-        overlap = pixel_array.shape[-1] > 1 and any(
-            int(plane.sum(axis=-1, dtype=np.uint8).max()) > 1 for plane in pixel_array
-        )
+    ) -> tuple[np.ndarray, hd.seg.SegmentsOverlapValues]:
+        overlap = any(bool(np.any((plane & 1).astype(bool) & (plane > 1))) for plane in pixel_array)
         values = hd.seg.SegmentsOverlapValues
         return pixel_array, values.YES if overlap else values.NO
+
+    @staticmethod
+    def _get_segment_pixel_array(  # type: ignore[override]
+        pixel_array: np.ndarray,
+        segment_number: int,
+        described_segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        max_fractional_value: int,
+        dtype: type,
+    ) -> np.ndarray:
+        if segment_number == 1:
+            return (pixel_array & 1).astype(dtype)
+        return ((pixel_array >> 1) == segment_number - 1).astype(dtype)
 
 
 def build_segmentation(
@@ -149,6 +156,8 @@ def build_segmentation(
     lung_mask = np.asarray(lung_mask)
     lesion_labels = np.asarray(lesion_labels)
     _check_inputs(source_images, lung_mask, lesion_labels)
+    if lesion_labels.dtype == bool:
+        lesion_labels = lesion_labels.view(np.uint8)
 
     algorithm = _algorithm_identification(algorithm_name, algorithm_version)
     descriptions = [
@@ -186,7 +195,7 @@ def build_segmentation(
 
     seg = _Segmentation(
         source_images=source_images,
-        pixel_array=_segment_planes(lung_mask, lesion_labels, labels, planes),
+        pixel_array=_segment_codes(lung_mask, lesion_labels, labels, planes),
         plane_positions=[
             hd.PlanePositionSequence(
                 hd.CoordinateSystemNames.PATIENT, source_images[z].ImagePositionPatient
