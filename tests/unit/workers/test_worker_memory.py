@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 # Extra peak RSS per extra int16 volume: the lung mask, uint8 labels, float16 saliency and the
-# SEG's bool planes are a fraction of one each; the analyser's transient label arrays the rest.
+# SEG's codes are a fraction of one each; the analyser's transient label arrays the rest.
 MAX_GROWTH_PER_VOLUME = 5.0
 
 CHILD = textwrap.dedent(
