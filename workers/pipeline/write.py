@@ -81,7 +81,7 @@ def write_results(
         write_output(folder / "seg.dcm", seg, "SEG"),
         write_output(folder / "sr.dcm", sr, "SR"),
     ]
-    np.savez_compressed(saliency_path, saliency=analysis.saliency.astype(np.float16))
+    np.savez_compressed(saliency_path, saliency=analysis.saliency.astype(np.float16, copy=False))
     return Written(findings, outputs, time.perf_counter() - t0)
 
 
