@@ -57,6 +57,10 @@ SQLite broker is polled, about once a second). Throughput `two / one` near 2.0 m
 pipeline scales with worker processes; much less on a 2-core machine means the cores, not the
 queue, are the limit. Compare numbers from the same machine only.
 
+`--slices N` sends lung2 resampled to N slices (bench/ct_series.py) instead of the 61-slice
+sample; `--pipeline` and `--torch-threads` set the workers' RADAI_PIPELINE and
+RADAI_TORCH_THREADS (unset by default: the service's defaults).
+
 Run: `python bench/e2e.py [--studies N] [--broker redis|sqlite]` with the project's venv active
 (`--help` lists the other options). Needs dcmtk (/usr/bin/storescu, /usr/bin/echoscu) and, for
 the default broker, Redis at 127.0.0.1:6379. Everything it starts is stopped, its Redis keys
@@ -97,8 +101,18 @@ START_TIMEOUT = 120.0
 POLL = 0.05
 OTHER_CPU_LIMIT = 0.25  # cores busy with other people's work above which a phase is flagged
 _RADAI_EXE = Path(sys.executable).with_name("radai")
-# The workers' jobs.timings keys: input QA, then ml.inference.analyse's laps.
-PIPELINE_STAGES = ("qa", "segment", "screen_and_gradcam", "measure")
+# The workers' jobs.timings keys: input QA, then the analyser's laps (ml.runtime.inference's for
+# the models, ml.runtime.baseline's for the baseline); a pipeline's rows show "-" for the other's.
+PIPELINE_STAGES = (
+    "qa",
+    "segment",
+    "screen_and_gradcam",
+    "measure",
+    "lungs",
+    "lesions",
+    "score",
+    "saliency",
+)
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -314,6 +328,7 @@ class Service:
         self.node: subprocess.Popen | None = None
         self.workers: list[Worker] = []
         self.db_path = home / "radai.sqlite"
+        self.extra_env: dict[str, str] = {}
         (home / "bench").mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict[str, str]:
@@ -328,6 +343,7 @@ class Service:
             RADAI_IO_QUEUE=f"{self.queue}.io",
             RADAI_BROKER_URL=self.broker_url,
         )
+        env.update(self.extra_env)
         return env
 
     def start_node(self) -> None:
@@ -548,7 +564,7 @@ def latency_row(send: Send, rec: StudyRecord, stable: float) -> dict[str, float 
     row["total"] = total
     row["total - stable window"] = None if total is None else total - stable
     row["(job: started -> finished)"] = job
-    row["(storescu send, 61 slices)"] = send.seconds
+    row["(storescu send)"] = send.seconds
     return row
 
 
@@ -776,6 +792,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="s to wait for results")
     parser.add_argument(
+        "--slices",
+        type=int,
+        default=61,
+        help="slices of the study: 61 is the sample; more resamples lung2 (bench/ct_series.py)",
+    )
+    parser.add_argument(
+        "--pipeline", choices=["baseline", "models"], help="the workers' RADAI_PIPELINE"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, help="the workers' RADAI_TORCH_THREADS (default: unset)"
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (RADAI_HOME, logs) and print it"
     )
     args = parser.parse_args(argv)
@@ -806,8 +834,23 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.DEVNULL,
             env={**os.environ, "RADAI_HOME": str(work / "sample-home")},
         )
-        factory = StudyFactory(work / "samples" / "lung2", work / "studies")
+        sample = work / "samples" / "lung2"
+        if args.slices != 61:
+            from ct_series import write_resampled
+
+            sample = work / "samples" / f"lung2-{args.slices}"
+            write_resampled(sample, slices=args.slices)
+        print(
+            f"  study: {args.slices} slices; RADAI_PIPELINE {args.pipeline or '(default)'}, "
+            f"RADAI_TORCH_THREADS {args.torch_threads or '(default)'}",
+            flush=True,
+        )
+        factory = StudyFactory(sample, work / "studies")
         svc = Service(work / "home", procs, broker_url, queue, args.stable_seconds)
+        if args.pipeline:
+            svc.extra_env["RADAI_PIPELINE"] = args.pipeline
+        if args.torch_threads:
+            svc.extra_env["RADAI_TORCH_THREADS"] = str(args.torch_threads)
         svc.start_node()
 
         # 1. Latency, 2. memory while processing.

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ml.image.morphology import centroid, check_volume, coarse_close, fill_holes
+from ml.image.morphology import centroid, check_volume, coarse_close, fill_holes, label_sizes
 
 # Lung parenchyma is about -850 HU; -320 HU sits between it and soft tissue (0..80 HU) and keeps
 # partial-volume voxels of the pleural border with the tissue.
@@ -100,9 +100,8 @@ def segment_lungs(
     """
     spacing = check_volume(volume_hu, spacing_zyx)
     volume_hu = np.asarray(volume_hu)
-    air = volume_hu < AIR_THRESHOLD_HU
-    labels, n = ndimage.label(air)
-    empty = np.zeros(air.shape, dtype=bool)
+    labels, n = ndimage.label(volume_hu < AIR_THRESHOLD_HU)
+    empty = np.zeros(labels.shape, dtype=bool)
     if n == 0:
         return empty
     border = np.unique(
@@ -112,7 +111,7 @@ def segment_lungs(
         )
     )
     border = border[border > 0]
-    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64)
+    sizes = label_sizes(labels, n)
     sizes[0] = 0
     sizes[border] = 0
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
@@ -128,6 +127,7 @@ def segment_lungs(
     outside_lut = np.zeros(n + 1, dtype=bool)
     outside_lut[border] = True
     body = ~outside_lut[labels]
+    del labels  # the largest array here: gone before the per-slice work
 
     mask = empty
     for z in np.flatnonzero(lungs.any(axis=(1, 2))):

@@ -78,6 +78,21 @@ def coarse_close(comp: np.ndarray, radius_mm: float, spacing_yx: tuple[float, fl
     return upsample(closed, f, comp.shape)
 
 
+def label_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
+    """Voxels per label 0..n of a (z, y, x) label array, counted a few slices at a time:
+    np.bincount converts its input to int64, which over a whole clinical CT is a copy twice the
+    size of an int32 label volume."""
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for z in range(0, labels.shape[0], slab):
+        sizes += np.bincount(labels[z : z + slab].ravel(), minlength=n + 1)
+    return sizes
+
+
+def compact_labels(highest: int) -> np.dtype:
+    """The narrowest unsigned type for labels 0..highest (uint8 up to 255)."""
+    return np.min_scalar_type(max(int(highest), 255))
+
+
 def centroid(mask: np.ndarray) -> np.ndarray:
     """Centroid (y, x) of a non-empty 2-D mask, from its row and column projections."""
     rows = mask.sum(axis=1, dtype=np.int64)

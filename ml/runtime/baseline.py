@@ -18,6 +18,7 @@ from ml.image.morphology import (
     bbox,
     check_volume,
     coarse_factor,
+    compact_labels,
     disk,
     downsample,
     upsample,
@@ -189,7 +190,8 @@ def _seeds(mask: np.ndarray, min_mm3: float, voxel_mm3: float) -> np.ndarray:
 def find_lesions(
     volume_hu: np.ndarray, lung_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> np.ndarray:
-    """Label lesion candidates inside the lung mask: int32 (z, y, x), 1 = largest by volume.
+    """Label lesion candidates inside the lung mask: (z, y, x), 1 = largest by volume, in the
+    narrowest unsigned type that holds the labels (uint8 up to 255 lesions).
 
     Soft tissue (> -400 HU) inside the lungs is opened in-plane at two scales so that vessels
     detach: a 5 mm disk keeps only the cores of large lesions, a 3 mm disk the smaller ones in
@@ -211,10 +213,9 @@ def _detect_lesions(
     lung_mask = np.asarray(lung_mask, dtype=bool)
     if lung_mask.shape != volume_hu.shape:
         raise ValueError(f"lung_mask shape {lung_mask.shape} != volume shape {volume_hu.shape}")
-    out = np.zeros(volume_hu.shape, dtype=np.int32)
     box = bbox(lung_mask)
     if box is None:
-        return out, []
+        return np.zeros(volume_hu.shape, dtype=np.uint8), []
     hu = volume_hu[box]
     lung = lung_mask[box]
     soft = (hu > SOFT_TISSUE_THRESHOLD_HU) & lung
@@ -254,6 +255,9 @@ def _detect_lesions(
     plausible = (sizes >= 0.5 * MIN_LESION_VOLUME_MM3) & (sizes <= 2 * MAX_LESION_VOLUME_MM3)
     plausible[0] = False
     coarse[~plausible[coarse]] = 0
+    # Brought to full resolution in the narrowest type that holds the labels: at 0.6 mm slices
+    # an int32 copy of the lungs' box is most of a gigabyte.
+    coarse = coarse.astype(compact_labels(int(coarse.max())))
     grown = np.where(soft, upsample(coarse, f, soft.shape), 0)
     in_plane = spacing[1:]
     centres = _lung_centres(lung)
@@ -273,9 +277,10 @@ def _detect_lesions(
             continue
         kept.append(m)
     kept.sort(key=lambda m: (-m.voxel_count, m.label))
-    lut = np.zeros(int(grown.max()) + 1, dtype=np.int32)
+    lut = np.zeros(int(grown.max()) + 1, dtype=compact_labels(len(kept)))
     for rank, m in enumerate(kept, start=1):
         lut[m.label] = rank
+    out = np.zeros(volume_hu.shape, dtype=lut.dtype)
     out[box] = lut[grown]
     origin = tuple(b.start for b in box)
     lesions = [
@@ -293,8 +298,12 @@ def _detect_lesions(
 def _saliency(
     labels: np.ndarray, lesions: list[RegionMeasurement], spacing: tuple[float, float, float]
 ) -> np.ndarray:
-    """Each lesion painted with its own score and blurred, so the map peaks at that score."""
-    saliency = np.zeros(labels.shape, dtype=np.float32)
+    """Each lesion painted with its own score and blurred, so the map peaks at that score.
+
+    float16, the precision it is stored in: a float32 map of a clinical CT is half a gigabyte
+    of mostly zeros. Each blob is computed in float32 and rounded once, so the map is the float32
+    one rounded."""
+    saliency = np.zeros(labels.shape, dtype=np.float16)
     sigma = tuple(SALIENCY_SIGMA_MM / s for s in spacing)
     margin = tuple(int(math.ceil(3 * s)) + 1 for s in sigma)
     for m in lesions:
@@ -306,8 +315,10 @@ def _saliency(
         peak = float(blob.max())
         if peak > 0:
             blob *= lesion_probability(m) / peak
+            # Clipped per blob, in float32: clipping the whole float16 map is slow.
+            np.clip(blob, 0.0, 1.0, out=blob)
             np.maximum(saliency[box], blob, out=saliency[box])
-    return np.clip(saliency, 0.0, 1.0, out=saliency)
+    return saliency
 
 
 def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> BaselineResult:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ml.image.measure import RegionMeasurement, measure_regions
+from ml.image.morphology import compact_labels, label_sizes
 from ml.runtime import candidates, networks
 from ml.runtime.laps import Laps
 from ml.runtime.registry import LoadedModel
@@ -63,18 +64,30 @@ class ModelResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-def to_grid(volume_hu: np.ndarray) -> torch.Tensor:
-    """(z, y, x) HU -> (z, GRID, GRID) float tensor by area averaging (or bilinear if smaller)."""
-    t = torch.from_numpy(np.ascontiguousarray(volume_hu, dtype=np.float32))[None]
-    if t.shape[-2:] == (networks.GRID, networks.GRID):
-        return t[0]
-    mode = "area" if min(t.shape[-2:]) >= networks.GRID else "bilinear"
-    return F.interpolate(t, size=(networks.GRID, networks.GRID), mode=mode)[0]
+def to_grid(volume_hu: np.ndarray, slab: int = 32) -> torch.Tensor:
+    """(z, y, x) HU -> (z, GRID, GRID) float tensor by area averaging (or bilinear if smaller).
+
+    Each slice is resized on its own, so a few slices at a time give the same result without a
+    float32 copy of the whole volume (a mask passed here would need one)."""
+    z, h, w = np.shape(volume_hu)
+    g = networks.GRID
+    if (h, w) == (g, g):
+        return torch.from_numpy(np.ascontiguousarray(volume_hu, dtype=np.float32))
+    mode = "area" if min(h, w) >= g else "bilinear"
+    out = torch.empty((z, g, g), dtype=torch.float32)
+    for i in range(0, z, slab):
+        t = torch.from_numpy(np.ascontiguousarray(volume_hu[i : i + slab], dtype=np.float32))
+        out[i : i + slab] = F.interpolate(t[None], size=(g, g), mode=mode)[0]
+    return out
 
 
-def _inputs(grid_hu: torch.Tensor) -> torch.Tensor:
-    """(z, GRID, GRID) HU -> (z, CONTEXT, GRID, GRID) scaled network input."""
-    return torch.from_numpy(networks.stack_context(networks.scale_hu(grid_hu.numpy())))
+def _batch_inputs(scaled: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    """The network input (batch, CONTEXT, GRID, GRID) of slices start..stop-1 of the scaled
+    grid: each with its neighbours, edges repeated (as `networks.stack_context`), built per
+    batch rather than for the whole volume at once (CONTEXT times the grid)."""
+    half = networks.CONTEXT // 2
+    rows = np.arange(start, stop)[:, None] + np.arange(-half, half + 1)[None, :]
+    return torch.from_numpy(scaled[np.clip(rows, 0, len(scaled) - 1)])
 
 
 @torch.no_grad()
@@ -92,20 +105,26 @@ def segment(
     threshold recovers the edge without adding calls. The training of the screener lowers
     ``seed_p`` to collect the segmenter's near misses as well.
     """
-    x = _inputs(to_grid(volume_hu))
+    scaled = np.asarray(networks.scale_hu(to_grid(volume_hu).numpy()))
     z, h, w = volume_hu.shape
     tissue = np.empty((z, h, w), dtype=bool)
-    lesion_p = np.empty((z, h, w), dtype=np.float32)
+    # Only the two thresholds of the lesion probability are used: two bool volumes instead of a
+    # float32 one (half a gigabyte for a clinical CT).
+    extent_mask = np.empty((z, h, w), dtype=bool)
+    seed_mask = np.empty((z, h, w), dtype=bool)
     for i in range(0, z, BATCH):
-        logits = model.net(x[i : i + BATCH])
+        logits = model.net(_batch_inputs(scaled, i, min(i + BATCH, z)))
         if (h, w) != logits.shape[-2:]:
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         # arg-max > 0 without torch's arg-max over channels, which took 0.7 s per batch here
         tissue[i : i + BATCH] = (logits[:, 0] < logits[:, 1:].amax(dim=1)).numpy()
-        lesion_p[i : i + BATCH] = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS].numpy()
-    extent, n = ndimage.label(lesion_p >= extent_p, structure=np.ones((3, 3, 3), dtype=bool))
+        lesion_p = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS].numpy()
+        np.greater_equal(lesion_p, extent_p, out=extent_mask[i : i + BATCH])
+        np.greater_equal(lesion_p, seed_p, out=seed_mask[i : i + BATCH])
+    extent, n = ndimage.label(extent_mask, structure=np.ones((3, 3, 3), dtype=bool))
+    del extent_mask
     seeded = np.zeros(n + 1, dtype=bool)
-    seeded[extent[lesion_p >= seed_p]] = True
+    seeded[extent[seed_mask]] = True
     seeded[0] = False
     lesion = seeded[extent]
     return tissue | lesion, lesion
@@ -118,7 +137,7 @@ def candidate_inputs(
     g = networks.GRID
     h, w = volume_hu.shape[1:]
     grid = networks.scale_hu(to_grid(volume_hu).numpy())
-    calls = to_grid((labels > 0).astype(np.float32)).numpy() >= 0.25
+    calls = to_grid(labels > 0).numpy() >= 0.25
     at = [
         (z, min(g - 1, int(y * g / h)), min(g - 1, int(x * g / w)))
         for z, y, x in candidates.centres(labels, n)
@@ -136,8 +155,12 @@ def screen(
     model: LoadedModel, volume_hu: np.ndarray, labels: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probability that each lesion call 1..n is a lesion, and a Grad-CAM saliency volume on the
-    volume's grid (the most probable candidates' maps, weighted by their probability)."""
-    saliency = np.zeros(volume_hu.shape, dtype=np.float32)
+    volume's grid (the most probable candidates' maps, weighted by their probability).
+
+    The map is float16, the precision it is stored in: each slice is computed and clipped in
+    float32 and rounded once, so the stored map is unchanged; a float32 map of a clinical CT is
+    half a gigabyte of mostly zeros."""
+    saliency = np.zeros(volume_hu.shape, dtype=np.float16)
     if n == 0:
         return np.zeros(0, dtype=np.float32), saliency
     x_np, at = candidate_inputs(volume_hu, labels, n)
@@ -165,8 +188,8 @@ def screen(
     )
     for k in sorted({at[i][0] for i in order}):
         up = F.interpolate(torch.from_numpy(grid[k])[None, None], size=(h, w), mode="bilinear")
-        saliency[k] = up[0, 0].numpy()
-    return probs, np.clip(saliency, 0.0, 1.0)
+        saliency[k] = np.clip(up[0, 0].numpy(), 0.0, 1.0)
+    return probs, saliency
 
 
 def lesion_components(
@@ -182,7 +205,7 @@ def lesion_components(
     if n == 0:
         return labels.astype(np.int32), 0
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = label_sizes(labels, n)
     keep = [i for i in range(1, n + 1) if sizes[i] * voxel_mm3 >= MIN_LESION_MM3]
     if hu is not None and lung is not None and keep:
         r = max(1, int(round(RIM_MM / spacing[1])))
@@ -201,7 +224,7 @@ def lesion_components(
             if float(hu[box][comp].mean()) > MIN_MEAN_HU and contact >= MIN_LUNG_CONTACT:
                 kept.append(i)
         keep = kept
-    lut = np.zeros(n + 1, dtype=np.int32)
+    lut = np.zeros(n + 1, dtype=compact_labels(len(keep)))
     lut[keep] = np.arange(1, len(keep) + 1)
     return lut[labels], len(keep)
 
@@ -236,7 +259,7 @@ def analyse(
     probs, saliency = screen(screener, volume_hu, labels, n)
     lap("screen_and_gradcam")
     kept = np.flatnonzero(probs >= operating_threshold(screener)) + 1
-    lut = np.zeros(n + 1, dtype=np.int32)
+    lut = np.zeros(n + 1, dtype=compact_labels(len(kept)))
     lut[kept] = np.arange(1, len(kept) + 1)
     labels = lut[labels]
     lesions = measure_regions(labels, spacing, volume_hu)

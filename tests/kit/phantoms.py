@@ -88,3 +88,73 @@ def blob_chest(seed: int = 0, spacing=(2.5, 1.2, 1.2), shape=(48, 112, 112)) -> 
         blob = sum((g - ci) ** 2 for g, ci in zip(grid, c, strict=True)) <= r * r
         hu[blob & bg.lung] = 40.0
     return Background(bg.name, hu, bg.lung, bg.spacing, bg.tumour)
+
+
+def chest_ct_phantom(
+    slices: int = 200, size: int = 256, spacing=(1.5, 1.2, 1.2), seed: int = 0
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A chest-sized (z, y, x) float32 HU volume built a slice at a time, so that building a
+    large one costs no more than the volume itself: a body (40 HU) with two air lungs (-850 HU)
+    and, in the right lung, a solid 16 mm nodule (40 HU); noise 20 HU. For memory tests of the
+    worker's stages at clinical sizes (the real CTs are for the benchmarks only)."""
+    rng = np.random.default_rng(seed)
+    dz, dy, dx = spacing
+    length = slices * dz
+    yy, xx = np.meshgrid((np.arange(size) + 0.5) * dy, (np.arange(size) + 0.5) * dx, indexing="ij")
+    yc, xc = size * dy / 2, size * dx / 2
+    body = ((yy - yc) / (0.42 * size * dy)) ** 2 + ((xx - xc) / (0.46 * size * dx)) ** 2 <= 1
+    nodule_zyx = (0.5 * length, yc, xc - 0.2 * size * dx)
+    hu = np.empty((slices, size, size), dtype=np.float32)
+    for z in range(slices):
+        zmm = (z + 0.5) * dz
+        plane = np.where(body, 40.0, -1000.0).astype(np.float32)
+        reach = 1 - ((zmm - 0.5 * length) / (0.42 * length)) ** 2
+        if reach > 0:
+            for side in (-1, 1):
+                lung = ((yy - yc) / (0.3 * size * dy)) ** 2 + (
+                    (xx - xc - side * 0.2 * size * dx) / (0.14 * size * dx)
+                ) ** 2 <= reach
+                plane[lung] = -850.0
+        nodule = (yy - nodule_zyx[1]) ** 2 + (xx - nodule_zyx[2]) ** 2 + (
+            zmm - nodule_zyx[0]
+        ) ** 2 <= 8.0**2
+        plane[nodule] = 40.0
+        plane += rng.normal(0.0, 20.0, size=plane.shape).astype(np.float32)
+        hu[z] = plane
+    return hu, (float(dz), float(dy), float(dx))
+
+
+def ct_headers(shape: tuple[int, int, int], spacing) -> list:
+    """Single-frame CT Image Storage headers (no pixel data) for a (z, y, x) volume, in volume
+    order: what the SEG and SR writers need of a series."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    out = []
+    for i in range(shape[0]):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientName, ds.PatientID = "Test^Phantom", "RADAI-TEST-PHANTOM"
+        ds.PatientBirthDate, ds.PatientSex = "19600101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240102", "1015", "1", "A1"
+        ds.ReferringPhysicianName = ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 2, i + 1
+        ds.Manufacturer, ds.PositionReferenceIndicator = "synthetic", ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, i * float(spacing[0])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
+        ds.SliceThickness = float(spacing[0])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = shape[1], shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        out.append(ds)
+    return out

@@ -65,8 +65,73 @@ def _check_inputs(
     for name, array in (("lung_mask", lung_mask), ("lesion_labels", lesion_labels)):
         if array.shape != expected:
             raise ValueError(f"{name} has shape {array.shape}, expected (z, y, x) = {expected}")
-    if np.issubdtype(lesion_labels.dtype, np.floating) or (lesion_labels < 0).any():
+    if lesion_labels.dtype.kind not in "iub" or (
+        lesion_labels.dtype.kind == "i" and lesion_labels.size and lesion_labels.min() < 0
+    ):
         raise ValueError("lesion_labels must hold non-negative integer labels")
+
+
+def _present_labels(lesion_labels: np.ndarray, planes: np.ndarray) -> list[int]:
+    """The non-zero labels, in increasing order, found plane by plane (np.unique would sort a
+    copy of the whole volume)."""
+    found: set[int] = set()
+    for z in planes:
+        found.update(int(v) for v in np.unique(lesion_labels[z]))
+    return sorted(found - {0})
+
+
+def _segment_codes(
+    lung_mask: np.ndarray, lesion_labels: np.ndarray, labels: list[int], planes: np.ndarray
+) -> np.ndarray:
+    """(planes, rows, cols) codes on the given planes only, for `_Segmentation`: bit 0 set in
+    the lung, and the lesion's index in ``labels`` (1-based) above it; filled plane by plane so
+    that no whole-volume temporary is made."""
+    dtype = np.uint8 if len(labels) < 128 else np.uint16 if len(labels) < 32768 else np.uint32
+    index = np.zeros(max(labels, default=0) + 1, dtype=dtype)
+    index[labels] = np.arange(1, len(labels) + 1)
+    codes = np.empty((len(planes), *lung_mask.shape[1:]), dtype=dtype)
+    for i, z in enumerate(planes):
+        np.left_shift(index[lesion_labels[z]], 1, out=codes[i])
+        codes[i] |= lung_mask[z] != 0
+    return codes
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, fed one compact code array instead of a stack of masks.
+
+    highdicom takes overlapping segments only as a (planes, rows, cols, segments) stack, one
+    byte a voxel per segment, and checks for overlap by summing that stack into an int64 array:
+    for a clinical CT with a dozen lesions that is several gigabytes. Here each voxel holds one
+    code (bit 0: lung; the rest: the lesion's index in the segment list, from
+    `_segment_codes`), each segment's frame is cut from it plane by plane, and the overlap is
+    found a plane at a time. Only `build_segmentation` constructs this class, always with such
+    codes; the frames, and so the SEG, are those highdicom makes from the stack.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls,
+        pixel_array: np.ndarray,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray, hd.seg.SegmentsOverlapValues]:
+        overlap = any(bool(np.any((plane & 1).astype(bool) & (plane > 1))) for plane in pixel_array)
+        values = hd.seg.SegmentsOverlapValues
+        return pixel_array, values.YES if overlap else values.NO
+
+    @staticmethod
+    def _get_segment_pixel_array(  # type: ignore[override]
+        pixel_array: np.ndarray,
+        segment_number: int,
+        described_segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        max_fractional_value: int,
+        dtype: type,
+    ) -> np.ndarray:
+        if segment_number == 1:
+            return (pixel_array & 1).astype(dtype)
+        return ((pixel_array >> 1) == segment_number - 1).astype(dtype)
 
 
 def build_segmentation(
@@ -94,6 +159,8 @@ def build_segmentation(
     lung_mask = np.asarray(lung_mask)
     lesion_labels = np.asarray(lesion_labels)
     _check_inputs(source_images, lung_mask, lesion_labels)
+    if lesion_labels.dtype == bool:
+        lesion_labels = lesion_labels.view(np.uint8)
 
     algorithm = _algorithm_identification(algorithm_name, algorithm_version)
     descriptions = [
@@ -108,8 +175,12 @@ def build_segmentation(
             tracking_uid=_uid(instance_uid_seed, "seg.tracking.lung"),
         )
     ]
-    masks = [lung_mask > 0]
-    labels = [int(v) for v in np.unique(lesion_labels) if v > 0]
+    # Only the planes with anything segmented go to highdicom (it leaves the empty ones out
+    # anyway): its checks make whole-array temporaries, one of them int64.
+    planes = np.flatnonzero(lung_mask.any(axis=(1, 2)) | lesion_labels.any(axis=(1, 2)))
+    if planes.size == 0:
+        planes = np.arange(len(source_images))  # nothing at all: every frame, as highdicom does
+    labels = _present_labels(lesion_labels, planes)
     for label in labels:
         uid, tracking_id = (tracking or {}).get(
             label,
@@ -128,11 +199,16 @@ def build_segmentation(
                 anatomic_regions=[codes.SCT.Lung],
             )
         )
-        masks.append(lesion_labels == label)
 
-    seg = hd.seg.Segmentation(
+    seg = _Segmentation(
         source_images=source_images,
-        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
+        pixel_array=_segment_codes(lung_mask, lesion_labels, labels, planes),
+        plane_positions=[
+            hd.PlanePositionSequence(
+                hd.CoordinateSystemNames.PATIENT, source_images[z].ImagePositionPatient
+            )
+            for z in planes
+        ],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=_uid(instance_uid_seed, "seg.series"),

@@ -93,7 +93,7 @@ def write_results(
             out["path"] = archive.instance_url(
                 ticket.study_uid, out["series_uid"], out["sop_instance_uid"]
             )
-    np.savez_compressed(saliency_path, saliency=analysis.saliency.astype(np.float16))
+    np.savez_compressed(saliency_path, saliency=analysis.saliency.astype(np.float16, copy=False))
     return Written(findings, outputs, time.perf_counter() - t0)
 
 

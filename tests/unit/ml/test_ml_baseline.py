@@ -89,7 +89,8 @@ def test_few_false_positives(cases: dict[str, Case], name: str) -> None:
 def test_lesions_match_their_labels(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
     labels, lesions = case.result.lesion_labels, case.result.lesions
-    assert labels.dtype == np.int32 and labels.shape == case.image.shape
+    # The narrowest type for a few labels: a clinical CT's label volume stays a byte a voxel.
+    assert labels.dtype == np.uint8 and labels.shape == case.image.shape
     assert [m.label for m in lesions] == list(range(1, len(lesions) + 1))
     assert int(labels.max()) == len(lesions)
     volumes = [m.voxel_volume_mm3 for m in lesions]
@@ -141,9 +142,10 @@ def test_probability_ranks_lesions_above_a_normal_lung(
 def test_saliency_points_at_the_lesion(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
     saliency = case.result.saliency
-    assert saliency.dtype == np.float32 and saliency.shape == case.image.shape
+    # Stored as float16 (the precision it is written in): the peak is the score rounded once.
+    assert saliency.dtype == np.float16 and saliency.shape == case.image.shape
     assert float(saliency.min()) >= 0.0 and float(saliency.max()) <= 1.0
-    assert float(saliency.max()) == pytest.approx(case.result.probability, abs=1e-6)
+    assert float(saliency.max()) == pytest.approx(case.result.probability, abs=5e-4)
     assert float(saliency[case.truth].mean()) > 0.3
     # Nothing outside the lesions' boxes widened by about 3 blur sigmas (2 mm).
     near = np.zeros(saliency.shape, dtype=bool)
