@@ -8,6 +8,7 @@ COPY radai radai
 COPY db db
 COPY dicom_io dicom_io
 COPY dicom_node dicom_node
+COPY dicomweb dicomweb
 COPY workers workers
 COPY ml ml
 COPY dashboard dashboard

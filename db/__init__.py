@@ -12,6 +12,7 @@ import it. Paths and keys come in from the caller (`audit.configure`), never fro
 """
 
 from db.models import (
+    ApiToken,
     AuditEntry,
     Base,
     Export,
@@ -33,6 +34,7 @@ from db.models import (
 from db.session import Database
 
 __all__ = [
+    "ApiToken",
     "AuditEntry",
     "Base",
     "Export",

@@ -42,6 +42,11 @@ class AuditAction(enum.StrEnum):
     USER_LOGOUT = "user.logout"
     USER_SESSION_EXPIRED = "user.session_expired"
     USER_SESSION_ENDED = "user.session_ended"
+    TOKEN_CREATED = "token.created"
+    TOKEN_REVOKED = "token.revoked"
+    # DICOMweb (dicomweb/): refused requests and what a STOW-RS request stored.
+    DICOMWEB_REFUSED = "dicomweb.refused"
+    DICOMWEB_STORED = "dicomweb.stored"
     STUDY_OPENED = "study.opened"
     STUDY_OUTPUT_DOWNLOADED = "study.output_downloaded"
     AUDIT_VERIFIED = "audit.verified"

@@ -298,6 +298,24 @@ class User(Base):
     )
 
 
+class ApiToken(Base):
+    """A bearer token for DICOMweb (scripts and workers): only its SHA-256 is stored.
+
+    `role` is what the token may do: the owner's role, or "worker" (read and store). A token of a
+    disabled user, a revoked token and an expired one are refused.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
 class LoginAttempt(Base):
     """One login attempt, for throttling (`db.login_throttle`) and the admins' view of failures.
 

@@ -222,9 +222,19 @@ class DicomNode:
         req = event.request
         sop_class = str(req.AffectedSOPClassUID or "")
         sop_instance = str(req.AffectedSOPInstanceUID or "")
-        data = b""
         try:
             data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - the association must get an answer
+            return self._unexpected(exc, b"", calling_ae, peer, sop_class, sop_instance)
+        return self.receive(data, sop_class, sop_instance, calling_ae, peer)
+
+    def receive(
+        self, data: bytes, sop_class: str, sop_instance: str, calling_ae: str, peer: str
+    ) -> int:
+        """Store one received Part 10 stream (meta included) as C-STORE does, and return the
+        C-STORE status: durable and recorded on success, refused, quarantined and audited
+        otherwise. The one way in, shared by C-STORE and DICOMweb's STOW-RS."""
+        try:
             if len(data) > self.config.max_instance_bytes:
                 raise Refusal(
                     statuses.TOO_LARGE,

@@ -87,6 +87,60 @@ def _node_service(settings: Settings):  # noqa: ANN202
     )
 
 
+class _NodeWithDicomWeb:
+    """The node service and, on RADAI_DICOMWEB_PORT, DICOMweb in the same process: STOW-RS
+    stores through the node's own C-STORE path (`DicomNode.receive`) and its locks."""
+
+    def __init__(self, service, web) -> None:  # noqa: ANN001
+        self.service = service
+        self.web = web
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    def start(self) -> None:
+        self.service.start()
+        if self.web is not None:
+            try:
+                self.web.start()
+            except OSError as exc:
+                self.service.stop()
+                raise SystemExit(f"radai: DICOMweb cannot listen: {exc}") from None
+
+    def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
+        self.service.stop()
+
+    def wait(self) -> None:
+        self.service.wait()
+
+
+def _node_with_dicomweb(settings: Settings) -> _NodeWithDicomWeb:
+    service = _node_service(settings)
+    if settings.dicomweb_port == 0:
+        return _NodeWithDicomWeb(service, None)
+    from dicomweb.app import Service
+    from dicomweb.server import DicomWebServer
+
+    tls_cert, tls_key, tls_ca = settings.tls_paths
+    web = DicomWebServer(
+        Service(
+            service.db,
+            service.node.receive,
+            anonymous=settings.dicomweb_anonymous,
+            public_url=settings.dicomweb_public_url.strip() or None,
+        ),
+        settings.dicomweb_host,
+        settings.dicomweb_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+    )
+    return _NodeWithDicomWeb(service, web)
+
+
 def _serve_until_signal(service) -> int:  # noqa: ANN001
     def _stop(signum, _frame):  # noqa: ANN001
         log.info("signal %d: stopping", signum)
@@ -103,7 +157,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     from radai import logs
 
     logs.configure(settings.log_level, settings.log_dir, "node")
-    return _serve_until_signal(_node_service(settings))
+    return _serve_until_signal(_node_with_dicomweb(settings))
 
 
 def _worker_config(settings: Settings):  # noqa: ANN202
@@ -357,7 +411,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from radai import logs
 
     logs.configure(settings.log_level, settings.log_dir, "node")
-    service = _node_service(settings)
+    service = _node_with_dicomweb(settings)
     children = [_spawn(["worker"]), _spawn(["dashboard"])]
     try:
         return _serve_until_signal(service)
@@ -420,6 +474,36 @@ def cmd_user(args: argparse.Namespace, settings: Settings) -> int:
         print(f"radai: {exc}", file=sys.stderr)
         return 1
     print(f"user {args.name} added with role {args.role}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from db import api_tokens
+
+    db = _database(settings)
+    actor = f"cli:{getattr(args, 'by', 'admin')}"
+    try:
+        with db.session() as s:
+            if args.token_command == "create":
+                token_id, token = api_tokens.create_token(
+                    s, args.name, role=args.role, days=args.days, actor=actor
+                )
+            elif args.token_command == "revoke":
+                api_tokens.revoke_token(s, args.id, actor=actor)
+            else:
+                rows = api_tokens.list_tokens(s)
+    except ValueError as exc:
+        print(f"radai: {exc}", file=sys.stderr)
+        return 1
+    if args.token_command == "create":
+        print(token)  # alone on stdout, for scripts: TOKEN=$(radai token create NAME)
+        print(f"token {token_id} for {args.name}; it is shown only now", file=sys.stderr)
+    elif args.token_command == "revoke":
+        print(f"token {args.id} revoked")
+    else:
+        for r in rows:
+            state = "revoked" if r["revoked_at"] else f"expires {r['expires_at'] or 'never'}"
+            print(f"{r['id']:>5}  {r['user']:<20} {r['role']:<12} {state}")
     return 0
 
 
@@ -760,8 +844,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("up", help="run the service on embedded defaults: node, worker, dashboard")
-    sub.add_parser("node", help="run the DICOM node: listener, study assembly, dispatcher")
+    sub.add_parser(
+        "up", help="run the service on embedded defaults: node (with DICOMweb), worker, dashboard"
+    )
+    sub.add_parser(
+        "node",
+        help="run the DICOM node: listener, study assembly, dispatcher and DICOMweb "
+        "(RADAI_DICOMWEB_PORT)",
+    )
     worker = sub.add_parser("worker", help="run a Celery worker for the pipeline and exports")
     worker.add_argument("--queues", default=None, help="comma list (default: both queues)")
     worker.add_argument("--concurrency", type=int, default=1)
@@ -789,6 +879,25 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("image", type=Path, help="volume readable by SimpleITK (NRRD, NIfTI)")
     measure.add_argument("mask", type=Path, help="label map of the same size")
     measure.add_argument("--json", action="store_true")
+    tok = sub.add_parser("token", help="bearer tokens for DICOMweb (scripts and workers)")
+    tok_sub = tok.add_subparsers(dest="token_command", required=True)
+    create = tok_sub.add_parser(
+        "create", help="print a new token for USER (stored only as a hash: shown once)"
+    )
+    create.add_argument("name", metavar="USER")
+    create.add_argument(
+        "--role",
+        choices=["radiologist", "admin", "auditor", "worker"],
+        default=None,
+        help="what the token may do (default: the user's role; worker: search, retrieve, store)",
+    )
+    create.add_argument("--days", type=float, default=None, help="expire after this many days")
+    create.add_argument("--by", default="admin", help="who issues it (for the audit trail)")
+    revoke = tok_sub.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id", type=int)
+    revoke.add_argument("--by", default="admin", help="who revokes it (for the audit trail)")
+    tok_sub.add_parser("list", help="list tokens: id, user, role, expiry (never the token)")
+
     demo = sub.add_parser("demo", help="run node and worker, send the samples, print findings")
     demo.add_argument("--exit", action="store_true", help="stop after printing, for scripts")
     demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for results")
@@ -921,6 +1030,7 @@ COMMANDS = {
     "release": cmd_release,
     "dashboard": cmd_dashboard,
     "user": cmd_user,
+    "token": cmd_token,
     "measure": cmd_measure,
     "node": cmd_node,
     "demo": cmd_demo,

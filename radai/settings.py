@@ -39,6 +39,17 @@ class Settings(BaseSettings):
         default="", description="comma list of RADAI_EXPORT_TO destinations sent de-identified"
     )
     dashboard_port: int = 8501
+    dicomweb_port: int = Field(
+        default=8080, ge=0, le=65535, description="DICOMweb (/dicomweb) beside the node; 0: off"
+    )
+    dicomweb_host: str = Field(default="0.0.0.0", description="address DICOMweb listens on")
+    dicomweb_anonymous: bool = Field(
+        default=False, description="let requests without a token search and retrieve (never store)"
+    )
+    dicomweb_public_url: str = Field(
+        default="",
+        description="the service root as clients see it behind a proxy; empty: as reached",
+    )
     max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
     min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")

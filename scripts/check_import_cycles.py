@@ -8,7 +8,7 @@ import sys
 
 import grimp
 
-PACKAGES = ("ml", "db", "dicom_io", "dicom_node", "workers", "dashboard", "radai")
+PACKAGES = ("ml", "db", "dicom_io", "dicom_node", "dicomweb", "workers", "dashboard", "radai")
 
 
 def cycles() -> list[tuple[str, str]]:

@@ -214,6 +214,8 @@ def radai_env(home: Path, db_url: str, broker_url: str, queue: str, **extra: str
         RADAI_BROKER_URL=broker_url,
         RADAI_QUEUE=queue,
         RADAI_IO_QUEUE=queue + ".io",
+        # A node's DICOMweb must not take a fixed port that parallel tests would share.
+        RADAI_DICOMWEB_PORT=str(free_port()),
         **extra,
     )
     return env

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from dicom_node.samples import sample_study_uid
 from tests.conftest import free_port, wait_for
@@ -18,7 +19,14 @@ RADAI = [sys.executable, "-m", "radai"]
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
-    env.update({"RADAI_HOME": str(home), "RADAI_DICOM_PORT": str(free_port()), **extra})
+    env.update(
+        {
+            "RADAI_HOME": str(home),
+            "RADAI_DICOM_PORT": str(free_port()),
+            "RADAI_DICOMWEB_PORT": str(free_port()),
+            **extra,
+        }
+    )
     return env
 
 
@@ -48,6 +56,7 @@ def test_help_lists_the_commands():
         "evaluate",
         "models",
         "audit",
+        "token",
     ):
         assert command in out
     assert "NOT FOR CLINICAL USE" in out
@@ -107,6 +116,26 @@ def test_node_and_send_commands(tmp_path, samples):
         assert wrong.returncode == 1 and "association rejected" in wrong.stderr
         table = _radai(["studies"], env).stdout
         assert sample_study_uid("lung1") in table and "RECEIVING" in table
+
+        # DICOMweb beside the node: refused without a token, answering with one.
+        web = f"http://127.0.0.1:{env['RADAI_DICOMWEB_PORT']}/dicomweb/studies"
+        assert requests.get(web, timeout=30).status_code == 401
+        added = subprocess.run(
+            RADAI + ["user", "add", "reader", "--role", "radiologist", "--password-stdin"],
+            env=env, input="reader-password\n", capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        created = _radai(["token", "create", "reader"], env)
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.strip()
+        found = requests.get(web, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert found.status_code == 200
+        assert [s["0020000D"]["Value"][0] for s in found.json()] == [sample_study_uid("lung1")]
+        listed = _radai(["token", "list"], env)
+        assert "reader" in listed.stdout and token not in listed.stdout
+        assert _radai(["token", "revoke", "1"], env).returncode == 0
+        refused = requests.get(web, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert refused.status_code == 401
     finally:
         node.terminate()
         node.wait(timeout=30)
