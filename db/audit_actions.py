@@ -44,9 +44,10 @@ class AuditAction(enum.StrEnum):
     USER_SESSION_ENDED = "user.session_ended"
     TOKEN_CREATED = "token.created"
     TOKEN_REVOKED = "token.revoked"
-    # DICOMweb (dicomweb/): refused requests and what a STOW-RS request stored.
+    # DICOMweb (dicomweb/): refused requests, what a STOW-RS request stored, who retrieved what.
     DICOMWEB_REFUSED = "dicomweb.refused"
     DICOMWEB_STORED = "dicomweb.stored"
+    DICOMWEB_RETRIEVED = "dicomweb.retrieved"
     STUDY_OPENED = "study.opened"
     STUDY_OUTPUT_DOWNLOADED = "study.output_downloaded"
     AUDIT_VERIFIED = "audit.verified"

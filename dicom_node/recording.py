@@ -32,6 +32,7 @@ from db import (
 from db.audit_actions import AuditAction
 from db.flags import FlagKind, add_flag
 from db.models import utcnow
+from db.own_results import is_own_result
 from db.session import Database
 from dicom_node.inspection import ReceivedObject
 
@@ -131,7 +132,9 @@ def record_instance(
         present = [m for m in modalities.split("\\") if m]
         if obj.modality and obj.modality not in present:
             values["modalities"] = "\\".join([*present, obj.modality])
-        if state != StudyState.RECEIVING:
+        # A result of ours stored back into the study (STOW-RS) is kept but is not new input.
+        own = is_own_result(obj.sop_class_uid, obj.series_description)
+        if state != StudyState.RECEIVING and not own:
             lifecycle.transition_where(
                 s, study_id, obj.study_uid, AuditAction.STUDY_REOPENED, state, actor=actor, now=now
             )

@@ -92,12 +92,51 @@ class App:
         self.service = service
 
     def principal(self, request: Request, what: str) -> Principal:
-        who = identify(
-            self.service.db, request.headers.get("authorization"), anonymous=self.service.anonymous
-        )
-        require(who, what)
-        request.state.user = who.user
+        authorization = request.headers.get("authorization")
+        try:
+            who = identify(self.service.db, authorization, anonymous=self.service.anonymous)
+            require(who, what)
+        except HttpError as exc:
+            # A request without credentials is only logged; a wrong token or a role that may
+            # not do this is audited, as a failed dashboard login is.
+            if authorization or exc.status == 403:
+                self._audit_denied(request, exc)
+            raise
         return who
+
+    def _audit_denied(self, request: Request, exc: HttpError) -> None:
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
+        with self.service.db.session() as s:
+            audit.append(
+                s,
+                "dicomweb",
+                AuditAction.DICOMWEB_REFUSED,
+                request.path_params.get("study"),
+                {
+                    "peer": peer,
+                    "status": exc.status,
+                    "reason": exc.reason,
+                    "request": f"{request.method} {request.url.path}",
+                },
+            )
+
+    def _audit_read(self, request: Request, who: Principal, what: str, count: int) -> None:
+        """Who retrieved which study's instances or metadata (frames, renderings and bulk data
+        of an instance follow from its metadata and are not audited one by one)."""
+        p = request.path_params
+        with self.service.db.session() as s:
+            audit.append(
+                s,
+                who.actor,
+                AuditAction.DICOMWEB_RETRIEVED,
+                p["study"],
+                {
+                    "what": what,
+                    "series": p.get("series"),
+                    "instance": p.get("instance"),
+                    "instances": count,
+                },
+            )
 
     # QIDO-RS ---------------------------------------------------------------------------------
 
@@ -107,6 +146,7 @@ class App:
         p = request.path_params
         query = qido.parse_query(list(request.query_params.multi_items()))
         study, series_uid = p.get("study"), p.get("series")
+        spans: tuple[str, ...]
         if level == qido.STUDY:
             rows, spans = index.studies(self.service.db, query), ()
         elif level == qido.SERIES:
@@ -123,7 +163,8 @@ class App:
             for k in query.keys
         )
         base = _base(request)
-        out, more = [], False
+        out: list[dict] = []
+        more = False
         for row, ds in index.matching(rows, query, level, sql_exact=sql_exact):
             if len(out) == query.limit:
                 more = True
@@ -146,16 +187,20 @@ class App:
         return index.stored(self.service.db, p["study"], p.get("series"), p.get("instance"))
 
     def retrieve(self, request: Request) -> Response:
-        self.principal(request, READ)
+        who = self.principal(request, READ)
         instances = self._stored(request)
         choices = multipart.acceptable(request.headers.get("accept"), wado.DICOM)
-        return _multipart(wado.retrieve(instances, choices), wado.DICOM)
+        parts = wado.retrieve(instances, choices)
+        self._audit_read(request, who, "instances", len(parts))
+        return _multipart(parts, wado.DICOM)
 
     def metadata(self, request: Request) -> Response:
-        self.principal(request, READ)
+        who = self.principal(request, READ)
         _check_json_accept(request)
         base = _base(request)
-        return _json([wado.metadata(inst, base) for inst in self._stored(request)])
+        docs = [wado.metadata(inst, base) for inst in self._stored(request)]
+        self._audit_read(request, who, "metadata", len(docs))
+        return _json(docs)
 
     def frames(self, request: Request) -> Response:
         self.principal(request, READ)

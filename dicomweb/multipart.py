@@ -33,7 +33,9 @@ def _params(text: str) -> tuple[str, dict[str, str]]:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on `sep` outside double quotes (a type="..." may hold any character)."""
-    out, current, quoted = [], [], False
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
     for c in text:
         if c == '"':
             quoted = not quoted

@@ -110,10 +110,10 @@ def parse_tag(name: str) -> int:
         if keyword_for_tag(tag) == "" and not _is_private(tag):
             raise bad_request(f"unknown attribute {name!r}")
         return tag
-    tag = tag_for_keyword(name)
-    if tag is None:
+    found = tag_for_keyword(name)
+    if found is None:
         raise bad_request(f"unknown attribute or query parameter {name!r}")
-    return int(tag)
+    return int(found)
 
 
 def _is_private(tag: int) -> bool:

@@ -193,6 +193,10 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         visibility_timeout=settings.visibility_timeout,
         calling_aet=settings.ae_title,
         torch_threads=settings.torch_threads,
+        archive_url=settings.archive_url.strip(),
+        archive_token=settings.archive_bearer,
+        archive_verify=settings.archive_tls_verify,
+        archive_cache_mb=settings.archive_cache_mb,
     )
 
 

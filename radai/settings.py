@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="torch threads per worker process; 0: cores / processes"
     )
+    archive_url: str = Field(
+        default="",
+        description="DICOMweb root; set: workers read series by WADO-RS and STOW results there",
+    )
+    archive_token: str = Field(default="", description="bearer token for RADAI_ARCHIVE_URL")
+    archive_token_file: str = Field(
+        default="", description="file holding the bearer token (instead of RADAI_ARCHIVE_TOKEN)"
+    )
+    archive_verify: str = Field(
+        default="true", description="TLS to the archive: true, false, or a CA bundle's path"
+    )
+    archive_cache_mb: float = Field(
+        default=2048.0, gt=0, description="bound of the worker's WADO-RS cache in RADAI_HOME"
+    )
     log_level: str = "INFO"
     tls_cert: str = Field(default="", description="PEM certificate (chain); with tls_key: TLS only")
     tls_key: str = Field(default="", description="PEM private key, unencrypted")
@@ -159,6 +173,29 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.home_dir / "outputs"
+
+    @property
+    def archive_cache_dir(self) -> Path:
+        return self.home_dir / "archive-cache"
+
+    @property
+    def archive_bearer(self) -> str:
+        """RADAI_ARCHIVE_TOKEN, else the first line of RADAI_ARCHIVE_TOKEN_FILE, else ""."""
+        if self.archive_token.strip():
+            return self.archive_token.strip()
+        if self.archive_token_file.strip():
+            path = Path(self.archive_token_file.strip()).expanduser()
+            return path.read_text().strip().splitlines()[0] if path.exists() else ""
+        return ""
+
+    @property
+    def archive_tls_verify(self) -> bool | str:
+        value = self.archive_verify.strip()
+        if value.lower() in ("", "1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        return str(Path(value).expanduser())
 
     @property
     def log_dir(self) -> Path:

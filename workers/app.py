@@ -16,6 +16,7 @@ from celery.signals import worker_process_init
 
 from db.outbox_tasks import TaskName
 from db.session import Database
+from dicom_io.archive import ArchiveClient, ArchiveSettings, SeriesCache
 from ml.runtime.registry import DEFAULT_REFS
 from workers.models import set_torch_threads, torch_threads
 
@@ -44,16 +45,34 @@ class WorkerConfig:
     deidentified: set[str] = field(default_factory=set)
     torch_threads: int = 0  # per process; 0: the host's cores shared among `processes`
     processes: int = 1  # pool processes of this worker (Celery's --concurrency)
+    # Set: series come by WADO-RS from this DICOMweb root and results go back by STOW-RS, so the
+    # worker needs no access to the node's files (RADAI_ARCHIVE_URL).
+    archive_url: str = ""
+    archive_token: str = ""
+    archive_verify: bool | str = True
+    archive_cache_mb: float = 2048.0
 
     @property
     def outputs_dir(self) -> Path:
         return self.home / "outputs"
+
+    @property
+    def archive_cache_dir(self) -> Path:
+        return self.home / "archive-cache"
+
+    def archive(self) -> ArchiveClient | None:
+        if not self.archive_url:
+            return None
+        cache = SeriesCache(self.archive_cache_dir, int(self.archive_cache_mb * 1024 * 1024))
+        settings = ArchiveSettings(self.archive_url, self.archive_token, self.archive_verify)
+        return ArchiveClient(settings, cache)
 
 
 @dataclass
 class Runtime:
     config: WorkerConfig
     db: Database
+    archive: ArchiveClient | None = None
 
 
 _runtime: Runtime | None = None
@@ -77,7 +96,7 @@ def configure(config: WorkerConfig) -> Celery:
         task_ignore_result=True,
     )
     config.outputs_dir.mkdir(parents=True, exist_ok=True)
-    _runtime = Runtime(config=config, db=Database(config.database_url))
+    _runtime = Runtime(config=config, db=Database(config.database_url), archive=config.archive())
     set_torch_threads(torch_threads(config.torch_threads, config.processes))
     return app
 
@@ -107,4 +126,5 @@ def _fresh_connections_after_fork(**_kwargs: object) -> None:
     if _runtime is not None:
         _runtime.db.engine.dispose(close=False)
         config = _runtime.config
+        _runtime.archive = config.archive()  # nor an HTTP session's pooled connections
         set_torch_threads(torch_threads(config.torch_threads, config.processes))

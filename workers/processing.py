@@ -18,6 +18,7 @@ from pathlib import Path
 
 from db import StudyState
 from db.session import Database
+from dicom_io.archive import ArchiveClient
 from dicom_io.series import UnusableSeries, load_series  # noqa: F401 (the loader workers use)
 from ml.runtime import inference  # noqa: F401 (tests replace inference.analyse)
 from ml.runtime.registry import DEFAULT_REFS, LoadedModel
@@ -54,11 +55,13 @@ def process_study(
     models: ModelSet | None = None,
     analyser: Analyser | None = None,
     grader: LoadedModel | None = None,
+    archive: ArchiveClient | None = None,
 ) -> str:
     """Run the pipeline for one study; return a short description of what happened.
 
     The analyser is ``analyser``, else the models in ``models``, else the shipped models on the
-    CPU-or-GPU ``auto`` device. With ``grader`` (the malignancy model), each kept lesion also gets
+    CPU-or-GPU ``auto`` device. With ``archive``, the series are read by WADO-RS and the SEG and
+    SR stored back by STOW-RS (a worker on another machine: RADAI_ARCHIVE_URL). With ``grader`` (the malignancy model), each kept lesion also gets
     its malignancy score.
     """
     if analyser is None:
@@ -74,7 +77,7 @@ def process_study(
         return ticket
     timings: dict[str, float] = {}
     try:
-        volume = load_volume(choose_series(db, ticket))
+        volume = load_volume(choose_series(db, ticket, archive))
         t0 = time.perf_counter()
         check = check_input(volume)
         timings["qa"] = time.perf_counter() - t0
@@ -87,7 +90,7 @@ def process_study(
             timings["malignancy"] = time.perf_counter() - t0
         seed = f"{ticket.study_uid}/{version}/{ticket.input_hash}"
         written = write_results(
-            ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy
+            ticket, volume, check, analysis, analyser, outputs_dir, seed, malignancy, archive
         )
         timings["write_dicom"] = written.seconds
     except Finished as end:

@@ -42,6 +42,7 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
                 rt.config.device,
             ),
             grader=load_grader(rt.config.malignancy_model, rt.config.device),
+            archive=rt.archive,
         )
     except Exception as exc:
         if self.request.retries >= MAX_RETRIES:

@@ -151,6 +151,17 @@ def test_retrieve_series_study_metadata_frames_and_rendered(web: dict) -> None:
     )
     assert frame == sent.PixelData
 
+    with web["db"].session() as s:
+        from sqlalchemy import select
+
+        reads = s.execute(
+            select(AuditEntry).where(AuditEntry.action == "dicomweb.retrieved")
+        ).scalars()
+        assert {(e.actor, e.study_uid, e.detail["what"]) for e in reads} == {
+            ("dicomweb:rad", STUDY_A, "instances"),
+            ("dicomweb:rad", STUDY_A, "metadata"),
+        }
+
     png = client.retrieve_instance_rendered(
         STUDY_A, SERIES_A, sent.SOPInstanceUID, media_types=("image/png",)
     )
@@ -178,6 +189,8 @@ def test_without_a_valid_token_or_role_nothing_is_answered(web: dict) -> None:
         timeout=30,
     )
     assert stow.status_code == 403  # radiologists read; admins and workers store
+    # The wrong token and the refused roles are audited; the request without one only logged.
+    assert count(web["db"], AuditEntry, AuditEntry.action == "dicomweb.refused") == 3
 
 
 def test_bad_requests_get_their_status_and_a_reason(web: dict) -> None:

@@ -22,6 +22,10 @@ import pytest
 from tests.kit.net import free_port
 
 ORTHANC = os.environ.get("RADAI_TEST_ORTHANC", "/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = os.environ.get(
+    "RADAI_TEST_ORTHANC_DICOMWEB", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+)
+DICOMWEB_ROOT = "/dicom-web/"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 # Bypass any http_proxy from the environment: the API is on loopback only.
@@ -39,12 +43,29 @@ def orthanc_executable() -> str:
     return found
 
 
-class OrthancServer:
-    """`with OrthancServer() as orthanc:` runs a fresh, empty Orthanc for the block."""
+def dicomweb_plugin() -> str:
+    """Orthanc's DICOMweb plugin, or skip (fail under CI) when it is not installed."""
+    if not Path(DICOMWEB_PLUGIN).exists():
+        message = f"Orthanc DICOMweb plugin not found at {DICOMWEB_PLUGIN} ('orthanc-dicomweb')"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return DICOMWEB_PLUGIN
 
-    def __init__(self, aet: str = "ORTHANC", **config: object) -> None:
+
+class OrthancServer:
+    """`with OrthancServer() as orthanc:` runs a fresh, empty Orthanc for the block.
+
+    With ``dicomweb=True`` it loads the DICOMweb plugin (QIDO/WADO/STOW-RS at `dicomweb_url`);
+    ``host`` is the address it listens on (remote access is allowed when it is not loopback).
+    """
+
+    def __init__(
+        self, aet: str = "ORTHANC", dicomweb: bool = False, host: str = "127.0.0.1", **config: object
+    ) -> None:
         self.aet = aet
-        self.host = "127.0.0.1"
+        self.dicomweb = dicomweb
+        self.host = host
         self.dicom_port = 0
         self.http_port = 0
         self.extra_config = config
@@ -54,6 +75,10 @@ class OrthancServer:
     @property
     def http_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return self.http_url + DICOMWEB_ROOT.rstrip("/")
 
     @property
     def destination(self) -> tuple[str, str, int]:
@@ -95,6 +120,12 @@ class OrthancServer:
     def _launch(self, executable: str) -> None:
         assert self._tmp is not None
         home = Path(self._tmp.name)
+        plugins: dict[str, object] = {}
+        if self.dicomweb:
+            plugins = {
+                "Plugins": [dicomweb_plugin()],
+                "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT, "StowMaxInstances": 0},
+            }
         config = {
             "Name": "radai-test",
             "StorageDirectory": str(home / "storage"),
@@ -102,7 +133,7 @@ class OrthancServer:
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
+            "RemoteAccessAllowed": self.host != "127.0.0.1",
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,
@@ -117,6 +148,7 @@ class OrthancServer:
             "HttpCompressionEnabled": False,
             "HttpsVerifyPeers": False,
             "DicomScpTimeout": 10,
+            **plugins,
             **self.extra_config,
         }
         (home / "orthanc.json").write_text(json.dumps(config, indent=2))

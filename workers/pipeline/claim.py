@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from db import Instance, Job, Study, StudyState, lifecycle
+from db import Instance, Job, Series, Study, StudyState, lifecycle
+from db.own_results import is_own_result
 from db.audit_actions import AuditAction
 from db.models import utcnow
 from db.session import Database
@@ -50,10 +51,18 @@ def claim(db: Database, study_uid: str, version: str) -> JobTicket | str:
             return "study reopened by new instances; it will be queued again"
         if study.state == StudyState.HELD:
             return "study is held for a person's review (radai release); not analysed"
-        pairs = s.execute(
-            select(Instance.sop_instance_uid, Instance.sha256).where(Instance.study_id == study.id)
+        rows = s.execute(
+            select(
+                Instance.sop_instance_uid,
+                Instance.sha256,
+                Instance.sop_class_uid,
+                Series.series_description,
+            )
+            .join(Series, Series.id == Instance.series_id)
+            .where(Instance.study_id == study.id)
         ).all()
-        key = input_hash([(a, b) for a, b in pairs])
+        # Our own SEG/SR stored back into the study are not input (db/own_results.py).
+        key = input_hash([(a, b) for a, b, cls, desc in rows if not is_own_result(cls, desc)])
         job = s.execute(
             select(Job).where(
                 Job.study_id == study.id,

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from db import Instance, Series, StudyState
 from db.session import Database
+from dicom_io.archive import ArchiveClient
 from workers.pipeline.claim import JobTicket
 from workers.pipeline.errors import Finished
 from workers.selection import SeriesHeader, load_rules, select_series
@@ -24,9 +25,12 @@ class Selected:
     files: list[Path]
 
 
-def choose_series(db: Database, ticket: JobTicket) -> Selected:
+def choose_series(
+    db: Database, ticket: JobTicket, archive: ArchiveClient | None = None
+) -> Selected:
+    """With ``archive``, the instances are read by WADO-RS (through its cache), not by path."""
     rules = load_rules()
-    headers, files = _series_headers(db, ticket.study_id)
+    headers, files = _series_headers(db, ticket, archive)
     selection = select_series(rules, headers)
     if selection.chosen is None:
         raise Finished(StudyState.NOT_APPLICABLE, selection.explain(rules))
@@ -35,7 +39,7 @@ def choose_series(db: Database, ticket: JobTicket) -> Selected:
 
 
 def _series_headers(
-    db: Database, study_id: int
+    db: Database, ticket: JobTicket, archive: ArchiveClient | None
 ) -> tuple[list[SeriesHeader], dict[str, list[Path]]]:
     with db.session() as s:
         rows = s.execute(
@@ -44,15 +48,22 @@ def _series_headers(
                 Series.series_number,
                 Series.series_description,
                 Instance.archive_path,
+                Instance.sop_instance_uid,
             )
             .join(Instance, Instance.series_id == Series.id)
-            .where(Series.study_id == study_id)
+            .where(Series.study_id == ticket.study_id)
         ).all()
     files: dict[str, list[Path]] = {}
+    sops: dict[str, list[str]] = {}
     meta: dict[str, tuple] = {}
-    for series_uid, number, description, path in rows:
+    for series_uid, number, description, path, sop in rows:
         files.setdefault(series_uid, []).append(Path(path))
+        sops.setdefault(series_uid, []).append(sop)
         meta[series_uid] = (number, description)
+    if archive is not None:
+        for series_uid, uids in sops.items():
+            local = archive.series_files(ticket.study_uid, series_uid, uids)
+            files[series_uid] = [local[sop] for sop in uids]
     headers = []
     for series_uid, paths in files.items():
         modalities: set[str | None] = set()

@@ -2,7 +2,9 @@
 saliency map beside them, and the `Findings` that describe them.
 
 Takes the job, the `Volume`, its `QAReport`, the `Analysis` and the `Analyser`; gives `Written`.
-Output UIDs derive from the job key, so a rerun after a crash rewrites the same files.
+Output UIDs derive from the job key, so a rerun after a crash rewrites the same files. With an
+archive (RADAI_ARCHIVE_URL), the SEG and SR are also stored there by STOW-RS, and their output
+rows name their WADO-RS address instead of this worker's local copy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from db.findings import Findings
+from dicom_io.archive import ArchiveClient
 from dicom_io.series import Volume
 from ml.runtime.qa import QAReport
 from workers.dicom_out.seg import build_segmentation
@@ -41,6 +44,7 @@ def write_results(
     outputs_dir: Path,
     seed: str,
     malignancy: list[float] | None = None,
+    archive: ArchiveClient | None = None,
 ) -> Written:
     t0 = time.perf_counter()
     folder = outputs_dir / ticket.study_uid / f"job-{ticket.job_id}"
@@ -70,5 +74,13 @@ def write_results(
         write_output(folder / "seg.dcm", seg, "SEG"),
         write_output(folder / "sr.dcm", sr, "SR"),
     ]
+    if archive is not None:
+        # Same UIDs on a rerun (they derive from the job key): a second STOW replaces, not adds.
+        archive.store([seg, sr])
+        for out in outputs:
+            # The local copy is this worker's; the archive's is where every machine finds it.
+            out["path"] = archive.instance_url(
+                ticket.study_uid, out["series_uid"], out["sop_instance_uid"]
+            )
     np.savez_compressed(saliency_path, saliency=analysis.saliency.astype(np.float16))
     return Written(findings, outputs, time.perf_counter() - t0)

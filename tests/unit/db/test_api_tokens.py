@@ -66,3 +66,19 @@ def test_revoked_expired_and_disabled_users_tokens_are_refused(users) -> None:  
 def test_bad_requests_for_tokens_are_refused(users, name: str, kw: dict) -> None:  # noqa: ANN001
     with users.session() as s, pytest.raises(ValueError):
         create_token(s, name, actor="test", **kw)
+
+
+def test_migration_0010_downgrades_and_upgrades(database) -> None:  # noqa: ANN001
+    from alembic import command
+    from sqlalchemy import inspect
+
+    command.downgrade(database.alembic_config(), "0010")
+    command.downgrade(database.alembic_config(), "-1")  # relative: 0010's parent may change
+    assert "api_tokens" not in inspect(database.engine).get_table_names()
+    database.upgrade()
+    assert "api_tokens" in inspect(database.engine).get_table_names()
+    with database.session() as s:
+        add_user(s, "rad", "radiologist", "password-123", actor="test")
+        _, token = create_token(s, "rad", actor="test")
+    with database.session() as s:
+        assert check_token(s, token) is not None
