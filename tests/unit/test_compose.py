@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
+from db.audit_keys import PUBLIC_KEY_FILE, SIGNING_KEY_FILE
 from radai.settings import Settings
 from tests.kit.paths import REPO
 
@@ -57,7 +58,8 @@ def test_workers_share_no_volume_and_read_the_archive_over_dicomweb(compose: dic
         env = _env(service)
         assert env["RADAI_ARCHIVE_URL"].endswith("/dicomweb"), name
         assert env["RADAI_ARCHIVE_URL"].startswith("http://node:"), name
-        assert "RADAI_ARCHIVE_TOKEN_FILE" in env and "radai_worker_token" in service["secrets"]
+        mounted = {f"/run/secrets/{x['target']}": x["source"] for x in service["secrets"]}
+        assert mounted[env["RADAI_ARCHIVE_TOKEN_FILE"]] == "radai_worker_token", name
     node = compose["services"]["node"]
     port = _env(node)["RADAI_DICOMWEB_PORT"]
     assert f":{port}/dicomweb" in _env(workers["worker-io"])["RADAI_ARCHIVE_URL"]
@@ -93,11 +95,16 @@ def test_every_radai_name_is_a_setting(compose: dict) -> None:
                 assert key in known, f"{name}: {key} is not a radai setting"
 
 
-def test_secrets_are_files_outside_the_image(compose: dict) -> None:
+def test_audit_keys_are_secrets_where_the_settings_look_for_them(compose: dict) -> None:
     for name, secret in compose["secrets"].items():
-        assert Path(secret["file"]).parts[:2] == (".", "secrets") or secret["file"].startswith(
-            "./secrets/"
-        ), name
+        assert secret["file"].startswith("./secrets/"), name  # .gitignore keeps them out of git
     for name, service in compose["services"].items():
-        for secret in service.get("secrets", []):
-            assert secret in compose["secrets"], f"{name} names an undeclared secret {secret}"
+        env = _env(service)
+        if "RADAI_AUDIT_KEY_FILE" not in env:
+            continue
+        # db.audit_keys reads the signing key and its public half beside the HMAC key.
+        key = Path(env["RADAI_AUDIT_KEY_FILE"])
+        targets = {Path("/run/secrets") / s["target"]: s["source"] for s in service["secrets"]}
+        for path in (key, key.with_name(SIGNING_KEY_FILE), key.with_name(PUBLIC_KEY_FILE)):
+            assert path in targets, f"{name}: {path} is not mounted"
+        assert all(source in compose["secrets"] for source in targets.values()), name
