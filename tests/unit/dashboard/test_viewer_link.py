@@ -47,3 +47,10 @@ def test_the_token_reads_as_the_user_and_expires(sqlite_db: Database) -> None:
 
         later = utcnow() + timedelta(days=viewer_link.TOKEN_DAYS, minutes=1)
         assert check_token(s, token, now=later) is None
+
+
+def test_the_link_is_offered_to_the_roles_dicomweb_lets_read() -> None:
+    from dicomweb.auth import PERMISSIONS, READ
+
+    assert viewer_link.VIEWER_ROLES <= PERMISSIONS[READ]
+    assert "auditor" not in viewer_link.VIEWER_ROLES
