@@ -151,6 +151,7 @@ def _viewer_routes(settings: Settings) -> list:
     if dist is None:
         log.info("OHIF viewer off: no OHIF build in %s (scripts/setup.sh fetches it)", folder)
         return []
+    log.info("OHIF viewer %s beside DICOMweb at /viewer", ohif.OHIF_VERSION)
     return ohif.routes(dist)
 
 
