@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from db import audit
 from db.audit_actions import AuditAction
@@ -330,8 +330,9 @@ def _crash(request: Request, exc: Exception) -> Response:
     return PlainTextResponse("internal error; see the server's log\n", 500)
 
 
-def build_app(service: Service) -> Starlette:
-    """The ASGI app of one service."""
+def build_app(service: Service, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The ASGI app of one service; `extra_routes` (radai's OHIF viewer) are tried after
+    /dicomweb's."""
     a = App(service)
     s, se, i = "/studies/{study}", "/series/{series}", "/instances/{instance}"
     routes = [
@@ -358,7 +359,7 @@ def build_app(service: Service) -> Starlette:
         Route(s + se + i + "/bulk/{tag}", a.bulk, methods=["GET"]),
     ]
     app = Starlette(
-        routes=[Mount(ROOT, routes=routes)],
+        routes=[Mount(ROOT, routes=routes), *extra_routes],
         exception_handlers={HttpError: _error, Exception: _crash},
     )
     app.state.public_url = service.public_url

@@ -11,9 +11,11 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
+from starlette.routing import BaseRoute
 
 from dicomweb.app import Service, build_app
 
@@ -30,6 +32,7 @@ class DicomWebServer:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tls_ca: Path | None = None,
+        extra_routes: Sequence[BaseRoute] = (),
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
@@ -37,7 +40,7 @@ class DicomWebServer:
         self.requested_port = port
         self.tls = tls_cert is not None
         self.config = uvicorn.Config(
-            build_app(service),
+            build_app(service, extra_routes),
             host=host,
             port=port,
             lifespan="off",

@@ -138,8 +138,22 @@ def _node_with_dicomweb(settings: Settings) -> _NodeWithDicomWeb:
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=tls_ca,
+        extra_routes=_viewer_routes(settings),
     )
     return _NodeWithDicomWeb(service, web)
+
+
+def _viewer_routes(settings: Settings) -> list:
+    """OHIF beside DICOMweb when setup fetched it; without it DICOMweb runs alone (logged)."""
+    from viewer import ohif
+
+    folder = Path(settings.ohif_dir).expanduser() if settings.ohif_dir.strip() else ohif.DEFAULT_DIR
+    dist = ohif.dist_of(folder)
+    if dist is None:
+        log.info("OHIF viewer off: no OHIF build in %s (scripts/setup.sh fetches it)", folder)
+        return []
+    log.info("OHIF viewer %s beside DICOMweb at /viewer", ohif.OHIF_VERSION)
+    return ohif.routes(dist)
 
 
 def _serve_until_signal(service) -> int:  # noqa: ANN001

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         default="",
         description="the service root as clients see it behind a proxy; empty: as reached",
     )
+    ohif_dir: str = Field(
+        default="", description="OHIF's unpacked package (scripts/setup.sh); empty: var/ohif"
+    )
+    viewer_url: str = Field(
+        default="",
+        description="OHIF's address as browsers see it, for the dashboard's links; empty: the "
+        "dashboard's host on RADAI_DICOMWEB_PORT",
+    )
     max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
     min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")

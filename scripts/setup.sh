@@ -44,6 +44,9 @@ if [ "$TEST" -eq 1 ]; then
 else
   .venv/bin/pip install -q -e .
 fi
+# The OHIF viewer's static build (pinned, checksummed; served beside DICOMweb). Without network
+# or npm/curl the service still runs, DICOMweb without the viewer.
+scripts/fetch_ohif.sh || echo "setup: OHIF viewer not fetched; DICOMweb runs without it" >&2
 [ "$TEST" -eq 1 ] || exit 0
 
 # Services the tests use, started when not running (commands as the machine's docs give them).

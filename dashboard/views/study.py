@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard import access, imaging, resources, session, store
+from dashboard import access, imaging, resources, session, store, viewer_link
 from dashboard.views import compare
 from db import StudyState
 from db.audit_actions import AuditAction
@@ -119,6 +119,19 @@ def flags_section(db: Database, user: store.SessionUser, d: dict[str, Any]) -> N
         st.rerun()
 
 
+def ohif_link(db: Database, user: store.SessionUser, study_uid: str) -> None:
+    """ "Open in OHIF": the study, its SEG and SR in the OHIF viewer beside DICOMweb."""
+    if user.role not in viewer_link.VIEWER_ROLES:
+        return
+    base = viewer_link.viewer_base(st.context.headers.get("host"))
+    if base is None:
+        return
+    key = f"ohif_token_{user.name}"
+    if key not in st.session_state:  # one token per dashboard session, not per rerun
+        st.session_state[key] = viewer_link.issue_token(db, user.name)
+    st.link_button("Open in OHIF", viewer_link.ohif_url(base, study_uid, st.session_state[key]))
+
+
 def render(db: Database, user: store.SessionUser) -> None:
     study_uid = st.session_state.get("study_uid")
     if not study_uid:
@@ -137,6 +150,7 @@ def render(db: Database, user: store.SessionUser) -> None:
     )
     if d["error"]:
         st.warning(f"{d['state']}: {d['error']}")
+    ohif_link(db, user, study_uid)
     flags_section(db, user, d)
     for j in d["jobs"]:
         if j["findings_error"]:

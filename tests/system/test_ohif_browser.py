@@ -1,0 +1,196 @@
+"""The OHIF viewer end to end in Debian's headless Chromium: the processed sample study (CT, the
+worker's SEG and SR) in radai's DICOMweb, OHIF served beside it on the same port, opened the way
+the dashboard links it (`/viewer?StudyInstanceUIDs=...&token=...`): the study loads, the SEG
+hydrates as an overlay and its segments are listed in the segmentation panel, and the SR's
+measurements reach the viewer. A screenshot goes to var/screenshots/.
+
+Needs `chromium`, `chromium-driver` and OHIF's build (scripts/setup.sh fetches it into
+var/ohif); without them the test is skipped, except under CI (CI=true), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.api_tokens import create_token
+from db.session import Database
+from db.users import add_user
+from dicom_node.archive import Archive
+from dicom_node.samples import sample_study_uid
+from dicom_node.server import NodeConfig
+from dicom_node.service import NodeService
+from dicomweb.app import Service
+from dicomweb.server import DicomWebServer
+from tests.conftest import RecordingPublisher, storescu, wait_for
+from tests.helpers import study_state
+from tests.kit.paths import REPO
+from viewer import ohif
+from workers import processing
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # checked in the browser fixture: skipped outside CI, a failure in CI
+    webdriver = None
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOTS = REPO / "var" / "screenshots"
+LUNG1 = sample_study_uid("lung1")
+USER = "dr_ohif"
+TIMEOUT = 90  # software WebGL (SwiftShader) on two shared cores decodes slowly
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(what)
+    pytest.skip(what)
+
+
+def published(tmp: Path, slices: list[Path]) -> tuple[Database, NodeService, list[Path]]:
+    """A node holding the sample CT, processed by the worker, and the worker's SEG and SR stored
+    back through the node (as a remote worker's STOW-RS would): the db, the running node and
+    the SEG and SR files."""
+    db = Database(f"sqlite:///{tmp / 'radai.sqlite'}")
+    db.upgrade()
+    node = NodeService(
+        db,
+        Archive(tmp / "archive", tmp / "quarantine"),
+        NodeConfig(host="127.0.0.1", port=0),
+        stable_seconds=0.3,
+        publish=RecordingPublisher(),
+        poll_seconds=0.1,
+        backoff_cap=1.0,
+    )
+    node.start()
+    assert storescu(node.port, slices).returncode == 0
+    wait_for(lambda: study_state(db, LUNG1) == "QUEUED")
+    assert processing.process_study(db, LUNG1, tmp / "outputs") == "DONE"
+    outputs = sorted((tmp / "outputs").rglob("*.dcm"))
+    modalities = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in outputs}
+    assert {"SEG", "SR"} <= modalities, modalities
+    # -R: propose only the files' own SOP classes (SEG and SR are not in storescu's default set).
+    sent = storescu(node.port, outputs, extra=("-R",))
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    return db, node, outputs
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, samples) -> Iterator[dict]:  # noqa: ANN001
+    dist = ohif.dist_of(ohif.DEFAULT_DIR)
+    if dist is None:
+        _missing(f"no OHIF build in {ohif.DEFAULT_DIR} (scripts/fetch_ohif.sh)")
+    tmp = tmp_path_factory.mktemp("ohif")
+    db, node, outputs = published(tmp, samples["lung1"])
+    with db.session() as s:
+        add_user(s, USER, "radiologist", "ohif battery staple", actor="test")
+        _, token = create_token(s, USER, days=1, actor="test")
+    web = DicomWebServer(Service(db, None), "127.0.0.1", 0, extra_routes=ohif.routes(dist))
+    web.start()
+    try:
+        yield {"url": f"http://127.0.0.1:{web.port}", "token": token, "outputs": outputs}
+    finally:
+        web.stop()
+        node.stop()
+        db.dispose()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if webdriver is None:
+        missing.append("the selenium package")
+    if missing:
+        _missing(f"{', '.join(missing)} missing (apt-get install chromium chromium-driver)")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        # OHIF renders with WebGL: SwiftShader, Chromium's software GL, stands in for a GPU.
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+        "--ignore-gpu-blocklist",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1600,1000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver: WebDriver, find, what: str):  # noqa: ANN001, ANN202
+    """The first truthy value of `find(driver)` within TIMEOUT (exceptions mean not yet)."""
+
+    def attempt(d: WebDriver):  # noqa: ANN202
+        try:
+            return find(d)
+        except Exception:  # noqa: BLE001 (a DOM still rendering raises stale/missing errors)
+            return None
+
+    return WebDriverWait(driver, TIMEOUT, poll_frequency=0.5).until(attempt, message=what)
+
+
+def _thumbnail(driver: WebDriver, modality: str):  # noqa: ANN202
+    return [
+        e
+        for e in driver.find_elements(By.CSS_SELECTOR, '[data-cy^="study-browser-thumbnail"]')
+        if e.text.split()[:1] == [modality]
+    ]
+
+
+def test_ohif_opens_the_study_with_its_seg_and_sr(site: dict, browser: WebDriver) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url = f"{site['url']}/viewer?StudyInstanceUIDs={LUNG1}&token={site['token']}"
+    browser.get(url)
+    # The CT, the SEG and the SR are all in the study browser, read over radai's QIDO/WADO-RS
+    # with the token from the link; OHIF then takes the token out of the address bar.
+    _wait(browser, lambda d: _thumbnail(d, "SEG") and _thumbnail(d, "SR"), "SEG and SR listed")
+    assert "token=" not in browser.current_url
+    _wait(browser, lambda d: "I:48 (1/48)" in d.find_element(By.TAG_NAME, "body").text, "CT")
+    for skip in browser.find_elements(By.XPATH, "//*[normalize-space()='Skip all']"):
+        skip.click()  # the first-visit tour covers the viewport
+    ActionChains(browser).double_click(_thumbnail(browser, "SEG")[0]).perform()
+    _wait(browser, lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Yes']"), "ask")[
+        0
+    ].click()
+    labels = [s.SegmentLabel for s in _seg(site["outputs"]).SegmentSequence]
+    assert labels[:2] == ["Lung", "Lesion 1"]
+
+    def listed(d: WebDriver) -> bool:
+        text = d.find_element(By.TAG_NAME, "body").text
+        return "Segmentations" in text and all(label in text.splitlines() for label in labels)
+
+    panel = '[data-cy="panelSegmentation-btn"]'
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, panel), "segmentation panel")[
+        0
+    ].click()
+    _wait(browser, listed, f"segments {labels} in the segmentation panel")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / "ohif_seg.png"))
+    assert (SCREENSHOTS / "ohif_seg.png").stat().st_size > 10_000
+
+
+def _seg(outputs: list[Path]) -> pydicom.Dataset:
+    (path,) = [p for p in outputs if p.name == "seg.dcm"]
+    return pydicom.dcmread(path, stop_before_pixels=True)
