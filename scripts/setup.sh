@@ -21,6 +21,8 @@ if [ "$TEST" -eq 1 ]; then
     exe=${pair%%:*}; pkg=${pair##*:}
     command -v "$exe" >/dev/null 2>&1 || [ -x "/usr/sbin/$exe" ] || need_apt+=("$pkg")
   done
+  # Orthanc's DICOMweb plugin: the peer of radai's DICOMweb and the remote workers' test archive.
+  dpkg -s orthanc-dicomweb >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
   if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}"
     $SUDO apt-get update -q

@@ -18,9 +18,8 @@ from dicom_io.cstore import send_files
 from tests.helpers import count
 from tests.kit.dicomweb import ct_instance, dicomweb_server, save
 from tests.kit.net import HOST
-from tests.kit.orthanc import OrthancServer
+from tests.kit.orthanc import OrthancServer, dicomweb_plugin
 
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -41,8 +40,7 @@ def test_orthanc_searches_retrieves_and_stores_through_radai(
     node_factory,  # noqa: ANN001
     tmp_path: Path,
 ) -> None:
-    if not PLUGIN.exists():
-        pytest.skip(f"Orthanc's DICOMweb plugin is not installed ({PLUGIN})")
+    plugin = dicomweb_plugin()  # skips here without it; fails under CI
     node = node_factory(sqlite_db)
     study, series = generate_uid(), generate_uid()
     files = [save(ct_instance(study, series, number=n), tmp_path / "s") for n in (1, 2)]
@@ -53,7 +51,7 @@ def test_orthanc_searches_retrieves_and_stores_through_radai(
 
     with dicomweb_server(sqlite_db, node.node.store) as web:
         config = {
-            "Plugins": [str(PLUGIN)],
+            "Plugins": [plugin],
             "DicomWeb": {
                 "Enable": True,
                 "Root": "/dicom-web/",
