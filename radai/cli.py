@@ -143,11 +143,17 @@ def _node_with_dicomweb(settings: Settings) -> _NodeWithDicomWeb:
     return _NodeWithDicomWeb(service, web)
 
 
+def _ohif_folder(settings: Settings) -> Path:
+    from viewer import ohif
+
+    return Path(settings.ohif_dir).expanduser() if settings.ohif_dir.strip() else ohif.DEFAULT_DIR
+
+
 def _viewer_routes(settings: Settings) -> list:
     """OHIF beside DICOMweb when setup fetched it; without it DICOMweb runs alone (logged)."""
     from viewer import ohif
 
-    folder = Path(settings.ohif_dir).expanduser() if settings.ohif_dir.strip() else ohif.DEFAULT_DIR
+    folder = _ohif_folder(settings)
     dist = ohif.dist_of(folder)
     if dist is None:
         log.info("OHIF viewer off: no OHIF build in %s (scripts/setup.sh fetches it)", folder)
@@ -853,7 +859,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from radai import logs
 
     logs.configure(settings.log_level, settings.log_dir, "demo")
-    service = _node_service(settings)
+    service = _node_with_dicomweb(settings)
     service.start()
     children = [_spawn(["worker"])]
     if not args.exit:
@@ -876,6 +882,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         for case, row in zip(SAMPLE_CASES, rows, strict=True):
             _print_findings(case, row)
         print(f"DICOM node: {settings.ae_title}@127.0.0.1:{service.port}")
+        if service.web is not None:
+            web = f"http://127.0.0.1:{settings.dicomweb_port}"
+            print(f"DICOMweb: {web}/dicomweb (bearer token: radai token create USER)")
+            from viewer import ohif
+
+            if ohif.dist_of(_ohif_folder(settings)) is not None:
+                print(f"OHIF viewer (from the dashboard's study page): {web}/viewer")
         user, password = _demo_user(settings)
         print(f"dashboard: http://127.0.0.1:{settings.dashboard_port}/")
         print(f"demo login: user {user!r}, password {password!r}")

@@ -68,6 +68,7 @@ def test_demo_processes_samples_and_studies_json_shows_findings(tmp_path):
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "sent sample study lung2: 61 of 61 instances stored" in demo.stdout
     assert "dashboard: http://127.0.0.1:" in demo.stdout
+    assert f"DICOMweb: http://127.0.0.1:{env['RADAI_DICOMWEB_PORT']}/dicomweb" in demo.stdout
     assert "NOT FOR CLINICAL USE" in demo.stdout
     assert "demo login: user 'demo', password '" in demo.stdout
     assert "SEG: " in demo.stdout and "SR: " in demo.stdout
