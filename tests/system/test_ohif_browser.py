@@ -31,6 +31,7 @@ from tests.helpers import study_state
 from tests.kit.paths import REPO
 from viewer import ohif
 from workers import processing
+from workers.pipeline.analysers import BaselineAnalyser
 
 try:
     from selenium import webdriver
@@ -76,7 +77,9 @@ def published(tmp: Path, slices: list[Path]) -> tuple[Database, NodeService, lis
     node.start()
     assert storescu(node.port, slices).returncode == 0
     wait_for(lambda: study_state(db, LUNG1) == "QUEUED")
-    assert processing.process_study(db, LUNG1, tmp / "outputs") == "DONE"
+    # The workers' default pipeline (RADAI_PIPELINE=baseline).
+    done = processing.process_study(db, LUNG1, tmp / "outputs", analyser=BaselineAnalyser())
+    assert done == "DONE"
     outputs = sorted((tmp / "outputs").rglob("*.dcm"))
     modalities = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in outputs}
     assert {"SEG", "SR"} <= modalities, modalities
