@@ -298,6 +298,12 @@ class DicomNode:
                     f"instance of {len(data)} bytes exceeds the "
                     f"{self.config.max_instance_bytes}-byte limit",
                 )
+            # Near the threshold, the journal's copies of instances already filed would fill
+            # the disk before the background sync drops them (a slow sync under load let the
+            # filesystem fill up): drop them now, so that the check below sees the real space.
+            raw_free = free_mb(self.archive.root)
+            if raw_free - 2 * len(data) / 1e6 < self.config.min_free_disk_mb + 1:
+                self.durability.flush()
             # The journal's copies go once their files are synced: that space counts as free.
             free = self.journal.free_mb_beside(lambda: free_mb(self.archive.root))
             if free - len(data) / 1e6 < self.config.min_free_disk_mb:
