@@ -467,30 +467,11 @@ def insert_nodule(
             continue
         if kind != "pleural" and (touches or not (fraction < 0.5)[~lung].all()):
             continue
-        region = hu[box]
-        parenchyma = region[lung & (region < PARENCHYMA_MAX_HU)]
-        level = float(np.median(parenchyma)) if parenchyma.size >= 20 else DEFAULT_PARENCHYMA_HU
-        crop_hu = match_parenchyma(crop_hu, prepared.parenchyma_hu, level)
-        out, _ = blend(region, crop_hu, fraction, index.rim[box], sp)
-        hu[box] = out
-        labels[box][label] = label_value
-        return InsertedNodule(
-            patient_id=crop.row.patient_id,
-            nodule_id=crop.row.nodule_id,
-            source_file=crop.source_file,
-            background=bg.name,
-            kind=kind,
-            seed=seed,
-            scale=float(scale),
-            centre_mm=_xyz(centre * sp),
-            centre_voxel=_xyz(centre),
-            volume_mm3=float(label.sum() * math.prod(sp)),
-            nominal_volume_mm3=float(crop.volume_mm3 * scale**3),
-            label_value=int(label_value),
-            source_attached=attached is not None,
-            rotation=rotation.tolist(),
-            background_licence=LICENCES.get(bg.name, ""),
-        )
+        _blend_in(hu, labels, index, box, crop_hu, fraction, label, prepared, label_value)
+        return _inserted(
+            crop, bg.name, kind, seed, scale, centre, sp, label, label_value,
+            source_attached=attached is not None, rotation=rotation,
+        )  # fmt: skip
     raise PlacementError(
         f"no {kind} position for {crop.row.crop_name} (scale {scale:.2f}) in {bg.name}"
     )
@@ -535,18 +516,55 @@ def insert_at(
         raise PlacementError(
             f"{crop.row.crop_name} at {centre.round(1)}: outside the lungs or touching a nodule"
         )
+    _blend_in(hu, labels, index, box, crop_hu, fraction, label, prepared, label_value)
+    return _inserted(
+        crop, index.background.name, kind, seed, scale, centre, sp, label, label_value,
+        source_attached=False, rotation=rot,
+    )  # fmt: skip
+
+
+def _blend_in(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    index: PlacementIndex,
+    box: tuple[slice, ...],
+    crop_hu: np.ndarray,
+    fraction: np.ndarray,
+    label: np.ndarray,
+    prepared: _PreparedCrop,
+    label_value: int,
+) -> None:
+    """Blend the resampled crop into ``hu`` at ``box`` (its parenchyma matched to the
+    background's around it) and write its label."""
     region = hu[box]
-    parenchyma = region[lung & (region < PARENCHYMA_MAX_HU)]
+    parenchyma = region[index.lung[box] & (region < PARENCHYMA_MAX_HU)]
     level = float(np.median(parenchyma)) if parenchyma.size >= 20 else DEFAULT_PARENCHYMA_HU
     crop_hu = match_parenchyma(crop_hu, prepared.parenchyma_hu, level)
-    out, _ = blend(region, crop_hu, fraction, index.rim[box], sp)
+    out, _ = blend(region, crop_hu, fraction, index.rim[box], index.spacing)
     hu[box] = out
     labels[box][label] = label_value
+
+
+def _inserted(
+    crop: NoduleCrop,
+    background: str,
+    kind: str,
+    seed: int,
+    scale: float,
+    centre: np.ndarray,
+    sp: np.ndarray,
+    label: np.ndarray,
+    label_value: int,
+    *,
+    source_attached: bool,
+    rotation: np.ndarray,
+) -> InsertedNodule:
+    """The provenance record of one insertion."""
     return InsertedNodule(
         patient_id=crop.row.patient_id,
         nodule_id=crop.row.nodule_id,
         source_file=crop.source_file,
-        background=index.background.name,
+        background=background,
         kind=kind,
         seed=seed,
         scale=float(scale),
@@ -555,9 +573,9 @@ def insert_at(
         volume_mm3=float(label.sum() * math.prod(sp)),
         nominal_volume_mm3=float(crop.volume_mm3 * scale**3),
         label_value=int(label_value),
-        source_attached=False,
-        rotation=rot.tolist(),
-        background_licence=LICENCES.get(index.background.name, ""),
+        source_attached=source_attached,
+        rotation=np.asarray(rotation).tolist(),
+        background_licence=LICENCES.get(background, ""),
     )
 
 
