@@ -364,19 +364,8 @@ def _insert_new(
     current_hu, current_labels, index = current
     for _ in range(tries):
         saved_hu, saved_labels = current_hu.copy(), current_labels.copy()
-        try:
-            ins = insert_nodule(
-                current_hu,
-                current_labels,
-                index,
-                req.crop,
-                "free",
-                rng,
-                scale=scale_for_volume(req.crop, float(req.current_volume_mm3 or 0.0)),
-                label_value=label,
-                seed=seed,
-            )
-        except (PlacementError, ValueError):
+        ins = _insert_free(current, req.crop, req.current_volume_mm3, rng, label, seed)
+        if ins is None:
             return None
         centre = np.asarray(ins.centre_mm)
         if not len(mapped_prior) or (
@@ -386,6 +375,32 @@ def _insert_new(
         current_hu[...] = saved_hu
         current_labels[...] = saved_labels
     return None
+
+
+def _insert_free(
+    study: tuple[np.ndarray, np.ndarray, PlacementIndex],
+    crop: NoduleCrop,
+    volume_mm3: float | None,
+    rng: np.random.Generator,
+    label: int,
+    seed: int,
+) -> InsertedNodule | None:
+    """``crop`` scaled to ``volume_mm3`` at a drawn ``free`` position; None where none fits."""
+    hu, labels, index = study
+    try:
+        return insert_nodule(
+            hu,
+            labels,
+            index,
+            crop,
+            "free",
+            rng,
+            scale=scale_for_volume(crop, float(volume_mm3 or 0.0)),
+            label_value=label,
+            seed=seed,
+        )
+    except (PlacementError, ValueError):
+        return None
 
 
 def _insert_both(
@@ -410,19 +425,8 @@ def _insert_both(
     source = f"{req.crop.row.patient_id} #{req.crop.row.nodule_id}"
     for _ in range(tries):
         saved_hu, saved_labels = prior_hu.copy(), prior_labels.copy()
-        try:
-            ins = insert_nodule(
-                prior_hu,
-                prior_labels,
-                index,
-                req.crop,
-                "free",
-                rng,
-                scale=scale_for_volume(req.crop, float(req.prior_volume_mm3 or 0.0)),
-                label_value=label,
-                seed=seed,
-            )
-        except (PlacementError, ValueError):
+        ins = _insert_free(prior, req.crop, req.prior_volume_mm3, rng, label, seed)
+        if ins is None:
             return None
         prior_centre = np.asarray(ins.centre_mm)
         truth = TruthNodule(
