@@ -83,7 +83,7 @@ def write_series(study: Study, template: bytes, out: Path, tag: str) -> dict[str
         ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.PatientID = f"SVCACC-{tag}"
         ds.PatientName = "Accuracy^Bench"
-        ds.AccessionNumber = f"SA{abs(hash(tag)) % 10**8}"
+        ds.AccessionNumber = f"SA{uuid.uuid5(_NS, tag).int % 10**8}"
         ds.StudyID = "SVCACC"
         ds.StudyDescription = "radai service-accuracy benchmark (composite CT)"
         ds.SeriesDescription = f"{study.anatomy} with inserted LIDC nodules"
