@@ -42,9 +42,33 @@ _DATA_SOURCE = {
 }
 
 
+# OHIF 3.13.2's SR loader (extension cornerstone-dicom-sr, `_checkIfCanAddMeasurementsToDisplaySet`)
+# reads the image coordinates of every measurement group, and a group with none (radai's lung
+# volume, its screening probability: nothing to draw) throws "Cannot read properties of undefined
+# (reading 'ReferencedSOPSequence')", which takes the whole viewer down. Its
+# `onBeforeSRAddMeasurement` hook runs just before that read: for such a measurement it returns
+# a copy with an empty coordinate, which the loader passes over, and marks the measurement
+# placed. Marked, it is not offered to the next display set either, where the loader would fail
+# on a SEG whose overlay is shown ("Cannot destructure property 'SOPInstanceUID'", OHIF PR
+# #6278) if any measurement were still waiting. Measurements with coordinates are untouched.
+_SR_WITHOUT_COORDINATES = """\
+window.config.customizationService.onBeforeSRAddMeasurement = {
+  $set: function radaiSkipSRGroupsWithoutCoordinates({ measurement }) {
+    if (measurement.coords && measurement.coords.length) {
+      return measurement;
+    }
+    measurement.loaded = true; // nothing to draw: not offered to other display sets
+    return Object.assign({}, measurement, { coords: [{}] });
+  },
+};
+"""
+
+
 def app_config_js(dicomweb_root: str = "/dicomweb") -> str:
     """OHIF's `window.config`: radai's DICOMweb as the only data source, the study list shown,
-    nothing loaded from URLs (no dynamic config, no customization files)."""
+    nothing loaded from URLs (no dynamic config, no customization files); and one customization,
+    so that OHIF's SR reader skips measurement groups without image coordinates instead of
+    failing on them (see _SR_WITHOUT_COORDINATES)."""
     source = json.loads(json.dumps(_DATA_SOURCE).replace("{root}", dicomweb_root.rstrip("/")))
     config = {
         "name": "radai",
@@ -64,7 +88,7 @@ def app_config_js(dicomweb_root: str = "/dicomweb") -> str:
     }
     return (
         "// Written by radai (viewer/ohif.py): OHIF reads radai's DICOMweb on this origin.\n"
-        f"window.config = {json.dumps(config, indent=2)};\n"
+        f"window.config = {json.dumps(config, indent=2)};\n" + _SR_WITHOUT_COORDINATES
     )
 
 

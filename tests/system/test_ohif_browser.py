@@ -1,8 +1,9 @@
 """The OHIF viewer end to end in Debian's headless Chromium: the processed sample study (CT, the
 worker's SEG and SR) in radai's DICOMweb, OHIF served beside it on the same port, opened the way
 the dashboard links it (`/viewer?StudyInstanceUIDs=...&token=...`): the study loads, the SEG
-hydrates as an overlay and its segments are listed in the segmentation panel, and the SR's
-measurements reach the viewer. A screenshot goes to var/screenshots/.
+hydrates as an overlay and its segments are listed in the segmentation panel, and then the SR
+opens: its first lesion's long axis drawn on its slice with the lesion's measurements, and no
+error in the browser console. Screenshots go to var/screenshots/ (ohif_seg.png, ohif_sr.png).
 
 Needs `chromium`, `chromium-driver` and OHIF's build (scripts/setup.sh fetches it into
 var/ohif); without them the test is skipped, except under CI (CI=true), where it fails.
@@ -11,11 +12,14 @@ var/ohif); without them the test is skipped, except under CI (CI=true), where it
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 
 from db.api_tokens import create_token
 from db.session import Database
@@ -133,6 +137,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for errors
     driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(TIMEOUT)
     try:
@@ -192,6 +197,49 @@ def test_ohif_opens_the_study_with_its_seg_and_sr(site: dict, browser: WebDriver
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOTS / "ohif_seg.png"))
     assert (SCREENSHOTS / "ohif_seg.png").stat().st_size > 10_000
+
+    # Then the SR, with the SEG's overlay still loaded: OHIF draws the first lesion's long axis
+    # on its slice, labelled with the lesion's values (its planar and volumetric groups merged
+    # by their shared tracking UID), and passes over the lung and screening groups.
+    ActionChains(browser).double_click(_thumbnail(browser, "SR")[0]).perform()
+    expected = _first_lesion_labels(site["outputs"])
+
+    def drawn(d: WebDriver) -> bool:
+        text = d.find_element(By.TAG_NAME, "body").text
+        return all(_shown(text, name, value, unit) for name, value, unit in expected)
+
+    _wait(browser, drawn, f"the SR's first lesion drawn with {expected}")
+    browser.save_screenshot(str(SCREENSHOTS / "ohif_sr.png"))
+    assert (SCREENSHOTS / "ohif_sr.png").stat().st_size > 10_000
+    console = browser.get_log("browser")
+    failures = [
+        e["message"] for e in console if e["level"] == "SEVERE" or "Error Boundary" in e["message"]
+    ]
+    assert not failures, failures
+
+
+def _first_lesion_labels(outputs: list[Path]) -> list[tuple[str, float, str]]:
+    """(name, value, unit) of the labels OHIF gives the SR's first drawn measurement: the first
+    lesion's long axis, then its volume and 3D diameter, read from the SR file."""
+    (path,) = [p for p in outputs if p.name == "sr.dcm"]
+    sr = hd.sr.srread(path)
+    line = sr.content.get_planar_roi_measurement_groups()[0]
+    (volumetric,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=line.tracking_uid)
+    (long_axis,) = line.get_measurements(name=codes.SCT.LongAxis)
+    (volume,) = volumetric.get_measurements(name=codes.SCT.Volume)
+    (diameter,) = volumetric.get_measurements(name=codes.IBSI.Maximum3DDiameterOfAMesh)
+    return [
+        ("Long axis", long_axis.value, "mm"),
+        ("Volume", volume.value, "mm3"),
+        ("Maximum 3D Diameter of a Mesh", diameter.value, "mm"),
+    ]
+
+
+def _shown(text: str, name: str, value: float, unit: str) -> bool:
+    """Whether `text` has OHIF's label "<name>: <value to 2 decimals> <unit>" for `value` (read
+    back, not formatted here: JavaScript's toFixed and Python round halves differently)."""
+    found = re.findall(rf"{re.escape(name)}: (-?\d+\.\d\d) {re.escape(unit)}", text)
+    return any(abs(float(v) - value) <= 0.005 + 1e-9 for v in found)
 
 
 def _seg(outputs: list[Path]) -> pydicom.Dataset:

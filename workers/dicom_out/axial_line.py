@@ -1,8 +1,9 @@
 """Each lesion's longest axial diameter as a line on one CT slice, for the SR's planar groups.
 
 Viewers such as OHIF draw only TID 1500 groups that carry image coordinates (SCOORD); radai's
-volumetric groups point at SEG segments, which such viewers list but do not draw. A two-point
-POLYLINE on the slice where the lesion is widest shows its size where a reader looks for it.
+volumetric groups point at SEG segments, which such viewers do not draw. A two-point POLYLINE on
+the slice where the lesion is widest shows its size where a reader looks for it (tracked as the
+lesion, so OHIF labels it with the volumetric group's values too: see sr.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,15 @@
 """DICOM SR writer: a TID 1500 Measurement Report (Comprehensive 3D SR) with one TID 1411 group per
-lesion referencing its SEG segment, a lung group, the study's screening probability and a NOT FOR
-CLINICAL USE statement, with UIDs derived from a seed like the SEG's.
+lesion referencing its SEG segment (and a TID 1410 group with its long axis drawn on its widest
+slice), a lung group, the study's screening probability and a NOT FOR CLINICAL USE statement,
+with UIDs derived from a seed like the SEG's.
+
+For OHIF (3.13.2), which merges the measurement groups that share a Tracking Unique Identifier
+into one measurement and draws only those with image coordinates: a lesion's planar and
+volumetric groups carry the same tracking identifier and UID (they describe the same nodule), so
+OHIF draws the long axis labelled with the lesion's volume and diameters; and the lesion groups
+come first, since OHIF's SR viewport opens on the first measurement. The lung and screening
+groups have no image coordinates to give; radai's OHIF config (viewer/ohif.py) makes OHIF skip
+them rather than fail.
 
 Follow-up: each lesion group carries the nodule's Tracking Identifier and Tracking Unique
 Identifier, the same in every study of the patient, and, when it was matched in the prior study,
@@ -88,7 +97,6 @@ DIAMETER_CHANGE = (
 )
 COMPARISON = codes.DCM.ComparisonToPreviousStudies
 LONG_AXIS = (codes.SCT.LongAxis, None, codes.UCUM.Millimeter)
-LONG_AXIS_SUFFIX = " long axis"  # the planar group's tracking identifier: "Nodule 2 long axis"
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,22 @@ def _referenced_segment(
     )
 
 
+def _lesion_tracking(
+    lesion: Mapping[str, Any], segments: dict[str, tuple[int, str | None]], seed: str | None
+) -> hd.sr.TrackingIdentifier:
+    """The lesion's tracking identifier and UID: the nodule's across studies when follow-up gave
+    them, else its SEG segment's (tracked as "Lesion <label>")."""
+    label = int(lesion["label"])
+    segment_id = lesion_tracking_id(label)
+    if segment_id not in segments:
+        raise ValueError(f"the segmentation has no segment for lesion label {label}")
+    _, segment_uid = segments[segment_id]
+    return hd.sr.TrackingIdentifier(
+        uid=lesion.get("tracking_uid") or segment_uid or _uid(seed, f"seg.tracking.lesion.{label}"),
+        identifier=lesion.get("tracking_id") or segment_id,
+    )
+
+
 def _lesion_group(
     lesion: Mapping[str, Any],
     segmentation: hd.seg.Segmentation,
@@ -214,13 +238,8 @@ def _lesion_group(
     missing = [key for key in _LESION_KEYS if key not in lesion]
     if missing:
         raise ValueError(f"lesion {lesion!r} lacks {missing}")
-    label = int(lesion["label"])
-    tracking_id = lesion_tracking_id(label)
-    if tracking_id not in segments:
-        raise ValueError(f"the segmentation has no segment for lesion label {label}")
-    number, tracking_uid = segments[tracking_id]
-    tracking_uid = lesion.get("tracking_uid") or tracking_uid
-    tracking_id = lesion.get("tracking_id") or tracking_id
+    tracking = _lesion_tracking(lesion, segments, seed)  # checks the segment is there
+    number, _ = segments[lesion_tracking_id(int(lesion["label"]))]
     measurements = [
         _measurement(VOLUME, lesion["volume_mm3"]),
         _measurement(MAX_3D_DIAMETER, lesion["max_3d_diameter_mm"]),
@@ -242,9 +261,7 @@ def _lesion_group(
             measurements.append(_measurement(DIAMETER_CHANGE, change["diameter_change_mm"]))
     location = lesion.get("location")
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid or _uid(seed, f"seg.tracking.lesion.{label}"), identifier=tracking_id
-        ),
+        tracking_identifier=tracking,
         referenced_segment=_referenced_segment(segmentation, number, sources, source_images),
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         finding_type=LESION_PROPERTY_TYPE,
@@ -267,17 +284,16 @@ def _long_axis_group(
     line: AxialLine,
     source_images: Sequence[pydicom.Dataset],
     algorithm: hd.sr.AlgorithmIdentification,
-    seed: str | None,
+    tracking: hd.sr.TrackingIdentifier,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The lesion's long axis, tracked as the lesion itself (``tracking``: its volumetric
+    group's identifier and UID)."""
     label = int(lesion["label"])
     if not 0 <= line.slice_index < len(source_images):
         raise ValueError(f"lesion {label}'s line is on slice {line.slice_index}, not in the series")
     image = source_images[line.slice_index]
-    tracking_id = (lesion.get("tracking_id") or lesion_tracking_id(label)) + LONG_AXIS_SUFFIX
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_uid(seed, f"sr.tracking.long-axis.{label}"), identifier=tracking_id
-        ),
+        tracking_identifier=tracking,
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=line.graphic_data(),
@@ -322,20 +338,21 @@ def build_measurement_report(
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 Measurement Report of the lesions segmented in ``segmentation``.
 
-    Under Imaging Measurements: a TID 1411 group for the lungs (SEG segment "Lung"; its volume in
-    ml when ``lung_volume_ml`` is given), then one TID 1411 group per lesion, in the order given,
-    referencing the SEG segment tracked as "Lesion <label>" with the same tracking UID, and
-    holding volume (mm3), maximum 3D and maximum axial diameters (mm) and mean HU (when not
-    None); then, when ``screening_probability`` is given, a TID 1501 group "Screening" holding
-    it, identified by ``screening_algorithm`` (name, version) when a different model scored the
-    study than segmented it. A Qualitative Evaluations container states NOT FOR CLINICAL USE
-    and, without lesions, that none was found. Each lesion dict has label, volume_mm3,
-    max_3d_diameter_mm, max_2d_axial_diameter_mm, mean_hu and location (free text or None),
-    and may have tracking_uid, tracking_id and change (db.findings.LesionChange as a dict).
-    ``prior`` names the prior study compared with (or why none was). ``axial_lines`` (by lesion
-    label) add, after the volumetric groups, one TID 1410 planar group per lesion: its longest
-    axial diameter as a two-point POLYLINE on its CT slice, which viewers that draw only image
-    coordinates (OHIF) show.
+    Under Imaging Measurements, per lesion in the order given: when ``axial_lines`` (by lesion
+    label) has its line, a TID 1410 planar group with its longest axial diameter as a two-point
+    POLYLINE on its CT slice (what viewers that draw only image coordinates, OHIF, show), then
+    a TID 1411 group referencing the SEG segment tracked as "Lesion <label>", holding volume
+    (mm3), maximum 3D and maximum axial diameters (mm) and mean HU (when not None); both groups
+    carry the lesion's tracking identifier and UID (the segment's, or the nodule's across
+    studies). Then a TID 1411 group for the lungs (SEG segment "Lung"; its volume in ml when
+    ``lung_volume_ml`` is given); then, when ``screening_probability`` is given, a TID 1501
+    group "Screening" holding it, identified by ``screening_algorithm`` (name, version) when a
+    different model scored the study than segmented it. A Qualitative Evaluations container
+    states NOT FOR CLINICAL USE and, without lesions, that none was found. Each lesion dict has
+    label, volume_mm3, max_3d_diameter_mm, max_2d_axial_diameter_mm, mean_hu and location (free
+    text or None), and may have tracking_uid, tracking_id and change
+    (db.findings.LesionChange as a dict). ``prior`` names the prior study compared with (or why
+    none was).
     """
     if not source_images:
         raise ValueError("source_images is empty")
@@ -356,7 +373,18 @@ def build_measurement_report(
         raise ValueError("the segmentation has no lung segment")
     lung_number, lung_uid = segments[LUNG_TRACKING_ID]
 
-    groups: list[Any] = [
+    groups: list[Any] = []
+    for lesion in lesions:
+        line = (axial_lines or {}).get(int(lesion["label"]))
+        if line is not None:
+            tracking = _lesion_tracking(lesion, segments, instance_uid_seed)
+            groups.append(_long_axis_group(lesion, line, source_images, algorithm, tracking))
+        groups.append(
+            _lesion_group(
+                lesion, segmentation, segments, sources, source_images, algorithm, instance_uid_seed
+            )
+        )
+    groups.append(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=lung_uid or _uid(instance_uid_seed, "seg.tracking.lung"),
@@ -372,19 +400,7 @@ def build_measurement_report(
                 [_measurement(LUNG_VOLUME, lung_volume_ml)] if lung_volume_ml is not None else None
             ),
         )
-    ]
-    groups += [
-        _lesion_group(
-            lesion, segmentation, segments, sources, source_images, algorithm, instance_uid_seed
-        )
-        for lesion in lesions
-    ]
-    for lesion in lesions:
-        line = (axial_lines or {}).get(int(lesion["label"]))
-        if line is not None:
-            groups.append(
-                _long_axis_group(lesion, line, source_images, algorithm, instance_uid_seed)
-            )
+    )
     screener = algorithm
     if screening_algorithm is not None:
         screener = hd.sr.AlgorithmIdentification(

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,3 +59,33 @@ def test_dicomweb_paths_stay_dicomweb(client: Client) -> None:
 
 def test_no_build_means_no_viewer(tmp_path: Path) -> None:
     assert ohif.dist_of(tmp_path) is None
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_config_makes_ohif_skip_sr_groups_without_image_coordinates(tmp_path: Path) -> None:
+    # The config runs as OHIF would load it; its SR hook is then called as OHIF 3.13.2's loader
+    # calls it, once with a drawable measurement and once with one that has no coordinates.
+    script = tmp_path / "check.js"
+    script.write_text(
+        "const window = {};\n"
+        + ohif.app_config_js()
+        + """
+const hook = window.config.customizationService.onBeforeSRAddMeasurement.$set;
+const line = { loaded: false, coords: [{ GraphicType: 'POLYLINE' }] };
+const lung = { loaded: false, coords: [], TrackingIdentifier: 'Lung' };
+const seen = [hook({ measurement: line }), hook({ measurement: lung })];
+console.log(JSON.stringify({ line, lung, seen, same: seen[0] === line }));
+"""
+    )
+    run = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    # Drawable: handed back as it is, still waiting for its image.
+    assert out["same"] and out["line"] == {"loaded": False, "coords": [{"GraphicType": "POLYLINE"}]}
+    # Not drawable: marked placed, so no other display set is offered it; the loader gets a
+    # copy with one empty coordinate (no ReferencedSOPSequence: it moves on).
+    assert out["lung"] == {"loaded": True, "coords": [], "TrackingIdentifier": "Lung"}
+    assert out["seen"][1] == {"loaded": True, "coords": [{}], "TrackingIdentifier": "Lung"}

@@ -508,7 +508,32 @@ def test_sr_draws_each_lesions_long_axis_on_its_slice(case: Case, tmp_path: Path
     assert "POLYLINE" in dsrdump(path)
     back = hd.sr.srread(str(path))
     planar = back.content.get_planar_roi_measurement_groups()
-    assert [g.tracking_identifier for g in planar] == ["Lesion 1 long axis", "Lesion 2 long axis"]
+    # Tracked as the lesion itself: OHIF merges groups sharing a tracking UID into one
+    # measurement, so the line it draws is labelled with the volumetric group's values too.
+    volumetric = lesion_groups(back)
+    assert [g.tracking_identifier for g in planar] == ["Lesion 1", "Lesion 2"]
+    assert [g.tracking_uid for g in planar] == [g.tracking_uid for g in volumetric]
+    # Lesions first (OHIF's SR viewport opens on the first group), each line before its volume.
+    [imaging] = [
+        item
+        for item in back.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010"  # Imaging Measurements
+    ]
+    order = [
+        (
+            next(i.TextValue for i in g.ContentSequence if i.name == codes.DCM.TrackingIdentifier),
+            any(i.ValueType == "SCOORD" for i in g.ContentSequence),
+        )
+        for g in imaging.ContentSequence
+    ]
+    assert order == [
+        ("Lesion 1", True),
+        ("Lesion 1", False),
+        ("Lesion 2", True),
+        ("Lesion 2", False),
+        ("Lung", False),
+        ("Screening", False),
+    ]
     for group, lesion in zip(planar, case.lesions, strict=True):
         line = lines[lesion["label"]]
         region = group.roi
