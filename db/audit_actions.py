@@ -51,10 +51,13 @@ class AuditAction(enum.StrEnum):
     USER_SESSION_ENDED = "user.session_ended"
     TOKEN_CREATED = "token.created"
     TOKEN_REVOKED = "token.revoked"
-    # DICOMweb (dicomweb/): refused requests, what a STOW-RS request stored, who retrieved what.
+    # DICOMweb (dicomweb/): refused requests, what a STOW-RS request stored, who retrieved what
+    # (instances, metadata, frames, bulk data, renderings), who searched and which studies the
+    # answer named (parameter names only: a query's values can hold a patient's name or ID).
     DICOMWEB_REFUSED = "dicomweb.refused"
     DICOMWEB_STORED = "dicomweb.stored"
     DICOMWEB_RETRIEVED = "dicomweb.retrieved"
+    DICOMWEB_SEARCHED = "dicomweb.searched"
     STUDY_OPENED = "study.opened"
     STUDY_OUTPUT_DOWNLOADED = "study.output_downloaded"
     AUDIT_VERIFIED = "audit.verified"

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from db import audit
@@ -85,6 +85,23 @@ def _multipart(parts: list[multipart.Part], part_type: str) -> Response:
     return Response(body, 200, headers={"Content-Type": content_type})
 
 
+def _studies_named(answers: list[dict], study: str | None) -> list[str]:
+    """The distinct Study Instance UIDs of QIDO answers (from the attribute, else the
+    RetrieveURL), or the one the path names."""
+    if study:
+        return [study] if answers else []
+    found: dict[str, None] = {}
+    for doc in answers:
+        uid = (doc.get("0020000D", {}).get("Value") or [None])[0]
+        if uid is None:
+            url = (doc.get("00081190", {}).get("Value") or [""])[0]
+            _, sep, rest = url.partition("/studies/")
+            uid = rest.split("/")[0] if sep else None
+        if uid:
+            found[str(uid)] = None
+    return list(found)
+
+
 class App:
     """Routes bound to one `Service`."""
 
@@ -120,9 +137,16 @@ class App:
                 },
             )
 
-    def _audit_read(self, request: Request, who: Principal, what: str, count: int) -> None:
-        """Who retrieved which study's instances or metadata (frames, renderings and bulk data
-        of an instance follow from its metadata and are not audited one by one)."""
+    def _audit_read(
+        self,
+        request: Request,
+        who: Principal,
+        what: str,
+        count: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Who retrieved which study's instances, metadata, frames, bulk data or renderings
+        (UIDs and counts, never a value of the instances)."""
         p = request.path_params
         with self.service.db.session() as s:
             audit.append(
@@ -135,13 +159,37 @@ class App:
                     "series": p.get("series"),
                     "instance": p.get("instance"),
                     "instances": count,
+                    **(extra or {}),
+                },
+            )
+
+    def _audit_search(
+        self, request: Request, who: Principal, level: str, answers: list[dict], more: bool
+    ) -> None:
+        """Who searched at which level and which studies the answer named. The query's values
+        can hold a patient's name or ID, so only its parameter names are kept."""
+        p = request.path_params
+        params = sorted({name[:64] for name, _ in request.query_params.multi_items()})[:50]
+        with self.service.db.session() as s:
+            audit.append(
+                s,
+                who.actor,
+                AuditAction.DICOMWEB_SEARCHED,
+                p.get("study"),
+                {
+                    "level": level,
+                    "series": p.get("series"),
+                    "params": params,
+                    "matches": len(answers),
+                    "more": more,
+                    "studies": _studies_named(answers, p.get("study")),
                 },
             )
 
     # QIDO-RS ---------------------------------------------------------------------------------
 
     def search(self, request: Request, level: str) -> Response:
-        self.principal(request, READ)
+        who = self.principal(request, READ)
         _check_json_accept(request)
         p = request.path_params
         query = qido.parse_query(list(request.query_params.multi_items()))
@@ -178,6 +226,7 @@ class App:
         headers = {}
         if more:
             headers["Warning"] = '299 radai "There are additional results that can be requested"'
+        self._audit_search(request, who, level, out, more)
         return _json(out, headers=headers)
 
     # WADO-RS ---------------------------------------------------------------------------------
@@ -187,12 +236,19 @@ class App:
         return index.stored(self.service.db, p["study"], p.get("series"), p.get("instance"))
 
     def retrieve(self, request: Request) -> Response:
+        """Instances as multipart/related, sent while they are read (and transcoded) one at a
+        time; refusals (404, 406) are decided before the first byte."""
         who = self.principal(request, READ)
         instances = self._stored(request)
         choices = multipart.acceptable(request.headers.get("accept"), wado.DICOM)
         parts = wado.retrieve(instances, choices)
-        self._audit_read(request, who, "instances", len(parts))
-        return _multipart(parts, wado.DICOM)
+        self._audit_read(request, who, "instances", len(instances))
+        boundary = multipart.new_boundary()
+        return StreamingResponse(
+            multipart.stream(parts, boundary),
+            200,
+            headers={"Content-Type": multipart.content_type(wado.DICOM, boundary)},
+        )
 
     def metadata(self, request: Request) -> Response:
         who = self.principal(request, READ)
@@ -203,25 +259,28 @@ class App:
         return _json(docs)
 
     def frames(self, request: Request) -> Response:
-        self.principal(request, READ)
+        who = self.principal(request, READ)
         numbers = wado.parse_frames(request.path_params["frames"])
         (inst,) = self._stored(request)
         choices = multipart.acceptable(request.headers.get("accept"), wado.OCTETS)
         parts = wado.frames(inst, numbers, choices)
+        self._audit_read(request, who, "frames", 1, {"frames": len(numbers)})
         return _multipart(parts, parts[0].content_type.split(";")[0])
 
     def bulk(self, request: Request) -> Response:
-        self.principal(request, READ)
+        who = self.principal(request, READ)
         try:
             tag = int(request.path_params["tag"], 16)
         except ValueError:
             raise bad_request("a bulk data URI ends in a tag of eight hex digits") from None
         (inst,) = self._stored(request)
         choices = multipart.acceptable(request.headers.get("accept"), wado.OCTETS)
-        return _multipart([wado.bulk(inst, tag, choices)], wado.OCTETS)
+        part = wado.bulk(inst, tag, choices)
+        self._audit_read(request, who, "bulk", 1, {"tag": f"{tag:08X}"})
+        return _multipart([part], wado.OCTETS)
 
     def rendered(self, request: Request, thumbnail: bool = False) -> Response:
-        self.principal(request, READ)
+        who = self.principal(request, READ)
         media = wado.rendered_type(request.headers.get("accept"))
         instances = self._stored(request)
         inst = instances[len(instances) // 2]  # a study's or series' middle image stands for it
@@ -233,6 +292,8 @@ class App:
             frame = numbers[0]
         params = dict(request.query_params)
         image = wado.render(inst, media, params, frame=frame, thumbnail=thumbnail)
+        what = "thumbnail" if thumbnail else "rendered"
+        self._audit_read(request, who, what, 1, {"rendered": inst.sop_uid, "frame": frame})
         return Response(image, 200, media_type=media)
 
     # STOW-RS ---------------------------------------------------------------------------------

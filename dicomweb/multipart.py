@@ -1,5 +1,8 @@
 """multipart/related bodies (RFC 2387) both ways, and the Accept header as PS3.18 8.7 reads it.
 
+`stream` writes a body part by part as its parts are made (a file's part read in chunks), for a
+response that is sent while it is produced; `build` is the same body in one piece.
+
 A WADO-RS Accept names media ranges, each maybe with `type=` (inside multipart/related),
 `transfer-syntax=` and `q=`: `acceptable` turns it into (media type, transfer syntax) choices in
 the client's order of preference, which the handler takes the first it can give.
@@ -8,8 +11,9 @@ the client's order of preference, which the handler takes the first it can give.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicomweb.errors import HttpError, bad_request
 
@@ -92,18 +96,49 @@ class Part:
     location: str | None = None
 
 
-def build(parts: Iterable[Part], part_type: str) -> tuple[bytes, str]:
-    """(body, Content-Type) of a multipart/related message of `parts`."""
-    boundary = secrets.token_hex(16)
-    chunks: list[bytes] = []
+@dataclass(frozen=True)
+class FilePart:
+    """A part whose body is a file's bytes as they are, read while the body is sent."""
+
+    content_type: str
+    path: Path
+    location: str | None = None
+
+
+CHUNK = 1024 * 1024
+
+
+def new_boundary() -> str:
+    return secrets.token_hex(16)
+
+
+def content_type(part_type: str, boundary: str) -> str:
+    return f'multipart/related; type="{part_type}"; boundary={boundary}'
+
+
+def stream(parts: Iterable[Part | FilePart], boundary: str) -> Iterator[bytes]:
+    """The body of a multipart/related message of `parts`, in pieces: each part's head, its
+    body (a file in chunks of at most `CHUNK`), and the closing delimiter after the last. Parts
+    are taken from `parts` one at a time, as the pieces are consumed."""
     for part in parts:
         head = f"--{boundary}\r\nContent-Type: {part.content_type}\r\n"
         if part.location:
             head += f"Content-Location: {part.location}\r\n"
-        chunks += [head.encode("ascii"), b"\r\n", part.body, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode("ascii"))
-    content_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
-    return b"".join(chunks), content_type
+        yield head.encode("ascii") + b"\r\n"
+        if isinstance(part, FilePart):
+            with part.path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+        else:
+            yield part.body
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode("ascii")
+
+
+def build(parts: Iterable[Part | FilePart], part_type: str) -> tuple[bytes, str]:
+    """(body, Content-Type) of a multipart/related message of `parts`."""
+    boundary = new_boundary()
+    return b"".join(stream(parts, boundary)), content_type(part_type, boundary)
 
 
 def parse(body: bytes, content_type: str) -> tuple[str, list[Part]]:
