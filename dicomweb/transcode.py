@@ -17,6 +17,7 @@ says (a codec's bits, samples and photometric interpretation, PS3.5 section 8).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
@@ -48,8 +49,11 @@ LOSSY = frozenset(
         "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG recompression
     }
 )
+# pylibjpeg-openjpeg always encodes six resolution levels: each side needs 2**5 pixels.
+J2K_MIN_SIDE = 32
 # Pixel elements an encapsulated syntax cannot hold (PS3.5 A.4 covers Pixel Data only).
 _FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class CannotGive(Exception):
@@ -71,8 +75,10 @@ def check_syntax(stored: str, wanted: str) -> None:
     installed handlers, as far as the UIDs alone tell."""
     if wanted == stored:
         return
+    if not _UID_TEXT.fullmatch(wanted):
+        raise CannotGive(f"{wanted[:80]!r} is not a transfer syntax radai knows")
     uid = UID(wanted)
-    if not uid.is_valid or uid.is_private or not uid.is_transfer_syntax:
+    if uid.is_private or not uid.is_transfer_syntax:
         raise CannotGive(f"{wanted!r} is not a transfer syntax radai knows")
     if uid in LOSSY:
         raise CannotGive(f"radai does not encode {name(wanted)}: it is lossy")
@@ -104,6 +110,12 @@ def check_pixels(ds: Dataset, stored: str, wanted: str) -> None:
         int(ds.get("BitsAllocated", 0) or 0),
         int(ds.get("BitsStored", 0) or 0),
     )
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if UID(wanted) == JPEG2000Lossless and min(rows, columns) < J2K_MIN_SIDE:
+        raise CannotGive(
+            f"{name(wanted)} is encoded with {J2K_MIN_SIDE} pixels or more each way "
+            f"(openjpeg's six resolution levels), not {rows}x{columns}"
+        )
     for profile in ENCODING_PROFILES.get(UID(wanted), []):
         if values[:2] == profile[:2] and all(
             v in allowed for v, allowed in zip(values[2:], profile[2:], strict=True)
