@@ -25,6 +25,7 @@ from dicomweb import multipart, wado
 from dicomweb.errors import HttpError
 from dicomweb.index import StoredInstance
 from dicomweb.multipart import Choice, FilePart, Part, acceptable, parse
+from dicomweb.transcode import CannotGive
 from tests.kit.dicomweb import ct_instance, save
 
 STUDY, SERIES = generate_uid(), generate_uid()
@@ -218,3 +219,26 @@ def test_pixel_data_bulk_in_the_syntax_asked_for(tmp_path: Path) -> None:
     back.PixelData = encoded.body
     back.file_meta.TransferSyntaxUID = jls
     assert np.array_equal(back.pixel_array, original.pixel_array)
+
+
+def test_a_later_instance_that_cannot_be_decoded_ends_the_body_unfinished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The response has started, so no 406 can be sent: the body stops without its closing
+    delimiter (the client sees an incomplete message, never a short one that looks whole)."""
+    good = _stored(ct_instance(STUDY, SERIES, number=1, size=16, rle=True), tmp_path)
+    damaged = ct_instance(STUDY, SERIES, number=2, size=16, rle=True)
+    damaged.PixelData = encapsulate([b"\x01\x00\x00\x00" + bytes(60) + b"\xff" * 8])
+    bad = _stored(damaged, tmp_path)
+    pieces = []
+    with pytest.raises(CannotGive, match=bad.sop_uid):
+        for piece in multipart.stream(
+            wado.retrieve([good, bad], _accept("1.2.840.10008.1.2.1")), "b"
+        ):
+            pieces.append(piece)
+    assert pieces and not any(p.startswith(b"--b--") for p in pieces)
+    assert bad.sop_uid in caplog.text and "ended before its end" in caplog.text
+    # Asked first, the same instance is refused before anything is sent.
+    with pytest.raises(HttpError) as err:
+        wado.retrieve([bad, good], _accept("1.2.840.10008.1.2.1"))
+    assert err.value.status == 406 and "cannot decode" in err.value.reason
