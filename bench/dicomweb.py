@@ -13,6 +13,9 @@ does not: compare wall times):
   QIDO by PatientID       search_for_studies(PatientID=...) matching one study
   QIDO series instances   search_for_instances(study, series) of the big series
   WADO series             retrieve_series of the big series (as stored: Explicit VR LE)
+  WADO series as JPEG-LS  the same, asked for in JPEG-LS Lossless (1.2.840.10008.1.2.4.80) and
+  WADO series as RLE      RLE Lossless (1.2.840.10008.1.2.5): transcoded by the server (the
+                          last column shows the syntaxes that came back)
   WADO metadata           retrieve_series_metadata of the big series
   WADO frame              retrieve_instance_frames, frame 1 of one slice
   STOW 10 instances       store_instances of 10 new 64x64 slices (radai: fsync and index each,
@@ -47,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import requests  # noqa: E402
 from dicomweb_client.api import DICOMwebClient  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
+from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid  # noqa: E402
 
 from db import audit  # noqa: E402
 from db.api_tokens import create_token  # noqa: E402
@@ -95,6 +98,13 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[flo
     return walls, cpus, result
 
 
+def _syntaxes(datasets: list) -> str:
+    """How many instances came back and in which transfer syntaxes (a server that ignores the
+    syntax asked for shows it here)."""
+    names = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    return f"{len(datasets)} in {'+'.join(n.removeprefix('1.2.840.10008.1.2') for n in names)}"
+
+
 def run_all(client: DICOMwebClient, study: str, series: str, sop: str, repeats: int) -> dict:
     rows: dict[str, tuple[list[float], list[float], object]] = {}
     rows["QIDO all studies"] = timed(lambda: len(client.search_for_studies()), repeats)
@@ -105,6 +115,13 @@ def run_all(client: DICOMwebClient, study: str, series: str, sop: str, repeats: 
         lambda: len(client.search_for_instances(study, series)), repeats
     )
     rows["WADO series"] = timed(lambda: len(client.retrieve_series(study, series)), repeats)
+    for label, ts in (("JPEG-LS", JPEGLSLossless), ("RLE", RLELossless)):
+        rows[f"WADO series as {label}"] = timed(
+            lambda ts=ts: _syntaxes(
+                client.retrieve_series(study, series, media_types=(("application/dicom", ts),))
+            ),
+            repeats,
+        )
     rows["WADO metadata"] = timed(
         lambda: len(client.retrieve_series_metadata(study, series)), repeats
     )

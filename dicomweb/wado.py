@@ -76,7 +76,10 @@ def _read(path) -> Dataset:  # noqa: ANN001
 def _header(path) -> Dataset:  # noqa: ANN001
     """The instance with its large values left on disk (read if touched): enough to check its
     pixel attributes and whether it has pixel data."""
-    return pydicom.dcmread(path, defer_size=4096)
+    try:
+        return pydicom.dcmread(path, defer_size=4096)
+    except Exception as exc:  # noqa: BLE001 - an archived file that no longer parses
+        raise CannotGive(f"cannot read the archived file: {exc}") from None
 
 
 def _target(inst: StoredInstance, transfer_syntax: str | None) -> str:
@@ -135,7 +138,12 @@ def _give(planned: Planned) -> Part | FilePart:
         if ts == inst.transfer_syntax:
             return FilePart(content_type, inst.path)
         try:
-            return Part(content_type, part10(transcode(_read(inst.path), ts)))
+            ds = _read(inst.path)
+        except Exception as exc:  # noqa: BLE001 - an archived file that no longer parses
+            why.append(f"cannot read the archived file: {exc}")
+            continue
+        try:
+            return Part(content_type, part10(transcode(ds, ts)))
         except CannotGive as exc:
             why.append(str(exc))
     raise CannotGive(f"{inst.sop_uid}: " + "; ".join(why))
@@ -164,7 +172,7 @@ def _parts(first: Part | FilePart, rest: Sequence[Planned]) -> Iterator[Part | F
         try:
             yield _give(planned)
         except CannotGive as exc:
-            log.error("WADO-RS response ended before its end: %s", exc)
+            log.error("WADO-RS response cut short, its closing delimiter not sent: %s", exc)
             raise
 
 
