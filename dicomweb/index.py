@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -47,6 +48,7 @@ def _tag(keyword: str) -> int:
 # Where each key matches ---------------------------------------------------------------------
 
 UID, INT, TEXT, MULTI = "uid", "int", "text", "multi"
+Column = Any  # a mapped attribute or an SQL expression (SQLAlchemy types them apart)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Attr:
     joined by backslashes (ModalitiesInStudy)."""
 
     level: str
-    column: ColumnElement
+    column: Column
     kind: str
 
 
@@ -162,13 +164,13 @@ def condition(attr: Attr, key: Key, *, fuzzy: bool) -> _Condition:
     if attr.kind == MULTI:
         if key.vr in qido.RANGE_VRS and "-" in spec:
             return _Condition(attr, key, col.is_not(None), False)
-        pieces = re.split(r"[*?]", spec) if wildcard else spec.split("\\")
-        options = [col.contains(p, autoescape=True) for p in pieces if p]
-        sql = (and_ if wildcard else or_)(*options) if options else col.is_not(None)
+        texts = re.split(r"[*?]", spec) if wildcard else spec.split("\\")
+        found = [col.contains(t, autoescape=True) for t in texts if t]
+        sql = (and_ if wildcard else or_)(*found) if found else col.is_not(None)
         return _Condition(attr, key, sql, False)
     if key.vr in qido.RANGE_VRS and "-" in spec:
         low, _, high = spec.partition("-")
-        parts = [col.is_not(None)]
+        parts: list[Any] = [col.is_not(None)]
         if low:
             parts.append(col >= low)  # a value's prefix >= low exactly when the value is
         if high:
@@ -177,8 +179,8 @@ def condition(attr: Attr, key: Key, *, fuzzy: bool) -> _Condition:
     if key.vr in qido.NUMERIC_VRS:
         return _Condition(attr, key, col.is_not(None), False)
     if key.vr == "PN" and fuzzy:
-        pieces = [func.lower(col).contains(p, autoescape=True) for p in _chunks(spec)]
-        return _Condition(attr, key, and_(col.is_not(None), *pieces), False)
+        inside = [func.lower(col).contains(c, autoescape=True) for c in _chunks(spec)]
+        return _Condition(attr, key, and_(col.is_not(None), *inside), False)
     if wildcard:
         # SQLite's LIKE ignores ASCII case: a superset there, checked in Python after.
         return _Condition(attr, key, col.like(_like(spec), escape="/"), False)
@@ -208,7 +210,7 @@ def header(path: str | Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _row_values(ds: Dataset, columns: dict[int, str]) -> tuple[dict[str, str | None], bool]:
+def _row_values(ds: Dataset, columns: dict[int, Any]) -> tuple[dict[str, str | None], bool]:
     values: dict[str, str | None] = {}
     multivalued = False
     for tag, column in columns.items():
@@ -229,7 +231,7 @@ def _insert(session: Session, table: type, rows: list[dict]) -> None:
     session.execute(insert(table.__table__).values(rows).on_conflict_do_nothing())  # type: ignore[attr-defined]
 
 
-def _first_instances(session: Session, group: ColumnElement, ids: list[int]) -> dict[int, str]:
+def _first_instances(session: Session, group: Column, ids: list[int]) -> dict[int, str]:
     first = (
         select(group, func.min(Instance.id).label("first_id"))
         .where(group.in_(ids))
@@ -397,7 +399,7 @@ def _candidates(level: str, joins: set[str]) -> Select:
     )
 
 
-def _header_path(level: str) -> ColumnElement:
+def _header_path(level: str) -> Column:
     return {
         STUDY: QidoStudy.header_path,
         SERIES: QidoSeries.header_path,
@@ -460,7 +462,7 @@ def search(
     return _page(db, level, ids[: query.limit]), more
 
 
-def _multi(attr: Attr) -> ColumnElement:
+def _multi(attr: Attr) -> Column:
     return _MULTIVALUED[attr.level]
 
 
