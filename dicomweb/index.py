@@ -202,7 +202,7 @@ _refresh_lock = threading.Lock()
 # Per database: the (level, id) of studies and series whose first header could not be read; they
 # are left out of searches (and tried again when the process restarts).
 _unreadable: weakref.WeakKeyDictionary[Database, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
-_BATCH = 500
+_BATCH = 200  # series (and studies) a round reads before it writes them
 
 
 def header(path: str | Path) -> Dataset:
@@ -278,14 +278,35 @@ def _read(
     return headers
 
 
-def refresh(db: Database) -> int:
+_COUNTS = select(
+    select(func.count()).select_from(Series).scalar_subquery(),
+    select(func.count()).select_from(QidoSeries).scalar_subquery(),
+    select(func.count()).select_from(Study).scalar_subquery(),
+    select(func.count()).select_from(QidoStudy).scalar_subquery(),
+)
+
+
+def _all_indexed(session: Session, unreadable: set[tuple[str, int]]) -> bool:
+    """Whether every series and study has its row (or could not be read): one query of four
+    counts, much cheaper than looking for the missing (the index's rows are a subset)."""
+    series, indexed_series, studies, indexed_studies = session.execute(_COUNTS).one()
+    bad_series = sum(1 for level, _ in unreadable if level == SERIES)
+    return series == indexed_series + bad_series and studies == indexed_studies + (
+        len(unreadable) - bad_series
+    )
+
+
+def refresh(db: Database, stop: threading.Event | None = None) -> int:
     """Index the studies and series not yet in `qido_studies`/`qido_series` from their first
-    instance's header, in batches; how many rows were added. Cheap when nothing is new."""
+    instance's header, in batches (until `stop` is set); how many rows were added. Cheap when
+    nothing is new."""
     added = 0
     with _refresh_lock:
         unreadable = _unreadable.setdefault(db, set())
-        while True:
+        while stop is None or not stop.is_set():
             with db.session() as s:
+                if _all_indexed(s, unreadable):
+                    return added
                 series_ids = _missing(s, SERIES, _BATCH, unreadable)
                 study_ids = _missing(s, STUDY, _BATCH, unreadable)
                 if not series_ids and not study_ids:
@@ -338,6 +359,7 @@ def refresh(db: Database) -> int:
                 _insert(s, QidoStudy, studies)
                 _insert(s, QidoSeries, series)
             added += len(studies) + len(series)
+    return added
 
 
 # Searching ----------------------------------------------------------------------------------

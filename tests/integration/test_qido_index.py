@@ -21,7 +21,8 @@ from db import QidoSeries, QidoStudy
 from dicom_io.cstore import send_files
 from dicomweb import index, qido
 from dicomweb.qido import INSTANCE, SERIES, STUDY
-from tests.kit.dicomweb import ct_instance, save
+from tests.conftest import wait_for
+from tests.kit.dicomweb import ct_instance, dicomweb_server, save
 from tests.kit.net import HOST
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -338,6 +339,25 @@ def test_an_unreadable_first_instance_leaves_only_its_study_out(
     assert "cannot read the header" in caplog.text and "PID-1" not in caplog.text
     again, _ = index.search(database, qido.parse_query([("PatientID", "PID-2")]), STUDY)
     assert [m.study_uid for m in again] == [studies[2].uid]
+
+
+def test_the_server_indexes_new_studies_before_anyone_searches(
+    database,  # noqa: ANN001
+    node_factory,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    node = node_factory(database)
+
+    def rows() -> tuple[int, int]:
+        with database.session() as s:
+            return (
+                s.execute(select(func.count()).select_from(QidoStudy)).scalar_one(),
+                s.execute(select(func.count()).select_from(QidoSeries)).scalar_one(),
+            )
+
+    with dicomweb_server(database, node.node.store):
+        _send([_study(tmp_path, (1, 1)), _study(tmp_path, (2,))], tmp_path, node.port)
+        wait_for(lambda: rows() == (2, 3), timeout=30)
 
 
 def test_migration_0010_downgrades_and_upgrades(database) -> None:  # noqa: ANN001
