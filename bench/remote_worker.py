@@ -18,7 +18,8 @@ kinds on the node's queue:
 remote first in even ones). A run starts a fresh worker, lets it process one untimed study (the
 first job of a worker pays its imports), then times one study and stops the worker. Each study is
 a copy of the 61-slice `lung2` sample with new UIDs (so no job is deduplicated and the remote
-worker's cache is cold, as for any new study), sent by dcmtk's `storescu`.
+worker's cache is cold, as for any new study) and its own Patient ID (so no study has a prior:
+follow-up would add work that differs from run to run), sent by dcmtk's `storescu`.
 
 Per run, from the database (as bench/e2e.py): `total` = storescu's end to the SR recorded, `job`
 = the job's start to its end (where the two kinds differ: the remote one fetches the series over
@@ -42,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,6 +70,22 @@ ROWS = (
     "write_dicom",
     "DB write",
 )
+
+
+class OnePatientEach(StudyFactory):
+    """Copies of lung2 as e2e makes them, each for its own patient: with one patient, every
+    study would find the copies before it as priors, and follow-up (registration, the prior's
+    SEG read from wherever its worker left it) would make runs unlike each other."""
+
+    def make(self, tag: str) -> tuple[str, list[Path]]:
+        uid, paths = super().make(tag)
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.PatientID = f"RW{self.count:05d}"
+            ds.PatientName = f"REMOTE^WORKER{self.count:05d}"
+            ds.save_as(path, enforce_file_format=True)
+            path.read_bytes()
+        return uid, paths
 
 
 def wait_done(node: Service, worker: Worker, uid: str, timeout: float) -> str:
@@ -131,7 +150,7 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             env={**os.environ, "RADAI_HOME": str(work / "sample-home")},
         )
-        factory = StudyFactory(work / "samples" / "lung2", work / "studies")
+        factory = OnePatientEach(work / "samples" / "lung2", work / "studies")
         node = Service(work / "node", procs, broker.url, broker.queue, args.stable_seconds)
         web_port = free_port()
         key = node.home / "audit.key"
@@ -180,8 +199,9 @@ def main() -> int:
             f"{busy['remote']:.2f}; load {os.getloadavg()[0]:.2f}"
         )
         bad = node.log_problems() + remote.log_problems()
-        print(f"log lines at WARNING or worse: {len(bad)}")
-        for ln in bad[:10]:
+        records = [ln for ln in bad if any(f" {w} " in ln for w in ("WARNING", "ERROR"))]
+        print(f"log lines at WARNING or worse (with tracebacks): {len(bad)}")
+        for ln in records[:10]:
             print(f"  {ln[:300]}")
     except Exception as exc:  # noqa: BLE001 - report, then clean up
         failed = True
