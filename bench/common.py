@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the test kit (`tests/kit`: loopback ports, dcmtk's storescu
-and echoscu) and a registry of the processes a benchmark starts so that every one of them is
-stopped whatever happens."""
+and echoscu), a registry of the processes a benchmark starts so that every one of them is
+stopped whatever happens, and a DICOMweb token in a node's database."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from db import audit  # noqa: E402
+from db.api_tokens import create_token  # noqa: E402
+from db.audit_keys import AuditKeys  # noqa: E402
+from db.session import Database  # noqa: E402
+from db.users import add_user  # noqa: E402
 from tests.kit.dcmtk import ECHOSCU, STORESCU, dcmtk_env, problems, storescu  # noqa: E402
 from tests.kit.net import HOST, free_port  # noqa: E402
 
@@ -20,6 +25,7 @@ __all__ = [
     "HOST",
     "STORESCU",
     "Processes",
+    "bench_token",
     "dcmtk_env",
     "free_port",
     "problems",
@@ -59,3 +65,16 @@ class Processes:
     def stop_all(self) -> None:
         for proc in list(self._procs):
             self.stop(proc, timeout=15.0)
+
+
+def bench_token(home: Path) -> str:
+    """A new `worker` token (read and store) of a new admin "bench", in the SQLite database of
+    the node whose RADAI_HOME is `home` (audit key `home/audit.key`), once it has started."""
+    audit.configure(AuditKeys.load(home / "audit.key"))
+    db = Database(f"sqlite:///{home / 'radai.sqlite'}")
+    try:
+        with db.session() as s:
+            add_user(s, "bench", "admin", "bench-password", actor="bench")
+            return create_token(s, "bench", role="worker", actor="bench")[1]
+    finally:
+        db.dispose()

@@ -137,6 +137,49 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class QidoStudy(Base):
+    """A study's QIDO-RS attributes as its first instance's header has them (DICOMweb's index).
+
+    Text columns hold each attribute's values as DICOM text, stripped and joined by backslashes,
+    exactly as the header gives them (never truncated); `multivalued` is set when one of them
+    holds more than one value. `attributes` is the DICOM JSON of the study's answer fields, so a
+    search answers without reading a file. Filled by `dicomweb` from the archive, not by the
+    node: a study without a row here is indexed on the next search.
+    """
+
+    __tablename__ = "qido_studies"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    header_path: Mapped[str] = mapped_column(Text)
+    patient_id: Mapped[str | None] = mapped_column(Text, index=True)
+    patient_name: Mapped[str | None] = mapped_column(Text, index=True)
+    study_date: Mapped[str | None] = mapped_column(Text, index=True)
+    study_time: Mapped[str | None] = mapped_column(Text)
+    accession_number: Mapped[str | None] = mapped_column(Text, index=True)
+    referring_physician_name: Mapped[str | None] = mapped_column(Text)
+    study_identifier: Mapped[str | None] = mapped_column(Text)  # StudyID (0020,0010)
+    study_description: Mapped[str | None] = mapped_column(Text)
+    multivalued: Mapped[bool] = mapped_column(Boolean, default=False)
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class QidoSeries(Base):
+    """A series' QIDO-RS attributes as its first instance's header has them; as `QidoStudy`."""
+
+    __tablename__ = "qido_series"
+
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+    header_path: Mapped[str] = mapped_column(Text)
+    modality: Mapped[str | None] = mapped_column(Text, index=True)
+    series_number: Mapped[str | None] = mapped_column(Text)
+    series_description: Mapped[str | None] = mapped_column(Text)
+    body_part_examined: Mapped[str | None] = mapped_column(Text)
+    pps_start_date: Mapped[str | None] = mapped_column(Text)  # PerformedProcedureStepStartDate
+    pps_start_time: Mapped[str | None] = mapped_column(Text)  # PerformedProcedureStepStartTime
+    multivalued: Mapped[bool] = mapped_column(Boolean, default=False)
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 class InstanceConflict(Base):
     """A second, different object sent under a SOP Instance UID we already hold: both are kept."""
 

@@ -194,35 +194,29 @@ class App:
         p = request.path_params
         query = qido.parse_query(list(request.query_params.multi_items()))
         study, series_uid = p.get("study"), p.get("series")
-        spans: tuple[str, ...]
-        if level == qido.STUDY:
-            rows, spans = index.studies(self.service.db, query), ()
-        elif level == qido.SERIES:
-            rows = index.series(self.service.db, query, study)
-            spans = () if study else (qido.STUDY,)
-        else:
-            rows = index.instances(self.service.db, query, study, series_uid)
+        spans: tuple[str, ...] = ()
+        if level == qido.SERIES and not study:
+            spans = (qido.STUDY,)
+        elif level == qido.INSTANCE:
             spans = (qido.SERIES,) if study else (qido.STUDY, qido.SERIES)
+        matches, more = index.search(self.service.db, query, level, study, series_uid)
         tags = qido.answer_tags(level, query, spans=spans)
-        # The index alone decides when every key is a UID list it narrows by (or empty): then
-        # only the page's headers are read.
-        sql_exact = all(
-            k.value == "" or (k.tag in _UID_KEYS[level] and not (k.tag == _STUDY_UID and study))
-            for k in query.keys
-        )
+        # The stored answers hold the level's fields: a page that asks for nothing else is
+        # answered without reading a file.
+        from_index = not query.include_all and tags <= index.answerable(level)
         base = _base(request)
         out: list[dict] = []
-        more = False
-        for row, ds in index.matching(rows, query, level, sql_exact=sql_exact):
-            if len(out) == query.limit:
-                more = True
-                break
-            url = f"{base}/studies/{row.study_uid}"
+        for m in matches:
+            url = f"{base}/studies/{m.study_uid}"
             if level != qido.STUDY:
-                url += f"/series/{row.series_uid}"
+                url += f"/series/{m.series_uid}"
             if level == qido.INSTANCE:
-                url += f"/instances/{row.sop_uid}"
-            out.append(qido.answer(ds, query, tags, {"RetrieveURL": url}))
+                url += f"/instances/{m.sop_uid}"
+            extra = {**m.extra, "RetrieveURL": url}
+            if from_index and m.stored is not None:
+                out.append(qido.answer_from_json(m.stored, tags, extra))
+            else:
+                out.append(qido.answer(index.header(m.path), query, tags, extra))
         headers = {}
         if more:
             headers["Warning"] = '299 radai "There are additional results that can be requested"'
@@ -360,14 +354,6 @@ class App:
                     "studies": sorted({s for _, _, s in outcome.stored if s}),
                 },
             )
-
-
-_STUDY_UID = 0x0020000D
-_UID_KEYS = {
-    qido.STUDY: {0x0020000D},
-    qido.SERIES: {0x0020000D, 0x0020000E},
-    qido.INSTANCE: {0x0020000D, 0x0020000E, 0x00080018, 0x00080016},
-}
 
 
 def _route(handler: Callable, **bound: Any) -> Callable:

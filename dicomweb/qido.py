@@ -215,7 +215,18 @@ def key_matches(key: Key, ds: Dataset, *, fuzzy: bool = False) -> bool:
     """Whether `ds` matches one key (PS3.4 C.2.2.2); an empty key matches everything."""
     if key.value == "":
         return True
-    values = _values(ds, key.tag)
+    return values_match(key, _values(ds, key.tag), fuzzy=fuzzy)
+
+
+def values_of(ds: Dataset, tag: int) -> list[str]:
+    """An attribute's values as matching sees them: text, stripped, empty ones left out."""
+    return _values(ds, tag)
+
+
+def values_match(key: Key, values: Sequence[str], *, fuzzy: bool = False) -> bool:
+    """Whether an attribute with `values` (as `values_of` gives them) matches one key."""
+    if key.value == "":
+        return True
     if not values:
         return False
     spec = key.value
@@ -279,3 +290,22 @@ def answer(
             if vr not in BINARY_VRS and vr != "SQ":
                 out.add_new(tag, vr, None)
     return out.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=None)
+
+
+def answer_from_json(
+    stored: Mapping[str, dict], tags: set[int], extra: Mapping[str, object] | None = None
+) -> dict:
+    """What `answer` gives, from a stored answer (`answer` of the same header for a set of tags
+    that holds `tags`): the DICOM JSON of `tags`, with `extra` on top."""
+    out = {k: v for k, v in stored.items() if int(k, 16) in tags}
+    top = Dataset()
+    for keyword, value in (extra or {}).items():
+        if value is not None:
+            setattr(top, keyword, value)
+    for tag in tags:
+        if f"{tag:08X}" not in out and tag not in top and not _is_private(tag):
+            vr = _vr(tag)
+            if vr not in BINARY_VRS and vr != "SQ":
+                top.add_new(tag, vr, None)
+    out.update(top.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=None))
+    return dict(sorted(out.items()))

@@ -1,7 +1,11 @@
 """DICOMweb served by uvicorn in a thread of the node's process, so STOW-RS shares the node's
 store path (and its per-instance locks) in memory. TLS with the node's certificate and key when
 they are set (client certificates required when a CA is given). uvicorn's access log is off: its
-lines carry query strings, which can hold patients' names."""
+lines carry query strings, which can hold patients' names.
+
+Beside it, a thread indexes new studies and series for QIDO-RS as they arrive (`index.refresh`
+once a second: a count query when nothing is new), so that a search rarely has to read headers
+itself; a search still indexes what is left before it matches."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import uvicorn
 from starlette.routing import BaseRoute
 
+from dicomweb import index
 from dicomweb.app import Service, build_app
 
 log = logging.getLogger("radai.dicomweb")
@@ -56,6 +61,10 @@ class DicomWebServer:
         self._server = uvicorn.Server(self.config)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.db = service.db
+        self.index_seconds = 1.0
+        self._stop = threading.Event()
+        self._indexer: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -84,6 +93,11 @@ class DicomWebServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("DICOMweb did not start (see the log)")
             time.sleep(0.02)
+        self._stop.clear()
+        self._indexer = threading.Thread(
+            target=self._index, name="radai-dicomweb-index", daemon=True
+        )
+        self._indexer.start()
         log.info(
             "DICOMweb on %s://%s:%d/dicomweb",
             "https" if self.tls else "http",
@@ -91,7 +105,21 @@ class DicomWebServer:
             self.port,
         )
 
+    def _index(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                index.refresh(self.db, stop=self._stop)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - a search indexes what this could not
+                failures += 1
+                log.warning("DICOMweb index: refresh failed (%s)", type(exc).__name__)
+            self._stop.wait(self.index_seconds * min(2**failures, 60))
+
     def stop(self) -> None:
+        self._stop.set()
+        if self._indexer is not None:
+            self._indexer.join(timeout=30)
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
