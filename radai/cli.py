@@ -301,6 +301,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         ):
             print(f"wrote {path}")
         return 0
+    if args.task == "cad":
+        return _train_cad(args, settings, root)
     device = args.device or settings.device
     if args.source == "synthetic":
         return _train_synthetic(args, root)
@@ -350,6 +352,37 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                 **common,
             )
     except (FileNotFoundError, ValueError, registry.ModelError) as exc:
+        raise SystemExit(f"radai train: {exc}") from None
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _train_cad(args: argparse.Namespace, settings: Settings, root: Path) -> int:
+    """The nodule CAD's candidate classifier: samples made (or reused) from the real data, then
+    the shipped model and, with --folds, the anatomy-group fold models."""
+    from ml.data.backgrounds import ANATOMIES
+    from ml.training import cad
+
+    anatomies = args.anatomies or list(ANATOMIES)
+    unknown = [a for a in anatomies if a not in ANATOMIES]
+    if unknown:
+        raise SystemExit(f"radai train: unknown anatomies {unknown}; known: {list(ANATOMIES)}")
+    samples_dir = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "cad-samples"
+    print(
+        f"training cad on real LIDC nodules in the anatomies {', '.join(anatomies)} from "
+        f"{args.data} into {root} (samples in {samples_dir})"
+    )
+    try:
+        samples = cad.build_samples(Path(args.data), samples_dir, anatomies, args.studies or 5, 2)
+        written = cad.train_and_register(
+            samples,
+            root=root,
+            version=args.version or "1.0.0",
+            folds=args.folds,
+            steps=args.steps or cad.STEPS,
+        )
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"radai train: {exc}") from None
     for path in written:
         print(f"wrote {path}")
@@ -1032,7 +1065,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model: real LIDC nodules in real CTs (default) or the synthetic recipe",
     )
-    train.add_argument("task", choices=["segment", "screen", "malignancy"])
+    train.add_argument("task", choices=["segment", "screen", "malignancy", "cad"])
     train.add_argument(
         "--source",
         choices=["real", "synthetic"],

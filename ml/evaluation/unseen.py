@@ -336,10 +336,12 @@ def iter_studies(
     mirror_first: bool = True,
     load: Callable[[Path, str], Background] | None = None,
     crop_loader: Callable[[NoduleRow], NoduleCrop] | None = None,
+    only: Sequence[str] | None = None,
 ) -> Iterator[Study]:
     """All studies, anatomy by anatomy: K composites (the first one also mirrored), then the CT as
     it is (lung1/lung2 with their tumour) and, for the tumour CTs, its mirrored copy. Studies are
-    made one at a time so that memory stays at one volume per anatomy."""
+    made one at a time so that memory stays at one volume per anatomy. ``only``: just these
+    anatomies' studies, the very ones the whole run makes (nodules are dealt over all)."""
     data_dir = Path(data_dir)
     if rows is None:
         rows = test_rows(data_dir)
@@ -348,6 +350,8 @@ def iter_studies(
     load = load or (lambda d, name: load_anatomy(d, name, seed=ANATOMIES.index(name)))
     crop_loader = crop_loader or (lambda row: load_crop(crop_dir, row))
     for a, name in enumerate(anatomies):
+        if only is not None and name not in only:
+            continue
         background = load(data_dir, name)
         index = PlacementIndex(background)
         for i in range(k):
@@ -677,6 +681,36 @@ def run(
     each robustness condition. Returns the results (JSON-ready) and the scored studies.
     ``studies`` replaces :func:`iter_studies` (tests on phantoms)."""
     started = time.perf_counter()
+    part = collect(
+        data_dir, methods, anatomies=anatomies, k=k, robust_k=robust_k, progress=progress,
+        studies=studies,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    return results_of([part], anatomies, k, robust_k, resamples, seconds), part.scored
+
+
+@dataclass
+class Collected:
+    """What :func:`collect` scored: studies, robustness conditions, which model per anatomy."""
+
+    scored: list[Scored]
+    robust: dict[str, dict[str, list[Scored]]]
+    which: dict[str, dict[str, dict]]
+
+
+def collect(
+    data_dir: Path,
+    methods: dict[str, MethodChooser],
+    *,
+    anatomies: Sequence[str] = ANATOMIES,
+    k: int = 10,
+    robust_k: int = 1,
+    progress: Callable[[str], None] = lambda msg: None,
+    studies: Iterable[Study] | None = None,
+    only: Sequence[str] | None = None,
+) -> Collected:
+    """The scoring of :func:`run`; ``only`` some anatomies (parts of one run scored apart and
+    joined by :func:`results_of`)."""
     scored: list[Scored] = []
     robust: dict[str, dict[str, list[Scored]]] = {}
     which: dict[str, dict[str, dict]] = {m: {} for m in methods}
@@ -684,7 +718,9 @@ def run(
     current = None
     chosen: dict[str, tuple[Detector, str, bool]] = {}
     composites_seen = 0
-    for study in studies if studies is not None else iter_studies(data_dir, anatomies, k):
+    if studies is None:
+        studies = iter_studies(data_dir, anatomies, k, only=only)
+    for study in studies:
         if study.anatomy != current:
             current, composites_seen = study.anatomy, 0
             chosen = {m: choose(study.anatomy) for m, choose in methods.items()}
@@ -709,6 +745,28 @@ def run(
                     )
             composites_seen += 1
         progress(f"{study.study_id}: {study.kind}, {len(study.truths)} truth lesion(s) done")
+    return Collected(scored, robust, which)
+
+
+def results_of(
+    parts: Sequence[Collected],
+    anatomies: Sequence[str],
+    k: int,
+    robust_k: int,
+    resamples: int,
+    seconds: float,
+) -> dict:
+    """The results (JSON-ready) of one run from its scored parts."""
+    scored = [s for p in parts for s in p.scored]
+    methods = list(dict.fromkeys(m for p in parts for m in p.which))
+    which: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    robust: dict[str, dict[str, list[Scored]]] = {}
+    for p in parts:
+        for m, by in p.which.items():
+            which[m].update(by)
+        for c, by_m in p.robust.items():
+            for m, rows in by_m.items():
+                robust.setdefault(c, {}).setdefault(m, []).extend(rows)
     results = {
         "settings": {
             "anatomies": list(anatomies),
@@ -728,10 +786,10 @@ def run(
         "robustness": {
             c: {m: robustness_row(rows) for m, rows in by.items()} for c, by in robust.items()
         },
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
     }
     results["verdict"] = verdict(results)
-    return results, scored
+    return results
 
 
 TARGETS = {  # issue #11: reported beside the figures, never tuned for

@@ -147,7 +147,7 @@ def detect_blobs(
         rv = max(1, int(round(radius_mm / grid_mm)))
         sub = tuple(slice(max(0, c - rv), c + rv + 1) for c in p)
         g = np.ogrid[tuple(slice(sl.start - c, sl.stop - c) for sl, c in zip(sub, p, strict=True))]
-        ball = sum(a * a for a in g) <= rv * rv
+        ball = np.asarray(sum(a * a for a in g) <= rv * rv)
         ball = ball[: lung_f[sub].shape[0], : lung_f[sub].shape[1], : lung_f[sub].shape[2]]
         in_lung = float(lung_f[sub][ball].mean()) if ball.any() else 0.0
         centre = np.array(p, dtype=float) * step + [b.start for b in box]

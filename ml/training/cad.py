@@ -30,6 +30,7 @@ from ml.training import cad_samples, real_training
 
 TARGET_FP_PER_STUDY = 1.0
 STEPS = 2000
+HARD_STEPS = 1000
 BATCH = 64
 LR = 1e-3
 NOISE_SD = 0.01  # about 14 HU on the [0, 1] scale of the views
@@ -113,10 +114,21 @@ def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
-def _batch(s: SampleSet, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    s: SampleSet, rng: np.random.Generator, size: int, hard_p: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half positives, half negatives; with ``hard_p`` (a probability per negative) half of the
+    negatives are drawn by it, the hardest most often."""
     pos = np.flatnonzero(s.positive)
     neg = np.flatnonzero(~s.positive)
-    idx = np.concatenate([rng.choice(pos, size // 2), rng.choice(neg, size - size // 2)])
+    n_neg = size - size // 2
+    if hard_p is None:
+        negs = rng.choice(neg, n_neg)
+    else:
+        negs = np.concatenate(
+            [rng.choice(neg, n_neg // 2), rng.choice(neg, n_neg - n_neg // 2, p=hard_p)]
+        )
+    idx = np.concatenate([rng.choice(pos, size // 2), negs])
     x = torch.from_numpy(s.views[idx].astype(np.float32) / 255.0)
     y = torch.from_numpy(s.positive[idx].astype(np.float32))[:, None]
     return x, y
@@ -164,17 +176,50 @@ def train(
     steps: int = STEPS,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    hard_steps: int = HARD_STEPS,
 ) -> tuple[torch.nn.Module, dict]:
+    """``steps`` on balanced batches, then ``hard_steps`` more in which half the negatives are
+    mined: drawn in proportion to the square of the score the network gave them (the false
+    calls that survive a high threshold are what the operating point pays for)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = networks.build("cad")
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
+    _fit(net, train_set, rng, steps, LR, None, log)
+    if hard_steps:
+        neg = ~train_set.positive
+        p = scores(net, train_set.views[neg]).astype(np.float64) ** 2 + 1e-6
+        _fit(net, train_set, rng, hard_steps, 0.3 * LR, p / p.sum(), log)
+    start = time.perf_counter()
+    p = scores(net, val_set.views)
+    real = ~val_set.jittered
+    report = {
+        "steps": steps,
+        "hard_negative_steps": hard_steps,
+        "train_samples": int(len(train_set.positive)),
+        "train_positive": int(train_set.positive.sum()),
+        "validation_auc": auc(p[real], val_set.positive[real]),
+        **operating_threshold(val_set, p),
+    }
+    log(f"validated in {time.perf_counter() - start:.0f}s")
+    return net.eval(), report
+
+
+def _fit(
+    net: torch.nn.Module,
+    train_set: SampleSet,
+    rng: np.random.Generator,
+    steps: int,
+    lr: float,
+    hard_p: np.ndarray | None,
+    log: Callable[[str], None],
+) -> None:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
     loss_sum = 0.0
     for step in range(1, steps + 1):
         net.train()
-        x, y = _batch(train_set, rng, BATCH)
+        x, y = _batch(train_set, rng, BATCH, hard_p)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(net(augment(x, rng)), y)
         opt.zero_grad()
         loss.backward()
@@ -184,17 +229,6 @@ def train(
         if step % 250 == 0 or step == steps:
             log(f"step {step}/{steps} loss {loss_sum / 250:.4f} {time.perf_counter() - start:.0f}s")
             loss_sum = 0.0
-    p = scores(net, val_set.views)
-    real = ~val_set.jittered
-    report = {
-        "steps": steps,
-        "seconds": round(time.perf_counter() - start, 1),
-        "train_samples": int(len(train_set.positive)),
-        "train_positive": int(train_set.positive.sum()),
-        "validation_auc": auc(p[real], val_set.positive[real]),
-        **operating_threshold(val_set, p),
-    }
-    return net.eval(), report
 
 
 def _card_data(anatomies: Sequence[str], train_set: SampleSet, val_set: SampleSet) -> dict:
@@ -276,7 +310,11 @@ def train_and_register(
         tr = load_samples(usable([p for a in names for p in samples[a]["train"]]))
         va = load_samples(usable([p for a in names for p in samples[a]["validation"]]))
         log(f"{run}: {len(tr.positive)} samples ({int(tr.positive.sum())} positive)")
-        net, report = train(tr, va, steps=steps, log=lambda m, r=run: log(f"{r}: {m}"))
+
+        def run_log(message: str, run: str = run) -> None:
+            log(f"{run}: {message}")
+
+        net, report = train(tr, va, steps=steps, log=run_log)
         op = {k: report[k] for k in ("threshold", "fp_per_study", "sensitivity_of_found")}
         summary = {
             **report,

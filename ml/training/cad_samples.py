@@ -149,7 +149,7 @@ def make_study(spec: Spec, data_dir: Path, crops: Crops, cache: dict) -> dict:
     ]
     chosen = np.concatenate([pos, np.repeat(pos, JITTERS), keep_neg]).astype(int)
     at = np.concatenate([centres[pos], np.array(jittered).reshape(-1, 3), centres[keep_neg]])
-    views = candidate_views(hu, spacing, at) if len(chosen) else None
+    views = candidate_views(hu, spacing, at.tolist()) if len(chosen) else None
     return {
         "views": (
             np.round(views * 255).astype(np.uint8)
