@@ -162,6 +162,7 @@ def test_the_baseline_pipeline_gives_the_same_shape_of_result(database, queued_l
     assert algorithms == {BASELINE_NAME}
 
 
+@pytest.mark.timeout(900)  # scores ~3,000 candidates: minutes on two busy cores
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
     database, queued_lung1, tmp_path
