@@ -195,6 +195,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         pipeline=settings.pipeline,
         segment_model=settings.segment_model,
         screen_model=settings.screen_model,
+        cad_model=settings.cad_model,
         malignancy_model=settings.malignancy_model,
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
@@ -267,6 +268,8 @@ def _check_models(settings: Settings) -> None:
     from ml.runtime import registry
 
     refs = [settings.segment_model, settings.screen_model] if settings.pipeline == "models" else []
+    if settings.pipeline == "cad":
+        refs.append(settings.cad_model)
     if settings.malignancy_model.lower() not in ("", "none"):
         refs.append(settings.malignancy_model)
     for ref in refs:
@@ -298,6 +301,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         ):
             print(f"wrote {path}")
         return 0
+    if args.task == "cad":
+        return _train_cad(args, settings, root)
     device = args.device or settings.device
     if args.source == "synthetic":
         return _train_synthetic(args, root)
@@ -347,6 +352,37 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                 **common,
             )
     except (FileNotFoundError, ValueError, registry.ModelError) as exc:
+        raise SystemExit(f"radai train: {exc}") from None
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _train_cad(args: argparse.Namespace, settings: Settings, root: Path) -> int:
+    """The nodule CAD's candidate classifier: samples made (or reused) from the real data, then
+    the shipped model and, with --folds, the anatomy-group fold models."""
+    from ml.data.backgrounds import ANATOMIES
+    from ml.training import cad
+
+    anatomies = args.anatomies or list(ANATOMIES)
+    unknown = [a for a in anatomies if a not in ANATOMIES]
+    if unknown:
+        raise SystemExit(f"radai train: unknown anatomies {unknown}; known: {list(ANATOMIES)}")
+    samples_dir = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "cad-samples"
+    print(
+        f"training cad on real LIDC nodules in the anatomies {', '.join(anatomies)} from "
+        f"{args.data} into {root} (samples in {samples_dir})"
+    )
+    try:
+        samples = cad.build_samples(Path(args.data), samples_dir, anatomies, args.studies or 5, 2)
+        written = cad.train_and_register(
+            samples,
+            root=root,
+            version=args.version or "1.0.0",
+            folds=args.folds,
+            steps=args.steps or cad.STEPS,
+        )
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"radai train: {exc}") from None
     for path in written:
         print(f"wrote {path}")
@@ -418,13 +454,25 @@ def _evaluate_unseen(args: argparse.Namespace, root: Path, out: Path) -> int:
     section of the report is replaced, the other tables stay."""
     from ml.evaluation import report, unseen
 
+    methods = unseen.standard_methods(root)
+    if args.methods:
+        unknown = [m for m in args.methods if m not in methods]
+        if unknown:
+            raise SystemExit(f"radai evaluate: unknown methods {unknown}; known: {list(methods)}")
+        methods = {m: methods[m] for m in args.methods}
     results, _ = unseen.run(
         Path(args.data),
-        unseen.standard_methods(root),
+        methods,
         k=args.unseen_studies,
         robust_k=args.unseen_robust,
         progress=lambda msg: print(msg, flush=True),
     )
+    earlier = out / report.UNSEEN_JSON
+    if args.methods and earlier.is_file():
+        try:
+            results = unseen.carry_over(results, json.loads(earlier.read_text()))
+        except ValueError as exc:
+            print(f"radai evaluate: earlier results not carried over: {exc}")
     path = report.write_unseen(out, results)
     print(results["verdict"]["sentence"])
     print(f"report: {path} ({results['seconds']:.0f} s)")
@@ -1017,7 +1065,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model: real LIDC nodules in real CTs (default) or the synthetic recipe",
     )
-    train.add_argument("task", choices=["segment", "screen", "malignancy"])
+    train.add_argument("task", choices=["segment", "screen", "malignancy", "cad"])
     train.add_argument(
         "--source",
         choices=["real", "synthetic"],
@@ -1085,6 +1133,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--unseen-studies", type=int, default=5, help="composite studies per anatomy (--unseen)"
+    )
+    evaluate.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="--unseen: only these pipelines (models, cad, baseline); the others' figures are "
+        "carried over from the earlier unseen.json when it scored the same studies",
     )
     evaluate.add_argument(
         "--unseen-robust",

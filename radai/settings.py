@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     pipeline: str = Field(
         default=DEFAULT_PIPELINE,
-        pattern="^(models|baseline)$",
+        pattern="^(models|cad|baseline)$",
         description="the analyser the workers run (docs/models/report.md says which is better)",
     )
     segment_model: str = Field(
@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     screen_model: str = Field(
         default="radai-lesion-screen-cnn@2.0.0",
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
+    )
+    cad_model: str = Field(
+        default="radai-nodule-cad-cnn@1.0.0",
+        description="NAME@VERSION of the nodule CAD's candidate classifier (RADAI_PIPELINE=cad)",
     )
     malignancy_model: str = Field(
         default="radai-nodule-malignancy-cnn@1.0.0",

@@ -31,9 +31,10 @@ class WorkerConfig:
     pipeline_queue: str = "radai.pipeline"
     io_queue: str = "radai.io"
     device: str = "auto"  # auto | cpu | cuda
-    pipeline: str = "baseline"  # models | baseline (RADAI_PIPELINE; radai/settings.py's default)
+    pipeline: str = "baseline"  # models | cad | baseline (RADAI_PIPELINE; radai/settings.py's)
     segment_model: str = DEFAULT_REFS["segment"]
     screen_model: str = DEFAULT_REFS["screen"]
+    cad_model: str = DEFAULT_REFS["cad"]
     malignancy_model: str = DEFAULT_REFS["malignancy"]  # "none": no malignancy score
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900

@@ -44,6 +44,7 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
                 rt.config.segment_model,
                 rt.config.screen_model,
                 rt.config.device,
+                rt.config.cad_model,
             ),
             grader=load_grader(rt.config.malignancy_model, rt.config.device),
             lease_seconds=rt.config.lease_seconds,

@@ -3,7 +3,7 @@ anatomy), read from the registry. Imports `ml.runtime`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ml.runtime import registry
@@ -18,11 +18,17 @@ class Methods:
     screener: LoadedModel
     fold_segmenters: dict[str, LoadedModel]
     fold_screeners: dict[str, LoadedModel]
+    cad: LoadedModel | None = None  # the nodule CAD's classifier, where the registry has one
+    fold_cad: dict[str, LoadedModel] = field(default_factory=dict)
 
 
 def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
     seg = registry.load(registry.DEFAULT_REFS["segment"], root)
     scr = registry.load(registry.DEFAULT_REFS["screen"], root)
+    try:
+        cad = registry.load(registry.DEFAULT_REFS["cad"], root)
+    except registry.ModelError:
+        cad = None
 
     def folds(model: LoadedModel) -> dict[str, LoadedModel]:
         out = {}
@@ -35,7 +41,7 @@ def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
             out[case] = LoadedModel(model.name, f"{model.version}-{run}", model.task, net, info)
         return out
 
-    return Methods(seg, scr, folds(seg), folds(scr))
+    return Methods(seg, scr, folds(seg), folds(scr), cad, folds(cad) if cad else {})
 
 
 def _arch(model: LoadedModel) -> dict:

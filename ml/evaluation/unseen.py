@@ -61,7 +61,7 @@ from ml.data.splits import FINAL_EVALUATION, rows_in
 from ml.data.synth import Background, load_nrrd_case
 from ml.evaluation import metrics
 from ml.evaluation.froc import FP_RATES, Froc, ScanDetections, froc
-from ml.runtime import inference
+from ml.runtime import cad, inference
 from ml.runtime.baseline import run_baseline
 from ml.runtime.registry import LoadedModel
 from ml.runtime.triage import lesion_probability
@@ -156,6 +156,30 @@ def model_detector(segmenter: LoadedModel, screener: LoadedModel) -> Detector:
         return Detections(labels, torch.sigmoid(logits[:, 0]).tolist(), threshold)
 
     return run
+
+
+def cad_detector(model: LoadedModel) -> Detector:
+    """The nodule CAD: its best-scoring outlined candidates (`ml.runtime.cad.OUTLINED` per scan),
+    scored by its classifier, reported from the threshold of the model's card."""
+
+    @torch.no_grad()
+    def run(hu: np.ndarray, spacing: Spacing) -> Detections:
+        r = cad.run_cad(hu, spacing, model)
+        return Detections(r.lesion_labels, r.scores, r.threshold)
+
+    return run
+
+
+def cad_for(shipped: LoadedModel, folds: dict[str, LoadedModel]) -> MethodChooser:
+    """The fold classifier that held the anatomy out, else the shipped one."""
+    saw = tuple(shipped.card.get("training", {}).get("data", {}).get("anatomies", ANATOMIES))
+
+    def choose(anatomy: str) -> tuple[Detector, str, bool]:
+        if anatomy in folds:
+            return cad_detector(folds[anatomy]), f"CAD fold model holding out {anatomy}", False
+        return cad_detector(shipped), "shipped CAD model", anatomy in saw
+
+    return choose
 
 
 @dataclass
@@ -312,10 +336,12 @@ def iter_studies(
     mirror_first: bool = True,
     load: Callable[[Path, str], Background] | None = None,
     crop_loader: Callable[[NoduleRow], NoduleCrop] | None = None,
+    only: Sequence[str] | None = None,
 ) -> Iterator[Study]:
     """All studies, anatomy by anatomy: K composites (the first one also mirrored), then the CT as
     it is (lung1/lung2 with their tumour) and, for the tumour CTs, its mirrored copy. Studies are
-    made one at a time so that memory stays at one volume per anatomy."""
+    made one at a time so that memory stays at one volume per anatomy. ``only``: just these
+    anatomies' studies, the very ones the whole run makes (nodules are dealt over all)."""
     data_dir = Path(data_dir)
     if rows is None:
         rows = test_rows(data_dir)
@@ -324,6 +350,8 @@ def iter_studies(
     load = load or (lambda d, name: load_anatomy(d, name, seed=ANATOMIES.index(name)))
     crop_loader = crop_loader or (lambda row: load_crop(crop_dir, row))
     for a, name in enumerate(anatomies):
+        if only is not None and name not in only:
+            continue
         background = load(data_dir, name)
         index = PlacementIndex(background)
         for i in range(k):
@@ -653,6 +681,36 @@ def run(
     each robustness condition. Returns the results (JSON-ready) and the scored studies.
     ``studies`` replaces :func:`iter_studies` (tests on phantoms)."""
     started = time.perf_counter()
+    part = collect(
+        data_dir, methods, anatomies=anatomies, k=k, robust_k=robust_k, progress=progress,
+        studies=studies,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    return results_of([part], anatomies, k, robust_k, resamples, seconds), part.scored
+
+
+@dataclass
+class Collected:
+    """What :func:`collect` scored: studies, robustness conditions, which model per anatomy."""
+
+    scored: list[Scored]
+    robust: dict[str, dict[str, list[Scored]]]
+    which: dict[str, dict[str, dict]]
+
+
+def collect(
+    data_dir: Path,
+    methods: dict[str, MethodChooser],
+    *,
+    anatomies: Sequence[str] = ANATOMIES,
+    k: int = 10,
+    robust_k: int = 1,
+    progress: Callable[[str], None] = lambda msg: None,
+    studies: Iterable[Study] | None = None,
+    only: Sequence[str] | None = None,
+) -> Collected:
+    """The scoring of :func:`run`; ``only`` some anatomies (parts of one run scored apart and
+    joined by :func:`results_of`)."""
     scored: list[Scored] = []
     robust: dict[str, dict[str, list[Scored]]] = {}
     which: dict[str, dict[str, dict]] = {m: {} for m in methods}
@@ -660,7 +718,9 @@ def run(
     current = None
     chosen: dict[str, tuple[Detector, str, bool]] = {}
     composites_seen = 0
-    for study in studies if studies is not None else iter_studies(data_dir, anatomies, k):
+    if studies is None:
+        studies = iter_studies(data_dir, anatomies, k, only=only)
+    for study in studies:
         if study.anatomy != current:
             current, composites_seen = study.anatomy, 0
             chosen = {m: choose(study.anatomy) for m, choose in methods.items()}
@@ -685,6 +745,28 @@ def run(
                     )
             composites_seen += 1
         progress(f"{study.study_id}: {study.kind}, {len(study.truths)} truth lesion(s) done")
+    return Collected(scored, robust, which)
+
+
+def results_of(
+    parts: Sequence[Collected],
+    anatomies: Sequence[str],
+    k: int,
+    robust_k: int,
+    resamples: int,
+    seconds: float,
+) -> dict:
+    """The results (JSON-ready) of one run from its scored parts."""
+    scored = [s for p in parts for s in p.scored]
+    methods = list(dict.fromkeys(m for p in parts for m in p.which))
+    which: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    robust: dict[str, dict[str, list[Scored]]] = {}
+    for p in parts:
+        for m, by in p.which.items():
+            which[m].update(by)
+        for c, by_m in p.robust.items():
+            for m, rows in by_m.items():
+                robust.setdefault(c, {}).setdefault(m, []).extend(rows)
     results = {
         "settings": {
             "anatomies": list(anatomies),
@@ -704,10 +786,10 @@ def run(
         "robustness": {
             c: {m: robustness_row(rows) for m, rows in by.items()} for c, by in robust.items()
         },
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
     }
     results["verdict"] = verdict(results)
-    return results, scored
+    return results
 
 
 TARGETS = {  # issue #11: reported beside the figures, never tuned for
@@ -800,11 +882,31 @@ def comparison_rows(results: dict) -> list[dict]:
     return [{"row": n, "values": v, "higher_is_better": h} for n, v, h in rows]
 
 
-def verdict(results: dict, models: str = "models", baseline: str = "baseline") -> dict:
-    """Models are the default only if they beat the baseline on every compared row (a tie or a
-    missing figure is not a win); otherwise the baseline is."""
-    if models not in results["methods"] or baseline not in results["methods"]:
+def verdict(results: dict, baseline: str = "baseline") -> dict:
+    """A trained pipeline is the default only if it beats the baseline on every compared row (a
+    tie or a missing figure is not a win); otherwise the baseline is. With several challengers,
+    each is judged against the baseline alone; the first that wins everything is the default."""
+    challengers = [m for m in results["methods"] if m != baseline]
+    if baseline not in results["methods"] or not challengers:
         return {"default": None, "sentence": "only one pipeline was evaluated"}
+    each = {m: _verdict_of(results, m, baseline) for m in challengers}
+    winners = [m for m, v in each.items() if v["default"] == m]
+    if winners:
+        out = dict(each[winners[0]])
+    else:
+        out = {
+            "default": baseline,
+            "sentence": " ".join(v["sentence"] for v in each.values()),
+        }
+    out["by_challenger"] = each
+    # Kept for readers of earlier unseen.json files: the models' rows.
+    if "models" in each:
+        out.setdefault("rows_not_won_by_models", each["models"]["rows_not_won_by_models"])
+        out.setdefault("rows_won_by_models", each["models"]["rows_won_by_models"])
+    return out
+
+
+def _verdict_of(results: dict, models: str, baseline: str) -> dict:
     lost: list[str] = []
     won: list[str] = []
     for row in comparison_rows(results):
@@ -814,18 +916,18 @@ def verdict(results: dict, models: str = "models", baseline: str = "baseline") -
             continue
         better = a > b if row["higher_is_better"] else a < b
         (won if better else lost).append(row["row"])
-    default = "models" if not lost else "baseline"
-    if default == "models":
+    default = models if not lost else baseline
+    if default == models:
         sentence = (
-            "The models are better on unseen patients: they beat the classical baseline on every "
-            "compared row, so `RADAI_PIPELINE` defaults to `models`."
+            f"`{models}` is better on unseen patients: it beats the classical baseline on every "
+            f"compared row, so `RADAI_PIPELINE` defaults to `{models}`."
         )
     else:
         sentence = (
-            "The classical baseline stays the default (`RADAI_PIPELINE=baseline`): the models do "
-            "not beat it on every row on unseen patients; they do not win on: "
+            f"`{models}` does not beat the classical baseline on every row on unseen patients; "
+            "it does not win on: "
             + "; ".join(lost)
-            + (f". They win only on: {'; '.join(won)}." if won else ".")
+            + (f". It wins on: {'; '.join(won)}." if won else ".")
         )
     return {
         "default": default,
@@ -833,6 +935,29 @@ def verdict(results: dict, models: str = "models", baseline: str = "baseline") -
         "rows_won_by_models": won,
         "sentence": sentence,
     }
+
+
+def carry_over(results: dict, earlier: dict) -> dict:
+    """``results`` with the methods of ``earlier`` that it did not run, when both scored the
+    same studies (same settings and inserted nodules: the studies are made deterministically);
+    the verdict is taken again over all of them. Which methods were carried is recorded."""
+    same = (
+        earlier.get("settings") == results["settings"]
+        and earlier.get("lidc_test_nodules_inserted") == results["lidc_test_nodules_inserted"]
+    )
+    if not same:
+        raise ValueError("the earlier results scored other studies; run every method again")
+    carried = [m for m in earlier["methods"] if m not in results["methods"]]
+    out = dict(results)
+    out["methods"] = {**{m: earlier["methods"][m] for m in carried}, **results["methods"]}
+    out["robustness"] = {
+        c: {**{m: r for m, r in earlier.get("robustness", {}).get(c, {}).items() if m in carried},
+            **by}
+        for c, by in results["robustness"].items()
+    }  # fmt: skip
+    out["carried_over"] = {m: earlier.get("seconds") for m in carried}
+    out["verdict"] = verdict(out)
+    return out
 
 
 def standard_methods(root: Path | None = None) -> dict[str, MethodChooser]:
@@ -846,7 +971,10 @@ def standard_methods(root: Path | None = None) -> dict[str, MethodChooser]:
         m.screener.card.get("training", {}).get("cases", PYRADIOMICS)
     )
     models = ModelSet(m.segmenter, m.screener, m.fold_segmenters, m.fold_screeners, saw)
-    return {
+    out: dict[str, MethodChooser] = {
         "models": lambda anatomy: detector_for(models, anatomy),
-        "baseline": lambda anatomy: (baseline_detector, "classical baseline", False),
     }
+    if m.cad is not None:
+        out["cad"] = cad_for(m.cad, m.fold_cad)
+    out["baseline"] = lambda anatomy: (baseline_detector, "classical baseline", False)
+    return out

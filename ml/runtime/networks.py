@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.networks.nets import Classifier, UNet
 
-from ml.runtime import candidates
+from ml.runtime import cad_views, candidates
 
 GRID = 256
 CONTEXT = 3  # slices per input: the slice and one neighbour on each side
@@ -52,6 +52,17 @@ MALIGNANCY_ARCH = {
     "num_res_units": 1,
     "dropout": 0.3,
 }
+# The nodule CAD's candidate classifier (:mod:`ml.runtime.cad`) sees three orthogonal planes at
+# two fields of view (:mod:`ml.runtime.cad_views`): six 32 x 32 channels, small enough to learn
+# on the CPU from a few thousand candidates.
+CAD_ARCH = {
+    "in_shape": [cad_views.CHANNELS, cad_views.VIEW, cad_views.VIEW],
+    "classes": 1,
+    "channels": [16, 32, 64],
+    "strides": [2, 2, 2],
+    "num_res_units": 1,
+    "dropout": 0.2,
+}
 # Where Grad-CAM reads activations and gradients: the classifier's third block, 8 x 8 cells of
 # about 9 mm over the candidate's patch.
 SCREENER_CAM_LAYER = "net.layer_2"
@@ -67,7 +78,9 @@ def build(task: str, arch: dict | None = None) -> torch.nn.Module:
         return Classifier(**(arch or SCREENER_ARCH))
     if task == "malignancy":
         return Classifier(**(arch or MALIGNANCY_ARCH))
-    raise ValueError(f"unknown task {task!r}; expected 'segment', 'screen' or 'malignancy'")
+    if task == "cad":
+        return Classifier(**(arch or CAD_ARCH))
+    raise ValueError(f"unknown task {task!r}; expected 'segment', 'screen', 'malignancy' or 'cad'")
 
 
 def scale_hu(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -162,6 +162,41 @@ def test_the_baseline_pipeline_gives_the_same_shape_of_result(database, queued_l
     assert algorithms == {BASELINE_NAME}
 
 
+@pytest.mark.timeout(900)  # scores ~3,000 candidates: minutes on two busy cores
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
+    database, queued_lung1, tmp_path
+):
+    from db.findings import Findings
+    from ml.runtime import cad
+    from workers.pipeline.analysers import CadAnalyser, make_analyser
+
+    analyser = make_analyser("cad")
+    assert isinstance(analyser, CadAnalyser)
+    out = tmp_path / "outputs"
+    assert processing.process_study(database, LUNG1, out, analyser=analyser) == "DONE"
+    [job] = _jobs(database)
+    assert job.model_versions == {analyser.model.name: analyser.model.version}
+    findings = Findings.from_json(job.findings)
+    assert findings.pipeline == "cad"
+    threshold = cad.threshold_of(analyser.model)
+    # Every reported nodule carries the classifier's probability, at or above its threshold.
+    assert all(
+        les.screening_probability is not None and les.screening_probability >= threshold
+        for les in findings.lesions
+    )
+    outputs = _outputs(database)
+    assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
+    seg_path = next(o.path for o in outputs if o.modality == "SEG")
+    seg = pydicom.dcmread(seg_path)
+    names = {str(s.SegmentAlgorithmName) for s in seg.SegmentSequence}
+    assert cad.CAD_NAME in names or not findings.lesions
+    for path in (seg_path, next(o.path for o in outputs if o.modality == "SR")):
+        check = subprocess.run(["/usr/bin/dciodvfy", path], capture_output=True, text=True)
+        errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+        assert errors == [], errors
+
+
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_the_malignancy_model_scores_each_lesion_into_findings_and_sr(
     database, queued_lung1, tmp_path

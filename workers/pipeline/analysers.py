@@ -1,8 +1,11 @@
-"""The analysers a site can run (`RADAI_PIPELINE`): the trained models or the classical baseline.
+"""The analysers a site can run (`RADAI_PIPELINE`): the trained models, the nodule CAD or the
+classical baseline.
 Each turns a Hounsfield volume into an `Analysis` of one shape, so that everything after
 inference (SEG, SR, findings, triage) is the same whichever ran.
 
 - `models`: the segmentation U-Net and the screening CNN from the registry (`workers/models.py`).
+- `cad`: `ml.runtime.cad` (blob candidates in the lungs, the trained candidate classifier of
+  `RADAI_CAD_MODEL`, local outlines, Lung-RADS size triage of the reported nodules).
 - `baseline`: `ml.runtime.baseline` (HU-threshold lungs, shape-filtered lesion candidates,
   Lung-RADS size triage); no per-lesion screening probability.
 """
@@ -15,10 +18,12 @@ from typing import Protocol
 import numpy as np
 
 from ml.image.measure import RegionMeasurement
-from ml.runtime import baseline, inference
-from workers.models import ModelSet, load_models
+from ml.runtime import baseline, cad, inference, registry, triage
+from ml.runtime.registry import LoadedModel
+from workers.models import ModelSet, load_models, resolve_device
 
-PIPELINES = ("models", "baseline")
+PIPELINES = ("models", "cad", "baseline")
+DEFAULT_CAD_MODEL = registry.DEFAULT_REFS["cad"]
 
 
 @dataclass(frozen=True)
@@ -142,12 +147,75 @@ class BaselineAnalyser:
         )
 
 
+@dataclass(frozen=True)
+class CadAnalyser:
+    model: LoadedModel
+    name: str = "cad"
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {self.model.name: self.model.version}
+
+    @property
+    def tag(self) -> str:
+        return f"cad-{self.model.version}"[:24]
+
+    @property
+    def segmentation_algorithm(self) -> tuple[str, str]:
+        return cad.CAD_NAME, self.model.version
+
+    @property
+    def screening_algorithm(self) -> tuple[str, str] | None:
+        return self.model.name, self.model.version
+
+    @property
+    def saliency_method(self) -> str:
+        return "each reported nodule painted with its classifier score and blurred (nodule CAD)"
+
+    def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
+        r = cad.reported_only(cad.run_cad(volume_hu, spacing_zyx, self.model))
+        probability = triage.screen_probability(r.lesions)
+        return Analysis(
+            lung_mask=r.lung_mask,
+            lesion_labels=r.lesion_labels,
+            lesions=r.lesions,
+            lesion_probabilities=list(r.scores),
+            lung_volume_ml=float(r.lung_mask.sum(dtype=np.int64) * np.prod(spacing_zyx) / 1000),
+            screening_probability=probability,
+            triage_score=probability,
+            priority=triage.priority_from_probability(probability),
+            saliency=cad.saliency(r.lesion_labels, r.scores, spacing_zyx),
+            timings_s=r.timings_s,
+        )
+
+
+_cad_models: dict[tuple[str, str], LoadedModel] = {}
+
+
+def load_cad(ref: str, device: str = "auto") -> LoadedModel:
+    """The CAD classifier of ``ref``, loaded once per process and checked to be one."""
+    key = (ref, device)
+    if key not in _cad_models:
+        model = registry.load(ref)
+        if model.task != "cad":
+            raise registry.ModelError(f"{model.ref} is a {model.task} model, not cad")
+        model.net.to(resolve_device(device)).eval()
+        _cad_models[key] = model
+    return _cad_models[key]
+
+
 def make_analyser(
-    pipeline: str, segment_ref: str = "", screen_ref: str = "", device: str = "auto"
+    pipeline: str,
+    segment_ref: str = "",
+    screen_ref: str = "",
+    device: str = "auto",
+    cad_ref: str = DEFAULT_CAD_MODEL,
 ) -> Analyser:
     """The analyser of `RADAI_PIPELINE`; the models are loaded once per process."""
     if pipeline == "baseline":
         return BaselineAnalyser()
+    if pipeline == "cad":
+        return CadAnalyser(load_cad(cad_ref, device))
     if pipeline == "models":
         return ModelsAnalyser(load_models(segment_ref, screen_ref, device))
     raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINES)}")

@@ -279,3 +279,37 @@ def test_studies_are_dealt_deterministically_each_nodule_once_before_any_twice()
     assert len(used) == 8
     used.clear()
     assert [(s.study_id, s.kind, len(s.truths)) for s in studies()] == first
+
+
+def test_with_two_challengers_each_is_judged_against_the_baseline_and_figures_carry_over():
+    studies = _studies(3)
+    lookup = {id(s.hu): s for s in studies}
+
+    def oracle(hu, spacing):
+        return _oracle(lookup[id(hu)])(hu, spacing)
+
+    grid = lambda a: (_calls_everywhere(2), "grid", False)  # noqa: E731
+    methods = {
+        "models": grid,
+        "cad": lambda a: (oracle, "oracle", False),
+        "baseline": grid,
+    }
+    results, _ = unseen.run(Path("."), methods, k=3, robust_k=0, resamples=20, studies=studies)
+    by = results["verdict"]["by_challenger"]
+    assert set(by) == {"models", "cad"}
+    # The oracle beats the grid on the composite rows; the grid ties itself on every row.
+    assert "CPM (all nodules)" in by["cad"]["rows_won_by_models"]
+    assert "CPM (all nodules)" in by["models"]["rows_not_won_by_models"]
+    assert results["verdict"]["default"] == "baseline"  # no real CTs: rows without figures
+    # Running only the CAD again carries the other methods' figures over, same studies only.
+    again, _ = unseen.run(
+        Path("."), {"cad": methods["cad"]}, k=3, robust_k=0, resamples=20, studies=studies
+    )
+    merged = unseen.carry_over(again, results)
+    assert list(merged["methods"]) == ["models", "baseline", "cad"]
+    assert merged["methods"]["models"] == results["methods"]["models"]
+    assert set(merged["carried_over"]) == {"models", "baseline"}
+    assert merged["verdict"]["by_challenger"]["cad"] == by["cad"]
+    other = dict(results, settings={**results["settings"], "seed": 1})
+    with pytest.raises(ValueError, match="other studies"):
+        unseen.carry_over(again, other)

@@ -37,3 +37,12 @@ def test_an_unknown_pipeline_is_refused(monkeypatch):
 
 def test_baseline_needs_no_model_files():
     assert isinstance(make_analyser("baseline"), BaselineAnalyser)
+
+
+def test_cad_loads_its_candidate_classifier_from_the_registry():
+    from workers.pipeline.analysers import CadAnalyser
+
+    analyser = make_analyser("cad")
+    assert isinstance(analyser, CadAnalyser) and analyser.model.task == "cad"
+    assert analyser.screening_algorithm == (analyser.model.name, analyser.model.version)
+    assert analyser.tag.startswith("cad-")

@@ -1,0 +1,352 @@
+"""Training of the nodule CAD's candidate classifier (`radai-nodule-cad-cnn`).
+
+Samples come from :mod:`ml.training.cad_samples` (train-split LIDC nodules composited into the
+training anatomies, the pipeline's own candidates). Each batch is half positives, half negatives;
+views are flipped and transposed as the body could be (a flip of x flips the axial and coronal
+planes' columns; swapping x and y transposes the axial plane and swaps the coronal and sagittal
+channels), with a little noise and contrast change. The operating threshold is chosen on the
+validation-split studies of the same anatomies: the lowest score at which the estimated false
+calls per study stay at most `TARGET_FP_PER_STUDY` (each kept negative weighted by how many
+candidates of its study it stands for).
+
+Imports `ml.runtime` and `ml.training.cad_samples`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ml.data import splits
+from ml.data.backgrounds import LICENCES
+from ml.data.nodules import LIDC_LICENCE
+from ml.runtime import cad, cad_views, networks, registry
+from ml.training import cad_samples, real_training
+
+TARGET_FP_PER_STUDY = 1.0
+STEPS = 2000
+HARD_STEPS = 1000
+BATCH = 64
+LR = 1e-3
+NOISE_SD = 0.01  # about 14 HU on the [0, 1] scale of the views
+CONTRAST = (0.9, 1.1)
+
+
+@dataclass
+class SampleSet:
+    views: np.ndarray  # (m, C, V, V) uint8
+    positive: np.ndarray  # (m,) bool
+    weight: np.ndarray  # (m,) candidates of its study each sample stands for (negatives)
+    study: np.ndarray  # (m,) index of its study
+    jittered: np.ndarray  # (m,) bool: a positive seen from a moved centre
+    studies: list[dict] = field(default_factory=list)
+
+
+def load_samples(paths: Sequence[Path]) -> SampleSet:
+    views, pos, weight, study, jit, metas = [], [], [], [], [], []
+    for k, p in enumerate(paths):
+        s = cad_samples.load(p)
+        positive = s["positive"]
+        neg = np.flatnonzero(~positive)
+        w = np.ones(len(positive))
+        # Negatives were kept as the strongest half, then a random draw from the rest.
+        half = cad_samples.NEGATIVES_PER_STUDY // 2
+        rest = neg[half:]
+        n_rest_all = max(0, s["meta"]["candidates"] - int(positive.sum()) - half)
+        if len(rest):
+            w[rest] = max(1.0, n_rest_all / len(rest))
+        views.append(s["views"])
+        pos.append(positive)
+        weight.append(w)
+        study.append(np.full(len(positive), k))
+        jit.append(s["jittered"])
+        metas.append(s["meta"])
+    return SampleSet(
+        np.concatenate(views),
+        np.concatenate(pos),
+        np.concatenate(weight),
+        np.concatenate(study),
+        np.concatenate(jit),
+        metas,
+    )
+
+
+# Channel layout of the views: [axial, coronal, sagittal] x [fine, coarse]; the planes' axes are
+# axial (y, x), coronal (z, x), sagittal (z, y).
+_AXIAL, _CORONAL, _SAGITTAL = [0, 3], [1, 4], [2, 5]
+
+
+def flip(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """The views of the body mirrored along ``axis`` ('x', 'y' or 'z')."""
+    x = x.clone()
+    if axis == "x":
+        x[:, _AXIAL + _CORONAL] = x[:, _AXIAL + _CORONAL].flip(-1)
+    elif axis == "y":
+        x[:, _AXIAL] = x[:, _AXIAL].flip(-2)
+        x[:, _SAGITTAL] = x[:, _SAGITTAL].flip(-1)
+    elif axis == "z":
+        x[:, _CORONAL + _SAGITTAL] = x[:, _CORONAL + _SAGITTAL].flip(-2)
+    else:
+        raise ValueError(f"axis must be x, y or z, not {axis!r}")
+    return x
+
+
+def swap_xy(x: torch.Tensor) -> torch.Tensor:
+    """The views of the body with x and y exchanged (a transposed axial plane)."""
+    x = x.clone()
+    x[:, _AXIAL] = x[:, _AXIAL].transpose(-1, -2)
+    return x[:, [0, 2, 1, 3, 5, 4]]
+
+
+def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random body-consistent flips and transposition of a batch of views, noise and contrast."""
+    for axis in ("x", "y", "z"):
+        if rng.random() < 0.5:
+            x = flip(x, axis)
+    if rng.random() < 0.5:
+        x = swap_xy(x)
+    x = x * float(rng.uniform(*CONTRAST)) + NOISE_SD * torch.randn_like(x)
+    return x.clamp(0.0, 1.0)
+
+
+def _batch(
+    s: SampleSet, rng: np.random.Generator, size: int, hard_p: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half positives, half negatives; with ``hard_p`` (a probability per negative) half of the
+    negatives are drawn by it, the hardest most often."""
+    pos = np.flatnonzero(s.positive)
+    neg = np.flatnonzero(~s.positive)
+    n_neg = size - size // 2
+    if hard_p is None:
+        negs = rng.choice(neg, n_neg)
+    else:
+        negs = np.concatenate(
+            [rng.choice(neg, n_neg // 2), rng.choice(neg, n_neg - n_neg // 2, p=hard_p)]
+        )
+    idx = np.concatenate([rng.choice(pos, size // 2), negs])
+    x = torch.from_numpy(s.views[idx].astype(np.float32) / 255.0)
+    y = torch.from_numpy(s.positive[idx].astype(np.float32))[:, None]
+    return x, y
+
+
+@torch.no_grad()
+def scores(net: torch.nn.Module, views: np.ndarray, step: int = 512) -> np.ndarray:
+    net.eval()
+    out = []
+    for i in range(0, len(views), step):
+        x = torch.from_numpy(views[i : i + step].astype(np.float32) / 255.0)
+        out.append(torch.sigmoid(net(x)[:, 0]).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def operating_threshold(
+    s: SampleSet, p: np.ndarray, target_fp: float = TARGET_FP_PER_STUDY
+) -> dict[str, float]:
+    """The lowest threshold with estimated false calls per study <= ``target_fp``, and the
+    validation sensitivity there (over the nodules hit by a candidate at all: un-jittered)."""
+    studies = max(1, len(s.studies))
+    neg = ~s.positive
+    order = np.argsort(-p[neg])
+    fp_curve = np.cumsum(s.weight[neg][order]) / studies
+    over = np.flatnonzero(fp_curve > target_fp)
+    # Just above the first negative that would take the false calls over the target.
+    threshold = float(np.nextafter(p[neg][order][over[0]], 2.0)) if len(over) else 0.0
+    real = s.positive & ~s.jittered
+    sens = float((p[real] >= threshold).mean()) if real.any() else float("nan")
+    return {"threshold": threshold, "fp_per_study": target_fp, "sensitivity_of_found": sens}
+
+
+def auc(p: np.ndarray, y: np.ndarray) -> float:
+    pos, neg = p[y], p[~y]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    ranks = np.argsort(np.argsort(np.concatenate([pos, neg]))) + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def train(
+    train_set: SampleSet,
+    val_set: SampleSet,
+    *,
+    steps: int = STEPS,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    hard_steps: int = HARD_STEPS,
+) -> tuple[torch.nn.Module, dict]:
+    """``steps`` on balanced batches, then ``hard_steps`` more in which half the negatives are
+    mined: drawn in proportion to the square of the score the network gave them (the false
+    calls that survive a high threshold are what the operating point pays for)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = networks.build("cad")
+    _fit(net, train_set, rng, steps, LR, None, log)
+    if hard_steps:
+        neg = ~train_set.positive
+        p = scores(net, train_set.views[neg]).astype(np.float64) ** 2 + 1e-6
+        _fit(net, train_set, rng, hard_steps, 0.3 * LR, p / p.sum(), log)
+    start = time.perf_counter()
+    p = scores(net, val_set.views)
+    real = ~val_set.jittered
+    report = {
+        "steps": steps,
+        "hard_negative_steps": hard_steps,
+        "train_samples": int(len(train_set.positive)),
+        "train_positive": int(train_set.positive.sum()),
+        "validation_auc": auc(p[real], val_set.positive[real]),
+        **operating_threshold(val_set, p),
+    }
+    log(f"validated in {time.perf_counter() - start:.0f}s")
+    return net.eval(), report
+
+
+def _fit(
+    net: torch.nn.Module,
+    train_set: SampleSet,
+    rng: np.random.Generator,
+    steps: int,
+    lr: float,
+    hard_p: np.ndarray | None,
+    log: Callable[[str], None],
+) -> None:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    start = time.perf_counter()
+    loss_sum = 0.0
+    for step in range(1, steps + 1):
+        net.train()
+        x, y = _batch(train_set, rng, BATCH, hard_p)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(augment(x, rng)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += float(loss.detach())
+        if step % 250 == 0 or step == steps:
+            log(f"step {step}/{steps} loss {loss_sum / 250:.4f} {time.perf_counter() - start:.0f}s")
+            loss_sum = 0.0
+
+
+def _card_data(anatomies: Sequence[str], train_set: SampleSet, val_set: SampleSet) -> dict:
+    return {
+        "source": "real",
+        "description": (
+            "Real LIDC-IDRI nodules (readers' masks) composited into real chest CTs of the "
+            "anatomies listed (ml.data.compose), scanner augmentation (ml.data.scanner_aug), and "
+            "the pipeline's own blob candidates on each study: those hitting an inserted nodule "
+            "are positives, the others (vessels, hilum, pleura, diaphragm, consolidation) "
+            "negatives. Labels are true by construction, not clinical reads."
+        ),
+        "citations": real_training.CITATIONS,
+        "licences": {"lidc": LIDC_LICENCE, **{a: LICENCES[a] for a in anatomies}},
+        "anatomies": list(anatomies),
+        "split": {
+            "key": splits.SPLIT_KEY,
+            "train": "LIDC train-split patients: the nodules trained on",
+            "validation": "LIDC validation-split patients: the operating threshold chosen on them",
+            "test": "never read",
+        },
+        "training_studies": len(train_set.studies),
+        "validation_studies": len(val_set.studies),
+        "recipe_version": cad_samples.RECIPE_VERSION,
+    }
+
+
+# Anatomy folds of the classifier: each model trained on one group is evaluated on the other
+# group's anatomies, which it never saw (leave-one-anatomy-out would need six trainings).
+FOLD_GROUPS = (("lung1", "normal001", "cap002"), ("lung2", "cap001", "P001"))
+
+
+def build_samples(
+    data_dir: Path,
+    samples_dir: Path,
+    anatomies: Sequence[str],
+    per_anatomy: int,
+    validation_per_anatomy: int,
+) -> dict[str, dict[str, list[Path]]]:
+    """Make (or reuse) the samples: {anatomy: {"train": paths, "validation": paths}}."""
+    return {
+        a: {
+            "train": cad_samples.build(data_dir, samples_dir, [a], "train", per_anatomy),
+            "validation": cad_samples.build(
+                data_dir, samples_dir, [a], "validation", validation_per_anatomy
+            ),
+        }
+        for a in anatomies
+    }
+
+
+def usable(paths: Sequence[Path]) -> list[Path]:
+    """Studies that gave candidates at all (an augmented volume whose lungs were not found
+    gives none, and teaches nothing)."""
+    return [p for p in paths if cad_samples.load(p)["meta"]["candidates"] > 0]
+
+
+def train_and_register(
+    samples: dict[str, dict[str, list[Path]]],
+    *,
+    root: Path,
+    version: str,
+    folds: bool,
+    steps: int = STEPS,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Train the shipped classifier on every anatomy of ``samples`` and, with ``folds``, one per
+    group of `FOLD_GROUPS` (registered as the fold model of each anatomy it never saw); each
+    with its operating point on its own anatomies' validation studies."""
+    anatomies = list(samples)
+    runs: list[tuple[str, list[str]]] = [("all", anatomies)]
+    if folds:
+        for group in FOLD_GROUPS:
+            names = [a for a in group if a in samples]
+            if names and len(names) < len(anatomies):
+                runs.append(("trained-on-" + "-".join(names), names))
+    written = []
+    for run, names in runs:
+        tr = load_samples(usable([p for a in names for p in samples[a]["train"]]))
+        va = load_samples(usable([p for a in names for p in samples[a]["validation"]]))
+        log(f"{run}: {len(tr.positive)} samples ({int(tr.positive.sum())} positive)")
+
+        def run_log(message: str, run: str = run) -> None:
+            log(f"{run}: {message}")
+
+        net, report = train(tr, va, steps=steps, log=run_log)
+        op = {k: report[k] for k in ("threshold", "fp_per_study", "sensitivity_of_found")}
+        summary = {
+            **report,
+            "threads": torch.get_num_threads(),
+            "data": _card_data(names, tr, va),
+            "operating_point": op,
+        }
+        if run == "all":
+            card = {
+                "architecture": networks.CAD_ARCH,
+                "input": {
+                    "views": "axial, coronal, sagittal planes at 1.25 mm and 2.5 mm",
+                    "view": cad_views.VIEW,
+                    "hu_range": list(cad_views.HU_RANGE),
+                },
+                "operating_point": op,
+                "training": summary,
+                "intended_use": "research only; NOT FOR CLINICAL USE",
+            }
+            written.append(
+                registry.save(net, name=cad.CAD_MODEL, version=version, task="cad", card=card,
+                              root=root)
+            )  # fmt: skip
+        else:
+            path = registry.save(
+                net, name=cad.CAD_MODEL, version=version, task="cad", card={}, root=root,
+                weights_name=f"fold-{run}.pt",
+            )  # fmt: skip
+            info = {**summary, "cases": names, "weights": path.name}
+            info["sha256"] = registry.sha256_file(path)
+            for held_out in (a for a in anatomies if a not in names):
+                registry.write_fold(cad.CAD_MODEL, version, f"holdout-{held_out}", info, root)
+            written.append(path)
+        log(f"{run}: {report}")
+    return written
