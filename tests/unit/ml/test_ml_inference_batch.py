@@ -63,4 +63,3 @@ def test_screening_in_batches_gives_the_probabilities_and_map_of_one_batch(model
     assert small_probs.shape == (n,)
     np.testing.assert_allclose(small_probs, big_probs, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(small_map, big_map)
-
