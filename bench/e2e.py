@@ -630,6 +630,11 @@ class Throughput:
     pipeline: str = "(default)"
     mode: str = SHARED  # SHARED: the default thread count; ALL_CORES: each worker every core
     threads: list[str] = field(default_factory=list)  # per worker: "threads/processes" seen
+    worker_cpu_s: float = 0.0  # CPU seconds the workers used (user + system), all threads
+
+    @property
+    def cpu_per_study(self) -> float:
+        return self.worker_cpu_s / self.studies
 
     @property
     def per_minute(self) -> float | None:
@@ -655,12 +660,14 @@ def run_throughput(
     if said := wait_quiet(pids, quiet_wait):
         print(f"  {said}", flush=True)
     meter = CpuMeter(pids)
+    workers_cpu0 = sum(_proc_cpu_seconds(w.proc.pid) for w in ws)
     send = storescu(interleave([p for _, p in studies]), svc.port)
     notes = [f"storescu: {p}" for p in send.problems[:5]]
     if send.returncode != 0:
         notes.insert(0, f"storescu exited {send.returncode}")
     states = svc.wait_finished(uids, timeout)
     cpu = meter.stop(pids)
+    workers_cpu = sum(_proc_cpu_seconds(w.proc.pid) for w in ws) - workers_cpu0
     memory = [w.memory(f"throughput {workers} w, round {rnd}") for w in ws]
     result = Throughput(
         workers,
@@ -671,6 +678,7 @@ def run_throughput(
         pipeline=phase.pipeline or "(default)",
         mode=phase.mode,
         threads=[w.threads() for w in ws],
+        worker_cpu_s=workers_cpu,
     )
     for s in states.values():
         result.states[s] = result.states.get(s, 0) + 1
@@ -824,7 +832,7 @@ def print_throughput(results: list[Throughput]) -> None:
     header = (
         f"{'round':>5} {'pipeline':<9} {'workers':>7} {'threads':<9} {'studies':>7} "
         f"{'seconds':>8} {'studies/min':>11} {'job s (mean)':>12} {'queued spread':>13} "
-        f"{'CPU ours':>8} {'CPU other':>9}  jobs"
+        f"{'CPU ours':>8} {'CPU other':>9} {'CPU s/study':>11}  jobs"
     )
     print(header)
     print("-" * len(header))
@@ -840,12 +848,14 @@ def print_throughput(results: list[Throughput]) -> None:
         print(
             f"{r.round:>5} {r.pipeline:<9} {workers:>7} {' '.join(r.threads):<9} "
             f"{r.studies:>7} {secs:>8} {rate:>11} {job:>12} {spread:>13} {ours:>8} {other:>9}"
-            f"  {by}"
+            f" {r.cpu_per_study:>11.2f}  {by}"
         )
     print(
         "(CPU ours/other: cores busy on average with this benchmark's processes / with "
-        "anything else on the machine; threads: torch threads / worker processes each worker "
-        "counted; 2*: two workers each taking every core, RADAI_TORCH_THREADS = nproc)"
+        "anything else on the machine; CPU s/study: the workers' CPU time per study, which "
+        "threads waiting for a core they share inflate and other people's work barely moves; "
+        "threads: torch threads / worker processes each worker counted; 2*: two workers each "
+        "taking every core, RADAI_TORCH_THREADS = nproc)"
     )
     busy = [r for r in results if r.cpu is not None and r.cpu.other_cores > OTHER_CPU_LIMIT]
     for r in busy:
@@ -860,6 +870,7 @@ def print_throughput(results: list[Throughput]) -> None:
         _print_ratio(f"{pipeline}: ratio two workers each on all cores / one", mine, ALL_CORES)
         _print_ratio(f"{pipeline}: two workers, shared / each on all cores", mine, SHARED, 2)
         _print_pair_ratios(pipeline, mine)
+        _print_cpu(pipeline, mine)
     clean_rounds = {r.round for r in results} - {r.round for r in busy}
     if busy and clean_rounds:
         clean = [r for r in results if r.round in clean_rounds]
@@ -890,6 +901,19 @@ def _print_ratio(
         b, t = statistics.median(base), statistics.median(two)
         how = f"medians of {len(two)} rounds: " if len(two) > 1 else ""
         print(f"{label}: {t / b:.2f}x ({how}{t:.2f} vs {b:.2f} studies/min)")
+
+
+def _print_cpu(pipeline: str, results: list[Throughput]) -> None:
+    """The workers' median CPU seconds per study of each setup: the cost of a study, which
+    a wall-clock rate on a busy machine does not show."""
+    setups = {(1, SHARED): "one worker", (2, SHARED): "two", (2, ALL_CORES): "two on all cores"}
+    parts = []
+    for (workers, mode), name in setups.items():
+        cpu = [r.cpu_per_study for r in results if (r.workers, r.mode) == (workers, mode)]
+        if cpu:
+            parts.append(f"{name} {statistics.median(cpu):.1f}")
+    if parts:
+        print(f"{pipeline}: workers' CPU s per study (median): {', '.join(parts)}")
 
 
 def _print_pair_ratios(pipeline: str, results: list[Throughput]) -> None:
