@@ -39,7 +39,16 @@ so that no job is deduplicated, and sent with dcmtk's `storescu` over loopback.
    same queue (freshly started for each phase; `jobs`: studies each one processed). `two / one`
    is the speed-up; it cannot exceed the number of CPU cores, which the node and this script
    share (the machine's nproc and CPU are printed first). `--rounds R` repeats both phases,
-   alternating, and the ratio is then taken from the medians.
+   alternating (odd rounds one worker first, even rounds two first), and the ratio is then
+   taken from the medians. `--pipelines baseline,models` runs the pair for each pipeline in the
+   same run (a round runs every pipeline's pair before the next round), so the two pipelines'
+   ratios come from the same stretch of machine load. `--oversubscribed` adds, for each
+   pipeline, two workers that each take every core (RADAI_TORCH_THREADS = nproc: the default
+   before the workers on a host counted each other) as a peer of the shared default.
+   `threads` is what each worker process reported at the start of its studies: torch threads
+   / worker processes it counted on the host (`radai.worker: study ...: torch threads N (M
+   worker process(es) ...)`). The workers register in a folder of this run's own
+   (RADAI_WORKER_RUN_DIR), so other radai workers on the machine are not counted.
 
 Other work on the machine skews everything, the two-worker run most: for each phase the script
 prints the CPU its own processes used (node, workers, storescu, itself) and what everything
@@ -59,7 +68,8 @@ queue, are the limit. Compare numbers from the same machine only.
 
 `--slices N` sends lung2 resampled to N slices (bench/ct_series.py) instead of the 61-slice
 sample; `--pipeline` and `--torch-threads` set the workers' RADAI_PIPELINE and
-RADAI_TORCH_THREADS (unset by default: the service's defaults).
+RADAI_TORCH_THREADS (unset by default: the service's defaults); `--pipelines` the pipelines of
+the throughput phases (default: `--pipeline`'s). `--skip-latency` runs the throughput only.
 
 Run: `python bench/e2e.py [--studies N] [--broker redis|sqlite]` with the project's venv active
 (`--help` lists the other options). Needs dcmtk (/usr/bin/storescu, /usr/bin/echoscu) and, for
@@ -71,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import platform
@@ -121,6 +130,9 @@ def _parse_time(value: str | None) -> datetime | None:
         return None
     at = datetime.fromisoformat(value)
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+THREADS_LINE = re.compile(r"torch threads (\d+) \((\d+) worker process")
 
 
 def _secs(a: datetime | None, b: datetime | None) -> float | None:
@@ -305,6 +317,12 @@ class Worker:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return len(re.findall(r"radai\.worker: study \S+ DONE", text))
 
+    def threads(self) -> str:
+        """The torch threads / worker processes it reported at the start of its studies."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        seen = sorted({f"{t}/{p}" for t, p in THREADS_LINE.findall(text)})
+        return ",".join(seen) or "?"
+
 
 @dataclass
 class Memory:
@@ -342,6 +360,8 @@ class Service:
             RADAI_QUEUE=self.queue,
             RADAI_IO_QUEUE=f"{self.queue}.io",
             RADAI_BROKER_URL=self.broker_url,
+            # This run's workers count each other only: not other radai workers on the machine.
+            RADAI_WORKER_RUN_DIR=str(self.home / "run"),
         )
         env.update(self.extra_env)
         return env
@@ -365,10 +385,10 @@ class Service:
             time.sleep(0.2)
         raise RuntimeError("node did not answer C-ECHO")
 
-    def start_worker(self, name: str) -> Worker:
+    def start_worker(self, name: str, env: dict[str, str] | None = None) -> Worker:
         log = self.home / "bench" / f"{name}.out"
         argv = [str(_RADAI_EXE), "worker", "--concurrency", "1", "--name", f"{name}@%h"]
-        proc = self.procs.start(argv, env=self.env(), log=log)
+        proc = self.procs.start(argv, env={**self.env(), **(env or {})}, log=log)
         worker = Worker(name, proc, log)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -568,6 +588,33 @@ def latency_row(send: Send, rec: StudyRecord, stable: float) -> dict[str, float 
     return row
 
 
+SHARED, ALL_CORES = "shared", "all cores"
+
+
+@dataclass
+class Phase:
+    pipeline: str | None  # None: RADAI_PIPELINE unset (the service's default)
+    workers: int
+    mode: str = SHARED
+
+    def env(self, nproc: int) -> dict[str, str]:
+        env = {"RADAI_PIPELINE": self.pipeline} if self.pipeline else {}
+        if self.mode == ALL_CORES:
+            env["RADAI_TORCH_THREADS"] = str(nproc)
+        return env
+
+
+def phases(pipelines: list[str | None], rnd: int, oversubscribed: bool) -> list[Phase]:
+    """One round: for each pipeline one worker and two (and two taking every core), one worker
+    first in odd rounds and last in even rounds, so that a drift in machine load does not
+    favour one side."""
+    out = []
+    for p in pipelines:
+        pair = [Phase(p, 1), Phase(p, 2)] + ([Phase(p, 2, ALL_CORES)] if oversubscribed else [])
+        out += pair if rnd % 2 else pair[::-1]
+    return out
+
+
 @dataclass
 class Throughput:
     workers: int
@@ -580,6 +627,14 @@ class Throughput:
     first_queued_spread: float | None = None  # first QUEUED -> last QUEUED
     round: int = 1
     cpu: CpuShare | None = None
+    pipeline: str = "(default)"
+    mode: str = SHARED  # SHARED: the default thread count; ALL_CORES: each worker every core
+    threads: list[str] = field(default_factory=list)  # per worker: "threads/processes" seen
+    worker_cpu_s: float = 0.0  # CPU seconds the workers used (user + system), all threads
+
+    @property
+    def cpu_per_study(self) -> float:
+        return self.worker_cpu_s / self.studies
 
     @property
     def per_minute(self) -> float | None:
@@ -590,26 +645,41 @@ def run_throughput(
     svc: Service,
     factory: StudyFactory,
     n: int,
-    workers: int,
+    phase: Phase,
     timeout: float,
     rnd: int,
     quiet_wait: float = 0.0,
 ) -> tuple[Throughput, list[Memory], list[str]]:
-    ws = [svc.start_worker(f"r{rnd}t{workers}w{i + 1}") for i in range(workers)]
-    studies = [factory.make(f"thr{rnd}-{workers}-{i}") for i in range(n)]
+    workers = phase.workers
+    tag = f"r{rnd}{(phase.pipeline or 'default')[0]}{'o' if phase.mode == ALL_CORES else ''}"
+    env = phase.env(len(os.sched_getaffinity(0)))
+    ws = [svc.start_worker(f"{tag}t{workers}w{i + 1}", env) for i in range(workers)]
+    studies = [factory.make(f"thr-{tag}-{workers}-{i}") for i in range(n)]
     uids = [u for u, _ in studies]
     pids = [svc.node.pid if svc.node else -1] + [w.proc.pid for w in ws]
     if said := wait_quiet(pids, quiet_wait):
         print(f"  {said}", flush=True)
     meter = CpuMeter(pids)
+    workers_cpu0 = sum(_proc_cpu_seconds(w.proc.pid) for w in ws)
     send = storescu(interleave([p for _, p in studies]), svc.port)
     notes = [f"storescu: {p}" for p in send.problems[:5]]
     if send.returncode != 0:
         notes.insert(0, f"storescu exited {send.returncode}")
     states = svc.wait_finished(uids, timeout)
     cpu = meter.stop(pids)
+    workers_cpu = sum(_proc_cpu_seconds(w.proc.pid) for w in ws) - workers_cpu0
     memory = [w.memory(f"throughput {workers} w, round {rnd}") for w in ws]
-    result = Throughput(workers, n, send_seconds=send.seconds, round=rnd, cpu=cpu)
+    result = Throughput(
+        workers,
+        n,
+        send_seconds=send.seconds,
+        round=rnd,
+        cpu=cpu,
+        pipeline=phase.pipeline or "(default)",
+        mode=phase.mode,
+        threads=[w.threads() for w in ws],
+        worker_cpu_s=workers_cpu,
+    )
     for s in states.values():
         result.states[s] = result.states.get(s, 0) + 1
     recs = [svc.record(u) for u in uids]
@@ -625,6 +695,47 @@ def run_throughput(
         if r.state != "DONE":
             notes.append(f"study {r.study_uid} ended {r.state}: {r.error}")
     return result, memory, notes
+
+
+def run_latency(
+    svc: Service, factory: StudyFactory, args: argparse.Namespace, memory: list[Memory]
+) -> tuple[list[dict[str, float | None]], dict[str, float | None] | None, CpuShare, list[str]]:
+    """One worker, studies one after the other: the timed rows, the cold (first) row, where
+    the CPU went, and notes."""
+    notes: list[str] = []
+    worker = svc.start_worker("lat1")
+    lat_pids = [svc.node.pid if svc.node else -1, worker.proc.pid]
+    if said := wait_quiet(lat_pids, args.quiet_wait):
+        print(f"  {said}", flush=True)
+    lat_cpu = CpuMeter(lat_pids)
+    rows: list[dict[str, float | None]] = []
+    cold: dict[str, float | None] | None = None
+    for i in range(args.warmup + args.repeats):
+        uid, files = factory.make(f"lat{i}")
+        run_cpu = CpuMeter(lat_pids)
+        send = storescu(files, svc.port)
+        if send.returncode != 0:
+            notes.append(f"latency run {i}: storescu exited {send.returncode}")
+        svc.wait_finished([uid], args.timeout)
+        other = run_cpu.stop(lat_pids).other_cores
+        rec = svc.record(uid)
+        if rec.state != "DONE":
+            notes.append(f"latency run {i}: study ended {rec.state}: {rec.error}")
+            continue
+        row = latency_row(send, rec, args.stable_seconds)
+        row["(CPU other, cores)"] = other
+        label = "warm-up" if i < args.warmup else f"run {i - args.warmup + 1}"
+        print(f"  latency {label}: total {row['total']:.2f} s", flush=True)
+        if i >= args.warmup:
+            rows.append(row)
+        elif i == 0:
+            cold = row
+        if i + 1 == args.warmup:  # memory after the first job(s), before the timed runs
+            memory.append(worker.memory("latency, after warm-up"))
+    memory.append(worker.memory("latency, after the runs"))
+    lat_share = lat_cpu.stop(lat_pids)
+    notes += svc.stop_workers()
+    return rows, cold, lat_share, notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,8 +830,9 @@ def print_memory(readings: list[Memory]) -> None:
 def print_throughput(results: list[Throughput]) -> None:
     print("\nThroughput: N lung2 studies sent at once, first QUEUED -> last SR recorded")
     header = (
-        f"{'round':>5} {'workers':>7} {'studies':>7} {'seconds':>8} {'studies/min':>11} "
-        f"{'job s (mean)':>12} {'queued spread':>13} {'CPU ours':>8} {'CPU other':>9}  jobs"
+        f"{'round':>5} {'pipeline':<9} {'workers':>7} {'threads':<9} {'studies':>7} "
+        f"{'seconds':>8} {'studies/min':>11} {'job s (mean)':>12} {'queued spread':>13} "
+        f"{'CPU ours':>8} {'CPU other':>9} {'CPU s/study':>11}  jobs"
     )
     print(header)
     print("-" * len(header))
@@ -732,40 +844,91 @@ def print_throughput(results: list[Throughput]) -> None:
         ours = "-" if r.cpu is None else f"{r.cpu.ours_cores:.2f}"
         other = "-" if r.cpu is None else f"{r.cpu.other_cores:.2f}"
         by = ", ".join(f"{v}" for v in r.jobs_by_worker.values())
+        workers = f"{r.workers}{'*' if r.mode == ALL_CORES else ''}"
         print(
-            f"{r.round:>5} {r.workers:>7} {r.studies:>7} {secs:>8} {rate:>11} {job:>12} "
-            f"{spread:>13} {ours:>8} {other:>9}  {by}"
+            f"{r.round:>5} {r.pipeline:<9} {workers:>7} {' '.join(r.threads):<9} "
+            f"{r.studies:>7} {secs:>8} {rate:>11} {job:>12} {spread:>13} {ours:>8} {other:>9}"
+            f" {r.cpu_per_study:>11.2f}  {by}"
         )
     print(
         "(CPU ours/other: cores busy on average with this benchmark's processes / with "
-        "anything else on the machine)"
+        "anything else on the machine; CPU s/study: the workers' CPU time per study, which "
+        "threads waiting for a core they share inflate and other people's work barely moves; "
+        "threads: torch threads / worker processes each worker counted; 2*: two workers each "
+        "taking every core, RADAI_TORCH_THREADS = nproc)"
     )
     busy = [r for r in results if r.cpu is not None and r.cpu.other_cores > OTHER_CPU_LIMIT]
     for r in busy:
         print(
             f"WARNING: other processes kept {r.cpu.other_cores:.2f} cores busy during round "
-            f"{r.round} with {r.workers} worker(s): that row is skewed; rerun on a quiet machine"
+            f"{r.round} with {r.workers} worker(s) ({r.pipeline}): that row is skewed; rerun "
+            "on a quiet machine"
         )
-    _print_ratio("ratio two / one workers", results)
+    for pipeline in dict.fromkeys(r.pipeline for r in results):
+        mine = [r for r in results if r.pipeline == pipeline]
+        _print_ratio(f"{pipeline}: ratio two / one workers", mine)
+        _print_ratio(f"{pipeline}: ratio two workers each on all cores / one", mine, ALL_CORES)
+        _print_ratio(f"{pipeline}: two workers, shared / each on all cores", mine, SHARED, 2)
+        _print_pair_ratios(pipeline, mine)
+        _print_cpu(pipeline, mine)
     clean_rounds = {r.round for r in results} - {r.round for r in busy}
     if busy and clean_rounds:
         clean = [r for r in results if r.round in clean_rounds]
         names = ", ".join(map(str, sorted(clean_rounds)))
-        _print_ratio(f"ratio from the quiet round(s) only ({names})", clean)
+        for pipeline in dict.fromkeys(r.pipeline for r in clean):
+            mine = [r for r in clean if r.pipeline == pipeline]
+            _print_ratio(f"{pipeline}: ratio from the quiet round(s) only ({names})", mine)
     elif busy:
-        print("no round ran with the rest of the machine quiet: the ratio is skewed")
+        print("no round ran with the rest of the machine quiet: the ratios are skewed")
 
 
-def _print_ratio(label: str, results: list[Throughput]) -> None:
-    rates: dict[int, list[float]] = {}
+def _rate(results: list[Throughput], workers: int, mode: str = SHARED) -> list[float]:
+    return [
+        r.per_minute
+        for r in results
+        if r.workers == workers and r.mode == mode and r.per_minute is not None
+    ]
+
+
+def _print_ratio(
+    label: str, results: list[Throughput], mode: str = SHARED, against: int = 1
+) -> None:
+    """Median rate of two workers (in `mode`) over the median rate of `against` workers
+    (one worker; or two sharing, to compare two all-cores workers with them)."""
+    base = _rate(results, 1) if against == 1 else _rate(results, 2, ALL_CORES)
+    two = _rate(results, 2, mode)
+    if base and two:
+        b, t = statistics.median(base), statistics.median(two)
+        how = f"medians of {len(two)} rounds: " if len(two) > 1 else ""
+        print(f"{label}: {t / b:.2f}x ({how}{t:.2f} vs {b:.2f} studies/min)")
+
+
+def _print_cpu(pipeline: str, results: list[Throughput]) -> None:
+    """The workers' median CPU seconds per study of each setup: the cost of a study, which
+    a wall-clock rate on a busy machine does not show."""
+    setups = {(1, SHARED): "one worker", (2, SHARED): "two", (2, ALL_CORES): "two on all cores"}
+    parts = []
+    for (workers, mode), name in setups.items():
+        cpu = [r.cpu_per_study for r in results if (r.workers, r.mode) == (workers, mode)]
+        if cpu:
+            parts.append(f"{name} {statistics.median(cpu):.1f}")
+    if parts:
+        print(f"{pipeline}: workers' CPU s per study (median): {', '.join(parts)}")
+
+
+def _print_pair_ratios(pipeline: str, results: list[Throughput]) -> None:
+    """Two / one workers of each round on its own: the spread says how much load drift moved
+    the ratio between rounds."""
+    by_round: dict[int, list[Throughput]] = {}
     for r in results:
-        if r.per_minute is not None:
-            rates.setdefault(r.workers, []).append(r.per_minute)
-    if rates.get(1) and rates.get(2):
-        one, two = statistics.median(rates[1]), statistics.median(rates[2])
-        rounds = len(rates[1])
-        how = f"medians of {rounds} rounds: " if rounds > 1 else ""
-        print(f"{label}: {two / one:.2f}x ({how}{two:.2f} vs {one:.2f} studies/min)")
+        by_round.setdefault(r.round, []).append(r)
+    pairs = []
+    for rnd, rs in sorted(by_round.items()):
+        one, two = _rate(rs, 1), _rate(rs, 2)
+        if one and two:
+            pairs.append(f"round {rnd} {two[0] / one[0]:.2f}x")
+    if len(pairs) > 1:
+        print(f"{pipeline}: two / one per round: {', '.join(pairs)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,6 +947,17 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="throughput rounds, 1 then 2 workers (default 1)"
     )
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument(
+        "--pipelines",
+        help="comma list of the throughput phases' pipelines, e.g. baseline,models "
+        "(default: --pipeline's)",
+    )
+    parser.add_argument(
+        "--oversubscribed",
+        action="store_true",
+        help="also two workers that each take every core (RADAI_TORCH_THREADS = nproc)",
+    )
     parser.add_argument(
         "--quiet-wait",
         type=float,
@@ -855,68 +1029,50 @@ def main(argv: list[str] | None = None) -> int:
 
         # 1. Latency, 2. memory while processing.
         memory: list[Memory] = []
-        worker = svc.start_worker("lat1")
-        lat_pids = [svc.node.pid if svc.node else -1, worker.proc.pid]
-        if said := wait_quiet(lat_pids, args.quiet_wait):
-            print(f"  {said}", flush=True)
-        lat_cpu = CpuMeter(lat_pids)
         rows: list[dict[str, float | None]] = []
         cold: dict[str, float | None] | None = None
-        for i in range(args.warmup + args.repeats):
-            uid, files = factory.make(f"lat{i}")
-            run_cpu = CpuMeter(lat_pids)
-            send = storescu(files, svc.port)
-            if send.returncode != 0:
-                notes.append(f"latency run {i}: storescu exited {send.returncode}")
-            svc.wait_finished([uid], args.timeout)
-            other = run_cpu.stop(lat_pids).other_cores
-            rec = svc.record(uid)
-            if rec.state != "DONE":
-                notes.append(f"latency run {i}: study ended {rec.state}: {rec.error}")
-                failed = True
-                continue
-            row = latency_row(send, rec, args.stable_seconds)
-            row["(CPU other, cores)"] = other
-            label = "warm-up" if i < args.warmup else f"run {i - args.warmup + 1}"
-            print(f"  latency {label}: total {row['total']:.2f} s", flush=True)
-            if i >= args.warmup:
-                rows.append(row)
-            elif i == 0:
-                cold = row
-            if i + 1 == args.warmup:  # memory after the first job(s), before the timed runs
-                memory.append(worker.memory("latency, after warm-up"))
-        memory.append(worker.memory("latency, after the runs"))
-        lat_share = lat_cpu.stop(lat_pids)
-        notes += svc.stop_workers()
+        lat_share: CpuShare | None = None
+        if not args.skip_latency:
+            rows, cold, lat_share, more = run_latency(svc, factory, args, memory)
+            notes += more
+            failed |= not rows or any(n.startswith("latency run") for n in more)
 
         # 3. Throughput with one and with two worker processes.
         results: list[Throughput] = []
+        pipelines: list[str | None] = (
+            [p.strip() for p in args.pipelines.split(",")] if args.pipelines else [args.pipeline]
+        )
         if not args.skip_throughput:
-            for rnd, n_workers in itertools.product(range(1, args.rounds + 1), (1, 2)):
-                res, mem, more = run_throughput(
-                    svc, factory, args.studies, n_workers, args.timeout, rnd, args.quiet_wait
-                )
-                shown = "FAILED" if res.seconds is None else f"{res.seconds:.2f} s"
-                print(f"  throughput round {rnd}, {n_workers} worker(s): {shown}", flush=True)
-                results.append(res)
-                memory += mem
-                notes += more
-                failed |= res.seconds is None
+            for rnd in range(1, args.rounds + 1):
+                for phase in phases(pipelines, rnd, args.oversubscribed):
+                    res, mem, more = run_throughput(
+                        svc, factory, args.studies, phase, args.timeout, rnd, args.quiet_wait
+                    )
+                    shown = "FAILED" if res.seconds is None else f"{res.seconds:.2f} s"
+                    print(
+                        f"  throughput round {rnd}, {res.pipeline}, {phase.workers} worker(s)"
+                        f"{' each on all cores' if phase.mode == ALL_CORES else ''}: {shown}; "
+                        f"threads {' '.join(res.threads)}",
+                        flush=True,
+                    )
+                    results.append(res)
+                    memory += mem
+                    notes += more
+                    failed |= res.seconds is None
         load1, load5, _ = os.getloadavg()
 
         print("\n" + "=" * 72)
-        if rows:
+        if rows and lat_share is not None:
             print_latency(rows, cold, args.stable_seconds)
             print(f"{lat_share.text()} (latency phase, study copies written in it too)")
             if lat_share.other_cores > OTHER_CPU_LIMIT:
                 print("WARNING: other processes were busy during the latency runs: skewed")
-        else:
+        elif not args.skip_latency:
             print("\nLatency: FAILED (no run finished DONE)")
         print_memory(memory)
         if results:
             print_throughput(results)
         print(f"\nload average at end: {load1:.2f} (1 min), {load5:.2f} (5 min)")
-        failed |= not rows
     except Exception as exc:  # noqa: BLE001 - report, then clean up below
         failed = True
         print(f"\nFAILED: {type(exc).__name__}: {exc}")

@@ -203,6 +203,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         lease_seconds=settings.lease_seconds,
         calling_aet=settings.ae_title,
         torch_threads=settings.torch_threads,
+        infer_batch=settings.infer_batch,
         prior_sources=settings.prior_destinations,
         prior_cache_mb=settings.prior_cache_mb,
         archive_url=settings.archive_url.strip(),
@@ -221,15 +222,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _check_models(settings)
     from celery.signals import worker_shutdown
 
+    from workers import host_share
     from workers.app import configure
 
     # The node signs checkpoints on its interval; a worker adds one when it stops cleanly.
     worker_shutdown.connect(lambda **_: _checkpoint_quietly(db), weak=False)
     config = _worker_config(settings)
     config.processes = args.concurrency
+    queues = args.queues or f"{settings.queue},{settings.io_queue}"
+    if settings.queue in queues.split(","):  # an I/O-only worker runs no models: not counted
+        config.run_dir = (
+            Path(settings.worker_run_dir) if settings.worker_run_dir else host_share.default_dir()
+        )
     _reap_quietly(db, settings.queued_timeout)
     app = configure(config)
-    queues = args.queues or f"{settings.queue},{settings.io_queue}"
     argv = [
         "worker",
         "--queues",

@@ -100,7 +100,21 @@ class Settings(BaseSettings):
         description="s a study may stay QUEUED unstarted before its message is presumed lost",
     )
     torch_threads: int = Field(
-        default=0, ge=0, description="torch threads per worker process; 0: cores / processes"
+        default=0,
+        ge=0,
+        description="torch threads per worker process; 0: the host's cores / its live worker "
+        "processes (counted in worker_run_dir at the start of each study)",
+    )
+    worker_run_dir: str = Field(
+        default="",
+        description="host-local folder where pipeline worker processes register to share the "
+        "cores; empty: $TMPDIR/radai-workers-UID",
+    )
+    infer_batch: int = Field(
+        default=0,
+        ge=0,
+        description="slices per inference batch of the models pipeline; 0: by device (CPU 16, "
+        "CUDA 64)",
     )
     archive_url: str = Field(
         default="",

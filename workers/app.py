@@ -4,10 +4,15 @@
 values; tasks then reach the database and folders through `runtime()`. Two queues keep heavy
 inference apart from I/O: `TaskName.PROCESS_STUDY` goes to the pipeline queue, exports to the I/O
 queue, so a GPU worker consumes only GPU work.
+
+Cores: a pipeline worker process registers on its host (`workers/host_share.py`, with
+`WorkerConfig.run_dir`) and, at the start of each study, `share_cores` gives torch the host's
+cores divided by the worker processes alive there then (unless `RADAI_TORCH_THREADS` is set).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +23,11 @@ from db.outbox_tasks import TaskName
 from db.session import Database
 from dicom_io.archive import ArchiveClient, ArchiveSettings, SeriesCache
 from ml.runtime.registry import DEFAULT_REFS
+from workers.host_share import HostRegistry, host_cores
 from workers.models import set_torch_threads, torch_threads
 
 app = Celery("radai", include=["workers.tasks"])
+log = logging.getLogger("radai.worker")
 
 
 @dataclass
@@ -45,8 +52,12 @@ class WorkerConfig:
     export_backoff_cap: float = 300.0
     # Formatted destinations (AET@HOST:PORT) whose exports are de-identified copies.
     deidentified: set[str] = field(default_factory=set)
-    torch_threads: int = 0  # per process; 0: the host's cores shared among `processes`
+    torch_threads: int = 0  # per process; 0: the host's cores shared among its worker processes
     processes: int = 1  # pool processes of this worker (Celery's --concurrency)
+    # Where this host's pipeline worker processes register (workers/host_share.py) so that the
+    # cores are divided among all of them; None: among this worker's own `processes` only.
+    run_dir: Path | None = None
+    infer_batch: int = 0  # slices per inference batch; 0: by device (ml/runtime/inference.py)
     # PACS nodes searched for a study's prior when the database has none (RADAI_PRIOR_SOURCES).
     prior_sources: list[tuple[str, str, int]] = field(default_factory=list)
     prior_cache_mb: float = 2048.0
@@ -85,10 +96,11 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+_host: HostRegistry | None = None
 
 
 def configure(config: WorkerConfig) -> Celery:
-    global _runtime
+    global _runtime, _host
     app.conf.update(
         broker_url=config.broker_url,
         task_acks_late=True,
@@ -106,8 +118,45 @@ def configure(config: WorkerConfig) -> Celery:
     )
     config.outputs_dir.mkdir(parents=True, exist_ok=True)
     _runtime = Runtime(config=config, db=Database(config.database_url), archive=config.archive())
-    set_torch_threads(torch_threads(config.torch_threads, config.processes))
+    if _host is not None:
+        _host.leave()  # configured again (tests): the earlier registration goes
+    _host = HostRegistry(config.run_dir) if config.run_dir is not None else None
+    # The solo pool runs tasks in this process; a prefork pool's children register themselves.
+    share_cores(register=config.processes == 1)
     return app
+
+
+@dataclass(frozen=True)
+class CoreShare:
+    threads: int
+    processes: int  # worker processes counted on this host (or this worker's pool)
+    cores: int
+
+    def __str__(self) -> str:
+        return (
+            f"torch threads {self.threads} ({self.processes} worker process(es) on this host, "
+            f"{self.cores} core(s))"
+        )
+
+
+def share_cores(register: bool = True) -> CoreShare:
+    """Give this process's torch (and SimpleITK) its share of the host's cores now: the cores
+    divided by the worker processes registered and alive on this host (this one included,
+    `register`ed first), or by this worker's pool size without a registry; `RADAI_TORCH_THREADS`
+    wins. Called at the start of each study, so a worker that started or died since counts."""
+    config = runtime().config
+    processes = config.processes
+    if _host is not None:
+        try:
+            if register:
+                _host.ensure()
+            processes = max(1, _host.live())
+        except OSError:  # an unwritable folder: fall back to the pool's own size
+            log.warning("cannot count worker processes in %s", _host.folder, exc_info=True)
+    cores = host_cores()
+    share = CoreShare(torch_threads(config.torch_threads, processes, cores), processes, cores)
+    set_torch_threads(share.threads)
+    return share
 
 
 def _transport_options(config: WorkerConfig) -> dict:
@@ -136,4 +185,4 @@ def _fresh_connections_after_fork(**_kwargs: object) -> None:
         _runtime.db.engine.dispose(close=False)
         config = _runtime.config
         _runtime.archive = config.archive()  # nor an HTTP session's pooled connections
-        set_torch_threads(torch_threads(config.torch_threads, config.processes))
+        share_cores()  # registers this pool process on the host first

@@ -3,12 +3,13 @@
 References come from `RADAI_SEGMENT_MODEL` and `RADAI_SCREEN_MODEL`: `NAME@VERSION` from the
 registry shipped in `ml/models/`, or `torchscript:PATH` for an external model with its card beside
 it. `RADAI_DEVICE` places them: `cuda` needs a GPU, `auto` uses one when torch sees it.
-`RADAI_TORCH_THREADS` sets torch's threads per worker process.
+`RADAI_TORCH_THREADS` sets torch's threads per worker process; unset, each process takes its
+share of the host's cores among the live worker processes there (`workers/host_share.py`).
+Once loaded, a process's models stay on their device for every later task.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 
 from ml.runtime import registry
 from ml.runtime.registry import LoadedModel
+from workers.host_share import host_cores
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,12 @@ _cache: dict[tuple[str, str, str], ModelSet] = {}
 
 def torch_threads(setting: int, processes: int, cores: int | None = None) -> int:
     """Threads for torch in one worker process: the setting, or else the host's cores shared
-    among the pool's processes. Without this every process takes every core and two workers on
-    two cores ran at 0.9x of one (docs/PERFORMANCE.md)."""
+    among the worker processes there (`processes`, at least one each). Without this every
+    process takes every core and two workers on two cores ran at 0.9x of one
+    (docs/PERFORMANCE.md)."""
     if setting > 0:
         return setting
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or host_cores()
     return max(1, cores // max(1, processes))
 
 

@@ -15,7 +15,7 @@ from db.outbox_tasks import TaskName
 from dicom_io.backoff import backoff_delay
 from dicom_io.destinations import Destination, format_destination
 from workers import exporting, processing
-from workers.app import app, runtime
+from workers.app import app, runtime, share_cores
 from workers.models import load_grader
 from workers.pipeline.analysers import make_analyser
 from workers.pipeline.prior import PriorSources
@@ -30,6 +30,7 @@ RETRY_BASE, RETRY_CAP = 2.0, 120.0  # seconds
 def process_study(self, study_uid: str, instances: int | None = None) -> str:  # noqa: ANN001
     """`db.outbox_tasks.ProcessStudy`'s fields are this task's arguments."""
     rt = runtime()
+    log.info("study %s: %s", study_uid, share_cores())
     # Should the retry below never arrive, the reaper queues the study once its delay and a
     # lease have passed (db/leases.py).
     delay = backoff_delay(self.request.retries + 1, base=RETRY_BASE, cap=RETRY_CAP)
@@ -44,6 +45,7 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
                 rt.config.segment_model,
                 rt.config.screen_model,
                 rt.config.device,
+                rt.config.infer_batch,
                 rt.config.cad_model,
             ),
             grader=load_grader(rt.config.malignancy_model, rt.config.device),

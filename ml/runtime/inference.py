@@ -12,6 +12,12 @@ score. Grad-CAM (MONAI) on the most suspicious candidates, weighted by their sco
 saliency map of that decision. A study's triage score (its worklist priority) weighs each kept
 lesion's size-based suspicion (Lung-RADS anchors, as in the baseline) by the screener's
 probability for it, so a large call the screener doubts no longer makes every study urgent.
+
+Batches: the segmenter sees ``batch`` slices at a time and the screener four times as many
+patches; :func:`batch_for` picks the default by device (a few slices on a CPU, where a larger
+batch only adds memory, many on a GPU, where it keeps the device busy). The networks run on the
+device their weights are on: inputs are moved there and the outputs brought back, so a model a
+worker moved to a GPU once stays there for every study.
 """
 
 from __future__ import annotations
@@ -43,7 +49,23 @@ MIN_LUNG_CONTACT = 0.15  # share of the in-plane rim around a lesion that is lun
 RIM_MM = 2.5
 CAM_SLICES = 4  # Grad-CAM on the most suspicious candidates only; the others add nothing
 CAM_MIN_PROBABILITY = 0.05
-BATCH = 16
+CPU_BATCH = 16
+CUDA_BATCH = 64  # 256 x 256 slices: about 2 GB of activations and outputs at 512 x 512
+BATCH = CPU_BATCH
+
+
+def batch_for(device: str | torch.device, setting: int = 0) -> int:
+    """Slices per segmenter batch: ``setting`` when positive, else by device."""
+    if setting > 0:
+        return setting
+    return CUDA_BATCH if torch.device(device).type == "cuda" else CPU_BATCH
+
+
+def device_of(net: torch.nn.Module) -> torch.device:
+    """Where the network's weights are (the CPU for one without parameters)."""
+    for p in net.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 @dataclass
@@ -96,6 +118,7 @@ def segment(
     volume_hu: np.ndarray,
     seed_p: float = LESION_SEED_P,
     extent_p: float = LESION_EXTENT_P,
+    batch: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean lung and lesion masks on the volume's own grid.
 
@@ -103,8 +126,11 @@ def segment(
     a lesion call when it reaches ``seed_p`` somewhere. The arg-max alone outlined only about
     half of each real tumour (every missed voxel solid tissue, on its edge); the lower extent
     threshold recovers the edge without adding calls. The training of the screener lowers
-    ``seed_p`` to collect the segmenter's near misses as well.
+    ``seed_p`` to collect the segmenter's near misses as well. ``batch``: slices per forward
+    pass (0: :func:`batch_for` the model's device); the result does not depend on it.
     """
+    device = device_of(model.net)
+    step = batch_for(device, batch)
     scaled = np.asarray(networks.scale_hu(to_grid(volume_hu).numpy()))
     z, h, w = volume_hu.shape
     tissue = np.empty((z, h, w), dtype=bool)
@@ -112,15 +138,16 @@ def segment(
     # float32 one (half a gigabyte for a clinical CT).
     extent_mask = np.empty((z, h, w), dtype=bool)
     seed_mask = np.empty((z, h, w), dtype=bool)
-    for i in range(0, z, BATCH):
-        logits = model.net(_batch_inputs(scaled, i, min(i + BATCH, z)))
+    for i in range(0, z, step):
+        x = _batch_inputs(scaled, i, min(i + step, z)).to(device, non_blocking=True)
+        logits = model.net(x)
         if (h, w) != logits.shape[-2:]:
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         # arg-max > 0 without torch's arg-max over channels, which took 0.7 s per batch here
-        tissue[i : i + BATCH] = (logits[:, 0] < logits[:, 1:].amax(dim=1)).numpy()
-        lesion_p = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS].numpy()
-        np.greater_equal(lesion_p, extent_p, out=extent_mask[i : i + BATCH])
-        np.greater_equal(lesion_p, seed_p, out=seed_mask[i : i + BATCH])
+        tissue[i : i + step] = (logits[:, 0] < logits[:, 1:].amax(dim=1)).cpu().numpy()
+        lesion_p = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS]
+        extent_mask[i : i + step] = (lesion_p >= extent_p).cpu().numpy()
+        seed_mask[i : i + step] = (lesion_p >= seed_p).cpu().numpy()
     extent, n = ndimage.label(extent_mask, structure=np.ones((3, 3, 3), dtype=bool))
     del extent_mask
     seeded = np.zeros(n + 1, dtype=bool)
@@ -152,7 +179,7 @@ def operating_threshold(screener: LoadedModel) -> float:
 
 
 def screen(
-    model: LoadedModel, volume_hu: np.ndarray, labels: np.ndarray, n: int
+    model: LoadedModel, volume_hu: np.ndarray, labels: np.ndarray, n: int, batch: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probability that each lesion call 1..n is a lesion, and a Grad-CAM saliency volume on the
     volume's grid (the most probable candidates' maps, weighted by their probability).
@@ -164,11 +191,13 @@ def screen(
     if n == 0:
         return np.zeros(0, dtype=np.float32), saliency
     x_np, at = candidate_inputs(volume_hu, labels, n)
-    x = torch.from_numpy(x_np)
     net = model.net
+    device = device_of(net)
+    x = torch.from_numpy(x_np).to(device)
+    step = batch_for(device, batch) * 4
     with torch.no_grad():
-        logits = torch.cat([net(x[i : i + BATCH * 4]) for i in range(0, n, BATCH * 4)])
-    probs = torch.sigmoid(logits[:, 0]).numpy().astype(np.float32)
+        logits = torch.cat([net(x[i : i + step]) for i in range(0, n, step)])
+    probs = torch.sigmoid(logits[:, 0]).cpu().numpy().astype(np.float32)
     if isinstance(net, torch.jit.ScriptModule):
         return probs, saliency  # no hooks on TorchScript: an external model gives no map
     from monai.visualize import GradCAM
@@ -181,7 +210,7 @@ def screen(
     for i in order:
         with torch.enable_grad():
             m = cam(x[i : i + 1], class_idx=0)
-        maps.append(np.asarray(m, dtype=np.float32)[0, 0] * probs[i])
+        maps.append(torch.as_tensor(m).detach().float().cpu().numpy()[0, 0] * probs[i])
     z, h, w = volume_hu.shape
     grid = candidates.paste(
         np.stack(maps), [at[i] for i in order], (z, networks.GRID, networks.GRID)
@@ -244,8 +273,10 @@ def analyse(
     spacing_zyx: tuple[float, float, float],
     segmenter: LoadedModel,
     screener: LoadedModel,
+    batch: int = 0,
 ) -> ModelResult:
-    """Both models on one volume, with measurements, priority and timings."""
+    """Both models on one volume, with measurements, priority and timings. ``batch``: slices
+    per segmenter pass (0: by device, :func:`batch_for`)."""
     volume_hu = np.asarray(volume_hu)
     if volume_hu.ndim != 3 or volume_hu.shape[0] < 1:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume_hu.shape}")
@@ -253,10 +284,10 @@ def analyse(
     laps = Laps()
     lap = laps.lap
 
-    lung, lesion = segment(segmenter, volume_hu)
+    lung, lesion = segment(segmenter, volume_hu, batch=batch)
     lap("segment")
     labels, n = lesion_components(lesion, spacing, volume_hu, lung & ~lesion)
-    probs, saliency = screen(screener, volume_hu, labels, n)
+    probs, saliency = screen(screener, volume_hu, labels, n, batch=batch)
     lap("screen_and_gradcam")
     kept = np.flatnonzero(probs >= operating_threshold(screener)) + 1
     lut = np.zeros(n + 1, dtype=compact_labels(len(kept)))

@@ -85,6 +85,7 @@ def predict_patches(net: torch.nn.Module, patches: np.ndarray | torch.Tensor) ->
     x = torch.as_tensor(np.asarray(patches, dtype=np.float32))
     if x.ndim != 5 or x.shape[1] != 2:
         raise ValueError(f"need (n, 2, z, y, x) patches, got {tuple(x.shape)}")
+    x = x.to(next(net.parameters(), x).device)  # where the weights are (a GPU worker's)
     was_training = net.training
     net.eval()
     try:
@@ -94,7 +95,7 @@ def predict_patches(net: torch.nn.Module, patches: np.ndarray | torch.Tensor) ->
             ]
     finally:
         net.train(was_training)
-    return torch.stack(probs).mean(dim=0).numpy().astype(np.float64)
+    return torch.stack(probs).mean(dim=0).cpu().numpy().astype(np.float64)
 
 
 def score_lesions(

@@ -70,6 +70,7 @@ class Analyser(Protocol):
 class ModelsAnalyser:
     models: ModelSet
     name: str = "models"
+    batch: int = 0  # slices per segmenter pass; 0: by the models' device (RADAI_INFER_BATCH)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -92,7 +93,13 @@ class ModelsAnalyser:
         return "Grad-CAM of " + self.models.screener.ref
 
     def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
-        r = inference.analyse(volume_hu, spacing_zyx, self.models.segmenter, self.models.screener)
+        r = inference.analyse(
+            volume_hu,
+            spacing_zyx,
+            self.models.segmenter,
+            self.models.screener,
+            batch=inference.batch_for(self.models.device, self.batch),
+        )
         return Analysis(
             lung_mask=r.lung_mask,
             lesion_labels=r.lesion_labels,
@@ -209,13 +216,15 @@ def make_analyser(
     segment_ref: str = "",
     screen_ref: str = "",
     device: str = "auto",
+    batch: int = 0,
     cad_ref: str = DEFAULT_CAD_MODEL,
 ) -> Analyser:
-    """The analyser of `RADAI_PIPELINE`; the models are loaded once per process."""
+    """The analyser of `RADAI_PIPELINE`; the models are loaded (and moved to their device) once
+    per process and stay there for every later study."""
     if pipeline == "baseline":
         return BaselineAnalyser()
     if pipeline == "cad":
         return CadAnalyser(load_cad(cad_ref, device))
     if pipeline == "models":
-        return ModelsAnalyser(load_models(segment_ref, screen_ref, device))
+        return ModelsAnalyser(load_models(segment_ref, screen_ref, device), batch=batch)
     raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINES)}")

@@ -1,0 +1,43 @@
+"""A worker process loads its models once and keeps them (on their device) for every study; the
+analyser passes the batch size of RADAI_INFER_BATCH, or the device's, to the inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml.runtime import inference, registry
+from workers.models import load_grader
+from workers.pipeline.analysers import ModelsAnalyser, make_analyser
+
+REFS = registry.DEFAULT_REFS["segment"], registry.DEFAULT_REFS["screen"]
+
+
+def test_a_worker_loads_its_models_once_and_keeps_them() -> None:
+    first = make_analyser("models", *REFS, "cpu")
+    again = make_analyser("models", *REFS, "cpu", batch=8)  # the next study's
+    assert isinstance(first, ModelsAnalyser) and isinstance(again, ModelsAnalyser)
+    assert again.models.segmenter.net is first.models.segmenter.net  # not loaded again
+    assert again.models.screener.net is first.models.screener.net
+    grader = load_grader(registry.DEFAULT_REFS["malignancy"], "cpu")
+    assert grader is load_grader(registry.DEFAULT_REFS["malignancy"], "cpu")
+
+
+class _Seen(Exception):
+    """Raised by the stand-in inference: the batch it was given is all this test needs."""
+
+
+def test_the_analyser_runs_the_models_in_its_batches(monkeypatch) -> None:
+    seen: list[int] = []
+
+    def fake_analyse(volume, spacing, segmenter, screener, batch=0):  # noqa: ANN001, ANN202
+        seen.append(batch)
+        raise _Seen
+
+    monkeypatch.setattr(inference, "analyse", fake_analyse)
+    vol = np.zeros((2, 8, 8), dtype=np.float32)
+    for setting, expected in ((0, inference.CPU_BATCH), (8, 8)):
+        analyser = make_analyser("models", *REFS, "cpu", batch=setting)
+        with pytest.raises(_Seen):
+            analyser.analyse(vol, (1.0, 1.0, 1.0))
+        assert seen[-1] == expected
