@@ -896,7 +896,11 @@ def verdict(results: dict, baseline: str = "baseline") -> dict:
     else:
         out = {
             "default": baseline,
-            "sentence": " ".join(v["sentence"] for v in each.values()),
+            "sentence": (
+                f"The classical baseline stays the default (`RADAI_PIPELINE={baseline}`): no "
+                "other pipeline beats it on every compared row on unseen patients. "
+                + " ".join(v["sentence"] for v in each.values())
+            ),
         }
     out["by_challenger"] = each
     # Kept for readers of earlier unseen.json files: the models' rows.
