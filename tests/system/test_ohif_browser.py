@@ -3,7 +3,8 @@ worker's SEG and SR) in radai's DICOMweb, OHIF served beside it on the same port
 the dashboard links it (`/viewer?StudyInstanceUIDs=...&token=...`): the study loads, the SEG
 hydrates as an overlay and its segments are listed in the segmentation panel, and then the SR
 opens: its first lesion's long axis drawn on its slice with the lesion's measurements, and no
-error in the browser console. Screenshots go to var/screenshots/ (ohif_seg.png, ohif_sr.png).
+error in the browser console. Screenshots go to var/screenshots/ (ohif_seg.png, ohif_sr.png;
+ohif_timeout.png when a step times out, whose message then carries the console's warnings).
 
 Needs `chromium`, `chromium-driver` and OHIF's build (scripts/setup.sh fetches it into
 var/ohif); without them the test is skipped, except under CI (CI=true), where it fails.
@@ -39,6 +40,7 @@ from workers.pipeline.analysers import BaselineAnalyser
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
@@ -155,7 +157,41 @@ def _wait(driver: WebDriver, find, what: str):  # noqa: ANN001, ANN202
         except Exception:  # noqa: BLE001 (a DOM still rendering raises stale/missing errors)
             return None
 
-    return WebDriverWait(driver, TIMEOUT, poll_frequency=0.5).until(attempt, message=what)
+    try:
+        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.5).until(attempt, message=what)
+    except TimeoutException:
+        # What the page showed and said, for the report: a screenshot and the console's
+        # warnings and errors (OHIF logs its failures there rather than on the page).
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SCREENSHOTS / "ohif_timeout.png"))
+        said = [
+            f"{e['level']}: {e['message'][:300]}"
+            for e in driver.get_log("browser")
+            if e["level"] in ("WARNING", "SEVERE")
+        ]
+        raise TimeoutException(f"{what}; console: {said[-10:]}") from None
+
+
+def _double_click(driver: webdriver.Chrome, element) -> None:  # noqa: ANN001
+    """A double click on the middle of `element`, sent through the DevTools protocol with its
+    click counts given. Selenium's ActionChains.double_click leaves the count to chromedriver,
+    which counts a second press as a new single click when it comes more than 500 ms after the
+    first; and it comes only after the page has handled the first click (OHIF re-renders its
+    study browser there), which on a loaded machine can take longer: no dblclick, so OHIF
+    never opened the display set and the test timed out waiting for it."""
+    x, y = driver.execute_script(
+        "arguments[0].scrollIntoView({block: 'nearest'});"
+        "const r = arguments[0].getBoundingClientRect();"
+        "return [r.left + r.width / 2, r.top + r.height / 2];",
+        element,
+    )
+    mouse = "Input.dispatchMouseEvent"
+    driver.execute_cdp_cmd(mouse, {"type": "mouseMoved", "x": x, "y": y})
+    for count in (1, 2):
+        for kind in ("mousePressed", "mouseReleased"):
+            driver.execute_cdp_cmd(
+                mouse, {"type": kind, "x": x, "y": y, "button": "left", "clickCount": count}
+            )
 
 
 def _thumbnail(driver: WebDriver, modality: str):  # noqa: ANN202
@@ -167,8 +203,6 @@ def _thumbnail(driver: WebDriver, modality: str):  # noqa: ANN202
 
 
 def test_ohif_opens_the_study_with_its_seg_and_sr(site: dict, browser: WebDriver) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
     url = f"{site['url']}/viewer?StudyInstanceUIDs={LUNG1}&token={site['token']}"
     browser.get(url)
     # The CT, the SEG and the SR are all in the study browser, read over radai's QIDO/WADO-RS
@@ -178,7 +212,7 @@ def test_ohif_opens_the_study_with_its_seg_and_sr(site: dict, browser: WebDriver
     _wait(browser, lambda d: "I:48 (1/48)" in d.find_element(By.TAG_NAME, "body").text, "CT")
     for skip in browser.find_elements(By.XPATH, "//*[normalize-space()='Skip all']"):
         skip.click()  # the first-visit tour covers the viewport
-    ActionChains(browser).double_click(_thumbnail(browser, "SEG")[0]).perform()
+    _double_click(browser, _thumbnail(browser, "SEG")[0])
     _wait(browser, lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Yes']"), "ask")[
         0
     ].click()
@@ -201,7 +235,7 @@ def test_ohif_opens_the_study_with_its_seg_and_sr(site: dict, browser: WebDriver
     # Then the SR, with the SEG's overlay still loaded: OHIF draws the first lesion's long axis
     # on its slice, labelled with the lesion's values (its planar and volumetric groups merged
     # by their shared tracking UID), and passes over the lung and screening groups.
-    ActionChains(browser).double_click(_thumbnail(browser, "SR")[0]).perform()
+    _double_click(browser, _thumbnail(browser, "SR")[0])
     expected = _first_lesion_labels(site["outputs"])
 
     def drawn(d: WebDriver) -> bool:
