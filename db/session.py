@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -75,6 +76,20 @@ class Database:
         """
         with self._deferred_factory()() as session, session.begin():
             yield session
+
+    @contextmanager
+    def deferred_driver_connection(self) -> Iterator[Any]:
+        """SQLite only: the driver's own connection behind `deferred_session`, for a hot path
+        that manages its transaction in SQL (autocommit mode: BEGIN IMMEDIATE ... COMMIT).
+        Back to the pool afterwards, rolled back if the caller left a transaction open."""
+        if not self.is_sqlite:
+            raise RuntimeError("a driver connection is offered for SQLite only")
+        engine = self._deferred_factory().kw["bind"]
+        pooled = engine.raw_connection()
+        try:
+            yield pooled.driver_connection
+        finally:
+            pooled.close()
 
     def _deferred_factory(self) -> sessionmaker:
         with self._deferred_lock:

@@ -20,6 +20,7 @@ Integers beyond 32 bits are dropped (the database cannot hold them; IS allows no
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -32,7 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import VR, PersonName
 
 from db.flags import FlagKind
-from dicom_node import statuses
+from dicom_node import header_scan, statuses
 from dicom_node.statuses import Refusal
 
 # A body that does not read in its declared transfer syntax is refused, not re-guessed: pydicom's
@@ -286,7 +287,173 @@ def _parse(encoded: bytes) -> tuple[Dataset, str]:
 def inspect_received(
     encoded: bytes, requested_sop_class: str, requested_sop_instance: str
 ) -> ReceivedObject:
-    """Parse a received Part 10 stream (meta included) and check it can be filed; or raise."""
+    """Parse a received Part 10 stream (meta included) and check it can be filed; or raise.
+
+    Plainly well-formed instances that pass every check are read by `header_scan`; everything
+    else, refusals included, by pydicom (`_inspect_parsed`), whose reading is the reference.
+    """
+    quick = _inspect_scanned(encoded, requested_sop_class, requested_sop_instance)
+    if quick is not None:
+        return quick
+    return _inspect_parsed(encoded, requested_sop_class, requested_sop_instance)
+
+
+# The attributes the quick path reads, with the VR each must have (explicit VR).
+_SCANNED = {
+    0x00080005: ("SpecificCharacterSet", ("CS",)),
+    0x00080016: ("SOPClassUID", ("UI",)),
+    0x00080018: ("SOPInstanceUID", ("UI",)),
+    0x00080020: ("StudyDate", ("DA",)),
+    0x00080050: ("AccessionNumber", ("SH",)),
+    0x00080060: ("Modality", ("CS",)),
+    0x00081030: ("StudyDescription", ("LO",)),
+    0x0008103E: ("SeriesDescription", ("LO",)),
+    0x00100010: ("PatientName", ("PN",)),
+    0x00100020: ("PatientID", ("LO",)),
+    0x00180015: ("BodyPartExamined", ("CS",)),
+    0x0020000D: ("StudyInstanceUID", ("UI",)),
+    0x0020000E: ("SeriesInstanceUID", ("UI",)),
+    0x00200011: ("SeriesNumber", ("IS",)),
+    0x00200013: ("InstanceNumber", ("IS",)),
+    0x00280002: ("SamplesPerPixel", ("US",)),
+    0x00280008: ("NumberOfFrames", ("IS",)),
+    0x00280010: ("Rows", ("US",)),
+    0x00280011: ("Columns", ("US",)),
+    0x00280100: ("BitsAllocated", ("US",)),
+    _PIXEL_DATA: ("PixelData", ("OB", "OW")),
+}
+_SCANNED_TAGS = frozenset(_SCANNED)
+_ENCAPSULATED = frozenset(
+    str(uid)
+    for uid in pydicom.uid.AllTransferSyntaxes
+    if uid.is_encapsulated and uid.is_little_endian and not uid.is_implicit_VR
+    and not uid.is_deflated
+)  # fmt: skip
+# Character sets in which ASCII bytes mean ASCII characters (no code extensions).
+_ASCII_SAFE_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,10}$")
+
+
+class _Unsure(Exception):
+    """The quick path does not vouch for this value: pydicom's reading decides."""
+
+
+def _inspect_scanned(
+    encoded: bytes, requested_sop_class: str, requested_sop_instance: str
+) -> ReceivedObject | None:
+    found = header_scan.scan(encoded, _SCANNED_TAGS, _ENCAPSULATED)
+    if found is None:
+        return None
+    try:
+        return _received_from_scan(found, requested_sop_class, requested_sop_instance)
+    except (_Unsure, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _plain(raw: bytes | None) -> str:
+    """A single ASCII value without padding; anything that needs more decoding is unsure."""
+    if not raw:
+        return ""
+    if not raw.isascii() or b"\\" in raw or b"\x1b" in raw:
+        raise _Unsure
+    text = raw.decode("ascii").rstrip(" \x00")
+    if any(ch < " " for ch in text):
+        raise _Unsure  # NULs or control characters inside: see _text
+    return text
+
+
+def _received_from_scan(
+    found: header_scan.Scan, requested_sop_class: str, requested_sop_instance: str
+) -> ReceivedObject:
+    values: dict[str, bytes | None] = {}
+    for tag, element in found.elements.items():
+        keyword, vrs = _SCANNED[tag]
+        if element.vr is not None and element.vr not in vrs:
+            raise _Unsure
+        values[keyword] = element.value
+    if _plain(values.get("SpecificCharacterSet")) not in _ASCII_SAFE_CHARSETS:
+        raise _Unsure
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        uids[keyword] = _plain(values.get(keyword))
+        if not valid_uid(uids[keyword]):
+            raise _Unsure
+    if (uids["SOPClassUID"], uids["SOPInstanceUID"]) != (
+        requested_sop_class,
+        requested_sop_instance,
+    ):
+        raise _Unsure
+    if _PIXEL_DATA in found.elements:
+        _check_scanned_pixels(found, values)
+    text = {}
+    for keyword, limit in RECORDED.items():
+        value = _plain(values.get(keyword))
+        if _longest(value, limit.vr) > limit.chars:
+            raise _Unsure  # refused or truncated: decided and recorded by the careful path
+        text[keyword] = value or None
+    return ReceivedObject(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        transfer_syntax=found.transfer_syntax,
+        modality=text["Modality"],
+        series_number=_scanned_int(values.get("SeriesNumber")),
+        series_description=text["SeriesDescription"],
+        body_part=text["BodyPartExamined"],
+        instance_number=_scanned_int(values.get("InstanceNumber")),
+        patient_id=text["PatientID"],
+        patient_name=text["PatientName"],
+        accession_number=text["AccessionNumber"],
+        study_date=text["StudyDate"],
+        study_description=text["StudyDescription"],
+    )
+
+
+def _scanned_int(raw: bytes | None) -> int | None:
+    text = _plain(raw).strip(" ")
+    if not text:
+        return None
+    if not _INTEGER.match(text):
+        raise _Unsure
+    number = int(text)
+    return number if number in _INT_RANGE else None
+
+
+def _scanned_us(raw: bytes | None, default: int | None = None) -> int:
+    if raw is None:
+        if default is None:
+            raise _Unsure
+        return default
+    if len(raw) != 2:
+        raise _Unsure
+    return int.from_bytes(raw, "little")
+
+
+def _check_scanned_pixels(found: header_scan.Scan, values: dict[str, bytes | None]) -> None:
+    """`_check_pixel_data` for a scan; any failure is left to the careful path to report."""
+    pixels = found.elements[_PIXEL_DATA]
+    encapsulated = found.transfer_syntax in _ENCAPSULATED
+    if encapsulated != (pixels.value is None):
+        raise _Unsure
+    if encapsulated:
+        return
+    rows = _scanned_us(values.get("Rows"))
+    cols = _scanned_us(values.get("Columns"))
+    bits = _scanned_us(values.get("BitsAllocated"))
+    samples = _scanned_us(values.get("SamplesPerPixel"), default=1)
+    frames = _scanned_int(values.get("NumberOfFrames")) if "NumberOfFrames" in values else 1
+    frames = frames or 1
+    if min(rows, cols, bits, samples, frames) <= 0:
+        raise _Unsure
+    expected = (rows * cols * bits * samples * frames + 7) // 8
+    if pixels.length not in (expected, expected + (expected % 2)):
+        raise _Unsure
+
+
+def _inspect_parsed(
+    encoded: bytes, requested_sop_class: str, requested_sop_instance: str
+) -> ReceivedObject:
     try:
         ds, transfer_syntax = _parse(encoded)
         uids = {}

@@ -22,6 +22,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
 import zlib
@@ -29,10 +30,17 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    evt,
+)
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 
@@ -40,7 +48,7 @@ from db import audit
 from db.audit_actions import AuditAction
 from db.models import utcnow
 from db.session import Database
-from dicom_node import recording, statuses, tls
+from dicom_node import reactor, recording, statuses, store_codec, tls
 from dicom_node.archive import Archive, free_mb, place, sha256, stage
 from dicom_node.durability import Durability
 from dicom_node.inspection import ReceivedObject, inspect_received
@@ -81,6 +89,9 @@ class NodeConfig:
     # The DUL reactor's sleep between polls of an idle socket (pynetdicom's default is 1 ms, paid
     # up to twice per instance on one association).
     poll_seconds: float = 0.0002
+    # Association threads wait for their socket and queues instead of polling (`reactor`);
+    # `poll_seconds` then applies only where pynetdicom's version is not the one it copies.
+    event_driven: bool = True
 
 
 def parse_networks(values: list[str]) -> list[Network]:
@@ -209,6 +220,8 @@ class DicomNode:
         _tune_socket(event, self.config.network_timeout)
 
     def _tune_polling(self, event: evt.Event) -> None:
+        if self.config.event_driven and reactor.make_event_driven(event.assoc):
+            return
         # `_run_loop_delay` is the DUL's knob ("higher uses less CPU when idle, but increases the
         # latency to respond"); it is read on every loop, so this takes effect at once.
         # Each association's poll costs CPU while it waits; with many at once the CPU, not one
@@ -278,7 +291,7 @@ class DicomNode:
         sop_class = str(req.AffectedSOPClassUID or "")
         sop_instance = str(req.AffectedSOPInstanceUID or "")
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = _part10(event, sop_class, sop_instance)
         except Exception as exc:  # noqa: BLE001 - the association must get an answer
             return self._unexpected(exc, b"", calling_ae, peer, sop_class, sop_instance)
         return self.store(
@@ -409,17 +422,31 @@ class DicomNode:
 
         lock = self._locks[zlib.crc32(obj.sop_instance_uid.encode()) % _STRIPES]
         try:
-            with lock, self._sqlite_writer, self.db.deferred_session() as s:
-                outcome = recording.record_in_session(
-                    s,
-                    obj,
-                    digest=digest,
-                    size=size,
-                    calling_ae=calling_ae,
-                    actor=self.actor,
-                    place=put,
-                    now=received_at,
-                )
+            with lock, self._sqlite_writer:
+                outcome = None
+                if self.db.is_sqlite:
+                    with self.db.deferred_driver_connection() as connection:
+                        outcome = recording.record_plain_sqlite(
+                            connection,
+                            obj,
+                            digest=digest,
+                            size=size,
+                            calling_ae=calling_ae,
+                            place=put,
+                            now=received_at,
+                        )
+                if outcome is None:
+                    with self.db.deferred_session() as s:
+                        outcome = recording.record_in_session(
+                            s,
+                            obj,
+                            digest=digest,
+                            size=size,
+                            calling_ae=calling_ae,
+                            actor=self.actor,
+                            place=put,
+                            now=received_at,
+                        )
         except BaseException:
             self._forget(journalled)
             raise
@@ -479,6 +506,21 @@ class DicomNode:
             log.exception("could not record the refusal in the database")
 
 
+def _part10(event: evt.Event, sop_class: str, sop_instance: str) -> bytes:
+    """The received dataset as a Part 10 stream, as `event.encoded_dataset()` gives it."""
+    dataset = event.request.DataSet
+    if not isinstance(dataset, BytesIO) or not sop_class or not sop_instance:
+        return event.encoded_dataset(include_meta=True)
+    header = store_codec.part10_header(
+        sop_class,
+        sop_instance,
+        str(event.context.transfer_syntax),
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
+    return header + dataset.getvalue()
+
+
 def _done(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
     """`fn` run here and now, as a future (its result or its exception)."""
     future: Future = Future()
@@ -514,7 +556,8 @@ def _peek_study_uid(data: bytes) -> str | None:
 def _is_db_error(exc: Exception) -> bool:
     from sqlalchemy.exc import SQLAlchemyError
 
-    return isinstance(exc, SQLAlchemyError)
+    # sqlite3's own errors come from the plain path of `recording.record_plain_sqlite`.
+    return isinstance(exc, SQLAlchemyError | sqlite3.Error)
 
 
 def _handle_echo(event: evt.Event) -> int:
