@@ -1,14 +1,18 @@
 """What the benchmark scripts share: the test kit (`tests/kit`: loopback ports, dcmtk's storescu
 and echoscu), a registry of the processes a benchmark starts so that every one of them is
-stopped whatever happens, and a DICOMweb token in a node's database."""
+stopped whatever happens, the report-and-clean-up tail of a run (`BenchRun`, the log lines at
+WARNING or worse), and a DICOMweb token in a node's database."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,11 +28,13 @@ __all__ = [
     "ECHOSCU",
     "HOST",
     "STORESCU",
+    "BenchRun",
     "Processes",
     "bench_token",
     "dcmtk_env",
     "free_port",
     "problems",
+    "report_log_problems",
     "storescu",
 ]
 
@@ -65,6 +71,68 @@ class Processes:
     def stop_all(self) -> None:
         for proc in list(self._procs):
             self.stop(proc, timeout=15.0)
+
+
+class BenchRun:
+    """The tail of a benchmark's run, as a ``with`` block: an exception inside is reported as
+    FAILED rather than raised (so that the cleanup's own notes still print, and `exit_code` says
+    1), then the ``stops`` run (services stopped in order, while their processes are known),
+    every process of ``procs`` is stopped, the ``after`` callables run (broker keys) and the temp
+    folder ``work`` is removed, or kept and named with ``keep``. An interrupt (Ctrl-C) is cleaned
+    up after the same way and then raised."""
+
+    def __init__(self, work: Path, procs: Processes, *, keep: bool) -> None:
+        self.work = work
+        self.procs = procs
+        self.keep = keep
+        self.failed = False
+        self.stops: list[Callable[[], object]] = []
+        self.after: list[Callable[[], object]] = []
+
+    def __enter__(self) -> BenchRun:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        report = isinstance(exc, Exception)
+        if report:
+            self.failed = True
+            print(f"FAILED: {type(exc).__name__}: {exc}")
+        try:
+            for stop in self.stops:
+                stop()
+        finally:
+            try:
+                self.procs.stop_all()
+                for fn in self.after:
+                    fn()
+            finally:
+                if self.keep:
+                    print(f"kept {self.work}")
+                else:
+                    shutil.rmtree(self.work, ignore_errors=True)
+        return report
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def report_log_problems(
+    lines: Sequence[str], heading: str, *, records_only: bool = False, shown: int = 10
+) -> None:
+    """Print how many log ``lines`` (those at WARNING or worse and tracebacks, as
+    `e2e.Service.log_problems` gives them) there are and the first ``shown``; with
+    ``records_only``, only log records at WARNING or ERROR are shown, not a traceback's lines."""
+    print(f"{heading}: {len(lines)}")
+    if records_only:
+        lines = [ln for ln in lines if any(f" {w} " in ln for w in ("WARNING", "ERROR"))]
+    for ln in lines[:shown]:
+        print(f"  {ln[:300]}")
 
 
 def bench_token(home: Path) -> str:

@@ -62,7 +62,6 @@ import argparse
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -77,7 +76,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import requests  # noqa: E402
-from common import STORESCU, Processes, bench_token, dcmtk_env, free_port, problems  # noqa: E402
+from common import (  # noqa: E402
+    STORESCU,
+    BenchRun,
+    Processes,
+    bench_token,
+    dcmtk_env,
+    free_port,
+    problems,
+    report_log_problems,
+)
 from dicomweb_client.api import DICOMwebClient  # noqa: E402
 from e2e import Service, _proc_cpu_seconds  # noqa: E402
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid  # noqa: E402
@@ -340,8 +348,7 @@ def main() -> int:
           f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="radai-bench-dicomweb-"))
     procs = Processes()
-    failed = False
-    try:
+    with BenchRun(work, procs, keep=args.keep) as run:
         t0 = time.perf_counter()
         corpus = build_corpus(work / "corpus", args.studies, args.slices, args.senders)
         print(f"corpus: {corpus.instances} instances ({args.studies} small studies, 2 series of "
@@ -417,20 +424,8 @@ def main() -> int:
                 print(f"  {name}: done, load {os.getloadavg()[0]:.2f}", flush=True)
             print_table(servers[0], servers[1], args.repeats)
         print(f"load {os.getloadavg()[0]:.2f}")
-        bad = svc.log_problems()
-        print(f"radai log lines at WARNING or worse: {len(bad)}")
-        for ln in bad[:10]:
-            print(f"  {ln[:300]}")
-    except Exception as exc:  # noqa: BLE001 - report, then clean up
-        failed = True
-        print(f"FAILED: {type(exc).__name__}: {exc}")
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+        report_log_problems(svc.log_problems(), "radai log lines at WARNING or worse")
+    return run.exit_code
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,14 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import HOST, Processes, bench_token, free_port  # noqa: E402
+from common import (  # noqa: E402
+    HOST,
+    BenchRun,
+    Processes,
+    bench_token,
+    free_port,
+    report_log_problems,
+)
 from e2e import (  # noqa: E402
     _RADAI_EXE,
     CpuMeter,
@@ -139,11 +145,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="radai-bench-remote-"))
     procs = Processes()
     broker = RedisBroker()
-    failed = False
-    node: Service | None = None
     rows: dict[str, list[dict[str, float | None]]] = {"local": [], "remote": []}
     others: dict[str, list[float]] = {"local": [], "remote": []}
-    try:
+
+    def clean_broker() -> None:
+        left = broker.cleanup()
+        if left:
+            print(f"note: other keys in redis db {broker.db}, left alone: {left[:5]}")
+
+    with BenchRun(work, procs, keep=args.keep) as run:
+        run.after.append(clean_broker)
         subprocess.run(
             [str(_RADAI_EXE), "sample", "--out", str(work / "samples")],
             check=True,
@@ -152,6 +163,7 @@ def main() -> int:
         )
         factory = OnePatientEach(work / "samples" / "lung2", work / "studies")
         node = Service(work / "node", procs, broker.url, broker.queue, args.stable_seconds)
+        run.stops.append(node.stop)
         web_port = free_port()
         key = node.home / "audit.key"
         node.extra_env.update(
@@ -198,27 +210,12 @@ def main() -> int:
             f"other processes, cores busy (median): local {busy['local']:.2f}, remote "
             f"{busy['remote']:.2f}; load {os.getloadavg()[0]:.2f}"
         )
-        bad = node.log_problems() + remote.log_problems()
-        records = [ln for ln in bad if any(f" {w} " in ln for w in ("WARNING", "ERROR"))]
-        print(f"log lines at WARNING or worse (with tracebacks): {len(bad)}")
-        for ln in records[:10]:
-            print(f"  {ln[:300]}")
-    except Exception as exc:  # noqa: BLE001 - report, then clean up
-        failed = True
-        print(f"FAILED: {type(exc).__name__}: {exc}")
-    finally:
-        for svc in (node,):
-            if svc is not None:
-                svc.stop()
-        procs.stop_all()
-        left = broker.cleanup()
-        if left:
-            print(f"note: other keys in redis db {broker.db}, left alone: {left[:5]}")
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+        report_log_problems(
+            node.log_problems() + remote.log_problems(),
+            "log lines at WARNING or worse (with tracebacks)",
+            records_only=True,
+        )
+    return run.exit_code
 
 
 if __name__ == "__main__":

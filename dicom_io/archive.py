@@ -35,7 +35,8 @@ Fetch = Callable[[], Iterable[tuple[str, bytes]]]
 
 
 class ArchiveError(Exception):
-    """The archive did not give what was asked (missing instances, a refused store)."""
+    """The archive did not give what was asked (missing instances, an HTTP error or no answer to
+    a retrieval, a refused store)."""
 
 
 def _digest(data: bytes) -> str:
@@ -158,6 +159,16 @@ def _part10(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _failure(exc: requests.RequestException) -> str:
+    """An HTTP status with its reason, or the kind of failure when no whole answer came.
+    dicomweb-client has retried the request by then (five attempts with backoff on a failed
+    connection or timeout and on 408, 429, 503 and 504)."""
+    response = exc.response
+    if response is not None:
+        return f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+    return f"no complete answer ({type(exc).__name__})"
+
+
 @dataclass(frozen=True)
 class ArchiveSettings:
     url: str
@@ -183,13 +194,22 @@ class ArchiveClient:
     def series_files(
         self, study_uid: str, series_uid: str, sop_uids: Iterable[str]
     ) -> dict[str, Path]:
-        """Local paths of the instances, by SOP Instance UID."""
+        """Local paths of the instances, by SOP Instance UID; `ArchiveError` when the archive
+        does not give them all (missing, an HTTP error, no answer)."""
 
         def fetch() -> Iterable[tuple[str, bytes]]:
             for ds in self._client.iter_series(study_uid, series_uid):
                 yield str(ds.SOPInstanceUID), _part10(ds)
 
-        return self.cache.series(study_uid, series_uid, sop_uids, fetch)
+        try:
+            return self.cache.series(study_uid, series_uid, sop_uids, fetch)
+        except requests.RequestException as exc:
+            # Callers handle ArchiveError only: a prior that cannot be read is then named as
+            # such in the findings rather than lost to an unexpected exception.
+            raise ArchiveError(
+                f"WADO-RS retrieval of series {series_uid} of study {study_uid} failed: "
+                f"{_failure(exc)}"
+            ) from exc
 
     def instance_url(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """The instance's WADO-RS address."""

@@ -61,20 +61,43 @@ def mirror(
     return np.flip(volume, axes).copy(), np.flip(labels, axes).copy()
 
 
+def _z_reach(shape: Sequence[int], sp: np.ndarray, m: np.ndarray) -> tuple[int, int]:
+    """Slices below 0 and beyond the last that ``x_in = M (x_out - c) + c`` reads from the grid's
+    corners (whole slices, rounded up)."""
+    centre = (np.array(shape) - 1) / 2.0 * sp
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    z_in = (m @ (corners.T * sp - centre).T)[0] / sp[0] + (shape[0] - 1) / 2.0
+    below = max(0, math.ceil(-float(z_in.min()) - 1e-6))
+    above = max(0, math.ceil(float(z_in.max()) - (shape[0] - 1) - 1e-6))
+    return below, above
+
+
 def _affine(
     volume: np.ndarray, labels: np.ndarray, spacing: Sequence[float], matrix_zyx: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resample on the same grid through ``x_in = M (x_out - c) + c`` (physical, c the centre)."""
+    """Resample on the same grid through ``x_in = M (x_out - c) + c`` (physical, c the centre).
+
+    Beyond the first and last slice the source is extended with those slices, image and labels
+    alike; in-plane, outside is air (labels 0). Air above and below would join the lungs to the
+    air outside the body, and a CT's scan range ends inside the anatomy, not in air. A label is
+    extended only where it touches the end slice: the lungs; never an inserted nodule, which
+    `ml.data.compose` keeps off the volume's faces."""
     sp = np.asarray(spacing, dtype=np.float64)
     centre = (np.array(volume.shape) - 1) / 2.0 * sp
+    m_zyx = np.asarray(matrix_zyx, dtype=np.float64)
+    below, above = _z_reach(volume.shape, sp, m_zyx)
     # SimpleITK works in (x, y, z): reverse the axes of the matrix and the centre.
-    m = np.asarray(matrix_zyx, dtype=np.float64)[::-1, ::-1]
+    m = m_zyx[::-1, ::-1]
     transform = sitk.AffineTransform(m.ravel().tolist(), (0.0, 0.0, 0.0), centre[::-1].tolist())
+    reference = sitk.Image([int(n) for n in volume.shape[::-1]], sitk.sitkFloat32)
+    reference.SetSpacing(sp[::-1].tolist())
 
     def warp(arr: np.ndarray, default: float) -> np.ndarray:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
+        padded = np.pad(np.asarray(arr, dtype=np.float32), ((below, above), (0, 0), (0, 0)), "edge")
+        img = sitk.GetImageFromArray(padded)
         img.SetSpacing(sp[::-1].tolist())
-        out = sitk.Resample(img, img, transform, sitk.sitkLinear, default, sitk.sitkFloat32)
+        img.SetOrigin((0.0, 0.0, -below * float(sp[0])))
+        out = sitk.Resample(img, reference, transform, sitk.sitkLinear, default, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(out)
 
     return warp(volume, AIR_HU), _per_label(labels, lambda m_: warp(m_, 0.0))
@@ -93,7 +116,8 @@ def rotate(
 def rescale(
     volume: np.ndarray, labels: np.ndarray, spacing: Sequence[float], factor: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Make the anatomy ``factor`` times larger (all three axes) about the centre, same grid."""
+    """Make the anatomy ``factor`` times larger (all three axes) about the centre, same grid;
+    when smaller, the end slices are repeated beyond the ends (see `_affine`)."""
     if not factor > 0:
         raise ValueError(f"factor must be positive, got {factor}")
     return _affine(volume, labels, spacing, np.eye(3) / factor)

@@ -24,6 +24,7 @@ from ml.image.morphology import (
     upsample,
 )
 from ml.runtime.laps import Laps
+from ml.runtime.saliency import paint_scores
 from ml.runtime.triage import (
     PRIORITY_THRESHOLDS,
     lesion_probability,
@@ -78,8 +79,6 @@ MIN_LEAST_MAJOR_RATIO = 0.45
 # nodule; it is kept only if solid on average and at least three slice thicknesses across.
 SINGLE_SLICE_MIN_DIAMETER_SLICES = 3.0
 SINGLE_SLICE_MIN_MEAN_HU = -100.0
-
-SALIENCY_SIGMA_MM = 2.0
 
 
 @dataclass
@@ -298,27 +297,13 @@ def _detect_lesions(
 def _saliency(
     labels: np.ndarray, lesions: list[RegionMeasurement], spacing: tuple[float, float, float]
 ) -> np.ndarray:
-    """Each lesion painted with its own score and blurred, so the map peaks at that score.
-
-    float16, the precision it is stored in: a float32 map of a clinical CT is half a gigabyte
-    of mostly zeros. Each blob is computed in float32 and rounded once, so the map is the float32
-    one rounded."""
-    saliency = np.zeros(labels.shape, dtype=np.float16)
-    sigma = tuple(SALIENCY_SIGMA_MM / s for s in spacing)
-    margin = tuple(int(math.ceil(3 * s)) + 1 for s in sigma)
-    for m in lesions:
-        box = tuple(
-            slice(max(lo - g, 0), min(hi + g, n))
-            for lo, hi, g, n in zip(m.bbox[:3], m.bbox[3:], margin, labels.shape, strict=True)
-        )
-        blob = ndimage.gaussian_filter((labels[box] == m.label).astype(np.float32), sigma)
-        peak = float(blob.max())
-        if peak > 0:
-            blob *= lesion_probability(m) / peak
-            # Clipped per blob, in float32: clipping the whole float16 map is slow.
-            np.clip(blob, 0.0, 1.0, out=blob)
-            np.maximum(saliency[box], blob, out=saliency[box])
-    return saliency
+    """Each lesion painted with its size-derived suspicion (`lesion_probability`)."""
+    scores = {m.label: lesion_probability(m) for m in lesions}
+    boxes = {
+        m.label: tuple(slice(lo, hi) for lo, hi in zip(m.bbox[:3], m.bbox[3:], strict=True))
+        for m in lesions
+    }
+    return paint_scores(labels, scores, spacing, boxes)
 
 
 def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> BaselineResult:

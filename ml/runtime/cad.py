@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ml.image.blobs import Blob, detect_blobs
 from ml.image.lungs import segment_lungs
@@ -25,6 +24,7 @@ from ml.image.nodule_segment import segment_nodule
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
 from ml.runtime.laps import Laps
 from ml.runtime.registry import LoadedModel
+from ml.runtime.saliency import paint_scores
 
 VIEW_SHAPE = (CHANNELS, VIEW, VIEW)
 CAD_NAME = "radai-nodule-cad"
@@ -70,7 +70,6 @@ OUTLINED = 40
 # Outlines smaller than a 3 mm sphere are noise, not nodules (Lung-RADS measures from 4 mm).
 MIN_VOLUME_MM3 = 4.0 / 3.0 * math.pi * 1.5**3
 SCORE_BATCH = 512
-SALIENCY_SIGMA_MM = 2.0
 
 
 @dataclass
@@ -182,21 +181,5 @@ def reported_only(result: CadResult) -> CadResult:
 
 
 def saliency(labels: np.ndarray, scores: list[float], spacing) -> np.ndarray:
-    """Each lesion painted with its classifier score and blurred so that the map peaks there
-    (float16, the precision it is stored in)."""
-    out = np.zeros(labels.shape, dtype=np.float16)
-    sigma = tuple(SALIENCY_SIGMA_MM / s for s in spacing)
-    margin = tuple(int(math.ceil(3 * s)) + 1 for s in sigma)
-    for value, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None or value > len(scores):
-            continue
-        grown = tuple(
-            slice(max(b.start - g, 0), min(b.stop + g, n))
-            for b, g, n in zip(box, margin, labels.shape, strict=True)
-        )
-        blob = ndimage.gaussian_filter((labels[grown] == value).astype(np.float32), sigma)
-        peak = float(blob.max())
-        if peak > 0:
-            blob *= scores[value - 1] / peak
-            np.maximum(out[grown], np.clip(blob, 0.0, 1.0), out=out[grown])
-    return out
+    """Each lesion painted with its classifier score (lesion ``i + 1`` with ``scores[i]``)."""
+    return paint_scores(labels, {i: s for i, s in enumerate(scores, start=1)}, spacing)

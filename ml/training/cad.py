@@ -22,9 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml.data import splits
-from ml.data.backgrounds import LICENCES
-from ml.data.nodules import LIDC_LICENCE
 from ml.runtime import cad, cad_views, networks, registry
 from ml.training import cad_samples, real_training
 
@@ -232,28 +229,20 @@ def _fit(
 
 
 def _card_data(anatomies: Sequence[str], train_set: SampleSet, val_set: SampleSet) -> dict:
-    return {
-        "source": "real",
-        "description": (
+    return real_training.data_card(
+        anatomies,
+        len(train_set.studies),
+        len(val_set.studies),
+        description=(
             "Real LIDC-IDRI nodules (readers' masks) composited into real chest CTs of the "
             "anatomies listed (ml.data.compose), scanner augmentation (ml.data.scanner_aug), and "
             "the pipeline's own blob candidates on each study: those hitting an inserted nodule "
             "are positives, the others (vessels, hilum, pleura, diaphragm, consolidation) "
             "negatives. Labels are true by construction, not clinical reads."
         ),
-        "citations": real_training.CITATIONS,
-        "licences": {"lidc": LIDC_LICENCE, **{a: LICENCES[a] for a in anatomies}},
-        "anatomies": list(anatomies),
-        "split": {
-            "key": splits.SPLIT_KEY,
-            "train": "LIDC train-split patients: the nodules trained on",
-            "validation": "LIDC validation-split patients: the operating threshold chosen on them",
-            "test": "never read",
-        },
-        "training_studies": len(train_set.studies),
-        "validation_studies": len(val_set.studies),
-        "recipe_version": cad_samples.RECIPE_VERSION,
-    }
+        validation_use="the operating threshold chosen on them",
+        recipe_version=cad_samples.RECIPE_VERSION,
+    )
 
 
 # Anatomy folds of the classifier: each model trained on one group is evaluated on the other

@@ -52,29 +52,44 @@ CITATIONS = [
 ]
 
 
-def data_card(anatomies: Sequence[str], train: Sequence, validation: Sequence) -> dict:
-    """What a card says about the data a real-data model was trained and validated on."""
+REAL_DATA_DESCRIPTION = (
+    "Real LIDC-IDRI nodules (readers' masks) composited into real chest CTs of the "
+    "anatomies listed (ml.data.compose), with drawn lesions as a minority "
+    f"({rs.DRAWN_P:.0%}), scanner augmentation (ml.data.scanner_aug) and hard-negative "
+    "patches (vessels and hilum, mediastinum and heart border, diaphragm and liver dome, "
+    "pneumonia consolidation). Labels are true by construction, not clinical reads."
+)
+
+
+def data_card(
+    anatomies: Sequence[str],
+    training_studies: object,
+    validation_studies: object,
+    *,
+    description: str = REAL_DATA_DESCRIPTION,
+    validation_use: str = "steps and thresholds chosen on them",
+    recipe_version: object = rs.RECIPE_VERSION,
+) -> dict:
+    """What a card says about the data a real-data model was trained and validated on: LIDC
+    nodules in the ``anatomies``, split by patient. The defaults are the U-Net's and the
+    screener's, whose studies are described by `real_samples.summary`; the nodule CAD's
+    classifier passes its own description, threshold, recipe and study counts
+    (`ml.training.cad`)."""
     return {
         "source": "real",
-        "description": (
-            "Real LIDC-IDRI nodules (readers' masks) composited into real chest CTs of the "
-            "anatomies listed (ml.data.compose), with drawn lesions as a minority "
-            f"({rs.DRAWN_P:.0%}), scanner augmentation (ml.data.scanner_aug) and hard-negative "
-            "patches (vessels and hilum, mediastinum and heart border, diaphragm and liver dome, "
-            "pneumonia consolidation). Labels are true by construction, not clinical reads."
-        ),
+        "description": description,
         "citations": CITATIONS,
         "licences": {"lidc": LIDC_LICENCE, **{a: LICENCES[a] for a in anatomies}},
         "anatomies": list(anatomies),
         "split": {
             "key": splits.SPLIT_KEY,
             "train": "LIDC train-split patients: the nodules trained on",
-            "validation": "LIDC validation-split patients: steps and thresholds chosen on them",
+            "validation": f"LIDC validation-split patients: {validation_use}",
             "test": "never read",
         },
-        "training_studies": rs.summary(train),
-        "validation_studies": rs.summary(validation),
-        "recipe_version": rs.RECIPE_VERSION,
+        "training_studies": training_studies,
+        "validation_studies": validation_studies,
+        "recipe_version": recipe_version,
     }
 
 
@@ -178,7 +193,7 @@ def train_segmenter(
                 },
                 "training": {
                     "config": {**config.to_dict(), "patch": rs.PATCH, "batch": batch},
-                    "data": data_card(names, train, val),
+                    "data": data_card(names, rs.summary(train), rs.summary(val)),
                     **summary,
                 },
             }
@@ -367,7 +382,7 @@ def train_screener(
                         "seed": scr.SEED,
                         "studies_per_anatomy": per_anatomy,
                     },
-                    "data": data_card(names, train, val),
+                    "data": data_card(names, rs.summary(train), rs.summary(val)),
                     **summary,
                 },
             }

@@ -1,9 +1,13 @@
-"""Small valid CT instances for DICOMweb tests, and a DICOMweb server beside a running node."""
+"""Small valid CT instances for DICOMweb tests, a DICOMweb server beside a running node, and an
+archive that answers every request with one HTTP error."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +81,39 @@ def dicomweb_server(
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class RefusingArchive:
+    url: str  # the DICOMweb root, ".../dicomweb"
+    asked: list[str] = field(default_factory=list)  # the paths requested, in order
+
+
+@contextmanager
+def refusing_archive(status: int = 404) -> Iterator[RefusingArchive]:
+    """An HTTP server on a free loopback port that answers every GET with ``status``."""
+    archive = RefusingArchive("")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            archive.asked.append(self.path)
+            body = b"refused"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer((HOST, 0), Handler)
+    archive.url = f"http://{HOST}:{httpd.server_address[1]}/dicomweb"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield archive
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

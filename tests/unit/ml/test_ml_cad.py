@@ -11,10 +11,12 @@ import torch
 
 from ml.image.blobs import detect_blobs
 from ml.image.nodule_segment import segment_nodule
-from ml.runtime import cad, networks
+from ml.runtime import cad, networks, registry
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
 from ml.runtime.registry import LoadedModel
 from ml.training import cad as cad_training
+from ml.training import real_samples as rs
+from ml.training import real_training
 
 PARENCHYMA = -850.0
 
@@ -155,6 +157,29 @@ def test_operating_threshold_keeps_the_estimated_false_calls_per_study():
     assert op["sensitivity_of_found"] == 1.0
     stricter = cad_training.operating_threshold(s, p, target_fp=0.5)
     assert 0.6 < stricter["threshold"] <= 0.61 and stricter["sensitivity_of_found"] == 0.5
+
+
+def _samples(n_studies: int) -> cad_training.SampleSet:
+    empty = np.zeros(0)
+    return cad_training.SampleSet(empty, empty, empty, empty, empty, studies=[{}] * n_studies)
+
+
+def test_the_classifiers_data_card_has_the_real_training_cards_shape():
+    names = ["lung1", "cap001"]
+    real = real_training.data_card(names, rs.summary([]), rs.summary([]))
+    data = cad_training._card_data(names, _samples(5), _samples(2))
+    assert list(data) == list(real) and list(data["split"]) == list(real["split"])
+    assert data["training_studies"] == 5 and data["validation_studies"] == 2
+    assert "threshold" in data["split"]["validation"] and "candidates" in data["description"]
+    # What the committed card says is what the code writes today for the same studies.
+    card = registry.read_card(*registry.DEFAULT_REFS["cad"].split("@"))
+    shipped = card["training"]["data"]
+    again = cad_training._card_data(
+        shipped["anatomies"],
+        _samples(shipped["training_studies"]),
+        _samples(shipped["validation_studies"]),
+    )
+    assert again == shipped
 
 
 def test_the_pipeline_outlines_and_scores_with_a_model():

@@ -7,6 +7,7 @@ import pytest
 
 from ml.data import scanner_aug
 from ml.data.compose import PlacementIndex, compose
+from ml.image.lungs import segment_lungs
 from ml.runtime.qa import estimate_noise_hu
 from tests.kit.phantoms import phantom_background, phantom_crop
 
@@ -99,3 +100,38 @@ def test_random_scanner_is_deterministic_and_labels_stay_binary(study):
     assert l1.dtype == bool and l1.any()
     assert 1.0 <= s1[0] <= 5.0 + 1e-6 and 0.5 - 1e-6 <= s1[1] <= 1.0 + 1e-6
     assert "spacing" in d1
+
+
+def _chest(shape=(24, 96, 96), spacing=(2.5, 1.5, 1.5)):
+    """A body cylinder (0 HU) with two lungs (-850 HU) running through every slice, air outside:
+    a scan range that ends inside the chest, as clinical ones do."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+    _, yy, xx = np.meshgrid(*axes, indexing="ij")
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[np.hypot(yy, xx) < 65.0] = 0.0
+    lungs = (np.hypot(yy, xx - 28.0) < 20.0) | (np.hypot(yy, xx + 28.0) < 20.0)
+    hu[lungs] = -850.0
+    return hu, lungs, spacing
+
+
+def test_shrinking_extends_the_end_slices_so_the_lungs_stay_closed():
+    hu, lungs, spacing = _chest()
+    assert segment_lungs(hu, spacing).any()
+    small, small_lungs = scanner_aug.rescale(hu, lungs, spacing, 0.8)
+    # Air above and below would join the lungs to the outside air: no lungs found.
+    found = segment_lungs(small, spacing)
+    assert found.any()
+    # Within the shrunk body (0.8 of 65 mm), 3 mm in from its edge.
+    body = np.hypot(*np.indices(hu.shape[1:]) - 47.5) * 1.5 < 0.8 * 65.0 - 3.0
+    for z in (0, -1):
+        assert (small[z][body] > -1000).all()  # the end slices are body and lung, not air
+        assert small_lungs[z].any()
+    # The label was extended as the image was: it still marks the lungs found in the image.
+    assert (found & small_lungs).sum() >= 0.9 * small_lungs.sum()
+
+
+def test_rotation_corners_stay_air(study):
+    hu, labels, spacing = study
+    # Only z is extended with the end slices: in-plane, what comes from outside stays air.
+    rot_hu, _ = scanner_aug.rotate(hu, labels, spacing, 12.0)
+    assert np.count_nonzero(rot_hu[:, 0, 0] == scanner_aug.AIR_HU) == hu.shape[0]
