@@ -357,7 +357,7 @@ def _plain(raw: bytes | None) -> str:
     if not raw.isascii() or b"\\" in raw or b"\x1b" in raw:
         raise _Unsure
     text = raw.decode("ascii").rstrip(" \x00")
-    if any(ch < " " for ch in text):
+    if not text.isprintable():
         raise _Unsure  # NULs or control characters inside: see _text
     return text
 

@@ -206,6 +206,8 @@ class DicomNode:
             self.durability.stop()
             self.journal.close()  # another start may follow: release the journal's lock
             raise
+        if self.config.event_driven and reactor.supported():
+            self._server.contexts = reactor.SharedContexts(self._server.contexts)
         log.info(
             "DICOM node %s listening on %s:%d (%s%s%s)",
             self.config.ae_title,
