@@ -24,6 +24,7 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
 _TRANSFER_SYNTAX = 0x00020010
+_PIXEL_DATA = 0x7FE00010
 _MAX_DEPTH = 16
 # VRs with a 4-byte length after two reserved bytes in explicit VR (PS3.5 table 7.1-1).
 _LONG_VRS = frozenset(
@@ -45,8 +46,12 @@ _U16 = struct.Struct("<H")
 @dataclass(frozen=True)
 class Element:
     vr: str | None  # None in implicit VR
-    value: bytes | None  # None for undefined length (sequences, encapsulated pixel data)
-    length: int
+    value: bytes | None  # None for undefined length, and for pixel data (only its length)
+    length: int  # 0xFFFFFFFF: undefined
+
+    @property
+    def undefined_length(self) -> bool:
+        return self.length == _UNDEFINED
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,9 @@ def _walk(
         if end > size:
             raise _Unsure
         if depth == 0 and tag in wanted:
-            found[tag] = Element(
-                None if vr is None else vr.decode(), bytes(buf[value_at:end]), length
-            )
+            # Pixel data is only measured: copying half a megabyte per slice is not free.
+            value = None if tag == _PIXEL_DATA else bytes(buf[value_at:end])
+            found[tag] = Element(None if vr is None else vr.decode(), value, length)
         pos = end
     if until_item_end:
         raise _Unsure  # an item of undefined length never ended

@@ -434,7 +434,7 @@ def _check_scanned_pixels(found: header_scan.Scan, values: dict[str, bytes | Non
     """`_check_pixel_data` for a scan; any failure is left to the careful path to report."""
     pixels = found.elements[_PIXEL_DATA]
     encapsulated = found.transfer_syntax in _ENCAPSULATED
-    if encapsulated != (pixels.value is None):
+    if encapsulated != pixels.undefined_length:
         raise _Unsure
     if encapsulated:
         return
