@@ -154,9 +154,12 @@ def build_corpus(lung2: Path, out: Path, n: int, studies: int = STUDIES) -> list
     return paths
 
 
-def build_small_corpus(lung2: Path, out: Path, n: int, studies: int = STUDIES) -> list[Path]:
+def build_small_corpus(
+    lung2: Path, out: Path, n: int, studies: int = STUDIES, name: str = ""
+) -> list[Path]:
     """`n` 64x64 CT instances (lung2's first slice, subsampled; about 9 KB each) in `studies`
-    studies: a corpus where the fixed cost per instance, not the bytes, sets the rate."""
+    studies: a corpus where the fixed cost per instance, not the bytes, sets the rate. Corpora
+    of another `name` have other UIDs."""
     source = pydicom.dcmread(sorted(lung2.glob("*.dcm"))[0])
     pixels = source.pixel_array[::8, ::8].copy()
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +172,7 @@ def build_small_corpus(lung2: Path, out: Path, n: int, studies: int = STUDIES) -
     ds.PixelSpacing = [f"{v:.10g}" for v in spacing]
     for i in range(n):
         study, index = divmod(i, per)
-        tag = f"small{n}/study{study}"
+        tag = f"small{name}{n}/study{study}"
         sop_uid = _uid(tag, "instance", str(index))
         ds.StudyInstanceUID = _uid(tag)
         ds.SeriesInstanceUID = _uid(tag, "series")
