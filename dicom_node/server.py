@@ -511,8 +511,9 @@ class DicomNode:
 def _part10(event: evt.Event, sop_class: str, sop_instance: str) -> bytes:
     """The received dataset as a Part 10 stream, as `event.encoded_dataset()` gives it."""
     dataset = event.request.DataSet
-    if not isinstance(dataset, BytesIO) or not sop_class or not sop_instance:
-        return event.encoded_dataset(include_meta=True)
+    plain = sop_class.isascii() and sop_instance.isascii() and sop_class and sop_instance
+    if not isinstance(dataset, BytesIO) or not plain:
+        return event.encoded_dataset(include_meta=True)  # pynetdicom's encoder decides
     header = store_codec.part10_header(
         sop_class,
         sop_instance,
