@@ -1,11 +1,13 @@
 """What the benchmark scripts share: the test kit (`tests/kit`: loopback ports, dcmtk's storescu
 and echoscu), a registry of the processes a benchmark starts so that every one of them is
 stopped whatever happens, the report-and-clean-up tail of a run (`BenchRun`, the log lines at
-WARNING or worse), and a DICOMweb token in a node's database."""
+WARNING or worse), a process's CPU time and memory from /proc, and a DICOMweb token in a node's
+database."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -33,10 +35,32 @@ __all__ = [
     "bench_token",
     "dcmtk_env",
     "free_port",
+    "proc_cpu_seconds",
+    "proc_status_kb",
     "problems",
     "report_log_problems",
     "storescu",
 ]
+
+
+def proc_status_kb(pid: int, key: str) -> int | None:
+    """A kB value (VmHWM, VmRSS) from /proc/PID/status, or None if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Processes:

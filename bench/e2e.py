@@ -99,7 +99,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
-from common import ECHOSCU, HOST, STORESCU, Processes, dcmtk_env, free_port, problems
+from common import (
+    ECHOSCU,
+    HOST,
+    STORESCU,
+    Processes,
+    dcmtk_env,
+    free_port,
+    problems,
+    proc_cpu_seconds,
+    proc_status_kb,
+)
 from common import storescu as kit_storescu
 from pydicom.uid import generate_uid
 
@@ -205,17 +215,6 @@ def storescu(files: list[Path], port: int) -> Send:
 # Processes
 
 
-def _proc_status(pid: int, key: str) -> int | None:
-    """A kB value (VmHWM, VmRSS) from /proc/PID/status, or None if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _children(pid: int) -> list[int]:
     kids: list[int] = []
     with contextlib.suppress(OSError):
@@ -223,15 +222,6 @@ def _children(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 kids += [int(p) for p in (task / "children").read_text().split()]
     return kids
-
-
-def _proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy_seconds() -> float:
@@ -255,7 +245,7 @@ class CpuMeter:
     def _ours(pids: list[int]) -> float:
         t = os.times()
         own = t.user + t.system + t.children_user + t.children_system
-        return own + sum(_proc_cpu_seconds(p) for p in pids)
+        return own + sum(proc_cpu_seconds(p) for p in pids)
 
     def stop(self, pids: list[int]) -> CpuShare:
         wall = time.monotonic() - self.t0
@@ -306,7 +296,7 @@ class Worker:
         todo = [self.proc.pid]
         while todo:
             pid = todo.pop()
-            hwm, rss = _proc_status(pid, "VmHWM"), _proc_status(pid, "VmRSS")
+            hwm, rss = proc_status_kb(pid, "VmHWM"), proc_status_kb(pid, "VmRSS")
             if hwm is not None and rss is not None:
                 role = "worker process" if pid == self.proc.pid else "child of the worker"
                 reading.procs.append((pid, role, hwm, rss))
@@ -396,7 +386,7 @@ class Service:
                 raise RuntimeError(f"worker {name} exited {proc.returncode}; see {log}")
             if log.exists() and " ready." in log.read_text(errors="replace"):
                 time.sleep(0.5)  # let it settle (first poll of the queue) before the idle RSS
-                worker.idle_rss_kb = _proc_status(proc.pid, "VmRSS")
+                worker.idle_rss_kb = proc_status_kb(proc.pid, "VmRSS")
                 self.workers.append(worker)
                 return worker
             time.sleep(0.2)
@@ -660,14 +650,14 @@ def run_throughput(
     if said := wait_quiet(pids, quiet_wait):
         print(f"  {said}", flush=True)
     meter = CpuMeter(pids)
-    workers_cpu0 = sum(_proc_cpu_seconds(w.proc.pid) for w in ws)
+    workers_cpu0 = sum(proc_cpu_seconds(w.proc.pid) for w in ws)
     send = storescu(interleave([p for _, p in studies]), svc.port)
     notes = [f"storescu: {p}" for p in send.problems[:5]]
     if send.returncode != 0:
         notes.insert(0, f"storescu exited {send.returncode}")
     states = svc.wait_finished(uids, timeout)
     cpu = meter.stop(pids)
-    workers_cpu = sum(_proc_cpu_seconds(w.proc.pid) for w in ws) - workers_cpu0
+    workers_cpu = sum(proc_cpu_seconds(w.proc.pid) for w in ws) - workers_cpu0
     memory = [w.memory(f"throughput {workers} w, round {rnd}") for w in ws]
     result = Throughput(
         workers,

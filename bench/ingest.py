@@ -75,7 +75,16 @@ from pathlib import Path
 
 import pydicom
 import pynetdicom
-from common import ECHOSCU, HOST, STORESCU, Processes, dcmtk_env, free_port, problems
+from common import (
+    ECHOSCU,
+    HOST,
+    STORESCU,
+    Processes,
+    dcmtk_env,
+    free_port,
+    problems,
+    proc_status_kb,
+)
 from common import storescu as kit_storescu
 
 STORESCP = "/usr/bin/storescp"
@@ -359,14 +368,7 @@ class RadaiNode(Receiver):
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             with contextlib.suppress(OSError):
                 pids += [int(p) for p in (task / "children").read_text().split()]
-        return {pid: _vm_hwm_kb(pid) for pid in pids}
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+        return {pid: proc_status_kb(pid, "VmHWM") or 0 for pid in pids}
 
 
 class StoreScp(Receiver):

@@ -29,24 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import HOST, Processes, free_port
+from common import HOST, Processes, free_port, proc_cpu_seconds, proc_status_kb
 from common import storescu as kit_storescu
 from ingest import _RADAI_EXE, build_samples, build_small_corpus, wait_for_echo
 
 AET = "RADAI"
 PG_DB = "radai_bench_scale"
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _pg_admin(url: str, sql: str) -> None:
@@ -97,19 +85,21 @@ def main(argv: list[str] | None = None) -> int:
             n = min(args.chunk, args.instances - sent)
             folder = work / f"chunk{chunk_no}"
             files = build_small_corpus(lung2, folder, n, name=f"scale{chunk_no}-")
-            cpu0, t0 = _cpu_seconds(node.pid), time.perf_counter()
+            cpu0, t0 = proc_cpu_seconds(node.pid), time.perf_counter()
             result = kit_storescu(
                 port, files, aec=AET, aet="SCALE", timeout=3600, verbose=False,
                 capture_stdout=False,
             )  # fmt: skip
             seconds = time.perf_counter() - t0
-            cpu = _cpu_seconds(node.pid) - cpu0
+            cpu = proc_cpu_seconds(node.pid) - cpu0
             shutil.rmtree(folder, ignore_errors=True)
             if result.returncode != 0:
                 print(f"FAILED: storescu exited {result.returncode} in chunk {chunk_no}")
                 failed = True
                 break
-            rows.append((sent, n / seconds, 1000 * cpu / n, _rss_mb(node.pid)))
+            rows.append(
+                (sent, n / seconds, 1000 * cpu / n, (proc_status_kb(node.pid, "VmRSS") or 0) / 1024)
+            )
             print(f"{sent:>15} {rows[-1][1]:>8.1f} {rows[-1][2]:>12.2f} {rows[-1][3]:>8.1f}")
             sent += n
             chunk_no += 1
