@@ -14,11 +14,14 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
 from dicom_io.destinations import format_destination
 
@@ -106,6 +109,23 @@ def send_files(
         ae.add_requested_context(sop, ts)
 
     connected = False
+    # What the peer answered before the association failed. pynetdicom 3.0.4 can drop an
+    # A-ASSOCIATE-RJ: when the peer closes straight after rejecting and its reader thread has
+    # already closed the socket by the time the requesting thread looks, it takes the closed
+    # socket for a failed connection and never reads the rejection. The PDU event still fires.
+    answers: list[A_ASSOCIATE | str] = []
+
+    def on_pdu(event: evt.Event) -> None:
+        pdu = getattr(event, "pdu", None)
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            answers.append(pdu.to_primitive())
+
+    def on_acse(event: evt.Event) -> None:
+        primitive = getattr(event, "primitive", None)  # set from the event's keyword arguments
+        if isinstance(primitive, A_P_ABORT):
+            answers.append("the peer closed the connection without answering")
+        elif isinstance(primitive, A_ABORT):
+            answers.append("the peer aborted it (A-ABORT)")
 
     def on_open(event: evt.Event) -> None:
         nonlocal connected
@@ -119,11 +139,19 @@ def send_files(
         sock.settimeout(timeout)
 
     try:
-        assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, on_open),
+            (evt.EVT_PDU_RECV, on_pdu),
+            (evt.EVT_ACSE_RECV, on_acse),
+        ]
+        assoc = ae.associate(host, port, ae_title=aet, evt_handlers=handlers)
     except ValueError as exc:  # e.g. an AE title pynetdicom refuses to encode
         raise StoreError(destination, f"invalid association request: {exc}", True) from exc
     if not assoc.is_established:
-        raise _association_failure(assoc, destination, connected, timeout)
+        # The same race leaves a peer's abort unread: reading it fires `on_acse`.
+        while assoc.dul.receive_pdu(wait=False) is not None:
+            pass
+        raise _association_failure(assoc, destination, connected, timeout, answers)
     try:
         results = _store_all(assoc, files, destination, check)
     except StoreError:
@@ -139,10 +167,15 @@ def send_files(
 
 
 def _association_failure(
-    assoc: Association, destination: tuple[str, str, int], connected: bool, timeout: float
+    assoc: Association,
+    destination: tuple[str, str, int],
+    connected: bool,
+    timeout: float,
+    answers: list[A_ASSOCIATE | str],
 ) -> StoreError:
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
+    rejections = [a for a in answers if isinstance(a, A_ASSOCIATE)]
+    if assoc.is_rejected or rejections:
+        rsp = assoc.acceptor.primitive if assoc.is_rejected else rejections[0]
         assert rsp is not None  # a rejection is an A-ASSOCIATE response
         reason = f"association rejected ({rsp.result_str}, {rsp.source_str}: {rsp.reason_str})"
         # Result 0x02 is "rejected (transient)", e.g. the peer's association limit was reached.
@@ -156,7 +189,10 @@ def _association_failure(
         )
         reason = f"no presentation context accepted ({rejected})"
         return StoreError(destination, reason, True)
-    reason = f"association aborted or not answered within {timeout:g} s"
+    ended = [a for a in answers if isinstance(a, str)]
+    if ended:
+        return StoreError(destination, f"association request: {ended[0]}", False)
+    reason = f"association request not answered within {timeout:g} s"
     return StoreError(destination, reason, False)
 
 

@@ -191,7 +191,7 @@ def test_wrong_called_aet_is_a_permanent_rejection(orthanc: OrthancServer, sr: P
     _, host, port = orthanc.destination
     before = set(orthanc.instances())
     error, elapsed = _store_error([sr], ("NOT_ORTHANC", host, port))
-    assert error.permanent
+    assert error.permanent, f"{error} after {elapsed:.1f} s; Orthanc:\n{orthanc.log_tail()}"
     assert "rejected" in error.reason
     assert error.destination == ("NOT_ORTHANC", host, port)
     assert str(error).startswith(f"NOT_ORTHANC@{host}:{port}: ")
@@ -216,6 +216,28 @@ def test_listener_that_never_answers_times_out_as_transient(
     error, elapsed = _store_error([sr], silent_listener, timeout=SHORT_TIMEOUT)
     assert not error.permanent
     assert "not answered" in error.reason
+    assert elapsed < SHORT_BOUND
+
+
+def test_listener_that_closes_on_the_request_is_transient_and_says_so(sr: Path) -> None:
+    """A peer that reads the A-ASSOCIATE-RQ and hangs up (a proxy whose backend is gone)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        destination = ("ANY", "127.0.0.1", server.getsockname()[1])
+        error, elapsed = _store_error([sr], destination, timeout=SHORT_TIMEOUT)
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    assert not error.permanent
+    assert "closed the connection without answering" in error.reason
     assert elapsed < SHORT_BOUND
 
 
