@@ -79,11 +79,9 @@ class Database:
 
     @contextmanager
     def deferred_driver_connection(self) -> Iterator[Any]:
-        """SQLite only: the driver's own connection behind `deferred_session`, for a hot path
-        that manages its transaction in SQL (autocommit mode: BEGIN IMMEDIATE ... COMMIT).
-        Back to the pool afterwards, rolled back if the caller left a transaction open."""
-        if not self.is_sqlite:
-            raise RuntimeError("a driver connection is offered for SQLite only")
+        """The driver's own connection behind `deferred_session` (sqlite3 in autocommit mode, or
+        psycopg), for a hot path that writes plain SQL and commits or rolls back itself. Back to
+        the pool afterwards, rolled back if the caller left a transaction open."""
         engine = self._deferred_factory().kw["bind"]
         pooled = engine.raw_connection()
         try:

@@ -10,15 +10,19 @@ the study and are audited per instance, by attribute, never with the value itsel
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from db import (
@@ -92,21 +96,11 @@ _BUMP_SERIES = (
 )
 
 
-# The common case on SQLite, as plain SQL on the driver's connection: SQLAlchemy's statement
-# and session machinery costs several times what SQLite spends executing these four statements,
-# and this runs for every instance received. The columns and their encodings are the models'
-# (a time goes through the column type's own bind processor), so the rows are the same as the
-# general path writes (tests/unit/dicom_node/test_plain_recording.py).
-_SQLITE = sqlite_dialect.dialect()
-_TIME = _I.c.received_at.type.dialect_impl(_SQLITE).bind_processor(_SQLITE)
-_PLAIN_FIND = f"SELECT 1 FROM {_I.name} WHERE sop_instance_uid = ?"
-_PLAIN_BUMP_STUDY = (
-    f"UPDATE {_S.name} SET instance_count = instance_count + 1, last_instance_at = ? "
-    "WHERE study_uid = ? RETURNING id, state, modalities, patient_id"
-)
-_PLAIN_BUMP_SERIES = (
-    f"UPDATE {_SE.name} SET instance_count = instance_count + 1 WHERE series_uid = ? RETURNING id"
-)
+# The common case as plain SQL on the driver's own connection: SQLAlchemy's statement and
+# session machinery costs several times what the database spends executing these four
+# statements, and this runs for every instance received. The columns and their encodings are the
+# models' (a time goes through the column type's own bind processor for that dialect), so the rows
+# are the same as the general path writes (tests/unit/dicom_node/test_plain_recording.py).
 _INSTANCE_COLUMNS = (
     "study_id",
     "series_id",
@@ -120,14 +114,52 @@ _INSTANCE_COLUMNS = (
     "calling_ae",
     "received_at",
 )
-_PLAIN_INSERT = (
-    f"INSERT INTO {_I.name} ({', '.join(_INSTANCE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
-)
 
 
-def record_plain_sqlite(
-    connection: sqlite3.Connection,
+@dataclass(frozen=True)
+class _PlainSQL:
+    begin: str | None  # None: the driver opens the transaction itself (psycopg)
+    find: str
+    bump_study: str
+    bump_series: str
+    insert: str
+    time: Callable[[datetime], object]
+
+
+def _plain_sql(dialect: Dialect, mark: str, begin: str | None) -> _PlainSQL:
+    to_db = _I.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+    return _PlainSQL(
+        begin=begin,
+        find=f"SELECT 1 FROM {_I.name} WHERE sop_instance_uid = {mark}",
+        bump_study=(
+            f"UPDATE {_S.name} SET instance_count = instance_count + 1, "
+            f"last_instance_at = {mark} WHERE study_uid = {mark} "
+            "RETURNING id, state, modalities, patient_id"
+        ),
+        bump_series=(
+            f"UPDATE {_SE.name} SET instance_count = instance_count + 1 "
+            f"WHERE series_uid = {mark} RETURNING id"
+        ),
+        insert=(
+            f"INSERT INTO {_I.name} ({', '.join(_INSTANCE_COLUMNS)}) "
+            f"VALUES ({', '.join([mark] * len(_INSTANCE_COLUMNS))})"
+        ),
+        time=to_db or (lambda value: value),
+    )
+
+
+# SQLite's connections run in autocommit mode (`db.session`): the transaction takes the write
+# lock at its start. psycopg opens a transaction at the first statement; the study's row lock
+# orders concurrent writers of one study.
+_PLAIN = {
+    "sqlite": _plain_sql(sqlite_dialect.dialect(), "?", "BEGIN IMMEDIATE"),
+    "postgresql": _plain_sql(psycopg_dialect.dialect(), "%s", None),
+}
+
+
+def record_plain(
+    connection: Any,
+    dialect: str,
     obj: ReceivedObject,
     *,
     digest: str,
@@ -136,29 +168,33 @@ def record_plain_sqlite(
     place: Place,
     now: datetime,
 ) -> Outcome | None:
-    """`record_in_session` for the common case, on SQLite's own connection (autocommit mode,
-    as `db.session` configures it): a new instance of a series already on record, in a study
-    that is receiving, of the same patient and a modality it already lists, with nothing
-    altered. Anything else returns None with nothing written, for the general path to decide.
+    """`record_in_session` for the common case, on the driver's own connection (sqlite3 or
+    psycopg, `Database.deferred_driver_connection`): a new instance of a series already on
+    record, in a study that is receiving, of the same patient and a modality it already lists,
+    with nothing altered. Anything else returns None with nothing written, for the general path
+    to decide. The caller keeps two writers of one SOP Instance UID apart (the node's lock), so
+    the instance checked absent is still absent when `place` files it.
     """
     if obj.alterations:
         return None
+    sql = _PLAIN[dialect]
     cur = connection.cursor()
-    cur.execute("BEGIN IMMEDIATE")
     try:
-        if cur.execute(_PLAIN_FIND, (obj.sop_instance_uid,)).fetchone() is not None:
-            cur.execute("ROLLBACK")
+        if sql.begin:
+            cur.execute(sql.begin)
+        if cur.execute(sql.find, (obj.sop_instance_uid,)).fetchone() is not None:
+            connection.rollback()
             return None
-        row = cur.execute(_PLAIN_BUMP_STUDY, (_TIME(now), obj.study_uid)).fetchone()
+        row = cur.execute(sql.bump_study, (sql.time(now), obj.study_uid)).fetchone()
         if row is None or not _plain_study(obj, *row[1:]):
-            cur.execute("ROLLBACK")
+            connection.rollback()
             return None
-        series = cur.execute(_PLAIN_BUMP_SERIES, (obj.series_uid,)).fetchone()
+        series = cur.execute(sql.bump_series, (obj.series_uid,)).fetchone()
         if series is None:
-            cur.execute("ROLLBACK")
+            connection.rollback()
             return None
         cur.execute(
-            _PLAIN_INSERT,
+            sql.insert,
             (
                 row[0],
                 series[0],
@@ -170,13 +206,13 @@ def record_plain_sqlite(
                 size,
                 obj.transfer_syntax,
                 calling_ae,
-                _TIME(now),
+                sql.time(now),
             ),
         )
-        cur.execute("COMMIT")
+        connection.commit()
     except BaseException:
-        if connection.in_transaction:
-            cur.execute("ROLLBACK")
+        with contextlib.suppress(Exception):  # a lost connection cannot roll back; say why not
+            connection.rollback()
         raise
     finally:
         cur.close()

@@ -34,6 +34,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -425,18 +426,17 @@ class DicomNode:
         lock = self._locks[zlib.crc32(obj.sop_instance_uid.encode()) % _STRIPES]
         try:
             with lock, self._sqlite_writer:
-                outcome = None
-                if self.db.is_sqlite:
-                    with self.db.deferred_driver_connection() as connection:
-                        outcome = recording.record_plain_sqlite(
-                            connection,
-                            obj,
-                            digest=digest,
-                            size=size,
-                            calling_ae=calling_ae,
-                            place=put,
-                            now=received_at,
-                        )
+                with self.db.deferred_driver_connection() as connection:
+                    outcome = recording.record_plain(
+                        connection,
+                        self.db.engine.dialect.name,
+                        obj,
+                        digest=digest,
+                        size=size,
+                        calling_ae=calling_ae,
+                        place=put,
+                        now=received_at,
+                    )
                 if outcome is None:
                     with self.db.deferred_session() as s:
                         outcome = recording.record_in_session(
@@ -559,8 +559,8 @@ def _peek_study_uid(data: bytes) -> str | None:
 def _is_db_error(exc: Exception) -> bool:
     from sqlalchemy.exc import SQLAlchemyError
 
-    # sqlite3's own errors come from the plain path of `recording.record_plain_sqlite`.
-    return isinstance(exc, SQLAlchemyError | sqlite3.Error)
+    # The drivers' own errors come from the plain path of `recording.record_plain`.
+    return isinstance(exc, SQLAlchemyError | sqlite3.Error | psycopg.Error)
 
 
 def _handle_echo(event: evt.Event) -> int:

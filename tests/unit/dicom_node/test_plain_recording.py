@@ -1,19 +1,22 @@
-"""The node's plain SQL path for the common case (`recording.record_plain_sqlite`) against the
-general path (`record_in_session`): the same instances give the same rows, and every case that
-is not the common one is left to the general path with nothing written."""
+"""The node's plain SQL path for the common case (`recording.record_plain`, on SQLite and on
+PostgreSQL) against the general path (`record_in_session`): the same instances give the same rows,
+and every case that is not the common one is left to the general path with nothing written."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text, update
 
 from db import Study, StudyState
 from db.session import Database
 from dicom_node import recording
 from dicom_node.inspection import TRUNCATED, Alteration, ReceivedObject
+from tests.conftest import _make_pg
 
 T0 = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -55,8 +58,9 @@ def _general(db: Database, obj: ReceivedObject, n: int) -> recording.Outcome:
 
 def _plain(db: Database, obj: ReceivedObject, n: int) -> recording.Outcome | None:
     with db.deferred_driver_connection() as connection:
-        return recording.record_plain_sqlite(
+        return recording.record_plain(
             connection,
+            db.engine.dialect.name,
             obj,
             digest=f"{n:064x}",
             size=1000 + n,
@@ -77,14 +81,31 @@ def _dump(db: Database) -> dict[str, list[tuple]]:
         return {name: [tuple(r) for r in conn.execute(text(sql))] for name, sql in tables.items()}
 
 
-def _db(path: Path) -> Database:
-    db = Database(f"sqlite:///{path}")
-    db.upgrade()
-    return db
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Database]]:
+    """Migrated, empty databases of one kind, as many as the test asks for."""
+    made: list[tuple[Database, Callable[[], None] | None]] = []
+
+    def make() -> Database:
+        if request.param == "sqlite":
+            db = Database(f"sqlite:///{tmp_path / f'radai{len(made)}.sqlite'}")
+            db.upgrade()
+            made.append((db, None))
+        else:
+            db, drop = _make_pg(request.getfixturevalue("pg_template"))
+            made.append((db, drop))
+        return db
+
+    yield make
+    for db, drop in made:
+        if drop is None:
+            db.dispose()
+        else:
+            drop()
 
 
-def test_plain_path_writes_the_rows_the_general_path_writes(tmp_path):
-    general, mixed = _db(tmp_path / "general.sqlite"), _db(tmp_path / "mixed.sqlite")
+def test_plain_path_writes_the_rows_the_general_path_writes(make_db):
+    general, mixed = make_db(), make_db()
     objects = [_obj(n) for n in range(1, 6)]
     objects.append(_obj(6, series="1.2.3.2"))  # a new series: general path
     objects += [_obj(n, series="1.2.3.2") for n in range(7, 10)]
@@ -105,8 +126,8 @@ def test_plain_path_writes_the_rows_the_general_path_writes(tmp_path):
         assert study.last_instance_at == T0 + timedelta(seconds=9)
 
 
-def test_every_other_case_is_left_to_the_general_path_untouched(tmp_path):
-    db = _db(tmp_path / "radai.sqlite")
+def test_every_other_case_is_left_to_the_general_path_untouched(make_db):
+    db = make_db()
     assert _plain(db, _obj(1), 1) is None  # no study yet
     assert _general(db, _obj(1), 1) == recording.Outcome.NEW
     assert _plain(db, _obj(2), 2) == recording.Outcome.NEW
