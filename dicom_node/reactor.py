@@ -28,9 +28,11 @@ import select
 import ssl
 import threading
 import time
+from io import BytesIO
 from typing import Any
 
 import pynetdicom
+from pydicom.uid import UID
 from pynetdicom import association as pynetdicom_association
 from pynetdicom import dul as pynetdicom_dul
 from pynetdicom import evt
@@ -78,6 +80,7 @@ def make_event_driven(assoc: Any) -> bool:
         for event, handler in _STANDARD_LOG_HANDLERS:
             assoc.unbind(event, handler)
     assoc.dimse.send_msg = _quick_store_responses(assoc, assoc.dimse.send_msg)
+    assoc.dimse.receive_primitive = _quick_store_requests(assoc, assoc.dimse.receive_primitive)
     return True
 
 
@@ -121,6 +124,88 @@ def _quick_store_responses(assoc: Any, send_msg: Any) -> Any:
         dimse.dul.send_pdu(pdata)
 
     return send
+
+
+def _quick_store_requests(assoc: Any, receive_primitive: Any) -> Any:
+    """`receive_primitive` that reads plain C-STORE requests itself (`store_codec.c_store_rq`)
+    and queues them as pynetdicom would: a C_STORE primitive with the data set as BytesIO.
+
+    A message is collected fragment by fragment as pynetdicom's `DIMSEMessage.decode_msg` does.
+    Once its command set is complete and is anything but a plain C-STORE-RQ (an echo, a request
+    on behalf of a C-MOVE, a value pynetdicom would convert or refuse), or anything else is out
+    of the ordinary, the primitives received for it so far are handed to pynetdicom's own
+    `receive_primitive` in order, and so is the rest of that message: pynetdicom decides.
+    """
+    dimse = assoc.dimse
+    pending: list[Any] = []  # the P-DATA primitives of the message being received
+    command = bytearray()
+    fragments: list[memoryview] = []
+    request: list[store_codec.StoreRequest | int] = []  # the parsed command and its context ID
+    to_pynetdicom = False  # the rest of this message goes to pynetdicom
+
+    def reset() -> None:
+        pending.clear()
+        command.clear()
+        fragments.clear()
+        request.clear()
+
+    def hand_over() -> None:
+        nonlocal to_pynetdicom
+        replay = list(pending)
+        reset()
+        for primitive in replay:
+            receive_primitive(primitive)
+        to_pynetdicom = dimse.message is not None  # None: pynetdicom completed the message
+
+    def receive(primitive: Any) -> None:
+        nonlocal to_pynetdicom
+        if to_pynetdicom:
+            receive_primitive(primitive)
+            to_pynetdicom = dimse.message is not None
+            return
+        pending.append(primitive)
+        if not isinstance(primitive, P_DATA) or assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            hand_over()
+            return
+        for context_id, pdv in primitive.presentation_data_value_list:
+            if not pdv:
+                hand_over()
+                return
+            header = pdv[0]
+            if header & 1:  # a command fragment
+                if request:
+                    hand_over()  # more command after the last command fragment
+                    return
+                command.extend(memoryview(pdv)[1:])
+                if header & 2:
+                    parsed = store_codec.c_store_rq(bytes(command))
+                    if parsed is None:
+                        hand_over()
+                        return
+                    request.extend((parsed, context_id))
+            else:
+                if not request:
+                    hand_over()  # data before its command: pynetdicom's way
+                    return
+                fragments.append(memoryview(pdv)[1:])
+                if header & 2:
+                    _queue_store(dimse, request[0], request[1], b"".join(fragments))
+                    reset()
+                    return  # like pynetdicom, what follows in this P-DATA is not read
+
+    return receive
+
+
+def _queue_store(dimse: Any, parsed: Any, context_id: Any, dataset: bytes) -> None:
+    req = C_STORE()
+    req.MessageID = parsed.message_id
+    req.Priority = parsed.priority
+    # Checked by `c_store_rq`; pynetdicom's setters would check them again.
+    req._affected_sop_class_uid = UID(parsed.sop_class_uid)
+    req._affected_sop_instance_uid = UID(parsed.sop_instance_uid)
+    req.DataSet = BytesIO(dataset)
+    req._context_id = context_id
+    dimse.msg_queue.put((context_id, req))
 
 
 class SharedContexts(list):

@@ -1,19 +1,23 @@
-"""The two small encodings the node makes for every C-STORE, built with `struct`.
+"""The small encodings the node makes and reads for every C-STORE, with `struct`.
 
-pynetdicom builds both through pydicom datasets: the File Meta Information put in front of a
-received dataset (`Event.encoded_dataset`) and the C-STORE-RSP command set. Together they cost
-more CPU than recording the instance. Both are fixed layouts of a few elements, so they are
-written here directly; `tests/unit/dicom_node/test_store_codec.py` checks them byte for byte
-against pynetdicom's own encodings.
+pynetdicom builds and reads them through pydicom datasets: the File Meta Information put in front
+of a received dataset (`Event.encoded_dataset`), the C-STORE-RSP command set, and the C-STORE-RQ
+command set it decodes. Together they cost more CPU than recording the instance. All are fixed
+layouts of a few elements, so they are written and read here directly;
+`tests/unit/dicom_node/test_store_codec.py` checks them against pynetdicom's own encodings and
+decodings. The reader answers only for a plain request and leaves anything else to pynetdicom.
 
 Imports only the standard library.
 """
 
 from __future__ import annotations
 
+import re
 import struct
+from typing import NamedTuple
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+_C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _NO_DATASET = 0x0101
 
@@ -69,3 +73,52 @@ def c_store_rsp(message_id: int, sop_class_uid: str, sop_instance_uid: str, stat
         )
     )
     return _implicit(0x0000, struct.pack("<I", len(elements))) + elements
+
+
+class StoreRequest(NamedTuple):
+    message_id: int
+    priority: int
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+# The command elements of a C-STORE-RQ not sent on behalf of a C-MOVE (PS3.7 9.3.1.1): Affected
+# SOP Class UID, Command Field, Message ID, Priority, Command Data Set Type, Affected SOP
+# Instance UID; the Command Group Length may come too.
+_PLAIN_RQ = frozenset({0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+_UID = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+
+
+def c_store_rq(command: bytes) -> StoreRequest | None:
+    """The fields of a plain C-STORE-RQ command set (Implicit VR Little Endian), or None for
+    anything else: another command, more or fewer elements than the plain six, a value of an
+    unexpected length, a UID that is not plainly valid, a priority outside 0-2. pynetdicom reads
+    those and decides (its conversions and its refusals stay its own)."""
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(command)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        pos += 8
+        if group != 0 or length > end - pos or element in values:
+            return None
+        values[element] = command[pos : pos + length]
+        pos += length
+    group_length = values.pop(0x0000, None)
+    if group_length is not None and len(group_length) != 4:
+        return None
+    if values.keys() != _PLAIN_RQ or any(
+        len(values[e]) != 2 for e in (0x0100, 0x0110, 0x0700, 0x0800)
+    ):
+        return None
+    (command_field,) = struct.unpack("<H", values[0x0100])
+    (message_id,) = struct.unpack("<H", values[0x0110])
+    (priority,) = struct.unpack("<H", values[0x0700])
+    (dataset_type,) = struct.unpack("<H", values[0x0800])
+    if command_field != _C_STORE_RQ or dataset_type == _NO_DATASET or priority > 2:
+        return None
+    uids = [values[e].rstrip(b"\x00 ") for e in (0x0002, 0x1000)]
+    if not all(0 < len(uid) <= 64 and _UID.fullmatch(uid) for uid in uids):
+        return None
+    return StoreRequest(message_id, priority, uids[0].decode(), uids[1].decode())
