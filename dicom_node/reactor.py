@@ -259,9 +259,10 @@ class _Waker:
                 os.write(self._write_fd, b"\0")
 
     def drain(self) -> None:
+        # One read: wake-ups beyond 4,096 leave the pipe readable, and the next select() returns
+        # at once to drain the rest.
         with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self.read_fd, 4096):
-                pass
+            os.read(self.read_fd, 4096)
 
     def close(self) -> None:
         with self._lock:
@@ -282,10 +283,11 @@ def _wait_for_io(dul: Any, waker: _Waker) -> None:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return  # decrypted bytes already buffered, which select() cannot see
     try:
-        select.select([sock, waker.read_fd], [], [], _MAX_WAIT)
+        readable, _, _ = select.select([sock, waker.read_fd], [], [], _MAX_WAIT)
     except (OSError, ValueError):
         return  # closed under us: the next pass reports it (Evt17) as pynetdicom's would
-    waker.drain()
+    if waker.read_fd in readable:
+        waker.drain()
 
 
 def _run_dul(dul: Any, waker: _Waker) -> None:
