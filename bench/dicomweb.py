@@ -84,10 +84,11 @@ from common import (  # noqa: E402
     dcmtk_env,
     free_port,
     problems,
+    proc_cpu_seconds,
     report_log_problems,
 )
 from dicomweb_client.api import DICOMwebClient  # noqa: E402
-from e2e import Service, _proc_cpu_seconds  # noqa: E402
+from e2e import Service  # noqa: E402
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid  # noqa: E402
 
 from db.session import Database  # noqa: E402
@@ -209,7 +210,7 @@ def _run(server: Server, name: str, fn: Callable[[Server], object]) -> None:
     row = server.rows.setdefault(name, Row())
     if row.walls and math.isnan(row.walls[0]):
         return  # refused or timed out once: not asked again
-    c, w = _proc_cpu_seconds(server.pid), time.perf_counter()
+    c, w = proc_cpu_seconds(server.pid), time.perf_counter()
     try:
         result = fn(server)
     except requests.RequestException as exc:
@@ -218,7 +219,7 @@ def _run(server: Server, name: str, fn: Callable[[Server], object]) -> None:
         row.walls, row.cpus = [math.nan], [math.nan]
         return
     row.walls.append(time.perf_counter() - w)
-    row.cpus.append(_proc_cpu_seconds(server.pid) - c)
+    row.cpus.append(proc_cpu_seconds(server.pid) - c)
     if isinstance(result, tuple):  # (what to show, bytes)
         row.result, nbytes = result
         row.mb = nbytes / 1e6
