@@ -24,7 +24,7 @@ from db.audit_keys import AuditKeys  # noqa: E402
 from db.session import Database  # noqa: E402
 from db.users import add_user  # noqa: E402
 from tests.kit.dcmtk import ECHOSCU, STORESCU, dcmtk_env, problems, storescu  # noqa: E402
-from tests.kit.net import HOST, free_port  # noqa: E402
+from tests.kit.net import HOST, free_port, listening_sockets  # noqa: E402
 
 __all__ = [
     "ECHOSCU",
@@ -35,6 +35,7 @@ __all__ = [
     "bench_token",
     "dcmtk_env",
     "free_port",
+    "listening_sockets",
     "proc_cpu_seconds",
     "proc_status_kb",
     "problems",

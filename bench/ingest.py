@@ -82,6 +82,7 @@ from common import (
     Processes,
     dcmtk_env,
     free_port,
+    listening_sockets,
     problems,
     proc_status_kb,
 )
@@ -314,6 +315,7 @@ class Receiver:
 class RadaiNode(Receiver):
     name = "radai"
     aet = "RADAI"
+    processes = 1  # RADAI_NODE_PROCESSES (--node-processes)
     durability = (
         "the instance's bytes in an append-only journal, fdatasynced (shared by concurrent "
         "senders); file renamed into place and SQLite index committed (not yet synced); file, "
@@ -337,7 +339,16 @@ class RadaiNode(Receiver):
             "RADAI_DICOM_PORT": str(self.port),
             "RADAI_AE_TITLE": self.aet,
             "RADAI_STABLE_SECONDS": str(self.stable_seconds),
+            "RADAI_NODE_PROCESSES": str(self.processes),
         }
+
+    def start(self) -> None:
+        super().start()
+        # The listener processes start after the node answers: wait for all of them, or the
+        # first senders would all reach the node alone.
+        deadline = time.monotonic() + 60
+        while listening_sockets(self.port) < self.processes and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def studies(self) -> list[dict]:
         result = subprocess.run(
@@ -664,7 +675,14 @@ def main(argv: list[str] | None = None) -> int:
         help="RADAI_STABLE_SECONDS for the node (default 5, the node's default)",
     )
     parser.add_argument("--skip-memory", action="store_true", help="no memory run")
+    parser.add_argument(
+        "--node-processes",
+        type=int,
+        default=1,
+        help="RADAI_NODE_PROCESSES: processes receiving on the node's port (default 1)",
+    )
     args = parser.parse_args(argv)
+    RadaiNode.processes = args.node_processes
     senders = [int(v) for v in args.senders.split(",") if v.strip()]
     for tool in (STORESCU, STORESCP, ECHOSCU, ORTHANC, str(_RADAI_EXE)):
         if not os.access(tool, os.X_OK):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
@@ -167,6 +167,7 @@ def record_plain(
     calling_ae: str,
     place: Place,
     now: datetime,
+    lock_across_processes: bool = False,
 ) -> Outcome | None:
     """`record_in_session` for the common case, on the driver's own connection (sqlite3 or
     psycopg, `Database.deferred_driver_connection`): a new instance of a series already on
@@ -182,6 +183,8 @@ def record_plain(
     try:
         if sql.begin:
             cur.execute(sql.begin)
+        if lock_across_processes and dialect == "postgresql":
+            cur.execute(_PG_LOCK_UID, (obj.sop_instance_uid,))
         if cur.execute(sql.find, (obj.sop_instance_uid,)).fetchone() is not None:
             connection.rollback()
             return None
@@ -217,6 +220,21 @@ def record_plain(
     finally:
         cur.close()
     return Outcome.NEW
+
+
+# A transaction lock on the UID's hash: two node processes recording one SOP Instance UID take
+# turns, as two threads of one process do on the node's own lock. A hash collision only makes
+# two unrelated instances wait for each other.
+_PG_LOCK_UID = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+
+
+def lock_uid_across_processes(session: Session, sop_instance_uid: str) -> None:
+    """On PostgreSQL, hold this SOP Instance UID's lock until the session's transaction ends
+    (several node processes on one port); SQLite's write lock already covers it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:uid))"), {"uid": sop_instance_uid}
+        )
 
 
 def _plain_study(obj: ReceivedObject, state: str, modalities: str, patient_id: str | None) -> bool:

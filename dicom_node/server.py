@@ -44,6 +44,8 @@ from pynetdicom import (
 )
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from db import audit
 from db.audit_actions import AuditAction
@@ -93,6 +95,12 @@ class NodeConfig:
     # Association threads wait for their socket and queues instead of polling (`reactor`);
     # `poll_seconds` then applies only where pynetdicom's version is not the one it copies.
     event_driven: bool = True
+    # Several node processes listen on this port (SO_REUSEPORT; `dicom_node.listeners`): each
+    # needs a journal folder of its own, and on PostgreSQL two processes recording one SOP
+    # Instance UID are kept apart by a lock in the database (the node's own locks are per
+    # process; SQLite's BEGIN IMMEDIATE already orders writers across processes).
+    shared_port: bool = False
+    journal_folder: str = ".journal"
 
 
 def parse_networks(values: list[str]) -> list[Network]:
@@ -141,7 +149,7 @@ class DicomNode:
         if config.tls_ca is not None and config.tls_cert is None:
             raise ValueError("a TLS CA is given but no certificate and key")
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="radai-store")
-        self.journal = Journal(archive.root / ".journal")
+        self.journal = Journal(archive.root / config.journal_folder)
         self.durability = Durability(db, self.journal, interval=config.sync_seconds)
         self.ae = self._build_ae()
 
@@ -197,12 +205,17 @@ class DicomNode:
             (evt.EVT_C_STORE, self.handle_store),
         ]
         try:
-            self._server = self.ae.start_server(
-                (self.config.host, self.config.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=context,
-            )
+            if self.config.shared_port:
+                self._server = _start_shared_port_server(
+                    self.ae, (self.config.host, self.config.port), handlers, context
+                )
+            else:
+                self._server = self.ae.start_server(
+                    (self.config.host, self.config.port),
+                    block=False,
+                    evt_handlers=handlers,
+                    ssl_context=context,
+                )
         except BaseException:
             self.durability.stop()
             self.journal.close()  # another start may follow: release the journal's lock
@@ -431,6 +444,7 @@ class DicomNode:
                         connection,
                         self.db.engine.dialect.name,
                         obj,
+                        lock_across_processes=self.config.shared_port,
                         digest=digest,
                         size=size,
                         calling_ae=calling_ae,
@@ -439,6 +453,8 @@ class DicomNode:
                     )
                 if outcome is None:
                     with self.db.deferred_session() as s:
+                        if self.config.shared_port:
+                            recording.lock_uid_across_processes(s, obj.sop_instance_uid)
                         outcome = recording.record_in_session(
                             s,
                             obj,
@@ -554,6 +570,31 @@ def _peek_study_uid(data: bytes) -> str | None:
         return str(value) if value else None
     except Exception:  # noqa: BLE001
         return None
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """A listening socket other node processes may bind too; the kernel spreads the incoming
+    connections among them."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None  # socketserver creates it before binding
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _start_shared_port_server(
+    ae: AE, address: tuple[str, int], handlers: list, context: ssl.SSLContext | None
+) -> ThreadedAssociationServer:
+    """`AE.start_server(block=False)` with `_SharedPortServer` for its server class."""
+    server = ae.make_server(
+        address, ssl_context=context, evt_handlers=handlers, server_class=_SharedPortServer
+    )
+    thread = threading.Thread(
+        target=make_target(server.serve_forever), name="AcceptorServer-shared", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)
+    return server
 
 
 def _is_db_error(exc: Exception) -> bool:

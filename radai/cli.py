@@ -72,6 +72,7 @@ def _node_service(settings: Settings):  # noqa: ANN202
         tls_key=tls_key,
         tls_ca=tls_ca,
         allowed_networks=settings.networks,
+        shared_port=settings.node_processes > 1,
     )
     return NodeService(
         db,
@@ -92,9 +93,10 @@ class _NodeWithDicomWeb:
     """The node service and, on RADAI_DICOMWEB_PORT, DICOMweb in the same process: STOW-RS
     stores through the node's own C-STORE path (`DicomNode.store`) and its locks."""
 
-    def __init__(self, service, web) -> None:  # noqa: ANN001
+    def __init__(self, service, web, listeners=None) -> None:  # noqa: ANN001
         self.service = service
         self.web = web
+        self.listeners = listeners  # dicom_node.listeners.Listeners, RADAI_NODE_PROCESSES > 1
 
     @property
     def port(self) -> int:
@@ -108,8 +110,12 @@ class _NodeWithDicomWeb:
             except OSError as exc:
                 self.service.stop()
                 raise SystemExit(f"radai: DICOMweb cannot listen: {exc}") from None
+        if self.listeners is not None:
+            self.listeners.start()  # after the node: its port is bound, its journal replayed
 
     def stop(self) -> None:
+        if self.listeners is not None:
+            self.listeners.stop()
         if self.web is not None:
             self.web.stop()
         self.service.stop()
@@ -120,8 +126,16 @@ class _NodeWithDicomWeb:
 
 def _node_with_dicomweb(settings: Settings) -> _NodeWithDicomWeb:
     service = _node_service(settings)
+    listeners = None
+    if settings.node_processes > 1:
+        from dicom_node.listeners import Listeners
+
+        listeners = Listeners(
+            lambda index: [sys.executable, "-m", "radai", "node", "--listener", str(index)],
+            settings.node_processes - 1,
+        )
     if settings.dicomweb_port == 0:
-        return _NodeWithDicomWeb(service, None)
+        return _NodeWithDicomWeb(service, None, listeners)
     from dicomweb.app import Service
     from dicomweb.server import DicomWebServer
 
@@ -140,7 +154,7 @@ def _node_with_dicomweb(settings: Settings) -> _NodeWithDicomWeb:
         tls_ca=tls_ca,
         extra_routes=_viewer_routes(settings),
     )
-    return _NodeWithDicomWeb(service, web)
+    return _NodeWithDicomWeb(service, web, listeners)
 
 
 def _ohif_folder(settings: Settings) -> Path:
@@ -177,8 +191,32 @@ def _serve_until_signal(service) -> int:  # noqa: ANN001
 def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     from radai import logs
 
+    if args.listener is not None:
+        logs.configure(settings.log_level, settings.log_dir, f"node-{args.listener}")
+        return _serve_listener(settings, args.listener)
     logs.configure(settings.log_level, settings.log_dir, "node")
     return _serve_until_signal(_node_with_dicomweb(settings))
+
+
+def _serve_listener(settings: Settings, index: int) -> int:
+    """One of RADAI_NODE_PROCESSES: the node's receiving part only, started by the full node."""
+    import dataclasses
+    import os
+    import threading
+
+    from dicom_node.listeners import serve_listener
+    from dicom_node.server import DicomNode
+
+    service = _node_service(settings)  # the same configuration; only its receiving part runs
+    config = dataclasses.replace(
+        service.node.config, shared_port=True, journal_folder=f".journal-{index}"
+    )
+    node = DicomNode(service.db, service.archive, config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    serve_listener(node, stop, os.getppid())
+    return 0
 
 
 def _worker_config(settings: Settings):  # noqa: ANN202
@@ -974,11 +1012,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "up", help="run the service on embedded defaults: node (with DICOMweb), worker, dashboard"
     )
-    sub.add_parser(
+    node = sub.add_parser(
         "node",
         help="run the DICOM node: listener, study assembly, dispatcher and DICOMweb "
         "(RADAI_DICOMWEB_PORT)",
     )
+    # Started by the node itself for RADAI_NODE_PROCESSES > 1, not by hand.
+    node.add_argument("--listener", type=int, default=None, help=argparse.SUPPRESS)
     worker = sub.add_parser("worker", help="run a Celery worker for the pipeline and exports")
     worker.add_argument("--queues", default=None, help="comma list (default: both queues)")
     worker.add_argument("--concurrency", type=int, default=1)

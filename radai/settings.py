@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     )
     max_instance_mb: float = Field(default=512.0, description="larger instances are refused")
     min_free_disk_mb: float = Field(default=1024.0, description="refuse instances below this")
+    node_processes: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="processes receiving on the DICOM port (SO_REUSEPORT): more use more cores "
+        "for concurrent senders; each takes up to 32 associations",
+    )
     queue: str = Field(default="radai.pipeline", description="Celery queue of process_study")
     io_queue: str = Field(default="radai.io", description="Celery queue of exports")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")

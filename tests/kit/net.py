@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 HOST = "127.0.0.1"  # tests and benchmarks only ever talk to loopback
 
@@ -22,6 +23,21 @@ def port_open(port: int, host: str = HOST) -> bool:
             return True
     except OSError:
         return False
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets in LISTEN on TCP `port`, any process's (several: SO_REUSEPORT), from /proc."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                count += 1
+    return count
 
 
 def wait_until(
