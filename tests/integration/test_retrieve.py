@@ -44,6 +44,13 @@ def test_an_unknown_patient_has_no_studies(pacs):
     assert find_studies(orthanc.destination, "NO-SUCH-PATIENT", timeout=15) == []
 
 
+def test_a_rejected_association_says_so(pacs):
+    orthanc, _ = pacs
+    _, host, port = orthanc.destination
+    with pytest.raises(RetrieveError, match=r"association rejected \(Rejected Permanent"):
+        find_studies(("NOT_ORTHANC", host, port), "X", timeout=15)
+
+
 def test_unreachable_peer_is_a_retrieve_error():
     with pytest.raises(RetrieveError, match="not established"):
         find_studies(("NOBODY", "127.0.0.1", free_port()), "X", timeout=3)
