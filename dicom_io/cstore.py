@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -196,6 +197,17 @@ def _association_failure(
     return StoreError(destination, reason, False)
 
 
+def _send_one(assoc: Association, path: Path) -> Dataset | None:
+    try:
+        return assoc.send_c_store(pydicom.dcmread(path))
+    except RuntimeError:
+        # The abort after a timed-out store runs in pynetdicom's own thread: the association can
+        # end between our check and pynetdicom's, which raises this. No response, then.
+        if assoc.is_established:
+            raise
+        return None
+
+
 def _store_all(
     assoc: Association,
     files: list[tuple[Path, str, str]],
@@ -210,7 +222,7 @@ def _store_all(
     results = []
     for path, _sop, _ts in files:
         # A store that timed out aborts the association: the files after it get no response.
-        rsp = assoc.send_c_store(pydicom.dcmread(path)) if assoc.is_established else None
+        rsp = _send_one(assoc, path) if assoc.is_established else None
         status = rsp.get("Status") if rsp else None
         results.append(StoreResult(path, None if status is None else int(status)))
         if check and not results[-1].ok:
