@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RJ
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 
+from dicom_io import rejection
 from dicom_io.destinations import format_destination
 
 # Success, plus the warnings the storage service defines: coercion, elements discarded, data set
@@ -110,23 +110,15 @@ def send_files(
         ae.add_requested_context(sop, ts)
 
     connected = False
-    # What the peer answered before the association failed. pynetdicom 3.0.4 can drop an
-    # A-ASSOCIATE-RJ: when the peer closes straight after rejecting and its reader thread has
-    # already closed the socket by the time the requesting thread looks, it takes the closed
-    # socket for a failed connection and never reads the rejection. The PDU event still fires.
-    answers: list[A_ASSOCIATE | str] = []
-
-    def on_pdu(event: evt.Event) -> None:
-        pdu = getattr(event, "pdu", None)
-        if isinstance(pdu, A_ASSOCIATE_RJ):
-            answers.append(pdu.to_primitive())
+    watch = rejection.Watch()
+    ended: list[str] = []  # how the peer ended the association before answering, if it did
 
     def on_acse(event: evt.Event) -> None:
         primitive = getattr(event, "primitive", None)  # set from the event's keyword arguments
         if isinstance(primitive, A_P_ABORT):
-            answers.append("the peer closed the connection without answering")
+            ended.append("the peer closed the connection without answering")
         elif isinstance(primitive, A_ABORT):
-            answers.append("the peer aborted it (A-ABORT)")
+            ended.append("the peer aborted it (A-ABORT)")
 
     def on_open(event: evt.Event) -> None:
         nonlocal connected
@@ -142,17 +134,18 @@ def send_files(
     try:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_open),
-            (evt.EVT_PDU_RECV, on_pdu),
+            watch.handler,
             (evt.EVT_ACSE_RECV, on_acse),
         ]
         assoc = ae.associate(host, port, ae_title=aet, evt_handlers=handlers)
     except ValueError as exc:  # e.g. an AE title pynetdicom refuses to encode
         raise StoreError(destination, f"invalid association request: {exc}", True) from exc
     if not assoc.is_established:
-        # The same race leaves a peer's abort unread: reading it fires `on_acse`.
+        # pynetdicom's race that can drop a rejection (`rejection`) leaves a peer's abort unread
+        # too: reading it fires `on_acse`.
         while assoc.dul.receive_pdu(wait=False) is not None:
             pass
-        raise _association_failure(assoc, destination, connected, timeout, answers)
+        raise _association_failure(assoc, destination, connected, timeout, watch, ended)
     try:
         results = _store_all(assoc, files, destination, check)
     except StoreError:
@@ -172,13 +165,12 @@ def _association_failure(
     destination: tuple[str, str, int],
     connected: bool,
     timeout: float,
-    answers: list[A_ASSOCIATE | str],
+    watch: rejection.Watch,
+    ended: list[str],
 ) -> StoreError:
-    rejections = [a for a in answers if isinstance(a, A_ASSOCIATE)]
-    if assoc.is_rejected or rejections:
-        rsp = assoc.acceptor.primitive if assoc.is_rejected else rejections[0]
-        assert rsp is not None  # a rejection is an A-ASSOCIATE response
-        reason = f"association rejected ({rsp.result_str}, {rsp.source_str}: {rsp.reason_str})"
+    rsp = watch.rejection(assoc)
+    if rsp is not None:
+        reason = rejection.describe(rsp)
         # Result 0x02 is "rejected (transient)", e.g. the peer's association limit was reached.
         return StoreError(destination, reason, permanent=rsp.result != 0x02)
     if not connected:
@@ -190,7 +182,6 @@ def _association_failure(
         )
         reason = f"no presentation context accepted ({rejected})"
         return StoreError(destination, reason, True)
-    ended = [a for a in answers if isinstance(a, str)]
     if ended:
         return StoreError(destination, f"association request: {ended[0]}", False)
     reason = f"association request not answered within {timeout:g} s"

@@ -18,9 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RJ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from dicom_io import rejection
 from dicom_io.destinations import format_destination
 
 # What a chest CT prior can be stored as; the C-GET offers these storage classes back to the peer.
@@ -74,28 +73,18 @@ def _associate(
     ext_neg: list | None = None,
 ) -> Association:
     aet, host, port = destination
-    rejections: list[A_ASSOCIATE] = []
-
-    def on_pdu(event: evt.Event) -> None:
-        # pynetdicom 3.0.4 can miss a rejection the peer follows by closing at once (see
-        # `dicom_io.cstore`); the PDU event still sees it.
-        pdu = getattr(event, "pdu", None)
-        if isinstance(pdu, A_ASSOCIATE_RJ):
-            rejections.append(pdu.to_primitive())
-
+    watch = rejection.Watch()
     assoc = ae.associate(
         host,
         port,
         ae_title=aet,
         ext_neg=ext_neg,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_PDU_RECV, on_pdu), *handlers],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), watch.handler, *handlers],
     )
     if not assoc.is_established:
-        rsp = assoc.acceptor.primitive if assoc.is_rejected else None
-        rsp = rsp or (rejections[0] if rejections else None)
-        if rsp is not None and rsp.result in (0x01, 0x02):
-            reason = f"association rejected ({rsp.result_str}, {rsp.source_str}: {rsp.reason_str})"
-            raise RetrieveError(destination, reason)
+        rsp = watch.rejection(assoc)
+        if rsp is not None:
+            raise RetrieveError(destination, rejection.describe(rsp))
         raise RetrieveError(destination, "association not established (refused or unreachable)")
     return assoc
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
@@ -232,9 +232,7 @@ def lock_uid_across_processes(session: Session, sop_instance_uid: str) -> None:
     """On PostgreSQL, hold this SOP Instance UID's lock until the session's transaction ends
     (several node processes on one port); SQLite's write lock already covers it."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:uid))"), {"uid": sop_instance_uid}
-        )
+        session.connection().exec_driver_sql(_PG_LOCK_UID, (sop_instance_uid,))
 
 
 def _plain_study(obj: ReceivedObject, state: str, modalities: str, patient_id: str | None) -> bool:

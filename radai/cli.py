@@ -51,17 +51,11 @@ def _check_audit_key(db) -> None:  # noqa: ANN001
         raise SystemExit(f"radai: {exc}") from None
 
 
-def _node_service(settings: Settings):  # noqa: ANN202
-    from db.outbox_tasks import TaskName
-    from dicom_node.archive import Archive
-    from dicom_node.dispatcher import celery_publisher
+def _node_config(settings: Settings):  # noqa: ANN202
     from dicom_node.server import NodeConfig
-    from dicom_node.service import NodeService
 
-    db = _database(settings)
-    _check_audit_key(db)
     tls_cert, tls_key, tls_ca = settings.tls_paths
-    config = NodeConfig(
+    return NodeConfig(
         ae_title=settings.ae_title,
         host=settings.dicom_host,
         port=settings.dicom_port,
@@ -74,10 +68,20 @@ def _node_service(settings: Settings):  # noqa: ANN202
         allowed_networks=settings.networks,
         shared_port=settings.node_processes > 1,
     )
+
+
+def _node_service(settings: Settings):  # noqa: ANN202
+    from db.outbox_tasks import TaskName
+    from dicom_node.archive import Archive
+    from dicom_node.dispatcher import celery_publisher
+    from dicom_node.service import NodeService
+
+    db = _database(settings)
+    _check_audit_key(db)
     return NodeService(
         db,
         Archive(settings.archive_dir, settings.quarantine_dir),
-        config,
+        _node_config(settings),
         stable_seconds=settings.stable_seconds,
         publish=celery_publisher(
             settings.celery_broker_url,
@@ -204,14 +208,16 @@ def _serve_listener(settings: Settings, index: int) -> int:
     import os
     import threading
 
+    from dicom_node.archive import Archive
     from dicom_node.listeners import serve_listener
     from dicom_node.server import DicomNode
 
-    service = _node_service(settings)  # the same configuration; only its receiving part runs
+    db = _database(settings)
+    _check_audit_key(db)
     config = dataclasses.replace(
-        service.node.config, shared_port=True, journal_folder=f".journal-{index}"
+        _node_config(settings), shared_port=True, journal_folder=f".journal-{index}"
     )
-    node = DicomNode(service.db, service.archive, config)
+    node = DicomNode(db, Archive(settings.archive_dir, settings.quarantine_dir), config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
