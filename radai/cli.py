@@ -412,6 +412,7 @@ def _train_cad(args: argparse.Namespace, settings: Settings, root: Path) -> int:
     """The nodule CAD's candidate classifier: samples made (or reused) from the real data, then
     the shipped model and, with --folds, the anatomy-group fold models."""
     from ml.data.backgrounds import ANATOMIES
+    from ml.runtime.cad import CAD_VERSION
     from ml.training import cad
 
     anatomies = args.anatomies or list(ANATOMIES)
@@ -424,11 +425,17 @@ def _train_cad(args: argparse.Namespace, settings: Settings, root: Path) -> int:
         f"{args.data} into {root} (samples in {samples_dir})"
     )
     try:
-        samples = cad.build_samples(Path(args.data), samples_dir, anatomies, args.studies or 5, 2)
+        samples = cad.build_samples(
+            Path(args.data),
+            samples_dir,
+            anatomies,
+            args.studies or cad.TRAIN_STUDIES,
+            cad.VALIDATION_STUDIES,
+        )
         written = cad.train_and_register(
             samples,
             root=root,
-            version=args.version or "1.0.0",
+            version=args.version or CAD_VERSION,
             folds=args.folds,
             steps=args.steps or cad.STEPS,
         )

@@ -1,6 +1,7 @@
 """The nodule CAD pipeline (`radai-nodule-cad`): candidates by multi-scale blob detection in the
-lungs, a trained classifier that scores each candidate from three orthogonal planes around it,
-and a local segmentation of each kept nodule; then the same measurements and Lung-RADS size
+lungs, a trained classifier that scores each candidate from three orthogonal planes around it
+and the detector's own description of it (averaged over mirrors of the body), and a local
+segmentation of each kept nodule; then the same measurements and Lung-RADS size
 triage as the classical baseline. Two stages as in most published lung-nodule CAD (candidate
 generation, then false-positive reduction: Setio et al., Med Image Anal 2017).
 
@@ -23,6 +24,7 @@ from ml.image.morphology import check_volume
 from ml.image.nodule_segment import segment_nodule
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
 from ml.runtime.laps import Laps
+from ml.runtime.networks import CadNet
 from ml.runtime.registry import LoadedModel
 from ml.runtime.saliency import paint_scores
 
@@ -60,10 +62,60 @@ def blob_features(b: Blob) -> list[float]:
     ]
 
 
+# --- the classifier's views of the body, mirrored ----------------------------------------------
+
+# Channel layout of the views: [axial, coronal, sagittal] x [fine, coarse]; the planes' axes are
+# axial (y, x), coronal (z, x), sagittal (z, y).
+_AXIAL, _CORONAL, _SAGITTAL = [0, 3], [1, 4], [2, 5]
+
+
+def flip(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """The views of the body mirrored along ``axis`` ('x', 'y' or 'z')."""
+    x = x.clone()
+    if axis == "x":
+        x[:, _AXIAL + _CORONAL] = x[:, _AXIAL + _CORONAL].flip(-1)
+    elif axis == "y":
+        x[:, _AXIAL] = x[:, _AXIAL].flip(-2)
+        x[:, _SAGITTAL] = x[:, _SAGITTAL].flip(-1)
+    elif axis == "z":
+        x[:, _CORONAL + _SAGITTAL] = x[:, _CORONAL + _SAGITTAL].flip(-2)
+    else:
+        raise ValueError(f"axis must be x, y or z, not {axis!r}")
+    return x
+
+
+def swap_xy(x: torch.Tensor) -> torch.Tensor:
+    """The views of the body with x and y exchanged (a transposed axial plane)."""
+    x = x.clone()
+    x[:, _AXIAL] = x[:, _AXIAL].transpose(-1, -2)
+    return x[:, [0, 2, 1, 3, 5, 4]]
+
+
+# Mirrors of the body the classifier was trained with (its augmentation); a candidate's score is
+# the mean over them, so a study mirrored left-right scores as the original does.
+TTA_FLIPS: tuple[tuple[str, ...], ...] = ((), ("x",), ("y",), ("x", "y"))
+
+
+@torch.no_grad()
+def classify(
+    net: torch.nn.Module, views: torch.Tensor, features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Probability per candidate from its views (n, 6, 32, 32) and blob features (n, 7): the
+    mean of the network's sigmoid over `TTA_FLIPS`. A version 1 classifier takes views only."""
+    total = torch.zeros(len(views), device=views.device)
+    for axes in TTA_FLIPS:
+        x = views
+        for axis in axes:
+            x = flip(x, axis)
+        logits = net(x, features) if isinstance(net, CadNet) else net(x)
+        total += torch.sigmoid(logits[:, 0].float())
+    return total / len(TTA_FLIPS)
+
+
 # --- scoring, outlining, measuring --------------------------------------------------------------
 
 CAD_MODEL = "radai-nodule-cad-cnn"
-CAD_VERSION = "1.0.0"
+CAD_VERSION = "2.0.0"
 # Candidates outlined per study, best first, whatever their score: enough for the evaluation's
 # FROC to reach 8 false positives per scan; the report keeps those at or above the threshold.
 OUTLINED = 40
@@ -97,7 +149,7 @@ def threshold_of(model: LoadedModel) -> float:
 
 @torch.no_grad()
 def score(model: LoadedModel, volume_hu: np.ndarray, spacing, blobs: list[Blob]) -> np.ndarray:
-    """The classifier's probability for each candidate."""
+    """The classifier's probability for each candidate (:func:`classify`)."""
     if not blobs:
         return np.zeros(0, dtype=np.float32)
     net = model.net.eval()
@@ -107,7 +159,8 @@ def score(model: LoadedModel, volume_hu: np.ndarray, spacing, blobs: list[Blob])
         part = blobs[i : i + SCORE_BATCH]
         views = candidate_views(volume_hu, spacing, [b.centre_zyx for b in part])
         x = torch.from_numpy(views).to(device)
-        out.append(torch.sigmoid(net(x)[:, 0]).float().cpu().numpy())
+        f = torch.tensor([blob_features(b) for b in part], dtype=torch.float32, device=device)
+        out.append(classify(net, x, f).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -54,15 +54,43 @@ MALIGNANCY_ARCH = {
 }
 # The nodule CAD's candidate classifier (:mod:`ml.runtime.cad`) sees three orthogonal planes at
 # two fields of view (:mod:`ml.runtime.cad_views`): six 32 x 32 channels, small enough to learn
-# on the CPU from a few thousand candidates.
+# on the CPU, through a MONAI Classifier to a short embedding, joined with the blob detector's
+# own description of the candidate (:func:`ml.runtime.cad.blob_features`: response, shape,
+# density, radius, how much of it is in the lung) by a small head. The features alone ranked
+# held-out anatomies' validation candidates better than version 1's views alone (AUC 0.86 vs
+# 0.77), so the network gets both.
+CAD_FEATURES = 7
 CAD_ARCH = {
-    "in_shape": [cad_views.CHANNELS, cad_views.VIEW, cad_views.VIEW],
-    "classes": 1,
-    "channels": [16, 32, 64],
-    "strides": [2, 2, 2],
-    "num_res_units": 1,
-    "dropout": 0.2,
+    "views": {
+        "in_shape": [cad_views.CHANNELS, cad_views.VIEW, cad_views.VIEW],
+        "classes": 16,
+        "channels": [16, 32, 64],
+        "strides": [2, 2, 2],
+        "num_res_units": 1,
+        "dropout": 0.2,
+    },
+    "features": CAD_FEATURES,
+    "hidden": 32,
 }
+
+
+class CadNet(torch.nn.Module):
+    """The CAD classifier: a candidate's views (n, 6, 32, 32) and its blob features (n, 7) to one
+    logit per candidate."""
+
+    def __init__(self, views: dict, features: int, hidden: int) -> None:
+        super().__init__()
+        self.views = Classifier(**views)
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(int(views["classes"]) + features, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 1),
+        )
+
+    def forward(self, views: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.relu(self.views(views)), features], dim=1))
+
+
 # Where Grad-CAM reads activations and gradients: the classifier's third block, 8 x 8 cells of
 # about 9 mm over the candidate's patch.
 SCREENER_CAM_LAYER = "net.layer_2"
@@ -79,7 +107,9 @@ def build(task: str, arch: dict | None = None) -> torch.nn.Module:
     if task == "malignancy":
         return Classifier(**(arch or MALIGNANCY_ARCH))
     if task == "cad":
-        return Classifier(**(arch or CAD_ARCH))
+        arch = arch or CAD_ARCH
+        # Version 1 of the CAD classifier was views only: a plain Classifier.
+        return CadNet(**arch) if "views" in arch else Classifier(**arch)
     raise ValueError(f"unknown task {task!r}; expected 'segment', 'screen', 'malignancy' or 'cad'")
 
 

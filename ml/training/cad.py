@@ -26,6 +26,10 @@ from ml.runtime import cad, cad_views, networks, registry
 from ml.training import cad_samples, real_training
 
 TARGET_FP_PER_STUDY = 1.0
+# Composited studies per anatomy: version 1 learnt from 3-4 per anatomy (about 250 nodules) and
+# ranked held-out anatomies' candidates little better than its blob features alone.
+TRAIN_STUDIES = 30
+VALIDATION_STUDIES = 4
 STEPS = 2000
 HARD_STEPS = 1000
 BATCH = 64
@@ -42,10 +46,11 @@ class SampleSet:
     study: np.ndarray  # (m,) index of its study
     jittered: np.ndarray  # (m,) bool: a positive seen from a moved centre
     studies: list[dict] = field(default_factory=list)
+    features: np.ndarray | None = None  # (m, 7) the blob detector's features of each candidate
 
 
 def load_samples(paths: Sequence[Path]) -> SampleSet:
-    views, pos, weight, study, jit, metas = [], [], [], [], [], []
+    views, pos, weight, study, jit, metas, feats = [], [], [], [], [], [], []
     for k, p in enumerate(paths):
         s = cad_samples.load(p)
         positive = s["positive"]
@@ -63,6 +68,7 @@ def load_samples(paths: Sequence[Path]) -> SampleSet:
         study.append(np.full(len(positive), k))
         jit.append(s["jittered"])
         metas.append(s["meta"])
+        feats.append(s["features"])
     return SampleSet(
         np.concatenate(views),
         np.concatenate(pos),
@@ -70,50 +76,24 @@ def load_samples(paths: Sequence[Path]) -> SampleSet:
         np.concatenate(study),
         np.concatenate(jit),
         metas,
+        np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 7), np.float32),
     )
-
-
-# Channel layout of the views: [axial, coronal, sagittal] x [fine, coarse]; the planes' axes are
-# axial (y, x), coronal (z, x), sagittal (z, y).
-_AXIAL, _CORONAL, _SAGITTAL = [0, 3], [1, 4], [2, 5]
-
-
-def flip(x: torch.Tensor, axis: str) -> torch.Tensor:
-    """The views of the body mirrored along ``axis`` ('x', 'y' or 'z')."""
-    x = x.clone()
-    if axis == "x":
-        x[:, _AXIAL + _CORONAL] = x[:, _AXIAL + _CORONAL].flip(-1)
-    elif axis == "y":
-        x[:, _AXIAL] = x[:, _AXIAL].flip(-2)
-        x[:, _SAGITTAL] = x[:, _SAGITTAL].flip(-1)
-    elif axis == "z":
-        x[:, _CORONAL + _SAGITTAL] = x[:, _CORONAL + _SAGITTAL].flip(-2)
-    else:
-        raise ValueError(f"axis must be x, y or z, not {axis!r}")
-    return x
-
-
-def swap_xy(x: torch.Tensor) -> torch.Tensor:
-    """The views of the body with x and y exchanged (a transposed axial plane)."""
-    x = x.clone()
-    x[:, _AXIAL] = x[:, _AXIAL].transpose(-1, -2)
-    return x[:, [0, 2, 1, 3, 5, 4]]
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Random body-consistent flips and transposition of a batch of views, noise and contrast."""
     for axis in ("x", "y", "z"):
         if rng.random() < 0.5:
-            x = flip(x, axis)
+            x = cad.flip(x, axis)
     if rng.random() < 0.5:
-        x = swap_xy(x)
+        x = cad.swap_xy(x)
     x = x * float(rng.uniform(*CONTRAST)) + NOISE_SD * torch.randn_like(x)
     return x.clamp(0.0, 1.0)
 
 
 def _batch(
     s: SampleSet, rng: np.random.Generator, size: int, hard_p: np.ndarray | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Half positives, half negatives; with ``hard_p`` (a probability per negative) half of the
     negatives are drawn by it, the hardest most often."""
     pos = np.flatnonzero(s.positive)
@@ -128,16 +108,26 @@ def _batch(
     idx = np.concatenate([rng.choice(pos, size // 2), negs])
     x = torch.from_numpy(s.views[idx].astype(np.float32) / 255.0)
     y = torch.from_numpy(s.positive[idx].astype(np.float32))[:, None]
-    return x, y
+    return x, torch.from_numpy(_features(s)[idx]), y
+
+
+def _features(s: SampleSet) -> np.ndarray:
+    if s.features is None:
+        return np.zeros((len(s.positive), networks.CAD_FEATURES), np.float32)
+    return s.features
 
 
 @torch.no_grad()
-def scores(net: torch.nn.Module, views: np.ndarray, step: int = 512) -> np.ndarray:
+def scores(
+    net: torch.nn.Module, views: np.ndarray, features: np.ndarray, step: int = 512
+) -> np.ndarray:
+    """The run-time score (:func:`ml.runtime.cad.classify`) of each sample."""
     net.eval()
     out = []
     for i in range(0, len(views), step):
         x = torch.from_numpy(views[i : i + step].astype(np.float32) / 255.0)
-        out.append(torch.sigmoid(net(x)[:, 0]).numpy())
+        f = torch.from_numpy(np.asarray(features[i : i + step], dtype=np.float32))
+        out.append(cad.classify(net, x, f).numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -184,10 +174,11 @@ def train(
     _fit(net, train_set, rng, steps, LR, None, log)
     if hard_steps:
         neg = ~train_set.positive
-        p = scores(net, train_set.views[neg]).astype(np.float64) ** 2 + 1e-6
+        p = scores(net, train_set.views[neg], _features(train_set)[neg]).astype(np.float64) ** 2
+        p += 1e-6
         _fit(net, train_set, rng, hard_steps, 0.3 * LR, p / p.sum(), log)
     start = time.perf_counter()
-    p = scores(net, val_set.views)
+    p = scores(net, val_set.views, _features(val_set))
     real = ~val_set.jittered
     report = {
         "steps": steps,
@@ -216,8 +207,8 @@ def _fit(
     loss_sum = 0.0
     for step in range(1, steps + 1):
         net.train()
-        x, y = _batch(train_set, rng, BATCH, hard_p)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(augment(x, rng)), y)
+        x, f, y = _batch(train_set, rng, BATCH, hard_p)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(augment(x, rng), f), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -283,10 +274,13 @@ def train_and_register(
     folds: bool,
     steps: int = STEPS,
     log: Callable[[str], None] = print,
+    only: Sequence[str] | None = None,
 ) -> list[Path]:
     """Train the shipped classifier on every anatomy of ``samples`` and, with ``folds``, one per
     group of `FOLD_GROUPS` (registered as the fold model of each anatomy it never saw); each
-    with its operating point on its own anatomies' validation studies."""
+    with its operating point on its own anatomies' validation studies. ``only``: just the runs
+    of these names ("all", "trained-on-..."), so that processes can train them side by side
+    (each writes its own files)."""
     anatomies = list(samples)
     runs: list[tuple[str, list[str]]] = [("all", anatomies)]
     if folds:
@@ -294,6 +288,8 @@ def train_and_register(
             names = [a for a in group if a in samples]
             if names and len(names) < len(anatomies):
                 runs.append(("trained-on-" + "-".join(names), names))
+    if only is not None:
+        runs = [r for r in runs if r[0] in only]
     written = []
     for run, names in runs:
         tr = load_samples(usable([p for a in names for p in samples[a]["train"]]))

@@ -130,11 +130,11 @@ def test_augmentation_matches_the_views_of_the_mirrored_volume():
         c = centre.copy()
         c[axis] = hu.shape[axis] - 1 - c[axis]
         expected = candidate_views(flipped, spacing, [c])
-        got = cad_training.flip(views, flip).numpy()
+        got = cad.flip(views, flip).numpy()
         assert np.abs(got - expected).max() < 1e-5, flip
     swapped = np.swapaxes(hu, 1, 2).copy()
     expected = candidate_views(swapped, spacing, [centre[[0, 2, 1]]])
-    assert np.abs(cad_training.swap_xy(views).numpy() - expected).max() < 1e-5
+    assert np.abs(cad.swap_xy(views).numpy() - expected).max() < 1e-5
 
 
 def test_operating_threshold_keeps_the_estimated_false_calls_per_study():
@@ -208,3 +208,62 @@ def test_the_pipeline_outlines_and_scores_with_a_model():
         cad.CadResult(r.lung_mask, r.lesion_labels, r.lesions, r.scores, 2.0, r.candidates)
     )
     assert strict.lesions == [] and not strict.lesion_labels.any()
+
+
+def test_the_classifier_joins_views_and_blob_features_and_reads_version_1():
+    torch.manual_seed(0)
+    net = networks.build("cad").eval()
+    assert isinstance(net, networks.CadNet)
+    views = torch.rand(5, CHANNELS, VIEW, VIEW)
+    features = torch.rand(5, networks.CAD_FEATURES)
+    p = cad.classify(net, views, features)
+    assert p.shape == (5,) and bool(((p > 0) & (p < 1)).all())
+    # The blob features reach the score: other features, other probabilities.
+    assert not torch.allclose(p, cad.classify(net, views, features + 1.0))
+    # A version 1 card (views only: a plain MONAI Classifier) still loads and scores.
+    v1 = dict(networks.CAD_ARCH["views"], classes=1)
+    old = networks.build("cad", v1).eval()
+    assert not isinstance(old, networks.CadNet)
+    assert cad.classify(old, views).shape == (5,)
+
+
+def test_a_candidate_scores_the_same_in_the_study_mirrored_left_right():
+    spacing = (2.5, 0.7, 0.7)
+    hu, _, _ = _phantom(spacing, nodule_mm=(55.0, 62.0, 47.0))
+    centre = np.array([18.0, 88.0, 79.0])  # off the nodule: the views are asymmetric
+    mirrored = np.flip(hu, axis=2).copy()
+    c = centre.copy()
+    c[2] = hu.shape[2] - 1 - c[2]
+    a = torch.from_numpy(candidate_views(hu, spacing, [centre]))
+    b = torch.from_numpy(candidate_views(mirrored, spacing, [c]))
+    assert (a - b).abs().max() > 0.05  # the views differ ...
+    torch.manual_seed(1)
+    net = networks.build("cad").eval()
+    f = torch.rand(1, networks.CAD_FEATURES)
+    with torch.no_grad():
+        single = torch.sigmoid(net(a, f)[:, 0]), torch.sigmoid(net(b, f)[:, 0])
+    assert abs(float(single[0] - single[1])) > 1e-4  # ... and one pass of the net sees it,
+    assert abs(float(cad.classify(net, a, f) - cad.classify(net, b, f))) < 1e-5  # the score not
+
+
+def test_training_learns_from_the_blob_features():
+    """Views carry nothing here; the features alone tell positives from negatives, so a short
+    training run must rank them through the features."""
+    rng = np.random.default_rng(0)
+    n = 400
+    positive = rng.random(n) < 0.3
+    features = rng.normal(0.0, 0.3, (n, networks.CAD_FEATURES)).astype(np.float32)
+    features[:, 1] += np.where(positive, 1.0, -1.0)  # blobness
+    s = cad_training.SampleSet(
+        views=rng.integers(0, 255, (n, CHANNELS, VIEW, VIEW), dtype=np.uint8),
+        positive=positive,
+        weight=np.ones(n),
+        study=np.arange(n) % 4,
+        jittered=np.zeros(n, bool),
+        studies=[{}] * 4,
+        features=features,
+    )
+    net, report = cad_training.train(s, s, steps=60, hard_steps=10, log=lambda _: None)
+    assert report["validation_auc"] > 0.95
+    p = cad_training.scores(net, s.views, s.features)
+    assert p[positive].min() > np.median(p[~positive])
