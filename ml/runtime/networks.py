@@ -56,9 +56,9 @@ MALIGNANCY_ARCH = {
 # two fields of view (:mod:`ml.runtime.cad_views`): six 32 x 32 channels, small enough to learn
 # on the CPU, through a MONAI Classifier to a short embedding, joined with the blob detector's
 # own description of the candidate (:func:`ml.runtime.cad.blob_features`: response, shape,
-# density, radius, how much of it is in the lung) by a small head. The features alone ranked
-# held-out anatomies' validation candidates better than version 1's views alone (AUC 0.86 vs
-# 0.77), so the network gets both.
+# density, radius, how much of it is in the lung) by a small head: a small network on those
+# features alone, fitted on one anatomy group's validation candidates, ranked the other group's
+# better than version 1's views-only fold model (AUC 0.86 vs 0.77), so the network gets both.
 CAD_FEATURES = 7
 CAD_ARCH = {
     "views": {

@@ -30,8 +30,8 @@ TARGET_FP_PER_STUDY = 1.0
 # ranked held-out anatomies' candidates little better than its blob features alone.
 TRAIN_STUDIES = 30
 VALIDATION_STUDIES = 4
-STEPS = 2000
-HARD_STEPS = 1000
+STEPS = 3000
+HARD_STEPS = 1500
 BATCH = 64
 LR = 1e-3
 NOISE_SD = 0.01  # about 14 HU on the [0, 1] scale of the views
@@ -314,6 +314,9 @@ def train_and_register(
                     "views": "axial, coronal, sagittal planes at 1.25 mm and 2.5 mm",
                     "view": cad_views.VIEW,
                     "hu_range": list(cad_views.HU_RANGE),
+                    "features": "the blob detector's 7 features of the candidate "
+                    "(ml.runtime.cad.blob_features)",
+                    "score": "mean sigmoid over mirrors of the body (ml.runtime.cad.TTA_FLIPS)",
                 },
                 "operating_point": op,
                 "training": summary,
