@@ -15,8 +15,8 @@ from ml.runtime import cad, networks, registry
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
 from ml.runtime.registry import LoadedModel
 from ml.training import cad as cad_training
+from ml.training import cad_samples, real_training
 from ml.training import real_samples as rs
-from ml.training import real_training
 
 PARENCHYMA = -850.0
 
@@ -267,3 +267,105 @@ def test_training_learns_from_the_blob_features():
     assert report["validation_auc"] > 0.95
     p = cad_training.scores(net, s.views, s.features)
     assert p[positive].min() > np.median(p[~positive])
+
+
+def test_threshold_for_a_sensitivity_keeps_that_share_of_the_nodule_centred_positives():
+    s = cad_training.SampleSet(
+        views=np.zeros((7, CHANNELS, VIEW, VIEW), np.uint8),
+        positive=np.array([True, True, True, True, True, False, False]),
+        weight=np.ones(7),
+        study=np.zeros(7, int),
+        jittered=np.array([False, False, False, False, True, False, False]),
+        studies=[{}],
+    )
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.99, 0.95, 0.1])
+    # The jittered positive (0.99) does not count: a quarter of the other four is 0.9.
+    assert cad_training.threshold_for_sensitivity(s, p, 0.25) == 0.9
+    assert cad_training.threshold_for_sensitivity(s, p, 0.5) == 0.8
+    assert cad_training.sensitivity_at(s, p, 0.8) == 0.5
+    assert cad_training.false_calls_per_study(s, p, 0.8) == 1.0
+
+
+def _write_samples(folder, anatomy: str, n: int, rng) -> list:
+    """Validation studies whose feature 0 tells nodules well and feature 1 hardly at all."""
+    paths = []
+    for i in range(n):
+        m = 60
+        positive = np.arange(m) < 12
+        features = rng.random((m, networks.CAD_FEATURES)).astype(np.float32)
+        features[:, 0] = np.where(positive, rng.uniform(0.5, 1.0, m), rng.uniform(0.0, 0.7, m))
+        features[:, 1] = np.where(positive, rng.uniform(0.0, 1.0, m), rng.uniform(0.0, 0.9, m))
+        study = {
+            "views": rng.integers(0, 255, (m, CHANNELS, VIEW, VIEW), dtype=np.uint8),
+            "positive": positive,
+            "jittered": np.zeros(m, bool),
+            "features": features,
+            "meta": {"key": f"{anatomy}-validation-{i}", "candidates": 500},
+        }
+        paths.append(cad_samples.save(study, folder))
+    return paths
+
+
+def _reads_feature(k: int) -> torch.nn.Module:
+    """A CAD classifier whose logit is 10 x feature k - 5, whatever the views."""
+    net = networks.build("cad")
+    with torch.no_grad():
+        for p in net.head.parameters():
+            p.zero_()
+        net.head[0].weight[0, networks.CAD_ARCH["views"]["classes"] + k] = 10.0
+        net.head[2].weight[0, 0] = 1.0
+        net.head[2].bias[0] = -5.0
+    return net
+
+
+def test_calibration_gives_each_fold_the_share_of_nodules_the_other_fold_kept(tmp_path):
+    """Two fold models (one reading a telling feature, one a poor one) and a shipped one; each
+    fold's threshold must keep, on its own validation studies, what the other fold kept at its
+    1-false-call threshold on anatomies it never saw; the shipped model the mean of both."""
+    rng = np.random.default_rng(0)
+    groups = {"a": ["lung1", "normal001"], "b": ["lung2", "cap001"]}
+    samples = {
+        a: {"train": [], "validation": _write_samples(tmp_path / "s", a, 2, rng)}
+        for names in groups.values()
+        for a in names
+    }
+    version = "9.9.9"
+    torch.manual_seed(0)
+    card = {"architecture": networks.CAD_ARCH, "training": {}}
+    registry.save(_reads_feature(0), name=cad.CAD_MODEL, version=version, task="cad", card=card,
+                  root=tmp_path)  # fmt: skip
+    for g, names in groups.items():
+        net = _reads_feature(0 if g == "a" else 1)
+        weights = registry.save(
+            net, name=cad.CAD_MODEL, version=version, task="cad", card={}, root=tmp_path,
+            weights_name=f"fold-{g}.pt",
+        )  # fmt: skip
+        for held in (a for a in samples if a not in names):
+            info = {"cases": names, "weights": weights.name}
+            registry.write_fold(cad.CAD_MODEL, version, f"holdout-{held}", info, tmp_path)
+    out = cad_training.calibrate(samples, root=tmp_path, version=version, log=lambda _: None)
+
+    card = registry.read_card(cad.CAD_MODEL, version, tmp_path)
+    folder = tmp_path / cad.CAD_MODEL / version
+    kept = {}
+    for g, names in groups.items():
+        net = registry.load_weights(networks.build("cad"), folder / f"fold-{g}.pt")
+        unseen = cad_training.load_samples([p for a in samples if a not in names
+                                            for p in samples[a]["validation"]])  # fmt: skip
+        own = cad_training.load_samples([p for a in names for p in samples[a]["validation"]])
+        t = cad_training.operating_threshold(
+            unseen, cad_training.scores(net, unseen.views, unseen.features)
+        )["threshold"]
+        p_own = cad_training.scores(net, own.views, own.features)
+        kept[g] = cad_training.sensitivity_at(own, p_own, t)
+    assert abs(kept["a"] - kept["b"]) > 0.1  # so that taking its own figure would fail
+    for g, other in (("a", "b"), ("b", "a")):
+        op = out[f"fold-{g}.pt"]
+        assert op["sensitivity_of_found"] >= kept[other] - 1e-9
+        assert op["sensitivity_of_found"] <= kept[other] + 1 / 24 + 1e-9  # one nodule's step
+        for info in card["folds"].values():
+            if info["weights"] == f"fold-{g}.pt":
+                assert info["operating_point"]["threshold"] == op["threshold"] == info["threshold"]
+    assert card["operating_point"]["threshold"] == out["weights.pt"]["threshold"]
+    assert card["training"]["operating_point"] == card["operating_point"]
+    assert abs(out["weights.pt"]["sensitivity_of_found"] - np.mean(list(kept.values()))) <= 1 / 48
