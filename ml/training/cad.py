@@ -77,7 +77,9 @@ def load_samples(paths: Sequence[Path]) -> SampleSet:
         np.concatenate(study),
         np.concatenate(jit),
         metas,
-        np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 7), np.float32),
+        np.concatenate(feats).astype(np.float32)
+        if feats
+        else np.zeros((0, networks.CAD_FEATURES), np.float32),
     )
 
 
