@@ -106,7 +106,11 @@ def detect_blobs(
     hu = np.clip(np.asarray(volume_hu[box], dtype=np.float32), *CLIP_HU)
     iso = _resample(hu, spacing, grid_mm, order=1)
     del hu
-    lung = _resample(lung_mask[box].astype(np.uint8), spacing, grid_mm, order=0) > 0
+    # Linear, not nearest: nearest-neighbour rounds a grid point half-way between two voxels
+    # one way, and the mirrored volume's the other way, so a study mirrored left-right would get
+    # other candidates. A point is in the lung when at least half of what it is made from is
+    # (with a margin for rounding, so that such half-way points count the same both ways).
+    lung = _resample(lung_mask[box].astype(np.float32), spacing, grid_mm, order=1) >= 0.5 - 1e-4
     # Outside the lungs is made parenchyma: the chest wall, mediastinum and diaphragm would
     # otherwise out-shine a nodule that touches them (the lung mask's closing takes juxtapleural
     # nodules in, so they become free blobs here).

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ml.image.morphology import centroid, check_volume, coarse_close, fill_holes, label_sizes
+from ml.image.morphology import centroid, check_volume, close_2d, fill_holes, label_sizes
 
 # Lung parenchyma is about -850 HU; -320 HU sits between it and soft tissue (0..80 HU) and keeps
 # partial-volume voxels of the pleural border with the tissue.
@@ -64,7 +64,10 @@ def _close_lung_slice(
         y0, y1 = max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, air.shape[0])
         x0, x1 = max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, air.shape[1])
         lung = fill_holes(members[y0:y1, x0:x1])
-        pockets, n_pockets = ndimage.label(coarse_close(lung, radius_mm, spacing_yx) & ~lung)
+        # At full resolution: a closing on coarse blocks laid from one corner would not be laid
+        # the same way on a mirrored slice, and a study mirrored left-right would get another
+        # lung mask (and other nodule candidates); the exact closing is mirror-symmetric.
+        pockets, n_pockets = ndimage.label(close_2d(lung, radius_mm, spacing_yx) & ~lung)
         if n_pockets == 0:
             continue
         centre = centroid(lung)

@@ -1,5 +1,6 @@
 """Morphology on (z, y, x) masks with physical spacing: disks in millimetres, per-slice closing,
-coarse-grid versions of both for speed, hole filling. Pure numpy/scipy; imports nothing of ours."""
+coarse-grid down- and upsampling for speed, hole filling. Pure numpy/scipy; imports nothing
+of ours."""
 
 from __future__ import annotations
 
@@ -67,15 +68,6 @@ def upsample(arr: np.ndarray, factor: int, shape: tuple[int, ...]) -> np.ndarray
         return arr
     big = np.repeat(np.repeat(arr, factor, axis=-2), factor, axis=-1)
     return big[..., : shape[-2], : shape[-1]]
-
-
-def coarse_close(comp: np.ndarray, radius_mm: float, spacing_yx: tuple[float, float]) -> np.ndarray:
-    # The envelope is coarse by design, so it is computed on about 1 mm pixels; "any" makes the
-    # coarse mask a superset of the lung, so the closing never loses lung.
-    f = coarse_factor(spacing_yx)
-    coarse = downsample(comp, f, "any")
-    closed = close_2d(coarse, radius_mm, (spacing_yx[0] * f, spacing_yx[1] * f))
-    return upsample(closed, f, comp.shape)
 
 
 def label_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
