@@ -9,4 +9,4 @@ scripts/setup.sh --test
 .venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 .venv/bin/mypy
 .venv/bin/python scripts/check_import_cycles.py
-exec .venv/bin/pytest -q "$@"
+exec .venv/bin/pytest -q --durations=40 "$@"

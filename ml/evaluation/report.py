@@ -389,6 +389,16 @@ def _v(v, digits: int = 2) -> str:
     return str(v)
 
 
+def better_of(values: dict[str, float], higher_is_better: bool) -> str:
+    """The comparison table's verdict on one row: the pipeline with the best figure, ``tie``
+    when all are level, ``tie: a, b`` when some share the best (neither beats the other)."""
+    if len(set(values.values())) <= 1:
+        return "tie"
+    top = (max if higher_is_better else min)(values.values())
+    leaders = [m for m, v in values.items() if v == top]
+    return leaders[0] if len(leaders) == 1 else "tie: " + ", ".join(leaders)
+
+
 def unseen_markdown(results: dict) -> str:
     """The report section of :func:`ml.evaluation.unseen.run`, between markers so that
     `radai evaluate --unseen` can replace it and the full evaluation keeps it."""
@@ -471,12 +481,7 @@ def unseen_markdown(results: dict) -> str:
         vals = row["values"]
         nums = {m: vals.get(m) for m in methods}
         ok = {m: v for m, v in nums.items() if v is not None and not math.isnan(v)}
-        best = ""
-        if len(ok) == len(methods) and len(set(ok.values())) > 1:
-            pick = max if row["higher_is_better"] else min
-            best = pick(ok, key=lambda k: ok[k])
-        elif len(ok) == len(methods):
-            best = "tie"
+        best = better_of(ok, row["higher_is_better"]) if len(ok) == len(methods) else ""
         cells = []
         for m in methods:
             v = nums[m]

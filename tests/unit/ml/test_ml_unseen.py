@@ -313,3 +313,12 @@ def test_with_two_challengers_each_is_judged_against_the_baseline_and_figures_ca
     other = dict(results, settings={**results["settings"], "seed": 1})
     with pytest.raises(ValueError, match="other studies"):
         unseen.carry_over(again, other)
+
+
+def test_the_comparison_names_every_pipeline_that_shares_the_best_figure():
+    assert report.better_of({"models": 18.0, "cad": 1.0, "baseline": 1.0}, False) == (
+        "tie: cad, baseline"
+    )
+    assert report.better_of({"models": 0.06, "cad": 0.17, "baseline": 0.07}, True) == "cad"
+    assert report.better_of({"models": 0.5, "cad": 0.2, "baseline": 0.9}, False) == "cad"
+    assert report.better_of({"cad": 1.0, "baseline": 1.0}, False) == "tie"
