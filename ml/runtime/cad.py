@@ -115,7 +115,7 @@ def classify(
 # --- scoring, outlining, measuring --------------------------------------------------------------
 
 CAD_MODEL = "radai-nodule-cad-cnn"
-CAD_VERSION = "2.0.0"
+CAD_VERSION = "2.1.0"
 # Candidates outlined per study, best first, whatever their score: enough for the evaluation's
 # FROC to reach 8 false positives per scan; the report keeps those at or above the threshold.
 OUTLINED = 40
