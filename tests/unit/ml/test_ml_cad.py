@@ -431,3 +431,18 @@ def test_every_anatomy_is_scored_in_evaluation_by_a_fold_model_that_never_saw_it
         weights.add(info["weights"])
     assert len(weights) == len(names)
     assert "anatomies they never saw" in card["operating_point"]["chosen"]
+
+
+def test_a_target_no_nodule_can_be_kept_within_reports_nothing(tmp_path):
+    rng = np.random.default_rng(2)
+    own = cad_training.load_samples(_write_samples(tmp_path / "own", "lung1", 2, rng))
+    unseen = cad_training.load_samples(_write_samples(tmp_path / "unseen", "cap001", 2, rng))
+    net = _reads_feature(1)
+    fold = cad_training.FalseCalls(
+        own, cad_training.scores(net, own.views, own.features),
+        unseen, cad_training.scores(net, unseen.views, unseen.features),
+    )  # fmt: skip
+    assert cad_training.pooled_share([fold], target=-1.0) == 0.0
+    assert cad_training.pooled_share([fold], target=1e9) == 1.0
+    op = cad_training._operating_point(net, own, 0.0)
+    assert op["threshold"] > 1.0 and op["sensitivity_of_found"] == 0.0
