@@ -6,7 +6,8 @@ A fresh `radai node` and `radai worker` processes run in a temp RADAI_HOME (SQLi
 with a Celery broker on Redis (127.0.0.1:6379, an empty db number and a unique queue name) or,
 with `--broker sqlite`, the default SQLite broker in RADAI_HOME. Studies are copies of the
 61-slice `lung2` sample (`radai sample`), each rewritten with new Study/Series/SOP Instance UIDs
-so that no job is deduplicated, and sent with dcmtk's `storescu` over loopback.
+so that no job is deduplicated, and with a patient of its own so that none is another's prior,
+and sent with dcmtk's `storescu` over loopback.
 
 1. Latency (one worker, `--repeats` studies sent one after the other, median shown): seconds
    from the end of the storescu process (its last C-STORE response) to the SR row in `outputs`
@@ -17,9 +18,10 @@ so that no job is deduplicated, and sent with dcmtk's `storescu` over loopback.
    dispatch        `study.stable` -> `study.queued` (outbox message published to the broker)
    queue wait      `study.queued` -> `jobs.started_at` (broker delivery to an idle worker)
    load + files    job time not covered by `jobs.timings`: reading the series' headers and
-                   pixels, writing the SEG, SR and saliency files (fsync), opening the job
-   qa, segment, screen_and_gradcam, measure, write_dicom
-                   `jobs.timings` (input QA and the models' own perf_counter laps)
+                   pixels, claiming the job, recording its result
+   qa, malignancy, follow_up, segment, screen_and_gradcam, measure, lungs, ..., write_dicom
+                   `jobs.timings` (input QA, the malignancy model, the prior lookup, the
+                   analyser's own perf_counter laps, the SEG/SR/saliency files)
    DB write        `jobs.finished_at` -> SR `outputs.created_at` (the result transaction, up to
                    the flush of the output rows; its commit is not included)
 
@@ -120,10 +122,13 @@ START_TIMEOUT = 120.0
 POLL = 0.05
 OTHER_CPU_LIMIT = 0.25  # cores busy with other people's work above which a phase is flagged
 _RADAI_EXE = Path(sys.executable).with_name("radai")
-# The workers' jobs.timings keys: input QA, then the analyser's laps (ml.runtime.inference's for
-# the models, ml.runtime.baseline's for the baseline); a pipeline's rows show "-" for the other's.
+# The workers' jobs.timings keys: input QA, the malignancy model, the follow-up (prior lookup, and
+# comparison when one is found), then the analyser's laps (ml.runtime.inference's for the models,
+# ml.runtime.baseline's for the baseline); a pipeline's rows show "-" for the other's.
 PIPELINE_STAGES = (
     "qa",
+    "malignancy",
+    "follow_up",
     "segment",
     "screen_and_gradcam",
     "measure",
@@ -154,7 +159,10 @@ def _secs(a: datetime | None, b: datetime | None) -> float | None:
 
 
 class StudyFactory:
-    """Copies of a sample study, each with new Study/Series/SOP Instance UIDs."""
+    """Copies of a sample study, each with new Study/Series/SOP Instance UIDs and a patient of
+    its own: copies of one patient would be each other's priors, and every study after the first
+    would pay a follow-up comparison (a second volume loaded and registered) that the latency of
+    one new study should not include (`bench/followup.py` measures that)."""
 
     def __init__(self, sample: Path, out: Path) -> None:
         self.sources = sorted(sample.glob("*.dcm"))
@@ -162,6 +170,7 @@ class StudyFactory:
             raise RuntimeError(f"no sample slices in {sample}")
         self.out = out
         self.count = 0
+        self.token = uuid.uuid4().hex[:8]  # patients unique to this run, too
 
     def make(self, tag: str) -> tuple[str, list[Path]]:
         self.count += 1
@@ -176,6 +185,8 @@ class StudyFactory:
             ds.SeriesInstanceUID = series_uid
             ds.SOPInstanceUID = sop_uid
             ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+            ds.PatientID = f"E2E-{self.token}-{self.count:06d}"
+            ds.PatientName = f"E2E^{self.count:06d}"
             ds.AccessionNumber = f"E2E{self.count:06d}"
             ds.StudyID = f"E2E{self.count}"
             path = folder / f"{i:05d}.dcm"
