@@ -86,11 +86,14 @@ def compact_labels(highest: int) -> np.dtype:
 
 
 def centroid(mask: np.ndarray) -> np.ndarray:
-    """Centroid (y, x) of a non-empty 2-D mask, from its row and column projections."""
-    rows = mask.sum(axis=1, dtype=np.int64)
-    cols = mask.sum(axis=0, dtype=np.int64)
-    total = rows.sum()
-    return np.array([rows @ np.arange(len(rows)), cols @ np.arange(len(cols))]) / total
+    """Centroid (index per axis, e.g. (y, x) or (z, y, x)) of a non-empty mask, from its
+    projections on each axis: no array of coordinates (np.argwhere's int64 triples of a
+    clinical CT's lungs are hundreds of megabytes; scipy's center_of_mass makes float64 copies
+    of the whole volume)."""
+    axes = range(mask.ndim)
+    sums = [mask.sum(axis=tuple(a for a in axes if a != k), dtype=np.int64) for k in axes]
+    total = sums[0].sum()
+    return np.array([s @ np.arange(len(s)) for s in sums]) / total
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ml.image.lungs import segment_lungs
+from ml.image.morphology import centroid
 
 __all__ = [
     "Grid",
@@ -276,19 +277,53 @@ def _working_grid(grid: Grid) -> tuple[tuple[int, int, int], tuple[float, float,
     return shape, spacing  # type: ignore[return-value]
 
 
+def _shrink_factors(grid: Grid) -> tuple[int, int, int]:
+    """Whole voxels per block, (z, y, x), that average a grid down towards the working spacing."""
+    _, spacing = _working_grid(grid)
+    return tuple(max(int(w // s), 1) for w, s in zip(spacing, grid.spacing, strict=True))  # type: ignore[return-value]
+
+
+def windowed_block_mean(array: np.ndarray, factors: Sequence[int], slab: int = 8) -> np.ndarray:
+    """The mean of each whole block of ``factors`` (z, y, x) voxels of ``array``, as float32 (a
+    trailing part smaller than a block is dropped, as ITK's BinShrink drops it), clipped to
+    the metric window first. Computed a few output slices at a time: a float32 copy of a
+    clinical CT is more than half a gigabyte, and the blocks are all the registration needs."""
+    fz, fy, fx = (int(f) for f in factors)
+    lo, hi = METRIC_WINDOW_HU
+    nz, ny, nx = (n // f for n, f in zip(np.shape(array), (fz, fy, fx), strict=True))
+    out = np.empty((nz, ny, nx), dtype=np.float32)
+    for z in range(0, nz, slab):
+        z1 = min(z + slab, nz)
+        part = np.clip(array[z * fz : z1 * fz, : ny * fy, : nx * fx], lo, hi, dtype=np.float32)
+        blocks = part.reshape(z1 - z, fz, ny, fy, nx, fx)
+        out[z:z1] = blocks.mean(axis=(1, 3, 5), dtype=np.float64)
+    return out
+
+
+def _windowed_shrunk(array: np.ndarray, grid: Grid) -> sitk.Image:
+    """The volume clipped to the metric window and averaged over blocks of whole voxels towards
+    the working spacing (anti-aliasing before the decimation: as good as a Gaussian at this
+    scale and a tenth of its cost), as an image in the same physical extent: what ITK's
+    BinShrink would give of the clipped full-resolution volume, without that volume."""
+    factors = _shrink_factors(grid)
+    img = sitk.GetImageFromArray(windowed_block_mean(array, factors))
+    spacing = [s * f for s, f in zip(grid.spacing, factors, strict=True)]
+    origin = [
+        o + (f - 1) * s / 2 for o, s, f in zip(grid.origin, grid.spacing, factors, strict=True)
+    ]
+    img.SetSpacing(spacing[::-1])
+    img.SetOrigin(origin[::-1])
+    return img
+
+
 def _to_working(img: sitk.Image, grid: Grid, interp: int, fill: float) -> sitk.Image:
+    """``img`` (on ``grid``, or already block-averaged from it) resampled onto the working grid."""
     shape, spacing = _working_grid(grid)
     ref = sitk.Image(shape[::-1], img.GetPixelID())
     ref.SetSpacing(spacing[::-1])
     # Voxel centres of the coarse grid stay inside the original field of view.
     half = [(w - s) / 2 for w, s in zip(spacing, grid.spacing, strict=True)]
     ref.SetOrigin(tuple(o + h for o, h in zip(grid.origin, half, strict=True))[::-1])
-    if interp == sitk.sitkLinear:
-        # Anti-alias before decimating by averaging blocks of whole voxels (BinShrink keeps the
-        # physical extent): as good as a Gaussian at this scale and a tenth of its cost.
-        factors = [max(int(w // s), 1) for w, s in zip(spacing, grid.spacing, strict=True)]
-        if max(factors) > 1:
-            img = sitk.BinShrink(img, factors[::-1])
     return sitk.Resample(img, ref, sitk.Transform(), interp, fill, img.GetPixelID())
 
 
@@ -322,6 +357,18 @@ def _jacobian(
     if values.size == 0:
         return float("nan"), float("nan"), 1.0
     return float(values.min()), float(values.max()), float(np.mean(values <= 0))
+
+
+def _finite(volume: np.ndarray, slab: int = 16) -> bool:
+    """Whether every voxel is finite, checked a few slices at a time (no volume-sized mask)."""
+    return all(np.isfinite(volume[z : z + slab]).all() for z in range(0, len(volume), slab))
+
+
+def _bytes(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as 0/1 bytes for ITK, without a copy where it is already contiguous."""
+    if mask.dtype == bool and mask.flags.c_contiguous:
+        return mask.view(np.uint8)
+    return np.asarray(mask, dtype=bool).astype(np.uint8)
 
 
 def _lungs(
@@ -390,7 +437,7 @@ def register(
     pri_grid = Grid.of(prior, prior_spacing, prior_origin)
     cur = np.asarray(current, dtype=np.float32)
     pri = np.asarray(prior, dtype=np.float32)
-    if not (np.isfinite(cur).all() and np.isfinite(pri).all()):
+    if not (_finite(cur) and _finite(pri)):
         raise ValueError("volumes must be finite")
     cur_lungs, cur_ml = _lungs("current", cur, cur_grid, current_lungs)
     pri_lungs, pri_ml = _lungs("prior", pri, pri_grid, prior_lungs)
@@ -403,13 +450,13 @@ def register(
         )
 
     lo, hi = METRIC_WINDOW_HU
-    fixed = _to_working(cur_grid.image(np.clip(cur, lo, hi)), cur_grid, sitk.sitkLinear, lo)
-    moving = _to_working(pri_grid.image(np.clip(pri, lo, hi)), pri_grid, sitk.sitkLinear, lo)
+    fixed = _to_working(_windowed_shrunk(cur, cur_grid), cur_grid, sitk.sitkLinear, lo)
+    moving = _to_working(_windowed_shrunk(pri, pri_grid), pri_grid, sitk.sitkLinear, lo)
     fixed_lungs = _to_working(
-        cur_grid.image(cur_lungs.astype(np.uint8)), cur_grid, sitk.sitkNearestNeighbor, 0
+        cur_grid.image(_bytes(cur_lungs)), cur_grid, sitk.sitkNearestNeighbor, 0
     )
     moving_lungs = _to_working(
-        pri_grid.image(pri_lungs.astype(np.uint8)), pri_grid, sitk.sitkNearestNeighbor, 0
+        pri_grid.image(_bytes(pri_lungs)), pri_grid, sitk.sitkNearestNeighbor, 0
     )
     fixed_lungs_np = sitk.GetArrayFromImage(fixed_lungs).astype(bool)
     w_spacing = fixed.GetSpacing()[::-1]
@@ -421,8 +468,8 @@ def register(
     metric_mask.CopyInformation(fixed)
 
     # Lung centres aligned: robust to any difference of table position or origin.
-    cur_centre = cur_grid.voxel_to_mm(np.argwhere(cur_lungs).mean(axis=0))
-    pri_centre = pri_grid.voxel_to_mm(np.argwhere(pri_lungs).mean(axis=0))
+    cur_centre = cur_grid.voxel_to_mm(centroid(cur_lungs))
+    pri_centre = pri_grid.voxel_to_mm(centroid(pri_lungs))
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(tuple(cur_centre[::-1]))
     rigid.SetTranslation(tuple((pri_centre - cur_centre)[::-1]))

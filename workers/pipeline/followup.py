@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from db.findings import Findings, LesionChange
 from db.session import Database
 from dicom_io.retrieve import RetrieveError
 from dicom_io.series import Volume
+from ml.image.morphology import centroid
 from ml.runtime import qa
 from ml.runtime.followup import (
     FollowUp,
@@ -225,8 +225,9 @@ def compare_with_prior(
         prior_tracking_uids={
             les.label: les.tracking_uid for les in prior.lesions if les.tracking_uid
         },
-        current_lungs=analysis.lung_mask > 0,
-        prior_lungs=None if prior_lungs is None else prior_lungs > 0,
+        # As booleans without a copy where they are (each is a byte per voxel of a clinical CT).
+        current_lungs=np.asarray(analysis.lung_mask, dtype=bool),
+        prior_lungs=None if prior_lungs is None else np.asarray(prior_lungs, dtype=bool),
     )
     current_size = {m.label: m.max_3d_diameter_mm for m in analysis.lesions}
     result = _result(study_uid, prior, fu, prior_ids, sizes, current_size, interval)
@@ -242,7 +243,7 @@ def lung_z_offset_mm(registration: Registration, lungs: np.ndarray, volume: Volu
     series together away from any matched nodule. None without lungs."""
     if not np.any(lungs):
         return None
-    centre_idx = np.array(ndimage.center_of_mass(lungs > 0), dtype=float)
+    centre_idx = centroid(np.asarray(lungs, dtype=bool))
     centre_mm = np.asarray(origin_zyx(volume)) + centre_idx * np.asarray(volume.spacing_zyx)
     return float(registration.to_prior(centre_mm[None, :])[0, 0] - centre_mm[0])
 

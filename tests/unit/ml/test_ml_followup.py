@@ -13,17 +13,23 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ml.data.chest_phantom import phantom_pair, render_chest
 from ml.evaluation.followup_eval import case_from_phantom, evaluate_followup
 from ml.image.measure import measure_regions
+from ml.image.morphology import centroid
 from ml.image.registration import (
+    METRIC_WINDOW_HU,
     Grid,
     Registration,
     RegistrationQuality,
     RegistrationRefused,
+    _shrink_factors,
+    _windowed_shrunk,
     register,
     verdict,
+    windowed_block_mean,
 )
 from ml.runtime.followup import (
     FollowUp,
@@ -368,3 +374,32 @@ def test_measure_regions_is_the_volume_source(pair):
     assert [lesion.tracking_uid for lesion in lesions] == [None, "1.2.3", None, None, None]
     assert [lesion.volume_mm3 for lesion in lesions] == [m.voxel_volume_mm3 for m in ms]
     assert lesions[0].centre_mm[0] == pytest.approx(10.0 + ms[0].centroid_zyx[0] * pair.spacing[0])
+
+
+def test_the_metric_volume_is_itk_binshrink_of_the_clipped_volume_without_a_full_copy():
+    # Shapes that blocks do not divide, a window that clips both ends, and an origin.
+    rng = np.random.default_rng(7)
+    volume = rng.normal(-400.0, 900.0, size=(47, 61, 53)).astype(np.float32)
+    grid = Grid.of(volume, (0.7, 0.6, 0.8), (10.0, -20.0, 5.0))
+    factors = _shrink_factors(grid)
+    assert factors == (4, 5, 3)
+    lo, hi = METRIC_WINDOW_HU
+    itk = sitk.BinShrink(grid.image(np.clip(volume, lo, hi)), factors[::-1])
+    ours = _windowed_shrunk(volume, grid)
+    assert ours.GetSize() == itk.GetSize()
+    assert np.allclose(ours.GetSpacing(), itk.GetSpacing())
+    assert np.allclose(ours.GetOrigin(), itk.GetOrigin())
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(itk), rtol=0, atol=1e-3
+    )
+    # Slab boundaries change nothing.
+    np.testing.assert_array_equal(
+        windowed_block_mean(volume, factors, slab=1), windowed_block_mean(volume, factors, slab=5)
+    )
+
+
+def test_centroid_of_a_3d_mask_is_its_centre_of_mass():
+    rng = np.random.default_rng(3)
+    mask = rng.random((9, 14, 11)) < 0.2
+    np.testing.assert_allclose(centroid(mask), ndimage.center_of_mass(mask), rtol=1e-12)
+    np.testing.assert_allclose(centroid(mask[4]), ndimage.center_of_mass(mask[4]), rtol=1e-12)
