@@ -9,8 +9,14 @@ database, loading its series, reading its SEG, registering, matching, measuring,
 prior retrieval from a PACS is not part of it. SimpleITK and torch get `--threads` threads, as a
 worker with RADAI_TORCH_THREADS does.
 
+`--slices N` uses `lung2` resampled to N slices (`bench/ct_series.py`; 534 is a clinical
+thin-slice CT) for both studies instead of `lung1`. `peak MB` is the process's VmHWM over the
+current study's job alone (reset after the prior's): with the prior loaded and registered, the
+memory a worker needs for a study that has one.
+
     python bench/followup.py                    # 2 threads, baseline analyser, 3 runs
     python bench/followup.py --threads 1 --pipeline models --repeats 1
+    python bench/followup.py --slices 534 --repeats 1
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import pydicom
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ct_series import write_resampled  # noqa: E402
 
 from db import Job, audit  # noqa: E402
 from db.audit_keys import AuditKeys  # noqa: E402
@@ -86,23 +94,33 @@ def _prior_copy(files: list[Path], folder: Path, run: int) -> list[Path]:
     return out
 
 
-def one_run(tmp: Path, run: int, analyser: object) -> dict[str, float]:
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_run(tmp: Path, run: int, analyser: object, series: list[Path] | None) -> dict[str, float]:
     home = tmp / f"run{run}"
     home.mkdir()
     db = Database(f"sqlite:///{home / 'radai.sqlite'}")
     db.upgrade()
     archive = Archive(home / "archive", home / "quarantine")
-    samples = build_sample_studies(home / "samples")
-    prior = _record(db, archive, _prior_copy(samples["lung1"], home / "prior", run))
+    files = series or build_sample_studies(home / "samples")["lung1"]
+    prior = _record(db, archive, _prior_copy(files, home / "prior", run))
     assert processing.process_study(db, prior, home / "out", analyser=analyser) == "DONE"
-    current = _record(db, archive, samples["lung1"])
+    current = _record(db, archive, files)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the current study's job
     assert processing.process_study(db, current, home / "out", analyser=analyser) == "DONE"
+    peak = _peak_mb()
     with db.session() as s:
         job = s.execute(select(Job).where(Job.study.has(study_uid=current))).scalar_one()
         timings, findings = dict(job.timings), dict(job.findings)
     assert findings["prior_study_uid"] == prior, findings.get("prior_reason")
     db.dispose()
     timings["follow_up: registration"] = findings["follow_up"]["registration"]["seconds"]
+    timings["peak MB"] = peak
     return timings
 
 
@@ -111,6 +129,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipeline", choices=["baseline", "models"], default="baseline")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=0, help="lung2 resampled to N slices")
     args = parser.parse_args()
     set_torch_threads(args.threads)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -123,7 +142,11 @@ def main() -> int:
         keys = AuditKeys.load(Path(tmp) / "audit.key")
         audit.configure(keys)
         os.environ["RADAI_AUDIT_KEY_FILE"] = str(Path(tmp) / "audit.key")
-        runs = [one_run(Path(tmp), i, analyser) for i in range(args.repeats)]
+        series = None
+        if args.slices:
+            series = write_resampled(Path(tmp) / "series", slices=args.slices)
+            print(f"studies: lung2 resampled to {len(series)} slices")
+        runs = [one_run(Path(tmp), i, analyser, series) for i in range(args.repeats)]
     keys_seen = sorted({k for r in runs for k in r}, key=lambda k: (k != "follow_up", k))
     print(f"{'stage':<24}{'median s':>10}{'min s':>10}{'max s':>10}")
     for key in keys_seen:
