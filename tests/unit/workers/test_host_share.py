@@ -3,6 +3,7 @@ dead ones do not, however they died, and a forked child counts as itself, not as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,25 +25,29 @@ ROOT = Path(__file__).resolve().parents[3]
 
 # A worker process stand-in: registers in the folder, says so, then waits to be killed.
 # With "fork", it forks first and the child registers too (as a prefork pool's child would).
+# Each line is one write: print's pieces are separate writes when Python runs unbuffered
+# (PYTHONUNBUFFERED), and the parent's and the child's lines would interleave.
 _MEMBER = textwrap.dedent(
     """
     import os, sys, time
     from workers.host_share import HostRegistry
+    def say(role):
+        os.write(1, f"{role} {os.getpid()}\\n".encode())
     reg = HostRegistry(sys.argv[1])
     reg.ensure()
     if sys.argv[2] == "fork":
         child = os.fork()
         if child == 0:
             reg.ensure()
-            print("child", os.getpid(), flush=True)
+            say("child")
             time.sleep(120)
             os._exit(0)
-        print("parent", os.getpid(), flush=True)
+        say("parent")
     elif sys.argv[2] == "exit":
-        print("member", os.getpid(), flush=True)
+        say("member")
         sys.exit(0)  # ends without leaving: its file stays behind, unlocked
     else:
-        print("member", os.getpid(), flush=True)
+        say("member")
     time.sleep(120)
     """
 )
@@ -53,26 +58,46 @@ class Members:
         self.folder = folder
         self.procs: list[subprocess.Popen] = []
         self.pids: list[int] = []
+        self.roles: dict[str, int] = {}  # the last started member's pid by role
 
     def start(self, mode: str = "stay") -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _MEMBER, str(self.folder), mode],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        stderr = self.folder.parent / f"member-{len(self.procs)}.stderr"
+        with stderr.open("w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _MEMBER, str(self.folder), mode],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
         self.procs.append(proc)
         lines = 2 if mode == "fork" else 1
         for _ in range(lines):
-            self.pids.append(int(proc.stdout.readline().split()[1]))  # type: ignore[union-attr]
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            words = line.split()
+            if len(words) != 2:
+                proc.kill()
+                proc.wait(timeout=30)
+                raise AssertionError(
+                    f"member ({mode}) said {line!r}, exit {proc.returncode}; "
+                    f"stderr: {stderr.read_text()[-2000:]!r}"
+                )
+            self.pids.append(int(words[1]))
+            self.roles[words[0]] = int(words[1])
         return proc
 
     def stop(self) -> None:
+        # Our own children through their Popen (never a pid that was reaped and may be reused);
+        # a forked grandchild by pid while it still runs.
+        ours = {proc.pid for proc in self.procs}
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
         for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            if pid not in ours and not _gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for proc in self.procs:
             proc.wait(timeout=30)
 
@@ -122,7 +147,8 @@ def test_a_file_left_behind_by_a_process_that_exited_does_not_count(members) -> 
 
 def test_a_forked_child_counts_as_itself_not_as_its_parent(members) -> None:
     parent = members.start("fork")
-    child_pid = members.pids[1]
+    child_pid = members.roles["child"]  # the two lines may come in either order
+    assert members.roles["parent"] == parent.pid
     reg = HostRegistry(members.folder)
     assert reg.live() == 2  # parent and child, each with its own file
     parent.send_signal(signal.SIGKILL)
