@@ -21,7 +21,7 @@ it invariant to a left-right mirror of the scan. Imports `ml.runtime` only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,22 +57,55 @@ def nodule_patch(
     Voxel i of an axis covers [i * s, (i + 1) * s] mm, so its centre is at (i + 0.5) * s."""
     hu = np.asarray(volume_hu, dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
-    sp = np.asarray([float(s) for s in spacing_zyx], dtype=np.float64)
+    sp = _spacing(spacing_zyx)
     if hu.ndim != 3 or m.shape != hu.shape:
         raise ValueError(f"need a 3-D volume and a mask of its shape, got {hu.shape}, {m.shape}")
+    boxes = ndimage.find_objects(m.view(np.uint8) if m.flags.c_contiguous else m.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        raise ValueError("empty lesion mask")
+    return _patch(hu, lambda window: m[window], boxes[0], sp, patch, patch_spacing_mm)
+
+
+def _spacing(spacing_zyx: Sequence[float]) -> np.ndarray:
+    sp = np.asarray([float(s) for s in spacing_zyx], dtype=np.float64)
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ValueError(f"spacing must be three positive numbers, got {spacing_zyx}")
-    if not m.any():
-        raise ValueError("empty lesion mask")
-    idx = np.argwhere(m)
+    return sp
+
+
+def _patch(
+    hu: np.ndarray,
+    mask_in: Callable[[tuple[slice, ...]], np.ndarray],
+    box: tuple[slice, ...],
+    sp: np.ndarray,
+    patch: int,
+    patch_spacing_mm: float,
+) -> np.ndarray:
+    """:func:`nodule_patch` of the lesion whose mask, within any window of the volume, is
+    ``mask_in(window)`` and lies inside ``box``. Only the box and the part of the volume the
+    patch samples are read: on a clinical CT a whole-volume mask, its float copy and its
+    coordinates cost half a gigabyte and most of a second per lesion."""
+    start = np.array([s.start for s in box])
+    idx = np.argwhere(mask_in(box)) + start
     centre_mm = (idx.mean(axis=0) + 0.5) * sp
     offsets = (np.arange(patch) - (patch - 1) / 2.0) * patch_spacing_mm
     axes_mm = [centre_mm[a] + offsets for a in range(3)]
     # Fractional voxel index of each patch sample point, axis by axis.
     axes_idx = [axes_mm[a] / sp[a] - 0.5 for a in range(3)]
-    coords = np.stack(np.meshgrid(*axes_idx, indexing="ij"))
-    image = ndimage.map_coordinates(hu, coords, order=1, mode="constant", cval=AIR_HU)
-    label = ndimage.map_coordinates(m.astype(np.float32), coords, order=1, mode="constant")
+    # The voxels linear interpolation reads at those points (both neighbours of each); outside
+    # the volume, map_coordinates' constant fills in as it would on the whole volume. Shifting
+    # the coordinates by whole voxels is exact, so the samples are the whole volume's.
+    lo = [min(max(int(np.floor(a[0])), 0), n - 1) for a, n in zip(axes_idx, hu.shape, strict=True)]
+    hi = [
+        max(min(int(np.floor(a[-1])) + 2, n), lo_ + 1)
+        for a, n, lo_ in zip(axes_idx, hu.shape, lo, strict=True)
+    ]
+    window = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    local = [a - o for a, o in zip(axes_idx, lo, strict=True)]
+    coords = np.stack(np.meshgrid(*local, indexing="ij"))
+    image = ndimage.map_coordinates(hu[window], coords, order=1, mode="constant", cval=AIR_HU)
+    near = mask_in(window).astype(np.float32)
+    label = ndimage.map_coordinates(near, coords, order=1, mode="constant")
     z_lo, z_hi = idx[:, 0].min() * sp[0], (idx[:, 0].max() + 1) * sp[0]
     outside = (axes_mm[0] < z_lo) | (axes_mm[0] > z_hi)
     image[outside] = AIR_HU
@@ -111,10 +144,22 @@ def score_lesions(
     if labels.shape != np.shape(volume_hu):
         raise ValueError(f"label map {labels.shape} and volume {np.shape(volume_hu)} differ")
     if labels.dtype == np.bool_:
-        labels = labels.astype(np.int32)
-    ids = [int(i) for i in np.unique(labels) if i != 0]
-    if not ids:
+        labels = labels.view(np.uint8) if labels.flags.c_contiguous else labels.astype(np.uint8)
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise ValueError("lesion labels must not be negative")
+    hu = np.asarray(volume_hu, dtype=np.float32)
+    sp = _spacing(spacing_zyx)
+    # One pass for every lesion's box (label order), instead of a whole-volume unique and a
+    # whole-volume comparison per lesion.
+    boxes = [(i, box) for i, box in enumerate(ndimage.find_objects(labels), 1) if box is not None]
+    if not boxes:
         return []
     net = model.net if isinstance(model, LoadedModel) else model
-    patches = np.stack([nodule_patch(volume_hu, labels == i, spacing_zyx) for i in ids])
+
+    def lesion(value: int) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        return lambda window: labels[window] == value
+
+    patches = np.stack(
+        [_patch(hu, lesion(i), box, sp, PATCH, PATCH_SPACING_MM) for i, box in boxes]
+    )
     return [float(s) for s in predict_patches(net, patches)]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from ml.data import splits
 from ml.data.nodules import NoduleRow
@@ -126,6 +127,52 @@ def test_score_lesions_gives_one_score_per_label_in_label_order() -> None:
     assert malignancy.score_lesions(hu, spacing, np.zeros_like(labels), net) == []
     with pytest.raises(ValueError, match="differ"):
         malignancy.score_lesions(hu, spacing, labels[:, :, :-1], net)
+
+
+def _whole_volume_patch(hu: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
+    """The patch's definition, sampled from the whole volume (as the code did before it read
+    only the lesion's neighbourhood)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    idx = np.argwhere(mask)
+    centre_mm = (idx.mean(axis=0) + 0.5) * sp
+    offsets = (np.arange(malignancy.PATCH) - CENTRE) * malignancy.PATCH_SPACING_MM
+    axes_mm = [centre_mm[a] + offsets for a in range(3)]
+    coords = np.stack(np.meshgrid(*[axes_mm[a] / sp[a] - 0.5 for a in range(3)], indexing="ij"))
+    image = ndimage.map_coordinates(hu, coords, order=1, mode="constant", cval=malignancy.AIR_HU)
+    label = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant")
+    z_lo, z_hi = idx[:, 0].min() * sp[0], (idx[:, 0].max() + 1) * sp[0]
+    outside = (axes_mm[0] < z_lo) | (axes_mm[0] > z_hi)
+    image[outside] = malignancy.AIR_HU
+    label[outside] = 0.0
+    return np.stack([malignancy.scale_hu(image), np.clip(label, 0.0, 1.0)]).astype(np.float32)
+
+
+def test_the_patch_from_the_lesions_neighbourhood_is_the_whole_volumes() -> None:
+    # Lesions inside, at a corner (the patch reaches past three faces) and on a face.
+    rng = np.random.default_rng(5)
+    spacing = (1.25, 0.7, 0.8)
+    shape = (40, 90, 80)
+    hu = rng.normal(-500.0, 400.0, size=shape).astype(np.float32)
+    labels = np.zeros(shape, np.uint8)
+    labels[18:23, 40:47, 30:36] = 1
+    labels[0:3, 0:4, 0:5] = 2
+    labels[20:24, 85:90, 38:42] = 3
+    labels[10:12, 60:62, 70:72] = 5  # label 4 unused
+    for value in (1, 2, 3, 5):
+        expected = _whole_volume_patch(hu, labels == value, spacing)
+        np.testing.assert_array_equal(
+            malignancy.nodule_patch(hu, labels == value, spacing), expected
+        )
+    torch.manual_seed(2)
+    net = networks.build("malignancy").eval()
+    reference = malignancy.predict_patches(
+        net, np.stack([_whole_volume_patch(hu, labels == v, spacing) for v in (1, 2, 3, 5)])
+    )
+    assert malignancy.score_lesions(hu, spacing, labels, net) == [float(r) for r in reference]
+    # A boolean mask is one lesion, label 1 (a batch of one: the last bits may differ).
+    assert malignancy.score_lesions(hu, spacing, labels == 1, net) == pytest.approx(
+        [float(reference[0])], abs=1e-6
+    )
 
 
 def test_score_lesions_is_invariant_to_a_left_right_mirror() -> None:
