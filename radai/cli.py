@@ -268,9 +268,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from workers import host_share
     from workers.app import configure
-    from workers.malloc_tuning import hold_mmap_threshold
-
-    hold_mmap_threshold()
 
     # The node signs checkpoints on its interval; a worker adds one when it stops cleanly.
     worker_shutdown.connect(lambda **_: _checkpoint_quietly(db), weak=False)

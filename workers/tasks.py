@@ -16,6 +16,7 @@ from dicom_io.backoff import backoff_delay
 from dicom_io.destinations import Destination, format_destination
 from workers import exporting, processing
 from workers.app import app, runtime, share_cores
+from workers.malloc_tuning import trim_heap
 from workers.models import load_grader
 from workers.pipeline.analysers import make_analyser
 from workers.pipeline.prior import PriorSources
@@ -69,6 +70,9 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
         log.warning("study %s: attempt failed (%s); retrying", study_uid, exc)
         # `retries` counts the retries already made: this failure is number retries + 1.
         raise self.retry(exc=exc, countdown=delay) from exc
+    finally:
+        # The study's arrays are freed by now: their pages go back before the next study.
+        trim_heap()
 
 
 @app.task(name=str(TaskName.EXPORT_OUTPUT), bind=True, acks_late=True, max_retries=None)
