@@ -9,7 +9,14 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ml.image.morphology import centroid, check_volume, close_2d, fill_holes, label_sizes
+from ml.image.morphology import (
+    centroid,
+    check_volume,
+    close_2d,
+    fill_holes,
+    label_compact,
+    label_sizes,
+)
 
 # Lung parenchyma is about -850 HU; -320 HU sits between it and soft tissue (0..80 HU) and keeps
 # partial-volume voxels of the pleural border with the tissue.
@@ -103,7 +110,7 @@ def segment_lungs(
     """
     spacing = check_volume(volume_hu, spacing_zyx)
     volume_hu = np.asarray(volume_hu)
-    labels, n = ndimage.label(volume_hu < AIR_THRESHOLD_HU)
+    labels, n = label_compact(volume_hu < AIR_THRESHOLD_HU)
     empty = np.zeros(labels.shape, dtype=bool)
     if n == 0:
         return empty

@@ -124,6 +124,15 @@ def label_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
     return sizes
 
 
+def label_compact(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` into uint16 labels (half of its default int32's size: 280 MB less on a
+    clinical CT's volume), or int32 when there are more components than uint16 can number."""
+    try:
+        return ndimage.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth": more than 65,535 components
+        return ndimage.label(mask, structure=structure)
+
+
 def compact_labels(highest: int) -> np.dtype:
     """The narrowest unsigned type for labels 0..highest (uint8 up to 255)."""
     return np.min_scalar_type(max(int(highest), 255))

@@ -54,23 +54,35 @@ def patches(scaled: np.ndarray, calls: np.ndarray, at: list[tuple[int, int, int]
 
     ``scaled`` is the (z, y, x) volume on the grid with HU already scaled to [0, 1];
     ``calls`` the boolean lesion calls on the same grid; ``at`` the candidate centres on it.
-    """
+    Beyond the volume's first and last slices the nearest slice repeats; beyond its sides is 0
+    (air after scaling). Each window is cut out on its own: padding the whole grid volume
+    instead cost three copies of it (most of a gigabyte on a clinical CT)."""
     out = np.zeros((len(at), CHANNELS, PATCH, PATCH), dtype=np.float32)
     if not at:
         return out
     r = WIDE // 2
-    vol = np.pad(scaled, ((HALF, HALF), (0, 0), (0, 0)), mode="edge")
-    vol = np.pad(vol, ((0, 0), (r, r), (r, r)), mode="constant")  # 0 is air after scaling
-    mask = np.pad(calls.astype(np.float32), ((0, 0), (r, r), (r, r)), mode="constant")
     p = PATCH // 2
     pool = WIDE // PATCH
+    depth = scaled.shape[0]
     for j, (z, y, x) in enumerate(at):
-        yc, xc = y + r, x + r
-        near = (slice(yc - p, yc + p), slice(xc - p, xc + p))
-        out[j, : 2 * HALF + 1] = vol[z : z + 2 * HALF + 1, near[0], near[1]]
-        wide = vol[z + HALF, yc - r : yc + r, xc - r : xc + r]
+        around = np.clip(np.arange(z - HALF, z + HALF + 1), 0, depth - 1)
+        out[j, : 2 * HALF + 1] = _window(scaled, around, y - p, x - p, PATCH)
+        wide = _window(scaled, [z], y - r, x - r, WIDE)[0]
         out[j, 2 * HALF + 1] = wide.reshape(PATCH, pool, PATCH, pool).mean(axis=(1, 3))
-        out[j, 2 * HALF + 2] = mask[z, near[0], near[1]]
+        out[j, 2 * HALF + 2] = _window(calls, [z], y - p, x - p, PATCH)[0]
+    return out
+
+
+def _window(
+    volume: np.ndarray, slices: np.ndarray | list[int], y0: int, x0: int, size: int
+) -> np.ndarray:
+    """float32 (len(slices), size, size) of ``volume`` from (y0, x0); 0 outside it."""
+    out = np.zeros((len(slices), size, size), dtype=np.float32)
+    h, w = volume.shape[1:]
+    ya, yb = max(y0, 0), min(y0 + size, h)
+    xa, xb = max(x0, 0), min(x0 + size, w)
+    if ya < yb and xa < xb:
+        out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = volume[np.asarray(slices), ya:yb, xa:xb]
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ml.image.measure import RegionMeasurement, measure_regions
-from ml.image.morphology import compact_labels, label_sizes
+from ml.image.morphology import compact_labels, label_compact, label_sizes
 from ml.runtime import candidates, networks
 from ml.runtime.laps import Laps
 from ml.runtime.registry import LoadedModel
@@ -148,7 +148,7 @@ def segment(
         lesion_p = torch.softmax(logits, dim=1)[:, networks.LESION_CLASS]
         extent_mask[i : i + step] = (lesion_p >= extent_p).cpu().numpy()
         seed_mask[i : i + step] = (lesion_p >= seed_p).cpu().numpy()
-    extent, n = ndimage.label(extent_mask, structure=np.ones((3, 3, 3), dtype=bool))
+    extent, n = label_compact(extent_mask, structure=np.ones((3, 3, 3), dtype=bool))
     del extent_mask
     seeded = np.zeros(n + 1, dtype=bool)
     seeded[extent[seed_mask]] = True
@@ -230,7 +230,7 @@ def lesion_components(
     """Connected lesion components (26-connected), relabelled 1..n, keeping those of at least
     MIN_LESION_MM3 and, when ``hu`` and ``lung`` (lung without lesion) are given, with a mean
     above MIN_MEAN_HU and at least MIN_LUNG_CONTACT of their in-plane rim in the lung."""
-    labels, n = ndimage.label(lesion_mask, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = label_compact(lesion_mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return labels.astype(np.int32), 0
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]

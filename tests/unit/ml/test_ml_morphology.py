@@ -79,3 +79,17 @@ def test_a_gap_wider_than_the_disk_stays_open(
     mask[10:50, 55:75] = True  # 30 pixels apart: 30 mm at 1 mm pixels
     assert not close_2d(mask, 10.0, (1.0, 1.0))[30, 40]
     assert close_2d(mask, 20.0, (1.0, 1.0))[30, 40]
+
+
+def test_compact_labelling_numbers_like_scipy_and_widens_when_it_must() -> None:
+    rng = np.random.default_rng(8)
+    mask = rng.random((6, 40, 50)) < 0.3
+    labels, n = morphology.label_compact(mask)
+    expected, m = ndimage.label(mask)
+    assert labels.dtype == np.uint16 and n == m
+    np.testing.assert_array_equal(labels, expected)
+    # More components than uint16 can number: every other voxel of every other slice, alone.
+    many = np.zeros((5, 300, 300), dtype=bool)
+    many[::2, ::2, ::2] = True
+    labels, n = morphology.label_compact(many)
+    assert n == 3 * 150 * 150 and labels.dtype == np.int32 and labels.max() == n

@@ -47,6 +47,36 @@ def test_patches_carry_context_wide_view_and_outline() -> None:
     assert pasted[0].sum() == (2 + c) * (256 - 250 + c)  # clipped at the volume's edges
 
 
+def _padded_patches(scaled: np.ndarray, calls: np.ndarray, at) -> np.ndarray:
+    """The patches' definition by padding the whole volume (as the code did before it cut each
+    window out on its own)."""
+    half, patch, r = candidates.HALF, candidates.PATCH, candidates.WIDE // 2
+    out = np.zeros((len(at), candidates.CHANNELS, patch, patch), dtype=np.float32)
+    vol = np.pad(scaled, ((half, half), (0, 0), (0, 0)), mode="edge")
+    vol = np.pad(vol, ((0, 0), (r, r), (r, r)), mode="constant")
+    mask = np.pad(calls.astype(np.float32), ((0, 0), (r, r), (r, r)), mode="constant")
+    p, pool = patch // 2, candidates.WIDE // patch
+    for j, (z, y, x) in enumerate(at):
+        yc, xc = y + r, x + r
+        out[j, : 2 * half + 1] = vol[z : z + 2 * half + 1, yc - p : yc + p, xc - p : xc + p]
+        wide = vol[z + half, yc - r : yc + r, xc - r : xc + r]
+        out[j, 2 * half + 1] = wide.reshape(patch, pool, patch, pool).mean(axis=(1, 3))
+        out[j, 2 * half + 2] = mask[z, yc - p : yc + p, xc - p : xc + p]
+    return out
+
+
+def test_patches_cut_out_one_by_one_equal_the_padded_volumes() -> None:
+    rng = np.random.default_rng(4)
+    scaled = rng.random((9, 256, 256), dtype=np.float32)
+    calls = rng.random(scaled.shape) < 0.1
+    # inside, at each corner, on each side, on the first and last slices
+    at = [(4, 128, 128), (0, 0, 0), (8, 255, 255), (0, 255, 3), (8, 2, 254), (3, 60, 255)]
+    at += [(5, 0, 128), (1, 255, 100), (7, 31, 31), (2, 224, 32)]
+    np.testing.assert_array_equal(
+        candidates.patches(scaled, calls, at), _padded_patches(scaled, calls, at)
+    )
+
+
 def test_augmentation_moves_pixels_but_keeps_channels_in_place(monkeypatch) -> None:
     monkeypatch.setattr(screen_training, "AFFINE", False)
     monkeypatch.setattr(screen_training, "INTENSITY_SCALE", (1.0, 1.0))
