@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import iter_pixels
 from sqlalchemy import select
 
 from db import Instance, Job, Output, Series, Study, StudyState
@@ -280,13 +281,15 @@ def read_seg(path: Path, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     shape = volume.hu.shape
     labels = np.zeros(shape, dtype=np.int32)
     lungs = np.zeros(shape, dtype=bool)
-    frames = seg.pixel_array
-    if frames.ndim == 2:
-        frames = frames[None]
-    if frames.shape[1:] != shape[1:]:
+    if (int(seg.Rows), int(seg.Columns)) != shape[1:]:
         raise PriorUnusable("the prior's SEG does not match its series' image size")
+    if int(seg.get("NumberOfFrames") or 1) != len(seg.PerFrameFunctionalGroupsSequence):
+        raise PriorUnusable("the prior's SEG describes another number of frames than it holds")
+    # A frame at a time: all of a clinical CT's lung frames at once are another 140 MB while
+    # both studies' volumes are held.
+    frames = iter_pixels(seg)
     shared = seg.SharedFunctionalGroupsSequence[0]
-    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+    for item, pixels in zip(seg.PerFrameFunctionalGroupsSequence, frames, strict=False):
         ident = item.get("SegmentIdentificationSequence") or shared.get(
             "SegmentIdentificationSequence"
         )
@@ -295,7 +298,7 @@ def read_seg(path: Path, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
         z = index.get(str(source.ReferencedSOPInstanceUID))
         if z is None:
             raise PriorUnusable("the prior's SEG refers to slices its series no longer holds")
-        frame = frames[i] > 0
+        frame = pixels > 0
         name = names.get(number, "")
         lesion = _LESION_SEGMENT.match(name)
         if name == "Lung":
