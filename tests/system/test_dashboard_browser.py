@@ -190,13 +190,14 @@ def _body(driver: WebDriver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def _css(driver: WebDriver, selector: str) -> WebElement:
+def _css(driver: WebDriver, selector: str, timeout: float = TIMEOUT) -> WebElement:
     return _until(
         driver,
         lambda d: next(
             (e for e in d.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()), None
         ),
         selector,
+        timeout,
     )
 
 
@@ -286,7 +287,9 @@ def _walk_through(base: str, db: Database, driver: WebDriver, tmp_path: Path) ->
         driver.get(base + "/")
     except WebDriverException as exc:  # pragma: no cover - diagnostic
         pytest.fail(f"the browser cannot load {base}: {exc}\n{_tail(tmp_path)}")
-    _css(driver, ".st-key-login_name input")
+    # The first page is the app's first script run (its imports, the database's first query):
+    # on a machine busy with the rest of the suite that took more than TIMEOUT once.
+    _css(driver, ".st-key-login_name input", timeout=3 * TIMEOUT)
     _idle(driver)
     assert "Log in" in _body(driver)
     assert "DEMO" not in driver.page_source and "SYNTH" not in driver.page_source
