@@ -39,8 +39,16 @@ def disk(radius_mm: float, spacing_yx: tuple[float, float]) -> np.ndarray:
     return (yy / max(ry, 1e-9)) ** 2 + (xx / max(rx, 1e-9)) ** 2 <= 1.0
 
 
+def as_bytes(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as 0/1 bytes (for find_objects and ITK), without a copy where it is
+    already a contiguous boolean array (a clinical CT's mask is over 100 MB)."""
+    if mask.dtype == np.bool_ and mask.flags.c_contiguous:
+        return mask.view(np.uint8)
+    return np.asarray(mask, dtype=bool).astype(np.uint8)
+
+
 def bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    boxes = ndimage.find_objects(as_bytes(mask))
     return boxes[0] if boxes else None
 
 
@@ -60,7 +68,7 @@ def _squared_distance_to(obj: np.ndarray, spacing_yx: tuple[float, float]) -> np
     transform.SetUseImageSpacing(True)
     transform.SetInsideIsPositive(False)
     transform.SetNumberOfThreads(1)
-    image = sitk.GetImageFromArray(obj.view(np.uint8))
+    image = sitk.GetImageFromArray(as_bytes(obj))
     image.SetSpacing((float(spacing_yx[1]), float(spacing_yx[0])))
     return sitk.GetArrayFromImage(transform.Execute(image))
 

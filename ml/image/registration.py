@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ml.image.lungs import segment_lungs
-from ml.image.morphology import centroid
+from ml.image.morphology import as_bytes, centroid
 
 __all__ = [
     "Grid",
@@ -364,13 +364,6 @@ def _finite(volume: np.ndarray, slab: int = 16) -> bool:
     return all(np.isfinite(volume[z : z + slab]).all() for z in range(0, len(volume), slab))
 
 
-def _bytes(mask: np.ndarray) -> np.ndarray:
-    """A boolean mask as 0/1 bytes for ITK, without a copy where it is already contiguous."""
-    if mask.dtype == bool and mask.flags.c_contiguous:
-        return mask.view(np.uint8)
-    return np.asarray(mask, dtype=bool).astype(np.uint8)
-
-
 def _lungs(
     name: str, volume: np.ndarray, grid: Grid, given: np.ndarray | None
 ) -> tuple[np.ndarray, float]:
@@ -453,10 +446,10 @@ def register(
     fixed = _to_working(_windowed_shrunk(cur, cur_grid), cur_grid, sitk.sitkLinear, lo)
     moving = _to_working(_windowed_shrunk(pri, pri_grid), pri_grid, sitk.sitkLinear, lo)
     fixed_lungs = _to_working(
-        cur_grid.image(_bytes(cur_lungs)), cur_grid, sitk.sitkNearestNeighbor, 0
+        cur_grid.image(as_bytes(cur_lungs)), cur_grid, sitk.sitkNearestNeighbor, 0
     )
     moving_lungs = _to_working(
-        pri_grid.image(_bytes(pri_lungs)), pri_grid, sitk.sitkNearestNeighbor, 0
+        pri_grid.image(as_bytes(pri_lungs)), pri_grid, sitk.sitkNearestNeighbor, 0
     )
     fixed_lungs_np = sitk.GetArrayFromImage(fixed_lungs).astype(bool)
     w_spacing = fixed.GetSpacing()[::-1]

@@ -16,7 +16,7 @@ training crops the crop ends at the nodule's first and last slice: the network n
 from that context, so at inference it is not shown any either. Outside the scan is air too.
 
 At inference the score is the mean over the four in-plane flips (none, x, y, both), which makes
-it invariant to a left-right mirror of the scan. Imports `ml.runtime` only.
+it invariant to a left-right mirror of the scan. Imports `ml.runtime` and `ml.image`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ml.image.morphology import as_bytes, bbox
 from ml.runtime import networks
 from ml.runtime.registry import LoadedModel
 
@@ -60,10 +61,10 @@ def nodule_patch(
     sp = _spacing(spacing_zyx)
     if hu.ndim != 3 or m.shape != hu.shape:
         raise ValueError(f"need a 3-D volume and a mask of its shape, got {hu.shape}, {m.shape}")
-    boxes = ndimage.find_objects(m.view(np.uint8) if m.flags.c_contiguous else m.astype(np.uint8))
-    if not boxes or boxes[0] is None:
+    box = bbox(m)
+    if box is None:
         raise ValueError("empty lesion mask")
-    return _patch(hu, lambda window: m[window], boxes[0], sp, patch, patch_spacing_mm)
+    return _patch(hu, lambda window: m[window], box, sp, patch, patch_spacing_mm)
 
 
 def _spacing(spacing_zyx: Sequence[float]) -> np.ndarray:
@@ -144,7 +145,7 @@ def score_lesions(
     if labels.shape != np.shape(volume_hu):
         raise ValueError(f"label map {labels.shape} and volume {np.shape(volume_hu)} differ")
     if labels.dtype == np.bool_:
-        labels = labels.view(np.uint8) if labels.flags.c_contiguous else labels.astype(np.uint8)
+        labels = as_bytes(labels)
     if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
         raise ValueError("lesion labels must not be negative")
     hu = np.asarray(volume_hu, dtype=np.float32)

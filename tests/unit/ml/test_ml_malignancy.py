@@ -127,6 +127,8 @@ def test_score_lesions_gives_one_score_per_label_in_label_order() -> None:
     assert malignancy.score_lesions(hu, spacing, np.zeros_like(labels), net) == []
     with pytest.raises(ValueError, match="differ"):
         malignancy.score_lesions(hu, spacing, labels[:, :, :-1], net)
+    with pytest.raises(ValueError, match="negative"):
+        malignancy.score_lesions(hu, spacing, np.where(labels == 2, -2, labels), net)
 
 
 def _whole_volume_patch(hu: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
