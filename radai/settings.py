@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         description="NAME@VERSION in ml/models, or torchscript:PATH with PATH.json beside it",
     )
     cad_model: str = Field(
-        default="radai-nodule-cad-cnn@2.1.0",
+        default="radai-nodule-cad-cnn@2.2.0",
         description="NAME@VERSION of the nodule CAD's candidate classifier (RADAI_PIPELINE=cad)",
     )
     malignancy_model: str = Field(

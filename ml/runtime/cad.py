@@ -1,9 +1,10 @@
 """The nodule CAD pipeline (`radai-nodule-cad`): candidates by multi-scale blob detection in the
-lungs, a trained classifier that scores each candidate from three orthogonal planes around it
-and the detector's own description of it (averaged over mirrors of the body), and a local
-segmentation of each kept nodule; then the same measurements and Lung-RADS size
-triage as the classical baseline. Two stages as in most published lung-nodule CAD (candidate
-generation, then false-positive reduction: Setio et al., Med Image Anal 2017).
+lungs, a trained classifier that scores each candidate from nine planes through it (version
+2.2.0; three orthogonal planes before) and the detector's own description of it (averaged
+over mirrors of the body), and a local segmentation of each kept nodule; then the same
+measurements and Lung-RADS size triage as the classical baseline. Two stages as in most
+published lung-nodule CAD (candidate generation, then false-positive reduction: Setio et al.,
+Med Image Anal 2017).
 
 Imports numpy, scipy, torch, ``ml.image`` and ``ml.runtime``. Research software, not for
 clinical use.
@@ -22,7 +23,7 @@ from ml.image.lungs import segment_lungs
 from ml.image.measure import RegionMeasurement, measure_regions
 from ml.image.morphology import check_volume
 from ml.image.nodule_segment import segment_nodule
-from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
+from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views, transform
 from ml.runtime.laps import Laps
 from ml.runtime.networks import CadNet
 from ml.runtime.registry import LoadedModel
@@ -64,31 +65,21 @@ def blob_features(b: Blob) -> list[float]:
 
 # --- the classifier's views of the body, mirrored ----------------------------------------------
 
-# Channel layout of the views: [axial, coronal, sagittal] x [fine, coarse]; the planes' axes are
-# axial (y, x), coronal (z, x), sagittal (z, y).
-_AXIAL, _CORONAL, _SAGITTAL = [0, 3], [1, 4], [2, 5]
+_AXIS = {"z": 0, "y": 1, "x": 2}
 
 
 def flip(x: torch.Tensor, axis: str) -> torch.Tensor:
     """The views of the body mirrored along ``axis`` ('x', 'y' or 'z')."""
-    x = x.clone()
-    if axis == "x":
-        x[:, _AXIAL + _CORONAL] = x[:, _AXIAL + _CORONAL].flip(-1)
-    elif axis == "y":
-        x[:, _AXIAL] = x[:, _AXIAL].flip(-2)
-        x[:, _SAGITTAL] = x[:, _SAGITTAL].flip(-1)
-    elif axis == "z":
-        x[:, _CORONAL + _SAGITTAL] = x[:, _CORONAL + _SAGITTAL].flip(-2)
-    else:
+    if axis not in _AXIS:
         raise ValueError(f"axis must be x, y or z, not {axis!r}")
-    return x
+    m = np.eye(3, dtype=int)
+    m[_AXIS[axis], _AXIS[axis]] = -1
+    return transform(x, m.tolist())
 
 
 def swap_xy(x: torch.Tensor) -> torch.Tensor:
     """The views of the body with x and y exchanged (a transposed axial plane)."""
-    x = x.clone()
-    x[:, _AXIAL] = x[:, _AXIAL].transpose(-1, -2)
-    return x[:, [0, 2, 1, 3, 5, 4]]
+    return transform(x, [[1, 0, 0], [0, 0, 1], [0, 1, 0]])
 
 
 # Mirrors of the body the classifier was trained with (its augmentation); a candidate's score is
@@ -100,7 +91,7 @@ TTA_FLIPS: tuple[tuple[str, ...], ...] = ((), ("x",), ("y",), ("x", "y"))
 def classify(
     net: torch.nn.Module, views: torch.Tensor, features: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Probability per candidate from its views (n, 6, 32, 32) and blob features (n, 7): the
+    """Probability per candidate from its views (n, C, 32, 32) and blob features (n, 7): the
     mean of the network's sigmoid over `TTA_FLIPS`. A version 1 classifier takes views only."""
     total = torch.zeros(len(views), device=views.device)
     for axes in TTA_FLIPS:
@@ -115,7 +106,7 @@ def classify(
 # --- scoring, outlining, measuring --------------------------------------------------------------
 
 CAD_MODEL = "radai-nodule-cad-cnn"
-CAD_VERSION = "2.1.0"
+CAD_VERSION = "2.2.0"
 # Candidates outlined per study, best first, whatever their score: enough for the evaluation's
 # FROC to reach 8 false positives per scan; the report keeps those at or above the threshold.
 OUTLINED = 40
@@ -142,6 +133,12 @@ class CadResult:
         return [i for i, s in enumerate(self.scores) if s >= self.threshold]
 
 
+def view_channels(net: torch.nn.Module) -> int:
+    """How many view channels the classifier ``net`` takes (its first convolution's inputs):
+    12 (nine planes) from version 2.2.0, 6 (three planes) before."""
+    return next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
 def threshold_of(model: LoadedModel) -> float:
     """The operating threshold written into the model card by training."""
     return float(model.card.get("operating_point", {}).get("threshold", 0.5))
@@ -154,10 +151,11 @@ def score(model: LoadedModel, volume_hu: np.ndarray, spacing, blobs: list[Blob])
         return np.zeros(0, dtype=np.float32)
     net = model.net.eval()
     device = next(net.parameters()).device
+    channels = view_channels(net)
     out = []
     for i in range(0, len(blobs), SCORE_BATCH):
         part = blobs[i : i + SCORE_BATCH]
-        views = candidate_views(volume_hu, spacing, [b.centre_zyx for b in part])
+        views = candidate_views(volume_hu, spacing, [b.centre_zyx for b in part], channels)
         x = torch.from_numpy(views).to(device)
         f = torch.tensor([blob_features(b) for b in part], dtype=torch.float32, device=device)
         out.append(classify(net, x, f).cpu().numpy())

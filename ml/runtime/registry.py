@@ -31,7 +31,7 @@ DEFAULT_REFS = {
     "segment": f"{SEGMENTER}@{SEGMENTER_VERSION}",
     "screen": f"{SCREENER}@{SCREENER_VERSION}",
     "malignancy": f"{MALIGNANCY}@{MALIGNANCY_VERSION}",
-    "cad": "radai-nodule-cad-cnn@2.1.0",
+    "cad": "radai-nodule-cad-cnn@2.2.0",
 }
 REQUIRED_CARD_KEYS = ("name", "version", "task")
 

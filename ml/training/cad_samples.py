@@ -32,7 +32,8 @@ from ml.data.nodules import NoduleCrop, load_crop, read_nodule_table
 from ml.runtime import cad
 from ml.runtime.cad_views import candidate_views
 
-RECIPE_VERSION = 1
+# 2: the views in the nine-plane layout (ml.runtime.cad_views.NINE_PLANES); 1: three planes.
+RECIPE_VERSION = 2
 NODULES_PER_STUDY = 12
 # Each positive is seen again from centres moved by up to JITTER_MM (a candidate's centre is
 # rarely the nodule's): more positive views per composited study, which is the costly part.

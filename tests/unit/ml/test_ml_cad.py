@@ -11,7 +11,7 @@ import torch
 
 from ml.image.blobs import detect_blobs
 from ml.image.nodule_segment import segment_nodule
-from ml.runtime import cad, networks, registry
+from ml.runtime import cad, cad_views, networks, registry
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
 from ml.runtime.registry import LoadedModel
 from ml.training import cad as cad_training
@@ -120,21 +120,56 @@ def test_nothing_dense_at_the_point_gives_an_empty_outline():
     assert not mask.any()
 
 
-def test_augmentation_matches_the_views_of_the_mirrored_volume():
+@pytest.mark.parametrize("channels", [6, 12])
+def test_augmentation_matches_the_views_of_the_mirrored_volume(channels):
     spacing = (1.0, 1.0, 1.0)
     hu, _, _ = _phantom(spacing, nodule_mm=(55.0, 62.0, 47.0))
-    centre = np.array([47.0, 62.0, 55.0]) - 0.5 + 3.0  # off the nodule's centre: asymmetric
-    views = torch.from_numpy(candidate_views(hu, spacing, [centre]))
+    centre = np.array([47.0, 62.0, 55.0]) - 0.5 + np.array([3.0, 2.0, -1.5])  # asymmetric
+    views = torch.from_numpy(candidate_views(hu, spacing, [centre], channels))
+    assert views.shape == (1, channels, VIEW, VIEW)
     for axis, flip in ((2, "x"), (1, "y"), (0, "z")):
         flipped = np.flip(hu, axis=axis).copy()
         c = centre.copy()
         c[axis] = hu.shape[axis] - 1 - c[axis]
-        expected = candidate_views(flipped, spacing, [c])
+        expected = candidate_views(flipped, spacing, [c], channels)
         got = cad.flip(views, flip).numpy()
         assert np.abs(got - expected).max() < 1e-5, flip
+        assert np.abs(views.numpy() - expected).max() > 0.05, flip  # the mirror is not trivial
     swapped = np.swapaxes(hu, 1, 2).copy()
-    expected = candidate_views(swapped, spacing, [centre[[0, 2, 1]]])
+    expected = candidate_views(swapped, spacing, [centre[[0, 2, 1]]], channels)
     assert np.abs(cad.swap_xy(views).numpy() - expected).max() < 1e-5
+    for other in ((0, 1), (0, 2)):  # exchanges of z with y or x, only as far as maps go
+        order = [0, 1, 2]
+        order[other[0]], order[other[1]] = order[other[1]], order[other[0]]
+        m = np.eye(3, dtype=int)[order]
+        moved = np.transpose(hu, order).copy()
+        expected = candidate_views(moved, spacing, [centre[order]], channels)
+        assert np.abs(cad_views.transform(views, m.tolist()).numpy() - expected).max() < 1e-5
+
+
+def test_the_diagonal_planes_sample_the_diagonals_in_millimetres():
+    # A linear ramp in mm is sampled exactly by linear interpolation, so each plane's values
+    # name its directions: 1 HU per mm along z, 2 along y, 3 along x.
+    spacing = (2.0, 0.8, 0.6)
+    shape = (40, 100, 130)
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)],
+                          indexing="ij")  # fmt: skip
+    hu = (-900.0 + 1.0 * z + 2.0 * y + 3.0 * x).astype(np.float32)
+    centre = np.array([20.0, 50.0, 60.0])
+    views = candidate_views(hu, spacing, [centre], 12)[0]
+    lo, hi = cad_views.HU_RANGE
+    at_centre = -900.0 + float((centre * np.array(spacing)) @ np.array([1.0, 2.0, 3.0]))
+    t = (np.arange(VIEW) - (VIEW - 1) / 2.0) * cad_views.FINE_MM
+    d = 1 / math.sqrt(2)
+    # Channel 6: rows along z, columns along (y + x) / sqrt(2); channel 11: rows along x,
+    # columns along (z - y) / sqrt(2).
+    want6 = at_centre + 1.0 * t[:, None] + (2.0 + 3.0) * d * t[None, :]
+    want11 = at_centre + 3.0 * t[:, None] + (1.0 - 2.0) * d * t[None, :]
+    for ch, want in ((6, want6), (11, want11)):
+        got = views[ch] * (hi - lo) + lo
+        inside = (want > lo) & (want < hi)
+        assert inside.sum() > 100
+        assert np.abs(got[inside] - want[inside]).max() < 0.05
 
 
 def test_operating_threshold_keeps_the_estimated_false_calls_per_study():
@@ -225,6 +260,25 @@ def test_the_classifier_joins_views_and_blob_features_and_reads_version_1():
     old = networks.build("cad", v1).eval()
     assert not isinstance(old, networks.CadNet)
     assert cad.classify(old, views).shape == (5,)
+
+
+def test_a_three_plane_classifier_is_given_the_three_plane_views():
+    # Version 2.1.0 took six channels (three planes); 2.2.0 takes twelve (nine planes).
+    spacing = (1.0, 1.0, 1.0)
+    hu, _, _ = _phantom(spacing)
+    blobs = detect_blobs(hu, np.ones(hu.shape, bool), spacing)[:5]
+    centres = [b.centre_zyx for b in blobs]
+    features = torch.tensor([cad.blob_features(b) for b in blobs], dtype=torch.float32)
+    torch.manual_seed(0)
+    for channels in (6, 12):
+        arch = {**networks.CAD_ARCH, "views": {**networks.CAD_ARCH["views"]}}
+        arch["views"]["in_shape"] = [channels, VIEW, VIEW]
+        net = networks.build("cad", arch).eval()
+        assert cad.view_channels(net) == channels
+        model = LoadedModel(cad.CAD_MODEL, "test", "cad", net, {})
+        got = cad.score(model, hu, spacing, blobs)
+        views = torch.from_numpy(candidate_views(hu, spacing, centres, channels))
+        assert np.allclose(got, cad.classify(net, views, features).numpy(), atol=1e-6)
 
 
 def test_a_candidate_scores_the_same_in_the_study_mirrored_left_right():
@@ -446,3 +500,32 @@ def test_a_target_no_nodule_can_be_kept_within_reports_nothing(tmp_path):
     assert cad_training.pooled_share([fold], target=1e9) == 1.0
     op = cad_training._operating_point(net, own, 0.0)
     assert op["threshold"] > 1.0 and op["sensitivity_of_found"] == 0.0
+
+
+def _scored(p, positive, weight, studies):
+    n = len(p)
+    s = cad_training.SampleSet(
+        views=np.zeros((n, 0), np.uint8),
+        positive=np.array(positive),
+        weight=np.array(weight, float),
+        study=np.zeros(n, int),
+        jittered=np.zeros(n, bool),
+        studies=[{}] * studies,
+    )
+    return s, np.array(p, float)
+
+
+def test_the_validation_froc_pools_the_fold_models_scores_on_their_unseen_anatomies():
+    # Fold A's unseen study: nodule candidates at 0.9 and 0.5, false ones at 0.8 (standing for 1
+    # candidate) and 0.3 (for 10); fold B's: a nodule at 0.7, a false one at 0.95.
+    a, pa = _scored([0.9, 0.5, 0.8, 0.3], [True, True, False, False], [1, 1, 1, 10], 1)
+    b, pb = _scored([0.7, 0.95], [True, False], [1, 1], 1)
+    folds = [cad_training.FalseCalls(a, pa, a, pa), cad_training.FalseCalls(b, pb, b, pb)]
+    froc = cad_training.unseen_froc(folds, rates=(0.25, 0.5, 1.0, 8.0))
+    # False calls per study as the threshold falls: 0.5 (0.95), 1.0 (0.8), 6.0 (0.3).
+    assert froc["0.25"] == 0.0  # above 0.95: no nodule
+    assert froc["0.5"] == pytest.approx(1 / 3)  # above 0.8: the nodule at 0.9
+    assert froc["1"] == 1.0  # above 0.3: all three
+    assert froc["8"] == 1.0
+    assert froc["mean"] == pytest.approx((0 + 1 / 3 + 1 + 1) / 4)
+    assert froc["studies"] == 2 and froc["positives"] == 3
