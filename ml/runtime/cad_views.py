@@ -103,6 +103,17 @@ def candidate_views(
     return out
 
 
+def _match(tu: np.ndarray, tv: np.ndarray, u: tuple, v: tuple) -> tuple[bool, bool, bool] | None:
+    """(transpose, flip rows, flip columns) if the plane spanned by ``tu``, ``tv`` is the plane
+    (``u``, ``v``): sampled at (a, b) it is that plane at (su a, sv b), or, transposed, at
+    (sv b, su a); None if it is another plane."""
+    for transpose, (ru, rv) in ((False, (u, v)), (True, (v, u))):
+        su, sv = float(tu @ np.asarray(ru)), float(tv @ np.asarray(rv))
+        if math.isclose(abs(su), 1.0, abs_tol=1e-6) and math.isclose(abs(sv), 1.0, abs_tol=1e-6):
+            return transpose, su < 0, sv < 0
+    return None
+
+
 @lru_cache(maxsize=64)
 def _moves(
     channels: int, matrix: tuple[tuple[int, ...], ...]
@@ -115,24 +126,14 @@ def _moves(
     out = []
     for (u, v), step in layout:
         tu, tv = t @ np.asarray(u), t @ np.asarray(v)
-        for q, ((uq, vq), sq) in enumerate(layout):
-            if not math.isclose(sq, step):
-                continue
-            # The transformed plane sampled at (a, b) is the input plane q at (su a, sv b), or,
-            # transposed, at (sv b, su a).
-            for transpose, (ru, rv) in ((False, (uq, vq)), (True, (vq, uq))):
-                su, sv = float(tu @ np.asarray(ru)), float(tv @ np.asarray(rv))
-                if math.isclose(abs(su), 1.0, abs_tol=1e-6) and math.isclose(
-                    abs(sv), 1.0, abs_tol=1e-6
-                ):
-                    rows, cols = su < 0, sv < 0
-                    out.append((q, transpose, rows, cols))
-                    break
-            else:
-                continue
-            break
-        else:
+        found = [
+            (q, *m)
+            for q, ((uq, vq), sq) in enumerate(layout)
+            if math.isclose(sq, step) and (m := _match(tu, tv, uq, vq)) is not None
+        ]
+        if not found:
             raise ValueError(f"layout of {channels} channels is not closed under {matrix}")
+        out.append(found[0])
     return tuple(out)
 
 

@@ -62,8 +62,9 @@ MALIGNANCY_ARCH = {
 # views-only fold model (AUC 0.86 vs 0.77), so the network gets both. 2.2.0 (nine planes,
 # 32-64-128 channels, 4000 + 2000 steps) against 2.1.0 (three planes, 16-32-64, 3000 + 1500),
 # fold models on the validation studies of the anatomy each never saw: mean sensitivity over
-# 1/8-8 false calls per study 0.30 vs 0.19, at 1 false call 0.26 vs 0.13; a step costs about
-# 2.5 times the CPU (both changed at once: which of them gained what was not measured).
+# 1/8-8 false calls per study 0.30 vs 0.19, at 1 false call 0.26 vs 0.13; a training step of 64
+# costs 2.2 times the CPU (25.7 -> 56.7 ms on one core). Both changed at once: which of them
+# gained what was not measured.
 CAD_FEATURES = 7
 CAD_ARCH = {
     "views": {

@@ -145,16 +145,19 @@ def operating_threshold(
 ) -> dict[str, float]:
     """The lowest threshold with estimated false calls per study <= ``target_fp``, and the
     validation sensitivity there (over the nodules hit by a candidate at all: un-jittered)."""
-    studies = max(1, len(s.studies))
     neg = ~s.positive
-    order = np.argsort(-p[neg])
-    fp_curve = np.cumsum(s.weight[neg][order]) / studies
-    over = np.flatnonzero(fp_curve > target_fp)
-    # Just above the first negative that would take the false calls over the target.
-    threshold = float(np.nextafter(p[neg][order][over[0]], 2.0)) if len(over) else 0.0
+    threshold = _threshold_at(p[neg], s.weight[neg], max(1, len(s.studies)), target_fp)
     real = s.positive & ~s.jittered
     sens = float((p[real] >= threshold).mean()) if real.any() else float("nan")
     return {"threshold": threshold, "fp_per_study": target_fp, "sensitivity_of_found": sens}
+
+
+def _threshold_at(neg_p: np.ndarray, neg_weight: np.ndarray, studies: int, rate: float) -> float:
+    """Just above the first negative (by falling score) that takes the estimated false calls
+    per study over ``rate``; 0 if none does."""
+    order = np.argsort(-neg_p, kind="stable")
+    over = np.flatnonzero(np.cumsum(neg_weight[order]) / studies > rate)
+    return float(np.nextafter(neg_p[order][over[0]], 2.0)) if len(over) else 0.0
 
 
 def false_calls_per_study(s: SampleSet, p: np.ndarray, threshold: float) -> float:
@@ -311,16 +314,13 @@ def calibrate(
     log(f"validation FROC of the fold models on the anatomies they never saw: {froc}")
     anatomies = list(samples)
 
-    def validation(names: Sequence[str]) -> SampleSet:
-        return load_samples(usable([p for a in names for p in samples[a]["validation"]]))
-
     out = {}
     for weights in runs:
         share = pooled_share([c for w, c in curves.items() if w != weights])
         out[weights] = _operating_point(nets[weights], own[weights], share)
     shipped = registry.load(f"{cad.CAD_MODEL}@{version}", root)
     out["weights.pt"] = _operating_point(
-        shipped.net, validation(anatomies), pooled_share(list(curves.values()))
+        shipped.net, _validation(samples, anatomies), pooled_share(list(curves.values()))
     )
     for path in sorted(folder.glob("fold-*.json")):
         info = json.loads(path.read_text())
@@ -334,9 +334,16 @@ def calibrate(
     return out
 
 
+def _validation(samples: dict[str, dict[str, list[Path]]], names: Sequence[str]) -> SampleSet:
+    """The usable validation studies of these anatomies."""
+    return load_samples(usable([p for a in names for p in samples[a]["validation"]]))
+
+
 def fold_curves(
     samples: dict[str, dict[str, list[Path]]], *, root: Path, version: str
-) -> tuple[dict[str, list[str]], dict[str, torch.nn.Module], dict[str, SampleSet], dict]:
+) -> tuple[
+    dict[str, list[str]], dict[str, torch.nn.Module], dict[str, SampleSet], dict[str, FalseCalls]
+]:
     """Each fold model of ``version`` (by weights file: the anatomies it was trained on, the
     network, its own anatomies' validation samples) and its :class:`FalseCalls`."""
     folder = root / cad.CAD_MODEL / version
@@ -348,14 +355,11 @@ def fold_curves(
         raise ValueError("calibration needs at least two fold models")
     anatomies = list(samples)
 
-    def validation(names: Sequence[str]) -> SampleSet:
-        return load_samples(usable([p for a in names for p in samples[a]["validation"]]))
-
     nets, own, curves = {}, {}, {}
     for weights, names in runs.items():
         net = registry.load_weights(networks.build("cad", card["architecture"]), folder / weights)
-        own[weights] = validation(names)
-        unseen = validation([a for a in anatomies if a not in names])
+        own[weights] = _validation(samples, names)
+        unseen = _validation(samples, [a for a in anatomies if a not in names])
         p_own = scores(net, own[weights].views, _features(own[weights]))
         p_unseen = scores(net, unseen.views, _features(unseen))
         nets[weights] = net
@@ -377,13 +381,9 @@ def unseen_froc(folds: Sequence[FalseCalls], rates: Sequence[float] = FROC_RATES
     positive = np.concatenate([f.unseen.positive for f in folds] + [np.zeros(0, bool)])
     real = positive & ~np.concatenate([f.unseen.jittered for f in folds] + [np.zeros(0, bool)])
     weight = np.concatenate([f.unseen.weight for f in folds] + [np.zeros(0)])
-    neg_p = p[~positive]
-    order = np.argsort(-neg_p, kind="stable")
-    fp_curve = np.cumsum(weight[~positive][order]) / studies
     out: dict[str, float] = {}
     for rate in rates:
-        over = np.flatnonzero(fp_curve > rate)
-        t = float(np.nextafter(neg_p[order][over[0]], 2.0)) if len(over) else 0.0
+        t = _threshold_at(p[~positive], weight[~positive], studies, rate)
         out[f"{rate:g}"] = float((p[real] >= t).mean()) if real.any() else float("nan")
     out["mean"] = float(np.mean([out[f"{r:g}"] for r in rates]))
     out["studies"] = float(studies)
