@@ -159,13 +159,14 @@ def model_detector(segmenter: LoadedModel, screener: LoadedModel) -> Detector:
 
 
 def cad_detector(model: LoadedModel) -> Detector:
-    """The nodule CAD: its best-scoring outlined candidates (`ml.runtime.cad.OUTLINED` per scan),
-    scored by its classifier, reported from the threshold of the model's card."""
+    """The nodule CAD: its masses (reported by size, ranked first) and best-scoring outlined
+    candidates (`ml.runtime.cad.OUTLINED` per scan in all), scored by its classifier, reported
+    from the threshold of the model's card."""
 
     @torch.no_grad()
     def run(hu: np.ndarray, spacing: Spacing) -> Detections:
         r = cad.run_cad(hu, spacing, model)
-        return Detections(r.lesion_labels, r.scores, r.threshold)
+        return Detections(r.lesion_labels, r.ranking, r.threshold)
 
     return run
 

@@ -38,6 +38,7 @@ __all__ = [
     "BASELINE_VERSION",
     "PRIORITY_THRESHOLDS",
     "BaselineResult",
+    "detect_lesions",
     "find_lesions",
     "lesion_probability",
     "priority_from_probability",
@@ -200,10 +201,10 @@ def find_lesions(
     or more (one slice only if solid and at least three slice thicknesses across), and it does
     not lean on the lung border on the mediastinal side (hilar vessels). No lesion, no label.
     """
-    return _detect_lesions(volume_hu, lung_mask, spacing_zyx)[0]
+    return detect_lesions(volume_hu, lung_mask, spacing_zyx)[0]
 
 
-def _detect_lesions(
+def detect_lesions(
     volume_hu: np.ndarray, lung_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> tuple[np.ndarray, list[RegionMeasurement]]:
     """:func:`find_lesions` plus the measurements (with HU) of the candidates it keeps."""
@@ -315,7 +316,7 @@ def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float])
 
     lung_mask = segment_lungs(volume_hu, spacing)
     lap("lungs")
-    labels, lesions = _detect_lesions(volume_hu, lung_mask, spacing)
+    labels, lesions = detect_lesions(volume_hu, lung_mask, spacing)
     lap("lesions")
     probability = screen_probability(lesions)
     priority = priority_from_probability(probability)

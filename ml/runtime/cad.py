@@ -1,10 +1,10 @@
 """The nodule CAD pipeline (`radai-nodule-cad`): candidates by multi-scale blob detection in the
 lungs, a trained classifier that scores each candidate from nine planes through it (version
 2.2.0; three orthogonal planes before) and the detector's own description of it (averaged
-over mirrors of the body), and a local segmentation of each kept nodule; then the same
-measurements and Lung-RADS size triage as the classical baseline. Two stages as in most
-published lung-nodule CAD (candidate generation, then false-positive reduction: Setio et al.,
-Med Image Anal 2017).
+over mirrors of the body), and a local segmentation of each kept nodule; masses (over 3 cm) by
+the classical baseline's large-lesion rule beside them; then the same measurements and
+Lung-RADS size triage as the classical baseline. Two stages as in most published lung-nodule CAD
+(candidate generation, then false-positive reduction: Setio et al., Med Image Anal 2017).
 
 Imports numpy, scipy, torch, ``ml.image`` and ``ml.runtime``. Research software, not for
 clinical use.
@@ -24,6 +24,7 @@ from ml.image.measure import RegionMeasurement, measure_regions
 from ml.image.morphology import check_volume
 from ml.image.nodule_segment import segment_nodule
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views, transform
+from ml.runtime.baseline import detect_lesions
 from ml.runtime.laps import Laps
 from ml.runtime.networks import CadNet
 from ml.runtime.registry import LoadedModel
@@ -103,6 +104,29 @@ def classify(
     return total / len(TTA_FLIPS)
 
 
+# --- masses --------------------------------------------------------------------------------------
+
+# A lesion over 3 cm across is a mass, not a nodule (Fleischner Society glossary: Hansell et al.,
+# Radiology 2008;246:697-722). Masses lie beyond the blob detector's scales (radii up to about
+# 16 mm) and beyond the LIDC nodules the classifier learnt from, so a mass the classifier never
+# ranks would go unreported. The CAD takes them from the classical baseline's large-lesion path
+# as it is (ml.runtime.baseline.detect_lesions: 5 mm opening, cores of a 10 mm-radius sphere or
+# more, shape and hilum filters) and reports every lesion of it at least as large as a sphere
+# 3 cm across, whatever the classifier says: a size rule, not a model's decision.
+MASS_DIAMETER_MM = 30.0
+MIN_MASS_VOLUME_MM3 = 4.0 / 3.0 * math.pi * (MASS_DIAMETER_MM / 2.0) ** 3
+
+
+def find_masses(volume_hu: np.ndarray, spacing, lung: np.ndarray) -> np.ndarray:
+    """Labels 1..k (uint8, largest first) of the lesions in ``lung`` over 3 cm across."""
+    labels, lesions = detect_lesions(volume_hu, lung, spacing)
+    lut = np.zeros(len(lesions) + 1, dtype=np.uint8)
+    big = [m.label for m in lesions if m.voxel_volume_mm3 >= MIN_MASS_VOLUME_MM3]
+    for new, old in enumerate(big[:255], start=1):
+        lut[old] = new
+    return lut[labels]
+
+
 # --- scoring, outlining, measuring --------------------------------------------------------------
 
 CAD_MODEL = "radai-nodule-cad-cnn"
@@ -120,17 +144,30 @@ class CadResult:
     """What :func:`run_cad` derived from one volume; arrays share its (z, y, x) shape."""
 
     lung_mask: np.ndarray
-    lesion_labels: np.ndarray  # 1..n the outlined candidates, best score first
+    lesion_labels: np.ndarray  # 1..n: the masses, then the outlined candidates, best score first
     lesions: list[RegionMeasurement]
-    scores: list[float]  # the classifier's, per lesion
-    threshold: float  # lesions scoring at least this are reported
+    scores: list[float]  # the classifier's, per lesion (a mass: its best candidate's, or 0)
+    threshold: float  # nodules scoring at least this are reported
     candidates: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    masses: int = 0  # lesions[:masses] are masses, reported by size whatever their score
 
     @property
     def reported(self) -> list[int]:
-        """Indices into ``lesions`` of the reported ones."""
-        return [i for i, s in enumerate(self.scores) if s >= self.threshold]
+        """Indices into ``lesions`` of the reported ones: every mass, and the nodules scoring at
+        least the threshold."""
+        return [i for i, s in enumerate(self.scores) if i < self.masses or s >= self.threshold]
+
+    @property
+    def ranking(self) -> list[float]:
+        """What the lesions rank by: a mass first (1.0, it is reported by rule), a nodule by its
+        classifier score."""
+        return [1.0 if i < self.masses else s for i, s in enumerate(self.scores)]
+
+    @property
+    def probabilities(self) -> list[float | None]:
+        """The classifier's probability behind each reported decision: None for a mass."""
+        return [None if i < self.masses else s for i, s in enumerate(self.scores)]
 
 
 def view_channels(net: torch.nn.Module) -> int:
@@ -170,12 +207,16 @@ def outline(
     probabilities: np.ndarray,
     *,
     limit: int = OUTLINED,
+    masses: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[RegionMeasurement], list[float]]:
-    """Outline the best-scoring candidates (at most ``limit``): a candidate whose centre falls
-    in an outline already drawn is the same nodule and is skipped; outlines never overlap."""
-    labels = np.zeros(volume_hu.shape, dtype=np.uint8)
-    kept_scores: list[float] = []
+    """Outline the best-scoring candidates (at most ``limit`` lesions in all): a candidate whose
+    centre falls in an outline already drawn is the same nodule and is skipped; outlines never
+    overlap. ``masses`` (labels 1..k) come first, each scored with the best candidate inside it;
+    a candidate whose outline would reach into a mass is the mass's edge and is skipped too."""
     shape = np.array(volume_hu.shape)
+    labels = np.zeros(volume_hu.shape, dtype=np.uint8)
+    kept_scores = _seed_masses(labels, masses, blobs, probabilities, limit)
+    k = len(kept_scores)
     for i in np.argsort(-probabilities, kind="stable"):
         if len(kept_scores) >= min(limit, 255):
             break
@@ -184,6 +225,8 @@ def outline(
         if labels[v]:
             continue
         box, mask = segment_nodule(volume_hu, spacing, b.centre_zyx, b.radius_mm, lung)
+        if k and (mask & (labels[box] > 0) & (labels[box] <= k)).any():
+            continue
         mask &= labels[box] == 0
         if mask.sum() * math.prod(spacing) < MIN_VOLUME_MM3:
             continue
@@ -191,6 +234,29 @@ def outline(
         kept_scores.append(float(probabilities[int(i)]))
     lesions = measure_regions(labels, spacing, volume_hu) if kept_scores else []
     return labels, lesions, kept_scores
+
+
+def _seed_masses(
+    labels: np.ndarray,
+    masses: np.ndarray | None,
+    blobs: list[Blob],
+    probabilities: np.ndarray,
+    limit: int,
+) -> list[float]:
+    """Write the first ``limit`` masses into ``labels``; the score of each: the best candidate
+    whose centre lies in it (0 if none)."""
+    if masses is None or not masses.any():
+        return []
+    k = min(int(masses.max()), limit, 255)
+    inside = (masses > 0) & (masses <= k)
+    labels[inside] = masses[inside]
+    scores = [0.0] * k
+    shape = np.array(labels.shape)
+    for b, p in zip(blobs, probabilities, strict=True):
+        m = int(labels[tuple(np.clip(np.round(b.centre_zyx).astype(int), 0, shape - 1))])
+        if m:
+            scores[m - 1] = max(scores[m - 1], float(p))
+    return scores
 
 
 def run_cad(
@@ -205,19 +271,29 @@ def run_cad(
     laps = Laps()
     found = find_candidates(volume_hu, spacing)
     laps.lap("lungs and candidates")
+    masses = find_masses(volume_hu, spacing, found.lung_mask)
+    laps.lap("masses")
     p = score(model, volume_hu, spacing, found.blobs)
     laps.lap("classifier")
     labels, lesions, scores = outline(
-        volume_hu, spacing, found.lung_mask, found.blobs, p, limit=limit
+        volume_hu, spacing, found.lung_mask, found.blobs, p, limit=limit, masses=masses
     )
     laps.lap("outlines")
     return CadResult(
-        found.lung_mask, labels, lesions, scores, threshold_of(model), len(found.blobs), laps.done()
+        found.lung_mask,
+        labels,
+        lesions,
+        scores,
+        threshold_of(model),
+        len(found.blobs),
+        laps.done(),
+        masses=min(int(masses.max()), limit, 255) if masses.any() else 0,
     )
 
 
 def reported_only(result: CadResult) -> CadResult:
-    """``result`` with only its reported lesions, relabelled 1..n in score order."""
+    """``result`` with only its reported lesions, relabelled 1..n in their order (masses
+    first)."""
     keep = result.reported
     lut = np.zeros(max(len(result.lesions), int(result.lesion_labels.max())) + 1, dtype=np.uint8)
     for new, i in enumerate(keep, start=1):

@@ -177,7 +177,10 @@ class CadAnalyser:
 
     @property
     def saliency_method(self) -> str:
-        return "each reported nodule painted with its classifier score and blurred (nodule CAD)"
+        return (
+            "each reported nodule painted with its classifier score, each mass (over 3 cm, "
+            "reported by size) with 1, and blurred (nodule CAD)"
+        )
 
     def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
         r = cad.reported_only(cad.run_cad(volume_hu, spacing_zyx, self.model))
@@ -186,12 +189,12 @@ class CadAnalyser:
             lung_mask=r.lung_mask,
             lesion_labels=r.lesion_labels,
             lesions=r.lesions,
-            lesion_probabilities=list(r.scores),
+            lesion_probabilities=r.probabilities,
             lung_volume_ml=float(r.lung_mask.sum(dtype=np.int64) * np.prod(spacing_zyx) / 1000),
             screening_probability=probability,
             triage_score=probability,
             priority=triage.priority_from_probability(probability),
-            saliency=cad.saliency(r.lesion_labels, r.scores, spacing_zyx),
+            saliency=cad.saliency(r.lesion_labels, r.ranking, spacing_zyx),
             timings_s=r.timings_s,
         )
 

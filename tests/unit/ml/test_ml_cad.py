@@ -217,17 +217,27 @@ def test_the_classifiers_data_card_has_the_real_training_cards_shape():
     assert again == shipped
 
 
-def test_the_pipeline_outlines_and_scores_with_a_model():
-    spacing = (1.5, 0.8, 0.8)
-    hu, _, nodule = _phantom(spacing)
-    # Real lungs around the block so that segment_lungs finds them: air outside the body.
+def _in_body(hu: np.ndarray) -> np.ndarray:
+    """The phantom's block inside soft tissue with air outside, so that segment_lungs finds it."""
     padded = np.full((hu.shape[0], hu.shape[1] + 40, hu.shape[2] + 40), 30.0, np.float32)
     padded[:, 20:-20, 20:-20] = hu
     padded[:, :5, :] = -1000.0
+    return padded
+
+
+def _model(threshold: float) -> LoadedModel:
     torch.manual_seed(0)
     net = networks.build("cad").eval()
-    model = LoadedModel(cad.CAD_MODEL, "test", "cad", net, {"operating_point": {"threshold": 0.0}})
-    r = cad.run_cad(padded, spacing, model)
+    card = {"operating_point": {"threshold": threshold}}
+    return LoadedModel(cad.CAD_MODEL, "test", "cad", net, card)
+
+
+def test_the_pipeline_outlines_and_scores_with_a_model():
+    spacing = (1.5, 0.8, 0.8)
+    hu, _, nodule = _phantom(spacing)
+    padded = _in_body(hu)
+    r = cad.run_cad(padded, spacing, _model(0.0))
+    assert r.masses == 0  # a 10 mm nodule is no mass
     assert r.candidates > 0 and len(r.lesions) == len(r.scores) > 0
     assert r.lesion_labels.max() == len(r.lesions)
     assert r.scores == sorted(r.scores, reverse=True)
@@ -243,6 +253,30 @@ def test_the_pipeline_outlines_and_scores_with_a_model():
         cad.CadResult(r.lung_mask, r.lesion_labels, r.lesions, r.scores, 2.0, r.candidates)
     )
     assert strict.lesions == [] and not strict.lesion_labels.any()
+
+
+def test_a_mass_is_reported_by_size_whatever_the_classifier_says():
+    # 45 mm across: beyond the blob scales and the nodules the classifier learnt.
+    spacing = (1.5, 0.8, 0.8)
+    hu, _, mass = _phantom(spacing, radius_mm=22.5, vessel=False)
+    padded = _in_body(hu)
+    truth = np.zeros(padded.shape, bool)
+    truth[:, 20:-20, 20:-20] = mass
+    r = cad.run_cad(padded, spacing, _model(2.0))  # no classifier score reaches 2
+    assert r.masses == 1 and r.reported == [0]
+    outline = r.lesion_labels == 1
+    assert 2 * (outline & truth).sum() / (outline.sum() + truth.sum()) > 0.9
+    # Candidates inside the mass are the mass: no nodule outline reaches into it.
+    assert not (truth & (r.lesion_labels > 1)).any()
+    assert r.ranking[0] == 1.0 and r.probabilities[0] is None
+    assert r.probabilities[1:] == r.scores[1:] and 0.0 < r.scores[0] < 1.0
+    only = cad.reported_only(r)
+    assert only.masses == 1 and len(only.lesions) == 1
+    assert (only.lesion_labels == 1).sum() == outline.sum()
+    # A 25 mm sphere is a (large) nodule: left to the classifier, which reports nothing here.
+    hu, _, _ = _phantom(spacing, radius_mm=12.5, vessel=False)
+    small = cad.run_cad(_in_body(hu), spacing, _model(2.0))
+    assert small.masses == 0 and small.reported == []
 
 
 def test_the_classifier_joins_views_and_blob_features_and_reads_version_1():
