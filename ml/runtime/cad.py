@@ -23,8 +23,8 @@ from ml.image.lungs import segment_lungs
 from ml.image.measure import RegionMeasurement, measure_regions
 from ml.image.morphology import check_volume
 from ml.image.nodule_segment import segment_nodule
-from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views, transform
 from ml.runtime.baseline import detect_lesions
+from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views, transform
 from ml.runtime.laps import Laps
 from ml.runtime.networks import CadNet
 from ml.runtime.registry import LoadedModel
