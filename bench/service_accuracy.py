@@ -21,8 +21,12 @@ it or within its radius; Dice in the nodule's box grown by 10 mm): nodules found
 Dice of the found ones. The service column should equal the in-memory one; a difference is
 what loading, resampling, orientation, QA and the SEG encoding cost.
 
+With `--pipeline cad` each study is analysed by the nodule CAD's fold model that never saw its
+anatomy (`RADAI_CAD_MODEL=radai-nodule-cad-cnn@<version>#holdout-<anatomy>`, a worker of its own
+per study), as `radai evaluate --unseen` scores it; the shipped classifier saw all six.
+
 Run: `python bench/service_accuracy.py --data ../shared/data [--anatomies normal001 P001]
-[--pipeline baseline|models]` with the project's venv active. Needs dcmtk and Redis at
+[--pipeline baseline|models|cad]` with the project's venv active. Needs dcmtk and Redis at
 127.0.0.1:6379 (an empty db number is claimed, as bench/e2e.py does). Reads `--data` (the shared
 data folder); the service itself never does.
 """
@@ -50,12 +54,15 @@ from bench.e2e import storescu as send_files  # noqa: E402
 from bench.ingest import build_samples  # noqa: E402
 from ml.evaluation.unseen import (  # noqa: E402
     Detections,
+    Detector,
     Study,
     baseline_detector,
+    cad_detector,
     iter_studies,
     model_detector,
     score_study,
 )
+from ml.runtime import registry  # noqa: E402
 
 SEGMENTER = "radai-lung-lesion-unet@1.0.0"
 SCREENER = "radai-lesion-screen-cnn@2.0.0"
@@ -142,7 +149,7 @@ def _summary(scored) -> dict[str, float]:  # noqa: ANN001
     dices = [
         o["dice"]
         for i, o in enumerate(scored.overlap)
-        if any(h == i for _, h, _r in scored.candidates)
+        if any(h == i for _, h, r in scored.candidates if r)
     ]
     return {
         "nodules": len(scored.truths),
@@ -152,11 +159,24 @@ def _summary(scored) -> dict[str, float]:  # noqa: ANN001
     }
 
 
+def _cad_worker(service: PipelineService, anatomy: str) -> Detector:
+    """Start a worker running the CAD's fold model that never saw ``anatomy`` (the shipped
+    model, said so, where no fold held it out); the same model in memory is the peer."""
+    ref = registry.DEFAULT_REFS["cad"]
+    name, version = ref.split("@")
+    if f"holdout-{anatomy}" in registry.read_card(name, version).get("folds", {}):
+        ref = f"{ref}#holdout-{anatomy}"
+    else:
+        print(f"{anatomy}: no fold model held it out; the shipped {ref} saw it")
+    service.start_worker(f"cad-{anatomy}", env={"RADAI_CAD_MODEL": ref})
+    return cad_detector(registry.load(ref))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--anatomies", nargs="+", default=["normal001", "P001"])
-    parser.add_argument("--pipeline", choices=["baseline", "models"], default="baseline")
+    parser.add_argument("--pipeline", choices=["baseline", "models", "cad"], default="baseline")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
@@ -175,12 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             work / "home", procs, broker.url, broker.queue, stable=2.0, pipeline=args.pipeline
         )
         service.start_node()
-        service.start_worker("w1")
+        if args.pipeline != "cad":
+            service.start_worker("w1")
         if args.pipeline == "baseline":
             peer = baseline_detector
-        else:
-            from ml.runtime import registry  # the shipped pair, the workers' default
-
+        elif args.pipeline == "models":  # the shipped pair, the workers' default
             peer = model_detector(registry.load(SEGMENTER), registry.load(SCREENER))
         print(
             f"pipeline {args.pipeline}; anatomies {' '.join(args.anatomies)}; "
@@ -199,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 study.spacing,
                 study.truths,
             )
+            if args.pipeline == "cad":
+                peer = _cad_worker(service, study.anatomy)
             tag = f"{study.study_id}-{args.pipeline}"
             sop_to_z = write_series(study, template, work / "series" / tag, tag)
             files = sorted((work / "series" / tag).glob("*.dcm"))
@@ -234,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{study.study_id:32} {name:9} {s['nodules']:7d} {s['found']:5d} "
                     f"{s['false_calls']:5d} {s['dice_found']:6.3f} {secs:6.1f}"
                 )
+            if args.pipeline == "cad":
+                service.stop_workers()
         problems = service.log_problems()
         if problems:
             print(f"{len(problems)} warning/error log lines; first: {problems[0]}")

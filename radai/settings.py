@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     )
     cad_model: str = Field(
         default="radai-nodule-cad-cnn@2.2.0",
-        description="NAME@VERSION of the nodule CAD's candidate classifier (RADAI_PIPELINE=cad)",
+        description="NAME@VERSION of the nodule CAD's candidate classifier (RADAI_PIPELINE=cad); "
+        "NAME@VERSION#holdout-ANATOMY runs a fold model of the evaluation",
     )
     malignancy_model: str = Field(
         default="radai-nodule-malignancy-cnn@1.0.0",

@@ -31,18 +31,9 @@ def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
         cad = None
 
     def folds(model: LoadedModel) -> dict[str, LoadedModel]:
-        out = {}
-        folder = root / model.name / model.version
-        for run, info in model.card.get("folds", {}).items():
-            net = registry.load_weights(
-                type(model.net)(**_arch(model)), folder / info["weights"], info["sha256"]
-            )
-            case = run.removeprefix("holdout-")
-            out[case] = LoadedModel(model.name, f"{model.version}-{run}", model.task, net, info)
-        return out
+        return {
+            run.removeprefix("holdout-"): registry.load(f"{model.ref}#{run}", root)
+            for run in model.card.get("folds", {})
+        }
 
     return Methods(seg, scr, folds(seg), folds(scr), cad, folds(cad) if cad else {})
-
-
-def _arch(model: LoadedModel) -> dict:
-    return model.card["architecture"]

@@ -449,11 +449,12 @@ def unseen_markdown(results: dict) -> str:
         "- Hit rule (LUNA16): a candidate's centroid within the nodule's radius of its centroid, "
         "or inside its label. FROC over the composite studies; candidates are all of a "
         "pipeline's calls with their scores (models: every segmenter call, scored by the "
-        "screener; cad: its best 40 outlined blob candidates, scored by its classifier; "
+        "screener; cad: its masses over 3 cm (the baseline's large-lesion rule, ranked first) "
+        "and best outlined blob candidates, 40 in all, scored by its classifier; "
         "baseline: every candidate, scored by its size suspicion). Operating point: what the "
-        "pipeline reports (models: screener threshold of the card; cad: the classifier's "
-        "threshold of its card, chosen on validation-split nodules at 1 false call per study; "
-        "baseline: all).",
+        "pipeline reports (models: screener threshold of the card; cad: every mass and the "
+        "candidates at the classifier's threshold of its card, chosen on validation-split "
+        "nodules at 1 false call per study; baseline: all).",
         "- Intervals: FROC 95 % bootstrap over anatomies (the background patient); fractions "
         "and Dice over nodules.",
         "",

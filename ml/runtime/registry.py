@@ -5,6 +5,10 @@ shipped files small), ``card.json`` (what built it, what it was trained on, its 
 with intervals, intended use and limits, and the weights' sha256) and ``card.md`` (the same for
 people). Loading checks the sha256, so a swapped or damaged file is refused rather than run.
 
+A fold model (trained for the evaluation without one patient or anatomy, its files beside the
+shipped ones) is loaded as ``name@version#run``, e.g. ``radai-nodule-cad-cnn@2.2.0#holdout-P001``,
+so that the service can be run with the model that never saw a study's patient.
+
 An external model can be plugged in as a TorchScript file with a ``.json`` card beside it that
 declares the task and the same input contract (see :mod:`ml.networks`).
 """
@@ -124,17 +128,39 @@ def load_weights(
     return net.eval()
 
 
+def _parse(ref: str) -> tuple[str, str, str | None]:
+    """``name@version[#run]`` -> (name, version, run or None)."""
+    name, sep, rest = ref.partition("@")
+    version, hash_, run = rest.partition("#")
+    if not sep or not name or not version or (hash_ and not run):
+        raise ModelError(
+            f"model reference {ref!r} is not NAME@VERSION, NAME@VERSION#FOLD or torchscript:PATH"
+        )
+    return name, version, run if hash_ else None
+
+
 def load(ref: str, root: Path = MODELS_DIR) -> LoadedModel:
-    """Resolve ``name@version`` in the registry, or ``torchscript:PATH`` for an external model."""
+    """Resolve ``name@version``, a fold model ``name@version#run`` (its card: the fold's record)
+    in the registry, or ``torchscript:PATH`` for an external model."""
     if ref.startswith("torchscript:"):
         return load_torchscript(Path(ref.removeprefix("torchscript:")))
-    name, sep, version = ref.partition("@")
-    if not sep or not name or not version:
-        raise ModelError(f"model reference {ref!r} is not NAME@VERSION or torchscript:PATH")
+    name, version, run = _parse(ref)
     card = read_card(name, version, root)
     net = networks.build(card["task"], card.get("architecture"))
+    if run is not None:
+        info = _fold(card, name, version, run)
+        load_weights(net, root / name / version / info["weights"], info["sha256"])
+        return LoadedModel(name, f"{version}#{run}", card["task"], net, info)
     load_weights(net, root / name / version / card.get("weights", "weights.pt"), card["sha256"])
     return LoadedModel(name, version, card["task"], net, card)
+
+
+def _fold(card: dict, name: str, version: str, run: str) -> dict:
+    folds = card.get("folds", {})
+    if run not in folds:
+        have = ", ".join(sorted(folds)) or "none"
+        raise ModelError(f"{name}@{version} has no fold model {run!r} (its folds: {have})")
+    return folds[run]
 
 
 def load_torchscript(path: Path) -> LoadedModel:
@@ -163,10 +189,10 @@ def check(ref: str, root: Path = MODELS_DIR) -> None:
                 f"TorchScript model needs {path} and its card {path.with_suffix('.json')}"
             )
         return
-    name, sep, version = ref.partition("@")
-    if not sep:
-        raise ModelError(f"model reference {ref!r} is not NAME@VERSION or torchscript:PATH")
+    name, version, run = _parse(ref)
     card = read_card(name, version, root)
+    if run is not None:
+        card = _fold(card, name, version, run)
     weights = root / name / version / card.get("weights", "weights.pt")
     if not weights.is_file() or sha256_file(weights) != card.get("sha256"):
         raise ModelError(f"{ref}: weights missing or not matching the card's sha256")

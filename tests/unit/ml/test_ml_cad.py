@@ -519,6 +519,18 @@ def test_every_anatomy_is_scored_in_evaluation_by_a_fold_model_that_never_saw_it
         weights.add(info["weights"])
     assert len(weights) == len(names)
     assert "anatomies they never saw" in card["operating_point"]["chosen"]
+    # Each fold model loads by reference (so the service can run it), with its own threshold.
+    shipped = registry.load(f"{cad.CAD_MODEL}@9.9.9", tmp_path)
+    fold = registry.load(f"{cad.CAD_MODEL}@9.9.9#holdout-lung2", tmp_path)
+    registry.check(fold.ref, tmp_path)
+    assert fold.version == "9.9.9#holdout-lung2" and fold.task == "cad"
+    assert cad.threshold_of(fold) == card["folds"]["holdout-lung2"]["operating_point"]["threshold"]
+    pairs = zip(shipped.net.state_dict().values(), fold.net.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(registry.ModelError, match="holdout-lung1, holdout-lung2"):
+        registry.load(f"{cad.CAD_MODEL}@9.9.9#holdout-P001", tmp_path)
+    with pytest.raises(registry.ModelError, match="NAME@VERSION#FOLD"):
+        registry.load(f"{cad.CAD_MODEL}@9.9.9#", tmp_path)
 
 
 def test_a_target_no_nodule_can_be_kept_within_reports_nothing(tmp_path):
