@@ -180,11 +180,13 @@ def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
     findings = Findings.from_json(job.findings)
     assert findings.pipeline == "cad"
     threshold = cad.threshold_of(analyser.model)
-    # Every reported nodule carries the classifier's probability, at or above its threshold.
-    assert all(
-        les.screening_probability is not None and les.screening_probability >= threshold
-        for les in findings.lesions
-    )
+    # Every reported nodule carries the classifier's probability, at or above its threshold; a
+    # mass (over 3 cm, reported by size) carries none.
+    for les in findings.lesions:
+        if les.screening_probability is None:
+            assert les.volume_mm3 >= round(cad.MIN_MASS_VOLUME_MM3, 1)
+        else:
+            assert les.screening_probability >= threshold
     outputs = _outputs(database)
     assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
     seg_path = next(o.path for o in outputs if o.modality == "SEG")
