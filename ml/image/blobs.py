@@ -15,6 +15,8 @@ Imports numpy, scipy and ``ml.image`` only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,6 +83,27 @@ def _hessian_at(smooth: np.ndarray, p: tuple[int, int, int]) -> np.ndarray:
     return h
 
 
+def _scale_space(
+    iso: np.ndarray, sigmas_mm: Sequence[float], grid_mm: float, pool: ThreadPoolExecutor
+) -> tuple[np.ndarray, np.ndarray]:
+    """The strongest scale-normalised response over the scales at each voxel, and its scale's
+    index. The scales filter on the pool's threads (scipy's filters release the GIL) and are
+    folded in scale order, so a tie goes to the smaller scale whatever the threads."""
+
+    def response(s_mm: float) -> np.ndarray:
+        s = s_mm / grid_mm
+        return -(s * s) * ndimage.gaussian_laplace(iso, s)
+
+    best = np.full(iso.shape, -np.inf, dtype=np.float32)
+    scale = np.zeros(iso.shape, dtype=np.uint8)
+    for i, r in enumerate(pool.map(response, sigmas_mm)):
+        better = r > best
+        best[better] = r[better]
+        scale[better] = i
+        del r, better
+    return best, scale
+
+
 def detect_blobs(
     volume_hu: np.ndarray,
     lung_mask: np.ndarray,
@@ -89,8 +112,23 @@ def detect_blobs(
     grid_mm: float = GRID_MM,
     sigmas_mm: tuple[float, ...] = SIGMAS_MM,
     min_response: float = MIN_RESPONSE,
+    threads: int = 1,
 ) -> list[Blob]:
-    """Blob candidates inside ``lung_mask``, strongest first (at most ``MAX_CANDIDATES``)."""
+    """Blob candidates inside ``lung_mask``, strongest first (at most ``MAX_CANDIDATES``);
+    the filters run on ``threads`` threads (the result does not depend on how many)."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return _detect(volume_hu, lung_mask, spacing_zyx, grid_mm, sigmas_mm, min_response, pool)
+
+
+def _detect(
+    volume_hu: np.ndarray,
+    lung_mask: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    grid_mm: float,
+    sigmas_mm: tuple[float, ...],
+    min_response: float,
+    pool: ThreadPoolExecutor,
+) -> list[Blob]:
     spacing = check_volume(volume_hu, spacing_zyx)
     lung_mask = np.asarray(lung_mask, dtype=bool)
     if lung_mask.shape != np.shape(volume_hu):
@@ -104,13 +142,15 @@ def detect_blobs(
         for b, m, n in zip(box, margin, lung_mask.shape, strict=True)
     )
     hu = np.clip(np.asarray(volume_hu[box], dtype=np.float32), *CLIP_HU)
-    iso = _resample(hu, spacing, grid_mm, order=1)
-    del hu
+    iso_job = pool.submit(_resample, hu, spacing, grid_mm, 1)
     # Linear, not nearest: nearest-neighbour rounds a grid point half-way between two voxels
     # one way, and the mirrored volume's the other way, so a study mirrored left-right would get
     # other candidates. A point is in the lung when at least half of what it is made from is
     # (with a margin for rounding, so that such half-way points count the same both ways).
-    lung = _resample(lung_mask[box].astype(np.float32), spacing, grid_mm, order=1) >= 0.5 - 1e-4
+    lung_job = pool.submit(_resample, lung_mask[box].astype(np.float32), spacing, grid_mm, 1)
+    iso = iso_job.result()
+    lung = lung_job.result() >= 0.5 - 1e-4
+    del hu, iso_job, lung_job
     # Outside the lungs is made parenchyma: the chest wall, mediastinum and diaphragm would
     # otherwise out-shine a nodule that touches them (the lung mask's closing takes juxtapleural
     # nodules in, so they become free blobs here).
@@ -118,21 +158,20 @@ def detect_blobs(
     # Input voxels per iso voxel, exactly as zoom maps the corners (grid_mode=False).
     n_in = np.array([b.stop - b.start for b in box], dtype=float)
     step = (n_in - 1) / np.maximum(np.array(iso.shape, dtype=float) - 1, 1)
-    best = np.full(iso.shape, -np.inf, dtype=np.float32)
-    scale = np.zeros(iso.shape, dtype=np.uint8)
-    for i, s_mm in enumerate(sigmas_mm):
-        s = s_mm / grid_mm
-        r = -(s * s) * ndimage.gaussian_laplace(iso, s)
-        better = r > best
-        best[better] = r[better]
-        scale[better] = i
-        del r, better
+    best, scale = _scale_space(iso, sigmas_mm, grid_mm, pool)
     peaks = (best == ndimage.maximum_filter(best, size=2 * PEAK_RADIUS_VOX + 1)) & lung
     peaks &= best >= min_response
     zz, yy, xx = np.nonzero(peaks)
     order = np.argsort(-best[zz, yy, xx], kind="stable")[:MAX_CANDIDATES]
-    # Hessian features: each scale's smoothed volume computed once, only where needed.
-    smoothed: dict[int, np.ndarray] = {}
+    # Hessian features: the smoothed volume of each scale some candidate has, computed once.
+    needed = sorted({int(scale[zz[j], yy[j], xx[j]]) for j in order})
+    smoothed = dict(
+        zip(
+            needed,
+            pool.map(lambda k: ndimage.gaussian_filter(iso, sigmas_mm[k] / grid_mm), needed),
+            strict=True,
+        )
+    )
     lung_f = lung.astype(np.float32)
     out: list[Blob] = []
     shape = np.array(iso.shape)
@@ -141,8 +180,6 @@ def detect_blobs(
         if np.any(np.array(p) < 1) or np.any(np.array(p) >= shape - 1):
             continue
         k = int(scale[p])
-        if k not in smoothed:
-            smoothed[k] = ndimage.gaussian_filter(iso, sigmas_mm[k] / grid_mm)
         sm = smoothed[k]
         ev = np.linalg.eigvalsh(_hessian_at(sm, p))
         mags = np.sort(np.abs(ev))[::-1]

@@ -45,10 +45,11 @@ def find_candidates(
     spacing_zyx: tuple[float, float, float],
     lung_mask: np.ndarray | None = None,
 ) -> Candidates:
-    """The lungs (segmented unless given) and the blob candidates in them, strongest first."""
+    """The lungs (segmented unless given) and the blob candidates in them, strongest first;
+    the detector's scales filter on as many threads as torch is given."""
     spacing = check_volume(volume_hu, spacing_zyx)
     lung = segment_lungs(volume_hu, spacing) if lung_mask is None else lung_mask
-    return Candidates(lung, detect_blobs(volume_hu, lung, spacing))
+    return Candidates(lung, detect_blobs(volume_hu, lung, spacing, threads=torch.get_num_threads()))
 
 
 def blob_features(b: Blob) -> list[float]:
@@ -192,7 +193,13 @@ def score(model: LoadedModel, volume_hu: np.ndarray, spacing, blobs: list[Blob])
     out = []
     for i in range(0, len(blobs), SCORE_BATCH):
         part = blobs[i : i + SCORE_BATCH]
-        views = candidate_views(volume_hu, spacing, [b.centre_zyx for b in part], channels)
+        views = candidate_views(
+            volume_hu,
+            spacing,
+            [b.centre_zyx for b in part],
+            channels,
+            threads=torch.get_num_threads(),
+        )
         x = torch.from_numpy(views).to(device)
         f = torch.tensor([blob_features(b) for b in part], dtype=torch.float32, device=device)
         out.append(classify(net, x, f).cpu().numpy())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -79,9 +80,13 @@ def candidate_views(
     spacing_zyx: Sequence[float],
     centres_zyx: Sequence[Sequence[float]],
     channels: int = CHANNELS,
+    *,
+    threads: int = 1,
 ) -> np.ndarray:
     """Classifier inputs (n, channels, VIEW, VIEW) float32 for candidates at ``centres_zyx``
-    (voxel coordinates of ``volume_hu``, fractional allowed), in the layout with ``channels``."""
+    (voxel coordinates of ``volume_hu``, fractional allowed), in the layout with ``channels``;
+    sampled on ``threads`` threads (scipy's interpolation releases the GIL; the views do not
+    depend on how many)."""
     n = len(centres_zyx)
     out = np.zeros((n, channels, VIEW, VIEW), dtype=np.float32)
     if n == 0:
@@ -90,17 +95,28 @@ def candidate_views(
     off = _offsets(layout_of(channels)) / spacing  # (channels, 3, VIEW, VIEW) voxels
     lo, hi = HU_RANGE
     centres = np.asarray(centres_zyx, dtype=np.float32).reshape(n, 3, 1, 1)
-    # A few candidates at a time: the coordinates are 3 floats per sampled point.
-    step = 64
-    for i in range(0, n, step):
-        c = centres[i : i + step, None]  # (k, 1, 3, 1, 1)
+
+    def sample(i: int) -> None:
+        c = centres[i : i + _BATCH, None]  # (k, 1, 3, 1, 1)
         coords = c + off[None]
         flat = np.moveaxis(coords, 2, 0).reshape(3, -1)
         values = ndimage.map_coordinates(
             volume_hu, flat, order=1, mode="constant", cval=lo, prefilter=False
         ).reshape(len(c), channels, VIEW, VIEW)
-        out[i : i + step] = (np.clip(values, lo, hi) - lo) / (hi - lo)
+        out[i : i + _BATCH] = (np.clip(values, lo, hi) - lo) / (hi - lo)
+
+    starts = range(0, n, _BATCH)
+    if threads <= 1:
+        for i in starts:
+            sample(i)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(sample, starts))
     return out
+
+
+# Candidates sampled at a time: the coordinates are 3 floats per sampled point.
+_BATCH = 64
 
 
 def _match(tu: np.ndarray, tv: np.ndarray, u: tuple, v: tuple) -> tuple[bool, bool, bool] | None:

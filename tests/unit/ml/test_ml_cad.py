@@ -67,6 +67,19 @@ def test_the_strongest_blob_is_the_nodule_not_the_vessel_on_any_grid(spacing):
     assert all(b.blobness < 0.5 * best.blobness for b in on_vessel)
 
 
+def test_the_candidates_do_not_depend_on_the_threads():
+    spacing = (2.5, 0.7, 0.7)
+    hu, lung, _ = _phantom(spacing, nodule_mm=(55.0, 62.0, 47.0))
+    one = detect_blobs(hu, lung, spacing, threads=1)
+    assert len(one) > 5
+    assert detect_blobs(hu, lung, spacing, threads=3) == one
+    # Nor the views: more candidates than one sampling batch, on several threads.
+    centres = [b.centre_zyx for b in one] * (200 // len(one) + 1)
+    views = candidate_views(hu, spacing, centres, threads=1)
+    assert len(views) > 128 and views.std() > 0
+    assert np.array_equal(candidate_views(hu, spacing, centres, threads=3), views)
+
+
 def test_no_lung_no_candidates():
     hu, lung, _ = _phantom((2.0, 2.0, 2.0))
     assert detect_blobs(hu, np.zeros_like(lung), (2.0, 2.0, 2.0)) == []
