@@ -7,12 +7,12 @@ For each size (default 61, 300 and 534 slices of the real lung2 CT, built by
 to about 1 mm and 0.56 mm) a fresh Python process runs the stages a worker runs for one study,
 the same functions in the same order (`workers/processing.py` without the database): load the
 series (`workers.pipeline.load`), input QA, the analyser of `--pipeline` (default `baseline`,
-the default RADAI_PIPELINE; `models` loads the shipped models), the SEG and SR and saliency
-files (`workers.pipeline.write`). A thread reads the process's VmRSS every 10 ms; per stage the
-table shows seconds and the peak RSS above the RSS before the first stage (imports, models
-loaded), and the process's VmHWM at the end. `volume` is the int16 size of the CT
-(z * y * x * 2 bytes): `peak / volume` is the ratio to watch; it should not grow with the slice
-count.
+the default RADAI_PIPELINE; `models` loads the shipped models, `cad` the CAD's classifier), the
+SEG and SR and saliency files (`workers.pipeline.write`). A thread reads the process's VmRSS
+every 10 ms; per stage the table shows seconds and the peak RSS above the RSS before the first
+stage (imports, models loaded), and the process's VmHWM at the end. `volume` is the int16 size
+of the CT (z * y * x * 2 bytes): `peak / volume` is the ratio to watch; it should not grow with
+the slice count.
 
 `--compare-to REF` runs the same in REF's worktree (e.g. the main branch's checkout) in the same
 run, so the ratios are against a peer measured under the same load; the findings and the SEG's
@@ -173,7 +173,7 @@ def _same(a: dict, b: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    parser.add_argument("--pipeline", default="baseline", choices=("baseline", "models"))
+    parser.add_argument("--pipeline", default="baseline", choices=("baseline", "models", "cad"))
     parser.add_argument("--compare-to", type=Path, help="another checkout, measured alongside")
     parser.add_argument("--series-dir", type=Path, help="reuse series built here (kept)")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
