@@ -131,7 +131,7 @@ class Study:
 
 def baseline_detector(hu: np.ndarray, spacing: Spacing) -> Detections:
     """The classical pipeline: its candidates, scored by their size suspicion, all reported."""
-    r = run_baseline(hu, spacing)
+    r = run_baseline(hu, spacing, threads=torch.get_num_threads())
     scores = [0.0] * len(r.lesions)
     for m in r.lesions:
         scores[m.label - 1] = float(lesion_probability(m))

@@ -307,14 +307,17 @@ def _saliency(
     return paint_scores(labels, scores, spacing, boxes)
 
 
-def run_baseline(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> BaselineResult:
-    """Run the whole classical pipeline on one (z, y, x) HU volume."""
+def run_baseline(
+    volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float], *, threads: int = 1
+) -> BaselineResult:
+    """Run the whole classical pipeline on one (z, y, x) HU volume; the lung mask's slices on
+    ``threads`` threads (the result does not depend on how many)."""
     spacing = check_volume(volume_hu, spacing_zyx)
     volume_hu = np.asarray(volume_hu)
     laps = Laps()
     lap = laps.lap
 
-    lung_mask = segment_lungs(volume_hu, spacing)
+    lung_mask = segment_lungs(volume_hu, spacing, threads=threads)
     lap("lungs")
     labels, lesions = detect_lesions(volume_hu, lung_mask, spacing)
     lap("lesions")

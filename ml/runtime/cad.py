@@ -46,10 +46,12 @@ def find_candidates(
     lung_mask: np.ndarray | None = None,
 ) -> Candidates:
     """The lungs (segmented unless given) and the blob candidates in them, strongest first;
-    the detector's scales filter on as many threads as torch is given."""
+    both on as many threads as torch is given."""
     spacing = check_volume(volume_hu, spacing_zyx)
-    lung = segment_lungs(volume_hu, spacing) if lung_mask is None else lung_mask
-    return Candidates(lung, detect_blobs(volume_hu, lung, spacing, threads=torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    if lung_mask is None:
+        lung_mask = segment_lungs(volume_hu, spacing, threads=threads)
+    return Candidates(lung_mask, detect_blobs(volume_hu, lung_mask, spacing, threads=threads))
 
 
 def blob_features(b: Blob) -> list[float]:

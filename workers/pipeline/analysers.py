@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from ml.image.measure import RegionMeasurement
 from ml.runtime import baseline, cad, inference, registry, triage
@@ -139,7 +140,7 @@ class BaselineAnalyser:
         return "each lesion painted with its size-suspicion score and blurred (classical baseline)"
 
     def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
-        r = baseline.run_baseline(volume_hu, spacing_zyx)
+        r = baseline.run_baseline(volume_hu, spacing_zyx, threads=torch.get_num_threads())
         return Analysis(
             lung_mask=r.lung_mask,
             lesion_labels=r.lesion_labels,

@@ -117,6 +117,8 @@ def test_lung_mask_is_plausible(cases: dict[str, Case], name: str) -> None:
     # Parenchyma inside the mask is aerated lung: most of the mask is below -500 HU.
     assert np.median(case.image[mask]) < -700
     assert segment_lungs(case.image, case.spacing).sum() == mask.sum()
+    # The slices closed on several threads give the same mask.
+    assert np.array_equal(segment_lungs(case.image, case.spacing, threads=3), mask)
 
 
 def test_probability_ranks_lesions_above_a_normal_lung(
