@@ -143,7 +143,7 @@ def segment_lungs(
     del labels  # the largest array here: gone before the per-slice work
 
     mask = empty
-    slices = np.flatnonzero(lungs.any(axis=(1, 2)))
+    slices = np.flatnonzero(lungs.any(axis=(1, 2))).tolist()
 
     def close(z: int) -> None:
         mask[z] = _close_lung_slice(lungs[z], body[z], spacing[1:], closing_radius_mm)
