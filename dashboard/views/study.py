@@ -317,9 +317,11 @@ def lesion_rows(findings: Findings, latest: dict[int | None, dict]) -> list[dict
     rows = []
     for les in findings.lesions:
         change = _change(les) if findings.prior_study_uid else _NO_CHANGE
-        rows.append(
-            {"Lesion": les.label, "Nodule": _dash(les.tracking_id), **change, **_row(les, latest)}
-        )
+        row = {"Lesion": les.label, "Nodule": _dash(les.tracking_id), **change, **_row(les, latest)}
+        if findings.pipeline == "cad" and les.screening_probability is None:
+            # The nodule CAD reports a lesion over 3 cm by its size, not by its classifier.
+            row["Screener probability"] = "- (mass over 3 cm: reported by size)"
+        rows.append(row)
     return rows
 
 

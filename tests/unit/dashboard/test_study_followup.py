@@ -3,6 +3,8 @@ identifier, its volume change and doubling time, and the prior compared with or 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dashboard.views.study import lesion_rows, prior_caption
 from db.findings import Findings, Lesion, LesionChange
 
@@ -68,3 +70,21 @@ def test_without_a_prior_the_reason_is_shown_and_no_nodule_is_called_new():
     assert prior_caption(findings).startswith("No prior compared: prior 1.2.9: the prior is of")
     old = Findings(screening_probability=0.5, priority=2, lung_volume_ml=3000.0)
     assert "before follow-up" in prior_caption(old)
+
+
+def test_a_cad_mass_says_it_was_reported_by_size_not_by_the_classifier():
+    nodule = replace(_lesion(1), screening_probability=0.97)
+    mass = replace(_lesion(2), volume_mm3=48000.0, screening_probability=None)
+    cad = Findings(
+        screening_probability=0.9,
+        priority=1,
+        lung_volume_ml=3000.0,
+        lesions=(mass, nodule),
+        pipeline="cad",
+    )
+    rows = lesion_rows(cad, {})
+    assert rows[0]["Screener probability"] == "- (mass over 3 cm: reported by size)"
+    assert rows[1]["Screener probability"] == "97%"
+    # The baseline has no classifier at all: its lesions keep the plain dash.
+    [plain] = lesion_rows(replace(cad, lesions=(mass,), pipeline="baseline"), {})
+    assert plain["Screener probability"] == "-"
