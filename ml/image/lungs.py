@@ -5,7 +5,6 @@ Hounsfield units. Used by QA, the synthetic-data tools and the classical baselin
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +17,7 @@ from ml.image.morphology import (
     label_compact,
     label_sizes,
 )
+from ml.image.threads import for_each
 
 # Lung parenchyma is about -850 HU; -320 HU sits between it and soft tissue (0..80 HU) and keeps
 # partial-volume voxels of the pleural border with the tissue.
@@ -148,10 +148,5 @@ def segment_lungs(
     def close(z: int) -> None:
         mask[z] = _close_lung_slice(lungs[z], body[z], spacing[1:], closing_radius_mm)
 
-    if threads <= 1:
-        for z in slices:
-            close(z)
-    else:  # the distance transforms and much of the labelling release the GIL
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(close, slices))
+    for_each(close, slices, threads)
     return mask

@@ -14,19 +14,20 @@ Every plane is a pair of unit vectors (rows, columns) in (z, y, x) millimetres, 
 a transposition of the body maps each channel to a channel, possibly flipped or transposed:
 :func:`transform` derives that from the vectors, for any layout.
 
-Imports numpy, scipy and torch only.
+Imports numpy, scipy, torch and `ml.image`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+from ml.image.threads import for_each
 
 VIEW = 32
 FINE_MM = 1.25
@@ -75,6 +76,10 @@ def _offsets(layout: Layout) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+# Candidates sampled at a time: the coordinates are 3 floats per sampled point.
+_BATCH = 64
+
+
 def candidate_views(
     volume_hu: np.ndarray,
     spacing_zyx: Sequence[float],
@@ -105,18 +110,8 @@ def candidate_views(
         ).reshape(len(c), channels, VIEW, VIEW)
         out[i : i + _BATCH] = (np.clip(values, lo, hi) - lo) / (hi - lo)
 
-    starts = range(0, n, _BATCH)
-    if threads <= 1:
-        for i in starts:
-            sample(i)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(sample, starts))
+    for_each(sample, range(0, n, _BATCH), threads)
     return out
-
-
-# Candidates sampled at a time: the coordinates are 3 floats per sampled point.
-_BATCH = 64
 
 
 def _match(tu: np.ndarray, tv: np.ndarray, u: tuple, v: tuple) -> tuple[bool, bool, bool] | None:
