@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ml.evaluation import metrics
-from ml.runtime import registry
+from ml.runtime import cad, registry
 
 MODEL = "models (held-out patient)"
 BASE = "baseline"
@@ -450,11 +450,15 @@ def unseen_markdown(results: dict) -> str:
         "or inside its label. FROC over the composite studies; candidates are all of a "
         "pipeline's calls with their scores (models: every segmenter call, scored by the "
         "screener; cad: its masses over 3 cm (the baseline's large-lesion rule, ranked first) "
-        "and best outlined blob candidates, 40 in all, scored by its classifier; "
-        "baseline: every candidate, scored by its size suspicion). Operating point: what the "
-        "pipeline reports (models: screener threshold of the card; cad: every mass and the "
-        "candidates at the classifier's threshold of its card, chosen on validation-split "
-        "nodules at 1 false call per study; baseline: all).",
+        f"and best outlined blob candidates, {cad.OUTLINED} in all, scored by its classifier, an "
+        f"outline fainter than {cad.MIN_REPORTED_MEAN_HU:g} HU on average ranked below every "
+        "denser one; baseline: every "
+        "candidate, scored by its size suspicion). Operating point: what the pipeline reports "
+        "(models: screener threshold of the card; cad: every mass and the outlines of at least "
+        f"{cad.MIN_REPORTED_MEAN_HU:g} HU mean density at the classifier's threshold of its "
+        "card, chosen on "
+        "validation-split nodules at 1 false call per study, the density floor on validation "
+        "outlines (`ml.training.cad_outlines`); baseline: all).",
         "- Intervals: FROC 95 % bootstrap over anatomies (the background patient); fractions "
         "and Dice over nodules.",
         "",

@@ -1,10 +1,11 @@
 """The nodule CAD pipeline (`radai-nodule-cad`): candidates by multi-scale blob detection in the
 lungs, a trained classifier that scores each candidate from nine planes through it (version
 2.2.0; three orthogonal planes before) and the detector's own description of it (averaged
-over mirrors of the body), and a local segmentation of each kept nodule; masses (over 3 cm) by
-the classical baseline's large-lesion rule beside them; then the same measurements and
-Lung-RADS size triage as the classical baseline. Two stages as in most published lung-nodule CAD
-(candidate generation, then false-positive reduction: Setio et al., Med Image Anal 2017).
+over mirrors of the body), and a local segmentation of each kept nodule, reported only where
+solid on average (not ground glass); masses (over 3 cm) by the classical baseline's large-lesion
+rule beside them; then the same measurements and Lung-RADS size triage as the baseline. Two
+stages as in most published lung-nodule CAD (candidate generation, then false-positive
+reduction: Setio et al., Med Image Anal 2017).
 
 Imports numpy, scipy, torch, ``ml.image`` and ``ml.runtime``. Research software, not for
 clinical use.
@@ -139,6 +140,22 @@ CAD_VERSION = "2.2.0"
 OUTLINED = 40
 # Outlines smaller than a 3 mm sphere are noise, not nodules (Lung-RADS measures from 4 mm).
 MIN_VOLUME_MM3 = 4.0 / 3.0 * math.pi * 1.5**3
+# An outline whose mean density stays below this is ground glass or a partial-volume speck, not
+# a solid nodule: it is ranked below every denser outline and not reported. The persistent false
+# calls of fold models on the anatomies they never saw were such outlines (a pneumonia's round
+# ground-glass opacities, specks on vessels and pleura), and a pure ground-glass nodule under
+# 3 cm is Lung-RADS category 2 (no action before the next annual scan) anyway. The value was
+# chosen on validation studies only (ml.training.cad_outlines, from -500 to -300 HU in steps of
+# 50, and a size floor of 0-6 mm that it made needless): chosen anatomy by anatomy on the other
+# five, it was -400 HU for all six. It is the classical baseline's soft-tissue threshold too.
+MIN_REPORTED_MEAN_HU = -400.0
+
+
+def is_faint(mean_hu: float | None, floor: float = MIN_REPORTED_MEAN_HU) -> bool:
+    """Whether an outline of mean density ``mean_hu`` is too faint to report as a nodule."""
+    return mean_hu is not None and mean_hu < floor
+
+
 SCORE_BATCH = 512
 
 
@@ -154,18 +171,31 @@ class CadResult:
     candidates: int
     timings_s: dict[str, float] = field(default_factory=dict)
     masses: int = 0  # lesions[:masses] are masses, reported by size whatever their score
+    sources: list[Blob | None] = field(default_factory=list)  # per lesion; None for a mass
+
+    def faint(self, i: int) -> bool:
+        """Whether nodule ``i`` is fainter than `MIN_REPORTED_MEAN_HU` on average (a mass never
+        is: it is reported by size)."""
+        return i >= self.masses and is_faint(self.lesions[i].mean_hu)
 
     @property
     def reported(self) -> list[int]:
         """Indices into ``lesions`` of the reported ones: every mass, and the nodules scoring at
-        least the threshold."""
-        return [i for i, s in enumerate(self.scores) if i < self.masses or s >= self.threshold]
+        least the threshold that are not faint."""
+        return [
+            i
+            for i, s in enumerate(self.scores)
+            if i < self.masses or (s >= self.threshold and not self.faint(i))
+        ]
 
     @property
     def ranking(self) -> list[float]:
         """What the lesions rank by: a mass first (1.0, it is reported by rule), a nodule by its
-        classifier score."""
-        return [1.0 if i < self.masses else s for i, s in enumerate(self.scores)]
+        classifier score, a faint one below every other (its score - 1)."""
+        return [
+            1.0 if i < self.masses else s - 1.0 if self.faint(i) else s
+            for i, s in enumerate(self.scores)
+        ]
 
     @property
     def probabilities(self) -> list[float | None]:
@@ -217,15 +247,18 @@ def outline(
     *,
     limit: int = OUTLINED,
     masses: np.ndarray | None = None,
-) -> tuple[np.ndarray, list[RegionMeasurement], list[float]]:
+) -> tuple[np.ndarray, list[RegionMeasurement], list[float], list[int]]:
     """Outline the best-scoring candidates (at most ``limit`` lesions in all): a candidate whose
     centre falls in an outline already drawn is the same nodule and is skipped; outlines never
     overlap. ``masses`` (labels 1..k) come first, each scored with the best candidate inside it;
-    a candidate whose outline would reach into a mass is the mass's edge and is skipped too."""
+    a candidate whose outline would reach into a mass is the mass's edge and is skipped too.
+    Returns the labels, their measurements, their scores and the index in ``blobs`` of the
+    candidate each nodule was outlined from (-1 for a mass)."""
     shape = np.array(volume_hu.shape)
     labels = np.zeros(volume_hu.shape, dtype=np.uint8)
     kept_scores = _seed_masses(labels, masses, blobs, probabilities, limit)
     k = len(kept_scores)
+    seeds = [-1] * k
     for i in np.argsort(-probabilities, kind="stable"):
         if len(kept_scores) >= min(limit, 255):
             break
@@ -241,8 +274,9 @@ def outline(
             continue
         labels[box][mask] = len(kept_scores) + 1
         kept_scores.append(float(probabilities[int(i)]))
+        seeds.append(int(i))
     lesions = measure_regions(labels, spacing, volume_hu) if kept_scores else []
-    return labels, lesions, kept_scores
+    return labels, lesions, kept_scores, seeds
 
 
 def _seed_masses(
@@ -284,7 +318,7 @@ def run_cad(
     laps.lap("masses")
     p = score(model, volume_hu, spacing, found.blobs)
     laps.lap("classifier")
-    labels, lesions, scores = outline(
+    labels, lesions, scores, seeds = outline(
         volume_hu, spacing, found.lung_mask, found.blobs, p, limit=limit, masses=masses
     )
     laps.lap("outlines")
@@ -297,6 +331,7 @@ def run_cad(
         len(found.blobs),
         laps.done(),
         masses=min(int(masses.max()), limit, 255) if masses.any() else 0,
+        sources=[found.blobs[i] if i >= 0 else None for i in seeds],
     )
 
 
@@ -313,6 +348,7 @@ def reported_only(result: CadResult) -> CadResult:
         lesion_labels=lut[result.lesion_labels],
         lesions=lesions,
         scores=[result.scores[i] for i in keep],
+        sources=[result.sources[i] for i in keep] if result.sources else [],
     )
 
 

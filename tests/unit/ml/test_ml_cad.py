@@ -268,6 +268,28 @@ def test_the_pipeline_outlines_and_scores_with_a_model():
     assert strict.lesions == [] and not strict.lesion_labels.any()
 
 
+def test_a_ground_glass_outline_is_kept_but_ranked_last_and_not_reported():
+    spacing = (1.5, 0.8, 0.8)
+    hu, _, _ = _phantom(spacing, vessel=False)
+    z, y, x = np.meshgrid(
+        *[(np.arange(n) + 0.5) * sp for n, sp in zip(hu.shape, spacing, strict=True)],
+        indexing="ij",
+    )
+    ggo = (z - 50.0) ** 2 + (y - 60.0) ** 2 + (x - 25.0) ** 2 <= 6.0**2
+    hu[ggo] = -550.0 + np.random.default_rng(1).normal(0, 10, int(ggo.sum()))
+    r = cad.run_cad(_in_body(hu), spacing, _model(0.0))  # threshold 0: all would be reported
+    by_density = sorted(range(len(r.lesions)), key=lambda i: r.lesions[i].mean_hu)
+    faint, solid = by_density[0], by_density[-1]
+    assert r.lesions[faint].mean_hu < cad.MIN_REPORTED_MEAN_HU < r.lesions[solid].mean_hu
+    assert r.faint(faint) and not r.faint(solid)
+    assert solid in r.reported and faint not in r.reported
+    assert r.ranking[faint] == pytest.approx(r.scores[faint] - 1.0)
+    assert r.ranking[faint] < r.ranking[solid]
+    only = cad.reported_only(r)
+    assert all(m.mean_hu >= cad.MIN_REPORTED_MEAN_HU for m in only.lesions)
+    assert len(only.sources) == len(only.lesions) and all(b is not None for b in only.sources)
+
+
 def test_a_mass_is_reported_by_size_whatever_the_classifier_says():
     # 45 mm across: beyond the blob scales and the nodules the classifier learnt.
     spacing = (1.5, 0.8, 0.8)

@@ -1,0 +1,245 @@
+"""The nodule CAD's outlines on validation studies, and the reporting rule chosen on them.
+
+Each anatomy's validation composites (LIDC validation-split nodules, inserted by
+:func:`ml.evaluation.unseen.iter_studies` with `VALIDATION_SEED`: never the evaluation's seed or
+its test-split nodules) go through the whole CAD (:func:`ml.runtime.cad.run_cad`) with the fold
+model that never saw the anatomy. Every outline is kept with its classifier score, its size and
+mean density and whether it hits a nodule by the evaluation's rule. The classifier's candidate
+samples (:mod:`ml.training.cad_samples`) cannot show what an outline looks like; these can.
+
+On them, :func:`table` measures a reporting rule (a floor of mean density and one of size: an
+outline below either ranks below every other and is not reported) by the validation FROC's CPM,
+the false calls per study at the operating point and the share of nodules >= 6 mm reported;
+:func:`leave_one_anatomy_out` chooses the rule for each anatomy on the other five, which shows
+whether the choice carries over to anatomy it was not made on.
+
+Run ``python -m ml.training.cad_outlines --data DIR --cache DIR --out FILE``. Imports `ml.data`,
+`ml.evaluation` and `ml.runtime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ml.data.backgrounds import ANATOMIES
+from ml.data.nodules import read_nodule_table
+from ml.data.splits import rows_in
+from ml.evaluation import unseen
+from ml.evaluation.froc import ScanDetections, froc
+from ml.runtime import cad, registry
+
+VALIDATION_SEED = 48_200_000  # the validation composites; the evaluation's is 9_100_000
+STUDIES_PER_ANATOMY = 6  # 36 studies, 180 nodules: each of the 165 validation nodules once or so
+DENSITY_FLOORS_HU = (-2000.0, -500.0, -450.0, -400.0, -350.0, -300.0)  # -2000: no floor
+SIZE_FLOORS_MM = (0.0, 4.0, 5.0, 6.0)
+REPORTABLE_MM = 6.0  # nodules from this size count in the reported share (Lung-RADS)
+
+
+@dataclass(frozen=True)
+class Outline:
+    score: float  # the classifier's
+    mass: bool
+    diameter_mm: float  # of the sphere of the outline's volume
+    mean_hu: float | None
+    hit: int | None  # index of the nodule it hits
+
+
+@dataclass(frozen=True)
+class OutlineStudy:
+    study_id: str
+    anatomy: str
+    nodule_diameters_mm: list[float]
+    threshold: float  # the fold model's operating threshold
+    outlines: list[Outline]
+
+
+def _diameter(volume_mm3: float) -> float:
+    return (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
+
+
+def outline_study(study: unseen.Study, model: registry.LoadedModel) -> OutlineStudy:
+    """The CAD's outlines on one study and what each hits."""
+    r = cad.run_cad(study.hu, study.spacing, model)
+    hits = unseen.match(r.lesion_labels, len(r.lesions), study.labels, study.truths, study.spacing)
+    outlines = [
+        Outline(r.scores[i], i < r.masses, _diameter(m.voxel_volume_mm3), m.mean_hu, hits[i])
+        for i, m in enumerate(r.lesions)
+    ]
+    return OutlineStudy(
+        study.study_id,
+        study.anatomy,
+        [t.diameter_mm for t in study.truths],
+        r.threshold,
+        outlines,
+    )
+
+
+def collect(
+    data_dir: Path,
+    folder: Path,
+    anatomies: Sequence[str] = ANATOMIES,
+    k: int = STUDIES_PER_ANATOMY,
+    *,
+    model: str = f"{cad.CAD_MODEL}@{cad.CAD_VERSION}",
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Outline (or reuse from ``folder``) ``k`` validation composites of each anatomy, each with
+    the fold model of ``model`` that held the anatomy out."""
+    crop_dir = Path(data_dir) / "lidc-nodules"
+    rows = rows_in(read_nodule_table(crop_dir / "nodules.csv", crop_dir), "validation")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    studies = unseen.iter_studies(
+        data_dir, ANATOMIES, k, rows=rows, seed=VALIDATION_SEED, mirror_first=False,
+        only=list(anatomies),
+    )  # fmt: skip
+    for study in studies:
+        if study.kind != "composite":  # the real CTs as they are belong to the evaluation
+            continue
+        path = folder / f"{study.study_id}.json"
+        if not path.exists():
+            start = time.perf_counter()
+            fold = registry.load(f"{model}#holdout-{study.anatomy}")
+            done = outline_study(study, fold)
+            path.write_text(json.dumps(asdict(done)))
+            found = sum(o.hit is not None for o in done.outlines)
+            log(
+                f"{study.study_id}: {len(done.outlines)} outlines, {found} on a nodule, "
+                f"{time.perf_counter() - start:.0f}s"
+            )
+        out.append(path)
+    return out
+
+
+def load(paths: Sequence[Path]) -> list[OutlineStudy]:
+    out = []
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        d["outlines"] = [Outline(**o) for o in d["outlines"]]
+        out.append(OutlineStudy(**d))
+    return out
+
+
+def ranking(o: Outline, density_floor: float, size_floor_mm: float) -> float:
+    """What an outline ranks by under a rule: as :attr:`ml.runtime.cad.CadResult.ranking`."""
+    if o.mass:
+        return 1.0
+    below = cad.is_faint(o.mean_hu, density_floor) or o.diameter_mm < size_floor_mm
+    return o.score - 1.0 if below else o.score
+
+
+def table(studies: Sequence[OutlineStudy], density_floor: float, size_floor_mm: float) -> dict:
+    """Validation FROC (CPM and sensitivity at each rate) and, at each fold model's operating
+    threshold, false calls per study and the share of nodules >= `REPORTABLE_MM` reported."""
+    scans, false_calls, big, big_reported = [], 0, 0, 0
+    for s in studies:
+        ranks = [ranking(o, density_floor, size_floor_mm) for o in s.outlines]
+        scans.append(
+            ScanDetections(
+                s.study_id,
+                len(s.nodule_diameters_mm),
+                [(r, o.hit) for r, o in zip(ranks, s.outlines, strict=True)],
+                s.anatomy,
+            )
+        )
+        reported = [o for r, o in zip(ranks, s.outlines, strict=True) if o.mass or r >= s.threshold]
+        false_calls += sum(o.hit is None for o in reported)
+        found = {o.hit for o in reported if o.hit is not None}
+        for i, d in enumerate(s.nodule_diameters_mm):
+            if d >= REPORTABLE_MM:
+                big += 1
+                big_reported += i in found
+    f = froc(scans)
+    return {
+        "density_floor_hu": density_floor,
+        "size_floor_mm": size_floor_mm,
+        "cpm": f.cpm,
+        "sensitivity_at": {f"{k:g}": v for k, v in f.at_rates.items()},
+        "false_calls_per_study": false_calls / max(1, len(studies)),
+        "reported_share_6mm": big_reported / big if big else float("nan"),
+        "studies": len(studies),
+        "nodules": f.nodules,
+    }
+
+
+def rules() -> list[tuple[float, float]]:
+    return list(itertools.product(DENSITY_FLOORS_HU, SIZE_FLOORS_MM))
+
+
+def choose(studies: Sequence[OutlineStudy]) -> tuple[float, float]:
+    """The rule with the best validation CPM (ties: the lower floors, the first in `rules`)."""
+    options = rules()
+    return max(options, key=lambda r: (round(table(studies, *r)["cpm"], 9), -options.index(r)))
+
+
+def leave_one_anatomy_out(studies: Sequence[OutlineStudy]) -> dict:
+    """Each anatomy's rule chosen on the other anatomies' studies, and the validation figures of
+    all studies each under the rule chosen without its anatomy."""
+    anatomies = sorted({s.anatomy for s in studies})
+    chosen = {a: choose([s for s in studies if s.anatomy != a]) for a in anatomies}
+    scans = []
+    for s in studies:
+        density, size = chosen[s.anatomy]
+        scans.append(
+            ScanDetections(
+                s.study_id,
+                len(s.nodule_diameters_mm),
+                [(ranking(o, density, size), o.hit) for o in s.outlines],
+                s.anatomy,
+            )
+        )
+    f = froc(scans)
+    return {
+        "chosen": {a: {"density_floor_hu": d, "size_floor_mm": z} for a, (d, z) in chosen.items()},
+        "cpm": f.cpm,
+        "sensitivity_at": {f"{k:g}": v for k, v in f.at_rates.items()},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, required=True, help="folder for the outlines")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file for the tables")
+    ap.add_argument("--anatomies", default=",".join(ANATOMIES))
+    ap.add_argument("--studies", type=int, default=STUDIES_PER_ANATOMY)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--collect-only", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    paths = collect(a.data, a.cache, a.anatomies.split(","), a.studies)
+    if a.collect_only:
+        return 0
+    studies = load(paths)
+    density, size = choose(studies)
+    rows = [table(studies, *r) for r in rules()]
+    doc: dict = {
+        "what": "the nodule CAD's outlines on validation composites, fold model per anatomy "
+        "(ml.training.cad_outlines)",
+        "rules": rows,
+        "chosen_on_all": {"density_floor_hu": density, "size_floor_mm": size},
+        "leave_one_anatomy_out": leave_one_anatomy_out(studies),
+    }
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for row in rows:
+        print(
+            f"density >= {row['density_floor_hu']:6.0f} HU, size >= {row['size_floor_mm']:.0f} mm:"
+            f" CPM {row['cpm']:.3f}, {row['false_calls_per_study']:.2f} false calls per study,"
+            f" {row['reported_share_6mm']:.3f} of nodules >= 6 mm reported"
+        )
+    print("chosen on all:", doc["chosen_on_all"])
+    print("leave one anatomy out:", json.dumps(doc["leave_one_anatomy_out"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

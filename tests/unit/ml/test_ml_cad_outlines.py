@@ -1,0 +1,60 @@
+"""The reporting rule chosen on the CAD's validation outlines: its FROC, false calls and choice,
+on outlines made up so that the answer is known."""
+
+from __future__ import annotations
+
+import pytest
+
+from ml.training import cad_outlines as co
+
+
+def _study(anatomy: str, i: int, *, faint_fp: float = -600.0, solid_fp: bool = False):
+    """Two nodules (8 and 12 mm): a solid outline on each (scores 0.95, 0.90), a faint
+    false call scoring above both, a small faint outline on the first nodule (scoring 0.2)
+    and, optionally, a solid false call scoring 0.5."""
+    outlines = [
+        co.Outline(0.99, False, 7.0, faint_fp, None),
+        co.Outline(0.95, False, 8.0, -100.0, 0),
+        co.Outline(0.90, False, 11.0, -50.0, 1),
+        co.Outline(0.20, False, 4.0, -500.0, 0),
+    ]
+    if solid_fp:
+        outlines.append(co.Outline(0.50, False, 9.0, 20.0, None))
+    return co.OutlineStudy(f"{anatomy}-{i}", anatomy, [8.0, 12.0], 0.85, outlines)
+
+
+def test_a_density_floor_ranks_faint_false_calls_last_and_stops_reporting_them():
+    studies = [_study(a, i) for a in ("a", "b", "c") for i in range(2)]
+    none = co.table(studies, -2000.0, 0.0)
+    assert none["false_calls_per_study"] == 1.0  # the faint outline scores above threshold
+    assert none["reported_share_6mm"] == 1.0
+    floor = co.table(studies, -400.0, 0.0)
+    assert floor["false_calls_per_study"] == 0.0 and floor["reported_share_6mm"] == 1.0
+    assert floor["cpm"] == pytest.approx(1.0)  # both nodules before any false call
+    # Without the floor the faint false call comes first in every study: one per study before
+    # any nodule (the curve only interpolates up to it).
+    assert none["sensitivity_at"]["0.125"] < floor["sensitivity_at"]["0.125"] == 1.0
+    assert floor["cpm"] > none["cpm"]
+    # A floor above the nodules' own density loses them.
+    dense = co.table(studies, -80.0, 0.0)
+    assert dense["reported_share_6mm"] == 0.5
+
+
+def test_a_mass_is_ranked_first_and_reported_whatever_the_rule():
+    mass = co.Outline(0.0, True, 40.0, -700.0, None)
+    assert co.ranking(mass, -300.0, 6.0) == 1.0
+    study = co.OutlineStudy("m", "a", [], 0.9, [mass])
+    assert co.table([study], -300.0, 6.0)["false_calls_per_study"] == 1.0
+
+
+def test_the_rule_is_chosen_on_other_anatomies_and_the_choice_recorded():
+    # Anatomy "c" has a false call of -420 HU: only floors above it remove it; the others' only
+    # false calls are at -600 HU, where every floor from -500 HU does.
+    studies = [_study(a, i) for a in ("a", "b") for i in range(2)]
+    studies += [_study("c", i, faint_fp=-420.0) for i in range(2)]
+    assert co.choose(studies) == (-400.0, 0.0)  # the lowest floor that removes every one
+    loao = co.leave_one_anatomy_out(studies)
+    assert loao["chosen"]["c"] == {"density_floor_hu": -500.0, "size_floor_mm": 0.0}
+    assert loao["chosen"]["a"] == {"density_floor_hu": -400.0, "size_floor_mm": 0.0}
+    # "c" under the rule chosen without it keeps its false call first: a worse pooled CPM.
+    assert loao["cpm"] < co.table(studies, -400.0, 0.0)["cpm"]
