@@ -11,7 +11,9 @@ On them, :func:`table` measures a reporting rule (a floor of mean density and on
 outline below either ranks below every other and is not reported) by the validation FROC's CPM,
 the false calls per study at the operating point and the share of nodules >= 6 mm reported;
 :func:`leave_one_anatomy_out` chooses the rule for each anatomy on the other five, which shows
-whether the choice carries over to anatomy it was not made on.
+whether the choice carries over to anatomy it was not made on. :func:`outline_comparison` sets
+each nodule's outline by the CAD beside the classical baseline's lesion outline on the same lungs
+(whether the CAD should take the baseline's outline for large nodules, as it does for masses).
 
 Run ``python -m ml.training.cad_outlines --data DIR --cache DIR --out FILE``. Imports `ml.data`,
 `ml.evaluation` and `ml.runtime`.
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ml.data.backgrounds import ANATOMIES
@@ -36,6 +39,7 @@ from ml.data.splits import rows_in
 from ml.evaluation import unseen
 from ml.evaluation.froc import ScanDetections, froc
 from ml.runtime import cad, registry
+from ml.runtime.baseline import detect_lesions
 
 VALIDATION_SEED = 48_200_000  # the validation composites; the evaluation's is 9_100_000
 STUDIES_PER_ANATOMY = 6  # 36 studies, 180 nodules: each of the 165 validation nodules once or so
@@ -54,33 +58,59 @@ class Outline:
 
 
 @dataclass(frozen=True)
+class NoduleOutlines:
+    """One inserted nodule and how well each pipeline outlined it (Dice as the evaluation's:
+    the outlines that hit it, whatever their score, in its box grown by 10 mm; None where no
+    outline hits it)."""
+
+    diameter_mm: float
+    cad_dice: float | None
+    baseline_dice: float | None
+
+
+@dataclass(frozen=True)
 class OutlineStudy:
     study_id: str
     anatomy: str
-    nodule_diameters_mm: list[float]
+    nodules: list[NoduleOutlines]
     threshold: float  # the fold model's operating threshold
     outlines: list[Outline]
+
+    @property
+    def nodule_diameters_mm(self) -> list[float]:
+        return [n.diameter_mm for n in self.nodules]
 
 
 def _diameter(volume_mm3: float) -> float:
     return (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
 
 
+def _dice(labels: np.ndarray, n: int, study: unseen.Study) -> list[float | None]:
+    hits = unseen.match(labels, n, study.labels, study.truths, study.spacing)
+    overlap = unseen.lesion_overlap(labels, hits, study)
+    return [ov["dice"] if i in hits else None for i, ov in enumerate(overlap)]
+
+
 def outline_study(study: unseen.Study, model: registry.LoadedModel) -> OutlineStudy:
-    """The CAD's outlines on one study and what each hits."""
+    """The CAD's outlines on one study, what each hits, and each nodule's outline by the CAD and
+    by the classical baseline's lesion detector on the same lungs."""
     r = cad.run_cad(study.hu, study.spacing, model)
     hits = unseen.match(r.lesion_labels, len(r.lesions), study.labels, study.truths, study.spacing)
     outlines = [
         Outline(r.scores[i], i < r.masses, _diameter(m.voxel_volume_mm3), m.mean_hu, hits[i])
         for i, m in enumerate(r.lesions)
     ]
-    return OutlineStudy(
-        study.study_id,
-        study.anatomy,
-        [t.diameter_mm for t in study.truths],
-        r.threshold,
-        outlines,
-    )
+    base_labels, base = detect_lesions(study.hu, r.lung_mask, study.spacing)
+    nodules = [
+        NoduleOutlines(t.diameter_mm, c, b)
+        for t, c, b in zip(
+            study.truths,
+            _dice(r.lesion_labels, len(r.lesions), study),
+            _dice(base_labels, len(base), study),
+            strict=True,
+        )
+    ]
+    return OutlineStudy(study.study_id, study.anatomy, nodules, r.threshold, outlines)
 
 
 def collect(
@@ -125,6 +155,7 @@ def load(paths: Sequence[Path]) -> list[OutlineStudy]:
     for p in paths:
         d = json.loads(Path(p).read_text())
         d["outlines"] = [Outline(**o) for o in d["outlines"]]
+        d["nodules"] = [NoduleOutlines(**n) for n in d["nodules"]]
         out.append(OutlineStudy(**d))
     return out
 
@@ -205,6 +236,25 @@ def leave_one_anatomy_out(studies: Sequence[OutlineStudy]) -> dict:
     }
 
 
+def outline_comparison(studies: Sequence[OutlineStudy], min_diameter_mm: float = 0.0) -> dict:
+    """Dice of the CAD's and the baseline's outlines on the nodules from ``min_diameter_mm``
+    that both outlined: how many, their means, and on how many the CAD's is the better."""
+    both = [
+        n
+        for s in studies
+        for n in s.nodules
+        if n.diameter_mm >= min_diameter_mm and n.cad_dice is not None
+        and n.baseline_dice is not None
+    ]  # fmt: skip
+    return {
+        "min_diameter_mm": min_diameter_mm,
+        "nodules": len(both),
+        "cad_mean_dice": float(np.mean([n.cad_dice for n in both])) if both else None,
+        "baseline_mean_dice": float(np.mean([n.baseline_dice for n in both])) if both else None,
+        "cad_better": sum(n.cad_dice > n.baseline_dice for n in both),  # type: ignore[operator]
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -228,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rules": rows,
         "chosen_on_all": {"density_floor_hu": density, "size_floor_mm": size},
         "leave_one_anatomy_out": leave_one_anatomy_out(studies),
+        "outlines_cad_vs_baseline": [outline_comparison(studies, d) for d in (0.0, 18.0)],
     }
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     for row in rows:
@@ -238,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print("chosen on all:", doc["chosen_on_all"])
     print("leave one anatomy out:", json.dumps(doc["leave_one_anatomy_out"]))
+    print("outlines, CAD vs baseline:", json.dumps(doc["outlines_cad_vs_baseline"]))
     return 0
 
 

@@ -3,9 +3,15 @@ on outlines made up so that the answer is known."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 
+from ml.evaluation import unseen
 from ml.training import cad_outlines as co
+from tests.unit.ml.test_ml_cad import _in_body, _model, _phantom
 
 
 def _study(anatomy: str, i: int, *, faint_fp: float = -600.0, solid_fp: bool = False):
@@ -20,7 +26,8 @@ def _study(anatomy: str, i: int, *, faint_fp: float = -600.0, solid_fp: bool = F
     ]
     if solid_fp:
         outlines.append(co.Outline(0.50, False, 9.0, 20.0, None))
-    return co.OutlineStudy(f"{anatomy}-{i}", anatomy, [8.0, 12.0], 0.85, outlines)
+    nodules = [co.NoduleOutlines(8.0, 0.8, None), co.NoduleOutlines(12.0, 0.9, 0.7)]
+    return co.OutlineStudy(f"{anatomy}-{i}", anatomy, nodules, 0.85, outlines)
 
 
 def test_a_density_floor_ranks_faint_false_calls_last_and_stops_reporting_them():
@@ -58,3 +65,32 @@ def test_the_rule_is_chosen_on_other_anatomies_and_the_choice_recorded():
     assert loao["chosen"]["a"] == {"density_floor_hu": -400.0, "size_floor_mm": 0.0}
     # "c" under the rule chosen without it keeps its false call first: a worse pooled CPM.
     assert loao["cpm"] < co.table(studies, -400.0, 0.0)["cpm"]
+
+
+def test_outlines_of_both_pipelines_are_compared_on_the_nodules_both_outlined():
+    studies = [_study("a", 0), _study("b", 0)]
+    both = co.outline_comparison(studies)
+    assert both["nodules"] == 2  # the 8 mm nodules have no baseline outline
+    assert both["cad_mean_dice"] == pytest.approx(0.9)
+    assert both["baseline_mean_dice"] == pytest.approx(0.7) and both["cad_better"] == 2
+    assert co.outline_comparison(studies, 15.0)["nodules"] == 0
+
+
+def test_a_study_is_outlined_by_the_cad_and_the_baseline_and_saved_and_loaded(tmp_path):
+    spacing = (1.5, 0.8, 0.8)
+    hu, _, nodule = _phantom(spacing, radius_mm=6.0)
+    padded = _in_body(hu)
+    labels = np.zeros(padded.shape, np.int16)
+    labels[:, 20:-20, 20:-20][nodule] = 1
+    centre = tuple(float(c) for c in np.argwhere(labels == 1).mean(axis=0))
+    study = unseen.Study(
+        "phantom", "a", "composite", padded, labels, spacing, [unseen.Truth(1, centre, 12.0)]
+    )
+    done = co.outline_study(study, _model(0.0))
+    (nodule_outlines,) = done.nodules
+    assert nodule_outlines.cad_dice is not None and nodule_outlines.cad_dice > 0.6
+    assert nodule_outlines.baseline_dice is not None and nodule_outlines.baseline_dice > 0.6
+    assert any(o.hit == 0 for o in done.outlines) and done.threshold == 0.0
+    path = tmp_path / "phantom.json"
+    path.write_text(json.dumps(dataclasses.asdict(done)))
+    assert co.load([path]) == [done]
