@@ -137,6 +137,9 @@ CAD_MODEL = "radai-nodule-cad-cnn"
 CAD_VERSION = "2.2.0"
 # Candidates outlined per study, best first, whatever their score: enough for the evaluation's
 # FROC to reach 8 false positives per scan; the report keeps those at or above the threshold.
+# More gain nothing: on validation outlines 60-100 per study gave a CPM of 0.377-0.376 against
+# 0.381 (docs/models/cad-outline-limits.json), since the extra ones are dense false calls that
+# rank above every faint outline, the ground-glass nodules' too.
 OUTLINED = 40
 # Outlines smaller than a 3 mm sphere are noise, not nodules (Lung-RADS measures from 4 mm).
 MIN_VOLUME_MM3 = 4.0 / 3.0 * math.pi * 1.5**3

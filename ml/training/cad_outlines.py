@@ -91,10 +91,12 @@ def _dice(labels: np.ndarray, n: int, study: unseen.Study) -> list[float | None]
     return [ov["dice"] if i in hits else None for i, ov in enumerate(overlap)]
 
 
-def outline_study(study: unseen.Study, model: registry.LoadedModel) -> OutlineStudy:
-    """The CAD's outlines on one study, what each hits, and each nodule's outline by the CAD and
-    by the classical baseline's lesion detector on the same lungs."""
-    r = cad.run_cad(study.hu, study.spacing, model)
+def outline_study(
+    study: unseen.Study, model: registry.LoadedModel, limit: int = cad.OUTLINED
+) -> OutlineStudy:
+    """The CAD's outlines (at most ``limit``) on one study, what each hits, and each nodule's
+    outline by the CAD and by the classical baseline's lesion detector on the same lungs."""
+    r = cad.run_cad(study.hu, study.spacing, model, limit=limit)
     hits = unseen.match(r.lesion_labels, len(r.lesions), study.labels, study.truths, study.spacing)
     outlines = [
         Outline(r.scores[i], i < r.masses, _diameter(m.voxel_volume_mm3), m.mean_hu, hits[i])
@@ -120,6 +122,7 @@ def collect(
     k: int = STUDIES_PER_ANATOMY,
     *,
     model: str = f"{cad.CAD_MODEL}@{cad.CAD_VERSION}",
+    limit: int = cad.OUTLINED,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Outline (or reuse from ``folder``) ``k`` validation composites of each anatomy, each with
@@ -139,7 +142,7 @@ def collect(
         if not path.exists():
             start = time.perf_counter()
             fold = registry.load(f"{model}#holdout-{study.anatomy}")
-            done = outline_study(study, fold)
+            done = outline_study(study, fold, limit)
             path.write_text(json.dumps(asdict(done)))
             found = sum(o.hit is not None for o in done.outlines)
             log(
@@ -168,21 +171,29 @@ def ranking(o: Outline, density_floor: float, size_floor_mm: float) -> float:
     return o.score - 1.0 if below else o.score
 
 
-def table(studies: Sequence[OutlineStudy], density_floor: float, size_floor_mm: float) -> dict:
+def table(
+    studies: Sequence[OutlineStudy],
+    density_floor: float,
+    size_floor_mm: float,
+    limit: int | None = None,
+) -> dict:
     """Validation FROC (CPM and sensitivity at each rate) and, at each fold model's operating
-    threshold, false calls per study and the share of nodules >= `REPORTABLE_MM` reported."""
+    threshold, false calls per study and the share of nodules >= `REPORTABLE_MM` reported.
+    ``limit``: only the first outlines of each study, as the CAD outlining no more would give
+    (it outlines in a fixed order: masses, then candidates by score)."""
     scans, false_calls, big, big_reported = [], 0, 0, 0
     for s in studies:
-        ranks = [ranking(o, density_floor, size_floor_mm) for o in s.outlines]
+        outlines = s.outlines[:limit]
+        ranks = [ranking(o, density_floor, size_floor_mm) for o in outlines]
         scans.append(
             ScanDetections(
                 s.study_id,
                 len(s.nodule_diameters_mm),
-                [(r, o.hit) for r, o in zip(ranks, s.outlines, strict=True)],
+                [(r, o.hit) for r, o in zip(ranks, outlines, strict=True)],
                 s.anatomy,
             )
         )
-        reported = [o for r, o in zip(ranks, s.outlines, strict=True) if o.mass or r >= s.threshold]
+        reported = [o for r, o in zip(ranks, outlines, strict=True) if o.mass or r >= s.threshold]
         false_calls += sum(o.hit is None for o in reported)
         found = {o.hit for o in reported if o.hit is not None}
         for i, d in enumerate(s.nodule_diameters_mm):
@@ -199,6 +210,7 @@ def table(studies: Sequence[OutlineStudy], density_floor: float, size_floor_mm: 
         "reported_share_6mm": big_reported / big if big else float("nan"),
         "studies": len(studies),
         "nodules": f.nodules,
+        "outlines_per_study": limit or max((len(s.outlines) for s in studies), default=0),
     }
 
 
@@ -263,10 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--anatomies", default=",".join(ANATOMIES))
     ap.add_argument("--studies", type=int, default=STUDIES_PER_ANATOMY)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--limit", type=int, default=cad.OUTLINED, help="outlines per study")
     ap.add_argument("--collect-only", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    paths = collect(a.data, a.cache, a.anatomies.split(","), a.studies)
+    paths = collect(a.data, a.cache, a.anatomies.split(","), a.studies, limit=a.limit)
     if a.collect_only:
         return 0
     studies = load(paths)
@@ -280,6 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "leave_one_anatomy_out": leave_one_anatomy_out(studies),
         "outlines_cad_vs_baseline": [outline_comparison(studies, d) for d in (0.0, 18.0)],
     }
+    most = max((len(s.outlines) for s in studies), default=0)
+    if most > cad.OUTLINED:  # outlined beyond the CAD's limit: what more outlines would give
+        doc["by_outlines_per_study"] = [
+            table(studies, density, size, limit) for limit in range(cad.OUTLINED, most + 1, 20)
+        ]
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     for row in rows:
         print(
@@ -290,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("chosen on all:", doc["chosen_on_all"])
     print("leave one anatomy out:", json.dumps(doc["leave_one_anatomy_out"]))
     print("outlines, CAD vs baseline:", json.dumps(doc["outlines_cad_vs_baseline"]))
+    for row in doc.get("by_outlines_per_study", []):
+        print(f"{row['outlines_per_study']} outlines per study: CPM {row['cpm']:.3f}")
     return 0
 
 

@@ -187,6 +187,8 @@ def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
             assert les.volume_mm3 >= round(cad.MIN_MASS_VOLUME_MM3, 1)
         else:
             assert les.screening_probability >= threshold
+            # ground glass and partial-volume specks are outlined but never reported
+            assert les.mean_hu is not None and les.mean_hu >= cad.MIN_REPORTED_MEAN_HU
     outputs = _outputs(database)
     assert sorted(o.modality for o in outputs) == ["SEG", "SR"]
     seg_path = next(o.path for o in outputs if o.modality == "SEG")

@@ -42,6 +42,10 @@ def test_a_density_floor_ranks_faint_false_calls_last_and_stops_reporting_them()
     # any nodule (the curve only interpolates up to it).
     assert none["sensitivity_at"]["0.125"] < floor["sensitivity_at"]["0.125"] == 1.0
     assert floor["cpm"] > none["cpm"]
+    # With fewer outlines per study, only the first (in the order drawn) count.
+    first = co.table(studies, -400.0, 0.0, limit=2)
+    assert first["outlines_per_study"] == 2 and first["cpm"] == pytest.approx(0.5)
+    assert co.table(studies, -400.0, 0.0, limit=1)["cpm"] == 0.0
     # A floor above the nodules' own density loses them.
     dense = co.table(studies, -80.0, 0.0)
     assert dense["reported_share_6mm"] == 0.5
