@@ -399,9 +399,60 @@ def better_of(values: dict[str, float], higher_is_better: bool) -> str:
     return leaders[0] if len(leaders) == 1 else "tie: " + ", ".join(leaders)
 
 
-def unseen_markdown(results: dict) -> str:
+CAD_RULES_JSON = "cad-outline-rules.json"  # written by ml.training.cad_outlines
+
+
+def cad_rule_lines(rules: dict) -> list[str]:
+    """How the nodule CAD's reporting floor was chosen, from the validation tables of
+    :mod:`ml.training.cad_outlines` (validation studies only)."""
+    chosen = rules["chosen_on_all"]
+    rows = rules["rules"]
+    none = rows[0]
+    pick = next(
+        r
+        for r in rows
+        if r["density_floor_hu"] == chosen["density_floor_hu"]
+        and r["size_floor_mm"] == chosen["size_floor_mm"]
+    )
+    loao = sorted(
+        {f"{v['density_floor_hu']:g} HU" for v in rules["leave_one_anatomy_out"]["chosen"].values()}
+    )
+    lines = [
+        "",
+        "### How the CAD's reporting floor was chosen (validation studies only)",
+        "",
+        f"The CAD reports an outline only if its mean density reaches "
+        f"{chosen['density_floor_hu']:g} HU (fainter ones rank below every denser one). Chosen "
+        f"by validation CPM over {len(rows)} rules (density and size floors) on {pick['studies']} "
+        f"validation composites ({pick['nodules']} validation-split LIDC nodules), each anatomy "
+        "scored by the fold model that never saw it (`ml.training.cad_outlines`, "
+        f"`{CAD_RULES_JSON}`); chosen for each anatomy on the other anatomies alone: "
+        f"{', '.join(loao)}.",
+        "",
+        "| rule | validation CPM | false calls per study (operating point) "
+        "| nodules >= 6 mm reported |",
+        "|---|---|---|---|",
+    ]
+    for name, r in (("no floor", none), ("chosen", pick)):
+        lines.append(
+            f"| {name} | {_v(r['cpm'], 3)} | {_v(r['false_calls_per_study'])} | "
+            f"{_v(r['reported_share_6mm'], 3)} |"
+        )
+    for c in rules.get("outlines_cad_vs_baseline", []):
+        size = f" from {c['min_diameter_mm']:g} mm" if c["min_diameter_mm"] else ""
+        if c["nodules"]:
+            lines.append(
+                f"\nOutlines on the validation nodules{size} that both pipelines outlined "
+                f"({c['nodules']}): Dice CAD {_v(c['cad_mean_dice'])}, "
+                f"baseline {_v(c['baseline_mean_dice'])}; the CAD's better on {c['cad_better']}."
+            )
+    return lines
+
+
+def unseen_markdown(results: dict, cad_rules: dict | None = None) -> str:
     """The report section of :func:`ml.evaluation.unseen.run`, between markers so that
-    `radai evaluate --unseen` can replace it and the full evaluation keeps it."""
+    `radai evaluate --unseen` can replace it and the full evaluation keeps it; with
+    ``cad_rules`` (:mod:`ml.training.cad_outlines`' tables) how the CAD's rule was chosen."""
     from ml.evaluation import unseen
 
     methods = list(results["methods"])
@@ -579,6 +630,8 @@ def unseen_markdown(results: dict) -> str:
                 f"{_v(r['sensitivity_ge_6mm'])} | {_v(r['false_calls_per_scan'])} | "
                 f"{_v(r['dice_found'])} |"
             )
+    if cad_rules and "cad" in methods:
+        lines += cad_rule_lines(cad_rules)
     lines += [
         "",
         "Nodules: LIDC-IDRI (Armato et al., Med Phys 2011; doi:10.7937/K9/TCIA.2015.LO9QL9SX), "
@@ -622,7 +675,9 @@ def write_unseen(out_dir: Path, results: dict) -> Path:
     (out_dir / UNSEEN_JSON).write_text(json.dumps(_clean(results), indent=2) + "\n")
     path = out_dir / "report.md"
     old = path.read_text() if path.is_file() else "# Model evaluation\n"
-    path.write_text(_with_section(old, unseen_markdown(_clean(results))))
+    rules_path = out_dir / CAD_RULES_JSON
+    rules = json.loads(rules_path.read_text()) if rules_path.is_file() else None
+    path.write_text(_with_section(old, unseen_markdown(_clean(results), rules)))
     return path
 
 

@@ -1,5 +1,5 @@
 """The reporting rule chosen on the CAD's validation outlines: its FROC, false calls and choice,
-on outlines made up so that the answer is known."""
+on outlines made up so that the answer is known, and what the report says of it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from ml.evaluation import unseen
+from ml.evaluation import report, unseen
 from ml.training import cad_outlines as co
 from tests.unit.ml.test_ml_cad import _in_body, _model, _phantom
 
@@ -98,3 +98,20 @@ def test_a_study_is_outlined_by_the_cad_and_the_baseline_and_saved_and_loaded(tm
     path = tmp_path / "phantom.json"
     path.write_text(json.dumps(dataclasses.asdict(done)))
     assert co.load([path]) == [done]
+
+
+def test_the_report_says_how_the_rule_was_chosen_from_the_tools_tables():
+    studies = [_study(a, i) for a in ("a", "b", "c") for i in range(2)]
+    density, size = co.choose(studies)
+    tables = {
+        "rules": [co.table(studies, *r) for r in co.rules()],
+        "chosen_on_all": {"density_floor_hu": density, "size_floor_mm": size},
+        "leave_one_anatomy_out": co.leave_one_anatomy_out(studies),
+        "outlines_cad_vs_baseline": [co.outline_comparison(studies, d) for d in (0.0, 18.0)],
+    }
+    text = "\n".join(report.cad_rule_lines(tables))
+    assert f"reaches {density:g} HU" in text and "on 6 validation composites" in text
+    assert "| no floor | 0.696 | 1.00 | 1.000 |" in text  # a faint false call first in each
+    assert "| chosen | 1.000 | 0.00 | 1.000 |" in text
+    assert "both pipelines outlined (6): Dice CAD 0.90, baseline 0.70" in text
+    assert "from 18 mm" not in text  # no nodule that large: no line
