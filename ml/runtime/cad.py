@@ -174,7 +174,6 @@ class CadResult:
     candidates: int
     timings_s: dict[str, float] = field(default_factory=dict)
     masses: int = 0  # lesions[:masses] are masses, reported by size whatever their score
-    sources: list[Blob | None] = field(default_factory=list)  # per lesion; None for a mass
 
     def faint(self, i: int) -> bool:
         """Whether nodule ``i`` is fainter than `MIN_REPORTED_MEAN_HU` on average (a mass never
@@ -250,18 +249,15 @@ def outline(
     *,
     limit: int = OUTLINED,
     masses: np.ndarray | None = None,
-) -> tuple[np.ndarray, list[RegionMeasurement], list[float], list[int]]:
+) -> tuple[np.ndarray, list[RegionMeasurement], list[float]]:
     """Outline the best-scoring candidates (at most ``limit`` lesions in all): a candidate whose
     centre falls in an outline already drawn is the same nodule and is skipped; outlines never
     overlap. ``masses`` (labels 1..k) come first, each scored with the best candidate inside it;
-    a candidate whose outline would reach into a mass is the mass's edge and is skipped too.
-    Returns the labels, their measurements, their scores and the index in ``blobs`` of the
-    candidate each nodule was outlined from (-1 for a mass)."""
+    a candidate whose outline would reach into a mass is the mass's edge and is skipped too."""
     shape = np.array(volume_hu.shape)
     labels = np.zeros(volume_hu.shape, dtype=np.uint8)
     kept_scores = _seed_masses(labels, masses, blobs, probabilities, limit)
     k = len(kept_scores)
-    seeds = [-1] * k
     for i in np.argsort(-probabilities, kind="stable"):
         if len(kept_scores) >= min(limit, 255):
             break
@@ -277,9 +273,8 @@ def outline(
             continue
         labels[box][mask] = len(kept_scores) + 1
         kept_scores.append(float(probabilities[int(i)]))
-        seeds.append(int(i))
     lesions = measure_regions(labels, spacing, volume_hu) if kept_scores else []
-    return labels, lesions, kept_scores, seeds
+    return labels, lesions, kept_scores
 
 
 def _seed_masses(
@@ -321,7 +316,7 @@ def run_cad(
     laps.lap("masses")
     p = score(model, volume_hu, spacing, found.blobs)
     laps.lap("classifier")
-    labels, lesions, scores, seeds = outline(
+    labels, lesions, scores = outline(
         volume_hu, spacing, found.lung_mask, found.blobs, p, limit=limit, masses=masses
     )
     laps.lap("outlines")
@@ -334,7 +329,6 @@ def run_cad(
         len(found.blobs),
         laps.done(),
         masses=min(int(masses.max()), limit, 255) if masses.any() else 0,
-        sources=[found.blobs[i] if i >= 0 else None for i in seeds],
     )
 
 
@@ -351,7 +345,6 @@ def reported_only(result: CadResult) -> CadResult:
         lesion_labels=lut[result.lesion_labels],
         lesions=lesions,
         scores=[result.scores[i] for i in keep],
-        sources=[result.sources[i] for i in keep] if result.sources else [],
     )
 
 

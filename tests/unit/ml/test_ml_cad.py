@@ -287,7 +287,7 @@ def test_a_ground_glass_outline_is_kept_but_ranked_last_and_not_reported():
     assert r.ranking[faint] < r.ranking[solid]
     only = cad.reported_only(r)
     assert all(m.mean_hu >= cad.MIN_REPORTED_MEAN_HU for m in only.lesions)
-    assert len(only.sources) == len(only.lesions) and all(b is not None for b in only.sources)
+    assert len(only.lesions) == len(r.reported) == len(only.scores)
 
 
 def test_a_mass_is_reported_by_size_whatever_the_classifier_says():
