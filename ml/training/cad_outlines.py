@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -81,10 +80,6 @@ class OutlineStudy:
         return [n.diameter_mm for n in self.nodules]
 
 
-def _diameter(volume_mm3: float) -> float:
-    return (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
-
-
 def _dice(labels: np.ndarray, n: int, study: unseen.Study) -> list[float | None]:
     hits = unseen.match(labels, n, study.labels, study.truths, study.spacing)
     overlap = unseen.lesion_overlap(labels, hits, study)
@@ -99,7 +94,13 @@ def outline_study(
     r = cad.run_cad(study.hu, study.spacing, model, limit=limit)
     hits = unseen.match(r.lesion_labels, len(r.lesions), study.labels, study.truths, study.spacing)
     outlines = [
-        Outline(r.scores[i], i < r.masses, _diameter(m.voxel_volume_mm3), m.mean_hu, hits[i])
+        Outline(
+            r.scores[i],
+            i < r.masses,
+            unseen.equivalent_diameter(m.voxel_volume_mm3),
+            m.mean_hu,
+            hits[i],
+        )
         for i, m in enumerate(r.lesions)
     ]
     base_labels, base = detect_lesions(study.hu, r.lung_mask, study.spacing)
@@ -125,8 +126,9 @@ def collect(
     limit: int = cad.OUTLINED,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Outline (or reuse from ``folder``) ``k`` validation composites of each anatomy, each with
-    the fold model of ``model`` that held the anatomy out."""
+    """Outline (or reuse from ``folder``, where the same model and limit outlined them) ``k``
+    validation composites of each anatomy, each with the fold model of ``model`` that held the
+    anatomy out."""
     crop_dir = Path(data_dir) / "lidc-nodules"
     rows = rows_in(read_nodule_table(crop_dir / "nodules.csv", crop_dir), "validation")
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,8 @@ def collect(
     for study in studies:
         if study.kind != "composite":  # the real CTs as they are belong to the evaluation
             continue
-        path = folder / f"{study.study_id}.json"
+        # The model and the limit are in the name: a cache of other outlines is never reused.
+        path = folder / f"{study.study_id}.{model}.limit{limit}.json"
         if not path.exists():
             start = time.perf_counter()
             fold = registry.load(f"{model}#holdout-{study.anatomy}")
