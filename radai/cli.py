@@ -240,6 +240,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         segment_model=settings.segment_model,
         screen_model=settings.screen_model,
         cad_model=settings.cad_model,
+        cad_outliner=settings.cad_outliner,
         malignancy_model=settings.malignancy_model,
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
@@ -320,6 +321,8 @@ def _check_models(settings: Settings) -> None:
     refs = [settings.segment_model, settings.screen_model] if settings.pipeline == "models" else []
     if settings.pipeline == "cad":
         refs.append(settings.cad_model)
+        if settings.cad_outliner.lower() != "classical":  # no U-Net to check
+            refs.append(settings.cad_outliner)
     if settings.malignancy_model.lower() not in ("", "none"):
         refs.append(settings.malignancy_model)
     for ref in refs:
@@ -348,6 +351,18 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         print(f"training malignancy on the LIDC readers' ratings in {args.data} into {root}")
         for path in malignancy.train_and_register(
             Path(args.data), root=root, max_steps=args.steps, progress=not args.quiet
+        ):
+            print(f"wrote {path}")
+        return 0
+    if args.task == "outline":  # real LIDC crops and their readers' outlines, no folds
+        from ml.training import nodule_outline
+
+        print(f"training the nodule outline U-Net on the LIDC readers' outlines in {args.data}")
+        for path in nodule_outline.train_and_register(
+            Path(args.data),
+            root=root,
+            steps=args.steps or nodule_outline.STEPS,
+            progress=not args.quiet,
         ):
             print(f"wrote {path}")
         return 0
@@ -1124,7 +1139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model: real LIDC nodules in real CTs (default) or the synthetic recipe",
     )
-    train.add_argument("task", choices=["segment", "screen", "malignancy", "cad"])
+    train.add_argument("task", choices=["segment", "screen", "malignancy", "outline", "cad"])
     train.add_argument(
         "--source",
         choices=["real", "synthetic"],

@@ -449,10 +449,60 @@ def cad_rule_lines(rules: dict) -> list[str]:
     return lines
 
 
-def unseen_markdown(results: dict, cad_rules: dict | None = None) -> str:
+def _outline_row(band: str, name: str, f: dict) -> str:
+    if not f.get("nodules"):
+        return f"| {band} | {name} | 0 | | |"
+    d_lo, d_hi = f["dice_95ci_patients"]
+    h_lo, h_hi = f["hd95_mm_95ci_patients"]
+    return (
+        f"| {band} | {name} | {f['nodules']} | {f['dice_mean']:.3f} ({d_lo:.3f}-{d_hi:.3f}) | "
+        f"{f['hd95_mm_median']:.2f} ({h_lo:.2f}-{h_hi:.2f}) |"
+    )
+
+
+def _band_start(band: str) -> float:
+    """Where a size band ('all', '0-6 mm', '>= 20 mm') starts; 'all' first."""
+    if band == "all":
+        return -math.inf
+    return float(band.removeprefix(">=").strip().split("-")[0].split()[0])
+
+
+def outline_table(part: dict) -> list[str]:
+    """The nodule outline U-Net's and the classical outline's Dice and HD95 on LIDC crops, all
+    and by size (a part of the card's metrics of :mod:`ml.training.nodule_outline`)."""
+    lines = [
+        "| nodules | outline | n | Dice, mean (95 % CI) | HD95 mm, median (95 % CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for band in sorted(part["unet"], key=_band_start):
+        for method, name in (("unet", "U-Net"), ("classical", "classical")):
+            lines.append(_outline_row(band, name, part[method][band]))
+    return lines
+
+
+def outline_lines(card: dict) -> list[str]:
+    """The report's lines on the nodule outline U-Net, from its model card."""
+    m, t = card["metrics"], card["training"]
+    return [
+        "",
+        "### The outline U-Net against the readers' outlines of held-out LIDC patients' crops",
+        "",
+        f"`{card['name']}@{card['version']}`, trained on {t['train']['nodules']} nodules of "
+        f"{t['train']['patients']} train-split patients, its step chosen on the validation "
+        "split; the test-split patients' crops read once, after it was final. "
+        f"{m['how'][0].upper()}{m['how'][1:]}.",
+        "",
+        *outline_table(m["test"]),
+    ]
+
+
+def unseen_markdown(
+    results: dict, cad_rules: dict | None = None, outline_card: dict | None = None
+) -> str:
     """The report section of :func:`ml.evaluation.unseen.run`, between markers so that
     `radai evaluate --unseen` can replace it and the full evaluation keeps it; with
-    ``cad_rules`` (:mod:`ml.training.cad_outlines`' tables) how the CAD's rule was chosen."""
+    ``cad_rules`` (:mod:`ml.training.cad_outlines`' tables) how the CAD's rule was chosen, with
+    ``outline_card`` the outline U-Net's figures on held-out LIDC crops."""
     from ml.evaluation import unseen
 
     methods = list(results["methods"])
@@ -632,6 +682,8 @@ def unseen_markdown(results: dict, cad_rules: dict | None = None) -> str:
             )
     if cad_rules and "cad" in methods:
         lines += cad_rule_lines(cad_rules)
+    if outline_card:
+        lines += outline_lines(outline_card)
     lines += [
         "",
         "Nodules: LIDC-IDRI (Armato et al., Med Phys 2011; doi:10.7937/K9/TCIA.2015.LO9QL9SX), "
@@ -677,8 +729,16 @@ def write_unseen(out_dir: Path, results: dict) -> Path:
     old = path.read_text() if path.is_file() else "# Model evaluation\n"
     rules_path = out_dir / CAD_RULES_JSON
     rules = json.loads(rules_path.read_text()) if rules_path.is_file() else None
-    path.write_text(_with_section(old, unseen_markdown(_clean(results), rules)))
+    path.write_text(_with_section(old, unseen_markdown(_clean(results), rules, outline_card())))
     return path
+
+
+def outline_card() -> dict | None:
+    """The shipped nodule outline U-Net's card, None where there is none."""
+    try:
+        return registry.read_card(registry.OUTLINER, registry.OUTLINER_VERSION)
+    except registry.ModelError:
+        return None
 
 
 def _with_section(text: str, section: str, begin: str = UNSEEN_BEGIN, end: str = UNSEEN_END) -> str:

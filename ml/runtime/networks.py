@@ -65,6 +65,16 @@ MALIGNANCY_ARCH = {
 # 1/8-8 false calls per study 0.30 vs 0.19, at 1 false call 0.26 vs 0.13; a training step of 64
 # costs 2.2 times the CPU (25.7 -> 56.7 ms on one core). Both changed at once: which of them
 # gained what was not measured.
+# The nodule outline U-Net (:mod:`ml.runtime.nodule_outline`) labels a 48-voxel cube at 0.8 mm
+# around a point inside a nodule: small enough to train on the CPU from ~500 LIDC crops.
+OUTLINE_ARCH = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [16, 32, 64, 128],
+    "strides": [2, 2, 2],
+    "num_res_units": 1,
+}
 CAD_FEATURES = 7
 CAD_ARCH = {
     "views": {
@@ -104,19 +114,23 @@ LESION_CLASS = 2
 
 
 def build(task: str, arch: dict | None = None) -> torch.nn.Module:
-    """A fresh network for ``task`` ('segment', 'screen' or 'malignancy') with the given or
-    default shape."""
+    """A fresh network for ``task`` ('segment', 'screen', 'malignancy', 'outline' or 'cad')
+    with the given or default shape."""
     if task == "segment":
         return UNet(**(arch or SEGMENTER_ARCH))
     if task == "screen":
         return Classifier(**(arch or SCREENER_ARCH))
     if task == "malignancy":
         return Classifier(**(arch or MALIGNANCY_ARCH))
+    if task == "outline":
+        return UNet(**(arch or OUTLINE_ARCH))
     if task == "cad":
         arch = arch or CAD_ARCH
         # Version 1 of the CAD classifier was views only: a plain Classifier.
         return CadNet(**arch) if "views" in arch else Classifier(**arch)
-    raise ValueError(f"unknown task {task!r}; expected 'segment', 'screen', 'malignancy' or 'cad'")
+    raise ValueError(
+        f"unknown task {task!r}; expected 'segment', 'screen', 'malignancy', 'outline' or 'cad'"
+    )
 
 
 def scale_hu(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -31,11 +31,14 @@ SEGMENTER_VERSION = "1.0.0"
 SCREENER_VERSION = "2.0.0"  # 1.0.0 was the segmenter read as a slice classifier
 MALIGNANCY = "radai-nodule-malignancy-cnn"
 MALIGNANCY_VERSION = "1.0.0"
+OUTLINER = "radai-nodule-outline-unet"
+OUTLINER_VERSION = "1.0.0"
 DEFAULT_REFS = {
     "segment": f"{SEGMENTER}@{SEGMENTER_VERSION}",
     "screen": f"{SCREENER}@{SCREENER_VERSION}",
     "malignancy": f"{MALIGNANCY}@{MALIGNANCY_VERSION}",
     "cad": "radai-nodule-cad-cnn@2.2.0",
+    "outline": f"{OUTLINER}@{OUTLINER_VERSION}",
 }
 REQUIRED_CARD_KEYS = ("name", "version", "task")
 

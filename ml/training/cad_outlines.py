@@ -37,7 +37,7 @@ from ml.data.nodules import read_nodule_table
 from ml.data.splits import rows_in
 from ml.evaluation import unseen
 from ml.evaluation.froc import ScanDetections, froc
-from ml.runtime import cad, registry
+from ml.runtime import cad, nodule_outline, registry
 from ml.runtime.baseline import detect_lesions
 
 VALIDATION_SEED = 48_200_000  # the validation composites; the evaluation's is 9_100_000
@@ -87,11 +87,15 @@ def _dice(labels: np.ndarray, n: int, study: unseen.Study) -> list[float | None]
 
 
 def outline_study(
-    study: unseen.Study, model: registry.LoadedModel, limit: int = cad.OUTLINED
+    study: unseen.Study,
+    model: registry.LoadedModel,
+    limit: int = cad.OUTLINED,
+    outliner: cad.Segmenter | None = None,
 ) -> OutlineStudy:
-    """The CAD's outlines (at most ``limit``) on one study, what each hits, and each nodule's
-    outline by the CAD and by the classical baseline's lesion detector on the same lungs."""
-    r = cad.run_cad(study.hu, study.spacing, model, limit=limit)
+    """The CAD's outlines (at most ``limit``, drawn by ``outliner`` if given) on one study,
+    what each hits, and each nodule's outline by the CAD and by the classical baseline's lesion
+    detector on the same lungs."""
+    r = cad.run_cad(study.hu, study.spacing, model, limit=limit, outliner=outliner)
     hits = unseen.match(r.lesion_labels, len(r.lesions), study.labels, study.truths, study.spacing)
     outlines = [
         Outline(
@@ -124,11 +128,12 @@ def collect(
     *,
     model: str = f"{cad.CAD_MODEL}@{cad.CAD_VERSION}",
     limit: int = cad.OUTLINED,
+    outliner: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Outline (or reuse from ``folder``, where the same model and limit outlined them) ``k``
+    """Outline (or reuse from ``folder``, where the same models and limit outlined them) ``k``
     validation composites of each anatomy, each with the fold model of ``model`` that held the
-    anatomy out."""
+    anatomy out, nodules drawn by the ``outliner`` model (a reference) or classically."""
     crop_dir = Path(data_dir) / "lidc-nodules"
     rows = rows_in(read_nodule_table(crop_dir / "nodules.csv", crop_dir), "validation")
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,15 +142,17 @@ def collect(
         data_dir, ANATOMIES, k, rows=rows, seed=VALIDATION_SEED, mirror_first=False,
         only=list(anatomies),
     )  # fmt: skip
+    drawn = nodule_outline.Outliner(registry.load(outliner)) if outliner else None
     for study in studies:
         if study.kind != "composite":  # the real CTs as they are belong to the evaluation
             continue
-        # The model and the limit are in the name: a cache of other outlines is never reused.
-        path = folder / f"{study.study_id}.{model}.limit{limit}.json"
+        # The models and the limit are in the name: a cache of other outlines is never reused.
+        drawer = f".{outliner}" if outliner else ""
+        path = folder / f"{study.study_id}.{model}{drawer}.limit{limit}.json"
         if not path.exists():
             start = time.perf_counter()
             fold = registry.load(f"{model}#holdout-{study.anatomy}")
-            done = outline_study(study, fold, limit)
+            done = outline_study(study, fold, limit, drawn)
             path.write_text(json.dumps(asdict(done)))
             found = sum(o.hit is not None for o in done.outlines)
             log(
@@ -270,6 +277,30 @@ def outline_comparison(studies: Sequence[OutlineStudy], min_diameter_mm: float =
     }
 
 
+def outliner_comparison(
+    drawn: Sequence[OutlineStudy], classical: Sequence[OutlineStudy], min_diameter_mm: float = 0.0
+) -> dict:
+    """Dice of the CAD's outlines drawn by an outliner against its classical ones, on the same
+    validation studies' nodules from ``min_diameter_mm`` that both outlined."""
+    by_id = {s.study_id: s for s in classical}
+    pairs = [
+        (a.cad_dice, b.cad_dice)
+        for s in drawn
+        for a, b in zip(s.nodules, by_id[s.study_id].nodules, strict=True)
+        if a.diameter_mm >= min_diameter_mm and a.cad_dice is not None
+        and b.cad_dice is not None
+    ]  # fmt: skip
+    return {
+        "min_diameter_mm": min_diameter_mm,
+        "nodules": len(pairs),
+        "outliner_mean_dice": float(np.mean([a for a, _ in pairs])) if pairs else None,
+        "classical_mean_dice": float(np.mean([b for _, b in pairs])) if pairs else None,
+        "outliner_better": sum(a > b for a, b in pairs),
+        "outlined_by_outliner": sum(n.cad_dice is not None for s in drawn for n in s.nodules),
+        "outlined_classically": sum(n.cad_dice is not None for s in classical for n in s.nodules),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -279,10 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=STUDIES_PER_ANATOMY)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--limit", type=int, default=cad.OUTLINED, help="outlines per study")
+    ap.add_argument("--outliner", default=None, help="outline model reference (default classical)")
     ap.add_argument("--collect-only", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    paths = collect(a.data, a.cache, a.anatomies.split(","), a.studies, limit=a.limit)
+    paths = collect(
+        a.data, a.cache, a.anatomies.split(","), a.studies, limit=a.limit, outliner=a.outliner
+    )
     if a.collect_only:
         return 0
     studies = load(paths)
@@ -296,6 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "leave_one_anatomy_out": leave_one_anatomy_out(studies),
         "outlines_cad_vs_baseline": [outline_comparison(studies, d) for d in (0.0, 18.0)],
     }
+    if a.outliner:  # beside the classical outlines of the same studies (collected if need be)
+        classical = load(collect(a.data, a.cache, a.anatomies.split(","), a.studies, limit=a.limit))
+        doc["outliner"] = a.outliner
+        doc["outliner_vs_classical"] = [
+            outliner_comparison(studies, classical, d) for d in (0.0, 6.0, 18.0)
+        ]
+        print("outliner vs classical:", json.dumps(doc["outliner_vs_classical"]))
     most = max((len(s.outlines) for s in studies), default=0)
     if most > cad.OUTLINED:  # outlined beyond the CAD's limit: what more outlines would give
         doc["by_outlines_per_study"] = [

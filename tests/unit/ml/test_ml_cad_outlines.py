@@ -115,3 +115,20 @@ def test_the_report_says_how_the_rule_was_chosen_from_the_tools_tables():
     assert "| chosen | 1.000 | 0.00 | 1.000 |" in text
     assert "both pipelines outlined (6): Dice CAD 0.90, baseline 0.70" in text
     assert "from 18 mm" not in text  # no nodule that large: no line
+
+
+def test_outlines_by_an_outliner_are_compared_with_the_classical_ones_nodule_by_nodule():
+    classical = [_study(a, i) for a in ("a", "b") for i in range(2)]
+    drawn = [
+        dataclasses.replace(
+            s, nodules=[co.NoduleOutlines(8.0, 0.85, None), co.NoduleOutlines(12.0, None, 0.7)]
+        )
+        for s in classical
+    ]
+    both = co.outliner_comparison(drawn, classical)
+    # Only the 8 mm nodule of each study was outlined by both (0.85 vs 0.8).
+    assert both["nodules"] == 4 and both["outliner_better"] == 4
+    assert both["outliner_mean_dice"] == pytest.approx(0.85)
+    assert both["classical_mean_dice"] == pytest.approx(0.8)
+    assert both["outlined_by_outliner"] == 4 and both["outlined_classically"] == 8
+    assert co.outliner_comparison(drawn, classical, 10.0)["nodules"] == 0
