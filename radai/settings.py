@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="NAME@VERSION of the nodule CAD's candidate classifier (RADAI_PIPELINE=cad); "
         "NAME@VERSION#holdout-ANATOMY runs a fold model of the evaluation",
     )
+    cad_outliner: str = Field(
+        default="classical",
+        description="NAME@VERSION of the U-Net that draws the nodule CAD's outlines "
+        "(RADAI_PIPELINE=cad); classical: the local density outline",
+    )
     malignancy_model: str = Field(
         default="radai-nodule-malignancy-cnn@1.0.0",
         description="NAME@VERSION of the per-lesion malignancy model; none: no score",

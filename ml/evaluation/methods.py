@@ -20,6 +20,7 @@ class Methods:
     fold_screeners: dict[str, LoadedModel]
     cad: LoadedModel | None = None  # the nodule CAD's classifier, where the registry has one
     fold_cad: dict[str, LoadedModel] = field(default_factory=dict)
+    outliner: LoadedModel | None = None  # the U-Net drawing the CAD's outlines (else classical)
 
 
 def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
@@ -29,6 +30,9 @@ def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
         cad = registry.load(registry.DEFAULT_REFS["cad"], root)
     except registry.ModelError:
         cad = None
+    # The CAD's outlines as the service draws them by default.
+    classical = registry.CAD_OUTLINER == registry.CLASSICAL_OUTLINE
+    outliner = None if cad is None or classical else registry.load(registry.CAD_OUTLINER, root)
 
     def folds(model: LoadedModel) -> dict[str, LoadedModel]:
         return {
@@ -36,4 +40,4 @@ def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
             for run in model.card.get("folds", {})
         }
 
-    return Methods(seg, scr, folds(seg), folds(scr), cad, folds(cad) if cad else {})
+    return Methods(seg, scr, folds(seg), folds(scr), cad, folds(cad) if cad else {}, outliner)

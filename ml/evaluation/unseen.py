@@ -61,7 +61,7 @@ from ml.data.splits import FINAL_EVALUATION, rows_in
 from ml.data.synth import Background, load_nrrd_case
 from ml.evaluation import metrics
 from ml.evaluation.froc import FP_RATES, Froc, ScanDetections, froc
-from ml.runtime import cad, inference
+from ml.runtime import cad, inference, nodule_outline
 from ml.runtime.baseline import run_baseline
 from ml.runtime.registry import LoadedModel
 from ml.runtime.triage import lesion_probability
@@ -158,27 +158,37 @@ def model_detector(segmenter: LoadedModel, screener: LoadedModel) -> Detector:
     return run
 
 
-def cad_detector(model: LoadedModel) -> Detector:
+def cad_detector(model: LoadedModel, outliner: LoadedModel | None = None) -> Detector:
     """The nodule CAD: its masses (reported by size, ranked first) and best-scoring outlined
     candidates (`ml.runtime.cad.OUTLINED` per scan in all), scored by its classifier, reported
-    from the threshold of the model's card."""
+    from the threshold of the model's card; outlines drawn by ``outliner`` (an outline U-Net
+    trained on LIDC crops only, so it saw none of the anatomies) or classically."""
+    drawer = None if outliner is None else nodule_outline.Outliner(outliner)
 
     @torch.no_grad()
     def run(hu: np.ndarray, spacing: Spacing) -> Detections:
-        r = cad.run_cad(hu, spacing, model)
+        r = cad.run_cad(hu, spacing, model, outliner=drawer)
         return Detections(r.lesion_labels, r.ranking, r.threshold)
 
     return run
 
 
-def cad_for(shipped: LoadedModel, folds: dict[str, LoadedModel]) -> MethodChooser:
-    """The fold classifier that held the anatomy out, else the shipped one."""
+def cad_for(
+    shipped: LoadedModel, folds: dict[str, LoadedModel], outliner: LoadedModel | None = None
+) -> MethodChooser:
+    """The fold classifier that held the anatomy out, else the shipped one; the outline U-Net
+    (never trained on any anatomy) with either."""
     saw = tuple(shipped.card.get("training", {}).get("data", {}).get("anatomies", ANATOMIES))
+    drawn = "" if outliner is None else f", outlines by {outliner.ref}"
 
     def choose(anatomy: str) -> tuple[Detector, str, bool]:
         if anatomy in folds:
-            return cad_detector(folds[anatomy]), f"CAD fold model holding out {anatomy}", False
-        return cad_detector(shipped), "shipped CAD model", anatomy in saw
+            return (
+                cad_detector(folds[anatomy], outliner),
+                f"CAD fold model holding out {anatomy}{drawn}",
+                False,
+            )
+        return cad_detector(shipped, outliner), f"shipped CAD model{drawn}", anatomy in saw
 
     return choose
 
@@ -980,6 +990,6 @@ def standard_methods(root: Path | None = None) -> dict[str, MethodChooser]:
         "models": lambda anatomy: detector_for(models, anatomy),
     }
     if m.cad is not None:
-        out["cad"] = cad_for(m.cad, m.fold_cad)
+        out["cad"] = cad_for(m.cad, m.fold_cad, m.outliner)
     out["baseline"] = lambda anatomy: (baseline_detector, "classical baseline", False)
     return out

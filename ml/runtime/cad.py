@@ -14,6 +14,7 @@ clinical use.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -240,6 +241,25 @@ def score(model: LoadedModel, volume_hu: np.ndarray, spacing, blobs: list[Blob])
     return np.concatenate(out)
 
 
+# Draws one nodule: (volume, spacing, centre, radius mm, lung mask) -> (box, mask over the box),
+# as ml.image.nodule_segment.segment_nodule does.
+Segmenter = Callable[..., tuple[tuple[slice, ...], np.ndarray]]
+
+
+def with_fallback(first: Segmenter, fallback: Segmenter = segment_nodule) -> Segmenter:
+    """``first``'s outline, or ``fallback``'s where ``first`` draws less than `MIN_VOLUME_MM3`
+    (a learnt outliner that sees no nodule at a vessel candidate): which candidates are outlined
+    then does not depend on the outliner."""
+
+    def segment(volume_hu, spacing, centre, radius_mm, lung=None):
+        box, mask = first(volume_hu, spacing, centre, radius_mm, lung)
+        if mask.sum() * math.prod(spacing) >= MIN_VOLUME_MM3:
+            return box, mask
+        return fallback(volume_hu, spacing, centre, radius_mm, lung)
+
+    return segment
+
+
 def outline(
     volume_hu: np.ndarray,
     spacing,
@@ -249,11 +269,13 @@ def outline(
     *,
     limit: int = OUTLINED,
     masses: np.ndarray | None = None,
+    segment: Segmenter = segment_nodule,
 ) -> tuple[np.ndarray, list[RegionMeasurement], list[float]]:
-    """Outline the best-scoring candidates (at most ``limit`` lesions in all): a candidate whose
-    centre falls in an outline already drawn is the same nodule and is skipped; outlines never
-    overlap. ``masses`` (labels 1..k) come first, each scored with the best candidate inside it;
-    a candidate whose outline would reach into a mass is the mass's edge and is skipped too."""
+    """Outline the best-scoring candidates (at most ``limit`` lesions in all) with ``segment``:
+    a candidate whose centre falls in an outline already drawn is the same nodule and is
+    skipped; outlines never overlap. ``masses`` (labels 1..k) come first, each scored with the
+    best candidate inside it; a candidate whose outline would reach into a mass is the mass's
+    edge and is skipped too."""
     shape = np.array(volume_hu.shape)
     labels = np.zeros(volume_hu.shape, dtype=np.uint8)
     kept_scores = _seed_masses(labels, masses, blobs, probabilities, limit)
@@ -265,7 +287,7 @@ def outline(
         v = tuple(np.clip(np.round(b.centre_zyx).astype(int), 0, shape - 1))
         if labels[v]:
             continue
-        box, mask = segment_nodule(volume_hu, spacing, b.centre_zyx, b.radius_mm, lung)
+        box, mask = segment(volume_hu, spacing, b.centre_zyx, b.radius_mm, lung)
         if k and (mask & (labels[box] > 0) & (labels[box] <= k)).any():
             continue
         mask &= labels[box] == 0
@@ -306,8 +328,10 @@ def run_cad(
     model: LoadedModel,
     *,
     limit: int = OUTLINED,
+    outliner: Segmenter | None = None,
 ) -> CadResult:
-    """The whole pipeline on one (z, y, x) HU volume, before triage."""
+    """The whole pipeline on one (z, y, x) HU volume, before triage; nodules drawn by
+    ``outliner`` (the classical outline where it draws none), or by the classical outline."""
     spacing = check_volume(volume_hu, spacing_zyx)
     laps = Laps()
     found = find_candidates(volume_hu, spacing)
@@ -316,8 +340,16 @@ def run_cad(
     laps.lap("masses")
     p = score(model, volume_hu, spacing, found.blobs)
     laps.lap("classifier")
+    segment = segment_nodule if outliner is None else with_fallback(outliner)
     labels, lesions, scores = outline(
-        volume_hu, spacing, found.lung_mask, found.blobs, p, limit=limit, masses=masses
+        volume_hu,
+        spacing,
+        found.lung_mask,
+        found.blobs,
+        p,
+        limit=limit,
+        masses=masses,
+        segment=segment,
     )
     laps.lap("outlines")
     return CadResult(

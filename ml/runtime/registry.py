@@ -40,6 +40,10 @@ DEFAULT_REFS = {
     "cad": "radai-nodule-cad-cnn@2.2.0",
     "outline": f"{OUTLINER}@{OUTLINER_VERSION}",
 }
+# What draws the nodule CAD's outlines by default (RADAI_CAD_OUTLINER): the reference of an
+# outline U-Net, or CLASSICAL_OUTLINE for the local density outline.
+CLASSICAL_OUTLINE = "classical"
+CAD_OUTLINER = CLASSICAL_OUTLINE
 REQUIRED_CARD_KEYS = ("name", "version", "task")
 
 

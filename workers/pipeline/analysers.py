@@ -5,7 +5,8 @@ inference (SEG, SR, findings, triage) is the same whichever ran.
 
 - `models`: the segmentation U-Net and the screening CNN from the registry (`workers/models.py`).
 - `cad`: `ml.runtime.cad` (blob candidates in the lungs, the trained candidate classifier of
-  `RADAI_CAD_MODEL`, local outlines, Lung-RADS size triage of the reported nodules).
+  `RADAI_CAD_MODEL`, outlines by the U-Net of `RADAI_CAD_OUTLINER` or classical ones, Lung-RADS
+  size triage of the reported nodules).
 - `baseline`: `ml.runtime.baseline` (HU-threshold lungs, shape-filtered lesion candidates,
   Lung-RADS size triage); no per-lesion screening probability.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ml.image.measure import RegionMeasurement
-from ml.runtime import baseline, cad, inference, registry, triage
+from ml.runtime import baseline, cad, inference, nodule_outline, registry, triage
 from ml.runtime.registry import LoadedModel
 from workers.models import ModelSet, load_models, resolve_device
 
@@ -158,11 +159,15 @@ class BaselineAnalyser:
 @dataclass(frozen=True)
 class CadAnalyser:
     model: LoadedModel
+    outliner: LoadedModel | None = None  # None: classical outlines
     name: str = "cad"
 
     @property
     def versions(self) -> dict[str, str]:
-        return {self.model.name: self.model.version}
+        out = {self.model.name: self.model.version}
+        if self.outliner is not None:
+            out[self.outliner.name] = self.outliner.version
+        return out
 
     @property
     def tag(self) -> str:
@@ -184,7 +189,8 @@ class CadAnalyser:
         )
 
     def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
-        r = cad.reported_only(cad.run_cad(volume_hu, spacing_zyx, self.model))
+        drawer = None if self.outliner is None else nodule_outline.Outliner(self.outliner)
+        r = cad.reported_only(cad.run_cad(volume_hu, spacing_zyx, self.model, outliner=drawer))
         probability = triage.screen_probability(r.lesions)
         return Analysis(
             lung_mask=r.lung_mask,
@@ -203,13 +209,14 @@ class CadAnalyser:
 _cad_models: dict[tuple[str, str], LoadedModel] = {}
 
 
-def load_cad(ref: str, device: str = "auto") -> LoadedModel:
-    """The CAD classifier of ``ref``, loaded once per process and checked to be one."""
+def load_cad(ref: str, device: str = "auto", task: str = "cad") -> LoadedModel:
+    """The CAD's model of ``ref`` (its classifier, or with ``task`` 'outline' its outline
+    U-Net), loaded once per process and checked to be one."""
     key = (ref, device)
     if key not in _cad_models:
         model = registry.load(ref)
-        if model.task != "cad":
-            raise registry.ModelError(f"{model.ref} is a {model.task} model, not cad")
+        if model.task != task:
+            raise registry.ModelError(f"{model.ref} is a {model.task} model, not {task}")
         model.net.to(resolve_device(device)).eval()
         _cad_models[key] = model
     return _cad_models[key]
@@ -222,13 +229,16 @@ def make_analyser(
     device: str = "auto",
     batch: int = 0,
     cad_ref: str = DEFAULT_CAD_MODEL,
+    cad_outliner: str = registry.CAD_OUTLINER,
 ) -> Analyser:
     """The analyser of `RADAI_PIPELINE`; the models are loaded (and moved to their device) once
     per process and stay there for every later study."""
     if pipeline == "baseline":
         return BaselineAnalyser()
     if pipeline == "cad":
-        return CadAnalyser(load_cad(cad_ref, device))
+        classical = cad_outliner.lower() == registry.CLASSICAL_OUTLINE
+        outliner = None if classical else load_cad(cad_outliner, device, task="outline")
+        return CadAnalyser(load_cad(cad_ref, device), outliner)
     if pipeline == "models":
         return ModelsAnalyser(load_models(segment_ref, screen_ref, device), batch=batch)
     raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINES)}")

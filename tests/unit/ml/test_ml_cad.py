@@ -610,3 +610,30 @@ def test_the_validation_froc_pools_the_fold_models_scores_on_their_unseen_anatom
     assert froc["8"] == 1.0
     assert froc["mean"] == pytest.approx((0 + 1 / 3 + 1 + 1) / 4)
     assert froc["studies"] == 2 and froc["positives"] == 3
+
+
+def test_an_outliner_draws_the_nodules_and_the_classical_outline_stands_in_where_it_draws_none():
+    spacing = (1.5, 0.8, 0.8)
+    hu, _, _ = _phantom(spacing)
+    padded = _in_body(hu)
+    classical = cad.run_cad(padded, spacing, _model(0.0))
+    calls = []
+
+    def nothing(volume, sp, centre, radius_mm, lung=None):
+        calls.append(centre)
+        return (slice(0, 1), slice(0, 1), slice(0, 1)), np.zeros((1, 1, 1), bool)
+
+    same = cad.run_cad(padded, spacing, _model(0.0), outliner=nothing)
+    assert calls, "the outliner was not asked"
+    np.testing.assert_array_equal(same.lesion_labels, classical.lesion_labels)
+
+    def cube(volume, sp, centre, radius_mm, lung=None):
+        c = np.clip(np.round(centre).astype(int), 2, np.array(volume.shape) - 3)
+        return tuple(slice(int(v) - 2, int(v) + 3) for v in c), np.ones((5, 5, 5), bool)
+
+    drawn = cad.run_cad(padded, spacing, _model(0.0), outliner=cube)
+    # The cube is drawn at candidates where the classical outline finds nothing dense, too.
+    assert len(drawn.lesions) >= len(classical.lesions)
+    # Each outline is the cube, less what an earlier outline took (outlines never overlap).
+    assert all(m.voxel_count <= 125 for m in drawn.lesions)
+    assert drawn.lesions[0].voxel_count == 125
