@@ -9,9 +9,13 @@ trilinear, in voxel coordinates of the volume), HU clipped to [-1000, 400] and s
 (:func:`ml.runtime.networks.scale_hu`); outside the volume counts as air. The probability is the
 mean over the four in-plane flips, so a scan mirrored left-right is outlined as its mirror.
 
-What is kept: the voxels of probability at least ``THRESHOLD`` in the connected part nearest the
-point (within ``NEAR_MM`` or half the candidate's radius), so a neighbouring nodule or vessel the
-network also outlines is not merged in. Imports numpy, scipy, torch and ``ml.runtime``.
+What is kept: the voxels of probability at least ``THRESHOLD`` inside the lungs (where a lung
+mask is given) and within the classical outline's reach of the point (``REACH`` x the candidate's
+radius + ``REACH_MM``), in the connected part nearest the point (within ``NEAR_MM`` or half the
+candidate's radius), so a neighbouring nodule or vessel the network also outlines is not merged
+in. The limits matter in a whole scan: the network learnt from crops about 3 cm across with air
+beyond them, and in real anatomy it reaches into the chest wall and consolidation beside a
+nodule. Imports numpy, scipy, torch, ``ml.image`` and ``ml.runtime``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ml.image.nodule_segment import REACH, REACH_MM
 from ml.runtime import networks
 from ml.runtime.registry import LoadedModel
 
@@ -144,9 +149,18 @@ class Outliner:
     :func:`ml.image.nodule_segment.segment_nodule` (``lung_mask`` is not needed: the network
     learnt where the readers stop at the chest wall)."""
 
-    def __init__(self, model: LoadedModel | torch.nn.Module, threshold: float = THRESHOLD):
+    def __init__(
+        self,
+        model: LoadedModel | torch.nn.Module,
+        threshold: float = THRESHOLD,
+        *,
+        in_lung: bool = True,
+        reach: float | None = REACH,
+    ):
         self.net = model.net if isinstance(model, LoadedModel) else model
         self.threshold = threshold
+        self.in_lung = in_lung
+        self.reach = reach
 
     def probability(
         self, volume_hu: np.ndarray, spacing_zyx: Sequence[float], centre_zyx: Sequence[float]
@@ -168,8 +182,16 @@ class Outliner:
         (empty when the network sees no nodule there)."""
         box, prob = self.probability(volume_hu, spacing_zyx, centre_zyx)
         point = [float(c) - b.start for c, b in zip(centre_zyx, box, strict=True)]
+        keep = prob >= self.threshold
+        if self.in_lung and lung_mask is not None:
+            keep &= lung_mask[box]
+        if self.reach is not None and radius_mm > 0:
+            sp = np.asarray(spacing_zyx, dtype=np.float64)
+            grid = np.ogrid[tuple(slice(0, s) for s in keep.shape)]
+            d2 = sum(((g - point[k]) * sp[k]) ** 2 for k, g in enumerate(grid))
+            keep &= d2 <= (self.reach * float(radius_mm) + REACH_MM) ** 2
         near = max(NEAR_MM, 0.5 * float(radius_mm))
-        return box, keep_near(prob >= self.threshold, spacing_zyx, point, near)
+        return box, keep_near(keep, spacing_zyx, point, near)
 
 
 def equivalent_diameter_mm(mask: np.ndarray, spacing_zyx: Sequence[float]) -> float:

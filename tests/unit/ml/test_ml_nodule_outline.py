@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from ml.data import splits
-from ml.evaluation import metrics
+from ml.evaluation import metrics, report
 from ml.image.morphology import centroid
 from ml.runtime import networks, registry
 from ml.runtime import nodule_outline as no
@@ -219,3 +219,43 @@ def test_the_shipped_model_outlines_a_phantom_nodule_and_its_card_tells_the_trut
         full = np.zeros(hu.shape, dtype=bool)
         full[box] = mask
         assert metrics.overlap(full, nodule, spacing)["dice"] > 0.7
+
+
+def test_the_outline_stays_in_the_lungs_and_within_reach_of_the_point() -> None:
+    spacing, shape = (1.0, 0.8, 0.8), (30, 60, 60)
+    hu = np.full(shape, -850.0, dtype=np.float32)
+    hu[:, :, :10] = 40.0  # chest wall
+    centre = (15.0, 30.0, 14.0)
+    nodule = _sphere(shape, spacing, centre, 5.0)  # touches the wall
+    hu[nodule] = 20.0
+    vessel_centre = (15.0, 30.0, 45.0)
+    hu[:, 29:32, 44:47] = 30.0  # a dense vessel along z through the second point
+    lung = np.ones(shape, dtype=bool)
+    lung[:, :, :10] = False
+    free = no.Outliner(DensityNet(), in_lung=False, reach=None)
+    limited = no.Outliner(DensityNet())
+    box, mask = free(hu, spacing, centre, 5.0, lung)
+    assert mask[:, :, : max(0, 10 - box[2].start)].any()  # the wall joined the nodule
+    box, mask = limited(hu, spacing, centre, 5.0, lung)
+    full = np.zeros(shape, dtype=bool)
+    full[box] = mask
+    assert not full[:, :, :10].any()
+    assert metrics.overlap(full, nodule & lung, spacing)["dice"] > 0.85
+    box, mask = limited(hu, spacing, vessel_centre, 2.0, lung)
+    z = np.flatnonzero(mask.any(axis=(1, 2))) + box[0].start
+    reach_mm = no.REACH * 2.0 + no.REACH_MM
+    assert (z.max() - z.min() + 1) * spacing[0] <= 2 * reach_mm + 1.0  # not the whole vessel
+
+
+def test_the_report_shows_the_test_crops_figures_of_the_card_in_size_order(tiny_registry) -> None:
+    card = registry.read_card(registry.OUTLINER, registry.OUTLINER_VERSION, tiny_registry)
+    lines = report.outline_lines(card)
+    text = "\n".join(lines)
+    assert "held-out LIDC patients' crops" in text and "read once" in text
+    rows = [line for line in lines if line.startswith("| all") or line.startswith("| 0-6")]
+    fig = card["metrics"]["test"]["unet"]["all"]
+    assert rows[0].startswith("| all | U-Net | 4 | " + f"{fig['dice_mean']:.3f}")
+    bands = [
+        line.split("|")[1].strip() for line in lines if line.startswith("| ") and "U-Net" in line
+    ]
+    assert bands == ["all", "0-6 mm", "6-10 mm", "10-20 mm", ">= 20 mm"]
