@@ -480,9 +480,67 @@ def outline_table(part: dict) -> list[str]:
     return lines
 
 
-def outline_lines(card: dict) -> list[str]:
-    """The report's lines on the nodule outline U-Net, from its model card."""
+CAD_OUTLINER_JSON = "cad-outliner-validation.json"  # ml.training.cad_outlines --outliner
+
+
+def _rule_row(doc: dict, density: float, size: float) -> dict | None:
+    return next(
+        (
+            r
+            for r in doc.get("rules", [])
+            if r["density_floor_hu"] == density and r["size_floor_mm"] == size
+        ),
+        None,
+    )
+
+
+def outliner_validation_lines(drawn: dict, classical: dict) -> list[str]:
+    """How the outline U-Net did inside the CAD on the validation composites, beside the
+    classical outlines (the tables of :mod:`ml.training.cad_outlines` with and without
+    ``--outliner``), and so which draws the CAD's outlines by default."""
+    chosen = classical["chosen_on_all"]
+    a = _rule_row(drawn, chosen["density_floor_hu"], chosen["size_floor_mm"])
+    b = _rule_row(classical, chosen["density_floor_hu"], chosen["size_floor_mm"])
+    lines = [
+        "",
+        f"Inside the CAD, on the validation composites (fold model per anatomy, the same "
+        f"{b['studies'] if b else '?'} studies), outlines drawn by the U-Net against the classical "
+        "ones:",
+        "",
+        "| nodules outlined by both | n | Dice U-Net | Dice classical | U-Net better on |",
+        "|---|---|---|---|---|",
+    ]
+    for c in drawn.get("outliner_vs_classical", []):
+        size = f"from {c['min_diameter_mm']:g} mm" if c["min_diameter_mm"] else "all"
+        lines.append(
+            f"| {size} | {c['nodules']} | {_v(c['outliner_mean_dice'], 3)} | "
+            f"{_v(c['classical_mean_dice'], 3)} | {c['outliner_better']} |"
+        )
+    if a and b:
+        lines += [
+            "",
+            f"Validation CPM at the CAD's reporting rule: U-Net outlines {_v(a['cpm'], 3)}, "
+            f"classical {_v(b['cpm'], 3)}; false calls per study at the operating point "
+            f"{_v(a['false_calls_per_study'])} vs {_v(b['false_calls_per_study'])}; nodules "
+            f">= 6 mm reported {_v(a['reported_share_6mm'], 3)} vs "
+            f"{_v(b['reported_share_6mm'], 3)}.",
+        ]
+    return lines
+
+
+def outline_lines(
+    card: dict, drawn: dict | None = None, classical: dict | None = None, default: str = ""
+) -> list[str]:
+    """The report's lines on the nodule outline U-Net, from its model card; with the CAD's
+    validation tables drawn by it (``drawn``) and classically (``classical``), how it did
+    inside the CAD and what draws the CAD's outlines by ``default``."""
     m, t = card["metrics"], card["training"]
+    extra = outliner_validation_lines(drawn, classical) if drawn and classical else []
+    if default:
+        extra += [
+            "",
+            f"The CAD's outlines are drawn by default by: **{default}** ({default_why(default)}).",
+        ]
     return [
         "",
         "### The outline U-Net against the readers' outlines of held-out LIDC patients' crops",
@@ -493,11 +551,26 @@ def outline_lines(card: dict) -> list[str]:
         f"{m['how'][0].upper()}{m['how'][1:]}.",
         "",
         *outline_table(m["test"]),
+        *extra,
     ]
 
 
+def default_why(default: str) -> str:
+    """Why the CAD's default outliner is what it is (the rule chosen before the comparison)."""
+    if default == registry.CLASSICAL_OUTLINE:
+        return (
+            "the U-Net becomes the default only where, inside the CAD on validation composites, "
+            "its outlines beat the classical ones on the nodules both outlined and the CPM at the "
+            "reporting rule does not fall"
+        )
+    return "inside the CAD on validation composites it outlined better without lowering the CPM"
+
+
 def unseen_markdown(
-    results: dict, cad_rules: dict | None = None, outline_card: dict | None = None
+    results: dict,
+    cad_rules: dict | None = None,
+    outline_card: dict | None = None,
+    outliner_validation: dict | None = None,
 ) -> str:
     """The report section of :func:`ml.evaluation.unseen.run`, between markers so that
     `radai evaluate --unseen` can replace it and the full evaluation keeps it; with
@@ -683,7 +756,7 @@ def unseen_markdown(
     if cad_rules and "cad" in methods:
         lines += cad_rule_lines(cad_rules)
     if outline_card:
-        lines += outline_lines(outline_card)
+        lines += outline_lines(outline_card, outliner_validation, cad_rules, registry.CAD_OUTLINER)
     lines += [
         "",
         "Nodules: LIDC-IDRI (Armato et al., Med Phys 2011; doi:10.7937/K9/TCIA.2015.LO9QL9SX), "
@@ -729,7 +802,10 @@ def write_unseen(out_dir: Path, results: dict) -> Path:
     old = path.read_text() if path.is_file() else "# Model evaluation\n"
     rules_path = out_dir / CAD_RULES_JSON
     rules = json.loads(rules_path.read_text()) if rules_path.is_file() else None
-    path.write_text(_with_section(old, unseen_markdown(_clean(results), rules, outline_card())))
+    drawn_path = out_dir / CAD_OUTLINER_JSON
+    drawn = json.loads(drawn_path.read_text()) if drawn_path.is_file() else None
+    section = unseen_markdown(_clean(results), rules, outline_card(), drawn)
+    path.write_text(_with_section(old, section))
     return path
 
 

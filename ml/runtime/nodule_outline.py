@@ -105,7 +105,7 @@ def to_volume(
     spacing_zyx: Sequence[float],
     centre_zyx: Sequence[float],
     shape: Sequence[int],
-) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+) -> tuple[tuple[slice, ...], np.ndarray]:
     """(box, probability over ``box``): a cube's probabilities resampled onto the voxels of a
     volume of ``shape`` that the cube covers (trilinear, 0 outside the cube)."""
     p = probability.shape[0]
@@ -164,7 +164,7 @@ class Outliner:
 
     def probability(
         self, volume_hu: np.ndarray, spacing_zyx: Sequence[float], centre_zyx: Sequence[float]
-    ) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    ) -> tuple[tuple[slice, ...], np.ndarray]:
         """(box, probability over ``volume_hu[box]``) about ``centre_zyx``."""
         x = sample_patch(volume_hu, spacing_zyx, centre_zyx)[None]
         prob = predict(self.net, x)[0]
@@ -177,7 +177,7 @@ class Outliner:
         centre_zyx: Sequence[float],
         radius_mm: float = 0.0,
         lung_mask: np.ndarray | None = None,
-    ) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    ) -> tuple[tuple[slice, ...], np.ndarray]:
         """(box, mask): the nodule at ``centre_zyx`` as a boolean mask over ``volume_hu[box]``
         (empty when the network sees no nodule there)."""
         box, prob = self.probability(volume_hu, spacing_zyx, centre_zyx)

@@ -128,7 +128,9 @@ def augmented_pair(
     )
     reach = min(JITTER_MM, ex.radius_mm / 3.0)
     direction = rng.normal(size=3)
-    jitter_mm = direction / max(np.linalg.norm(direction), 1e-9) * reach * rng.random() ** (1 / 3)
+    jitter_mm = (
+        direction / max(float(np.linalg.norm(direction)), 1e-9) * reach * rng.random() ** (1 / 3)
+    )
     centre = ex.centre + jitter_mm / np.asarray(ex.spacing)
     image = no.sample_points(hu, ex.spacing, centre, moved)
     image = image + rng.normal(0.0, rng.uniform(*NOISE_HU), size=image.shape).astype(np.float32)

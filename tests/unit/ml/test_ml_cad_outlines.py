@@ -132,3 +132,26 @@ def test_outlines_by_an_outliner_are_compared_with_the_classical_ones_nodule_by_
     assert both["classical_mean_dice"] == pytest.approx(0.8)
     assert both["outlined_by_outliner"] == 4 and both["outlined_classically"] == 8
     assert co.outliner_comparison(drawn, classical, 10.0)["nodules"] == 0
+
+
+def test_the_report_sets_the_outliners_validation_beside_the_classical_outlines():
+    classical = [_study(a, i) for a in ("a", "b") for i in range(2)]
+    drawn = [
+        dataclasses.replace(
+            s, nodules=[co.NoduleOutlines(8.0, 0.85, None), co.NoduleOutlines(12.0, 0.95, 0.7)]
+        )
+        for s in classical
+    ]
+    classical_doc = {
+        "rules": [co.table(classical, *r) for r in co.rules()],
+        "chosen_on_all": {"density_floor_hu": -400.0, "size_floor_mm": 0.0},
+    }
+    drawn_doc = {
+        "rules": [co.table(drawn, *r) for r in co.rules()],
+        "outliner_vs_classical": [co.outliner_comparison(drawn, classical, d) for d in (0.0, 10.0)],
+    }
+    lines = report.outliner_validation_lines(drawn_doc, classical_doc)
+    text = "\n".join(lines)
+    assert "| all | 8 | 0.900 | 0.850 | 8 |" in text
+    assert "| from 10 mm | 4 | 0.950 | 0.900 | 4 |" in text
+    assert "Validation CPM at the CAD's reporting rule: U-Net outlines 1.000, classical 1.000" in text
