@@ -154,4 +154,4 @@ def test_the_report_sets_the_outliners_validation_beside_the_classical_outlines(
     text = "\n".join(lines)
     assert "| all | 8 | 0.900 | 0.850 | 8 |" in text
     assert "| from 10 mm | 4 | 0.950 | 0.900 | 4 |" in text
-    assert "Validation CPM at the CAD's reporting rule: U-Net outlines 1.000, classical 1.000" in text
+    assert "reporting rule: U-Net outlines 1.000, classical 1.000" in text
