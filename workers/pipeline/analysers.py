@@ -215,11 +215,12 @@ def load_cad(ref: str, device: str = "auto", task: str = "cad") -> LoadedModel:
     key = (ref, device)
     if key not in _cad_models:
         model = registry.load(ref)
-        if model.task != task:
-            raise registry.ModelError(f"{model.ref} is a {model.task} model, not {task}")
         model.net.to(resolve_device(device)).eval()
         _cad_models[key] = model
-    return _cad_models[key]
+    model = _cad_models[key]
+    if model.task != task:
+        raise registry.ModelError(f"{model.ref} is a {model.task} model, not {task}")
+    return model
 
 
 def make_analyser(

@@ -41,3 +41,18 @@ def test_the_analyser_runs_the_models_in_its_batches(monkeypatch) -> None:
         with pytest.raises(_Seen):
             analyser.analyse(vol, (1.0, 1.0, 1.0))
         assert seen[-1] == expected
+
+
+def test_a_cad_worker_draws_with_the_configured_outliner_or_classically() -> None:
+    ref = registry.DEFAULT_REFS["outline"]
+    drawn = make_analyser("cad", cad_outliner=ref)
+    assert drawn.outliner is not None and drawn.outliner.task == "outline"
+    assert drawn.versions == {
+        "radai-nodule-cad-cnn": "2.2.0",
+        "radai-nodule-outline-unet": "1.0.0",
+    }
+    assert make_analyser("cad", cad_outliner=ref).outliner is drawn.outliner  # loaded once
+    classical = make_analyser("cad", cad_outliner="classical")
+    assert classical.outliner is None and list(classical.versions) == ["radai-nodule-cad-cnn"]
+    with pytest.raises(registry.ModelError, match="not outline"):
+        make_analyser("cad", cad_outliner=registry.DEFAULT_REFS["cad"])
