@@ -583,7 +583,11 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         )
         if figures:
             print(f"    synthetic held-out: {figures}")
-    print(f"configured: segment={settings.segment_model} screen={settings.screen_model}")
+    print(
+        f"configured: pipeline={settings.pipeline} segment={settings.segment_model} "
+        f"screen={settings.screen_model} cad={settings.cad_model} "
+        f"cad-outliner={settings.cad_outliner} malignancy={settings.malignancy_model}"
+    )
     return 0
 
 

@@ -46,3 +46,16 @@ def test_cad_loads_its_candidate_classifier_from_the_registry():
     assert isinstance(analyser, CadAnalyser) and analyser.model.task == "cad"
     assert analyser.screening_algorithm == (analyser.model.name, analyser.model.version)
     assert analyser.tag.startswith("cad-")
+
+
+def test_the_cad_outliner_default_is_the_registrys_and_radai_models_shows_it(monkeypatch, capsys):
+    from ml.runtime import registry
+    from radai.cli import cmd_models
+
+    monkeypatch.delenv("RADAI_CAD_OUTLINER", raising=False)
+    assert Settings().cad_outliner == registry.CAD_OUTLINER
+    monkeypatch.setenv("RADAI_CAD_OUTLINER", registry.DEFAULT_REFS["outline"])
+    assert cmd_models(None, Settings()) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "radai-nodule-outline-unet@1.0.0  task=outline" in out
+    assert "cad-outliner=radai-nodule-outline-unet@1.0.0" in out
