@@ -10,8 +10,11 @@ composite studies, so no leave-one-anatomy-out folds are needed for it.
 Each training cube is drawn around the mask's centroid moved by up to `JITTER_MM` (at inference
 the point is a blob candidate's centre, not the nodule's), turned in-plane by any angle,
 mirrored on any axis, scaled by `SCALE` (nodule size), with scanner augmentation on the crop
-before it is sampled: thicker slices (to `MAX_SLICE_MM`), smooth or sharp kernels, noise. Where a
-crop ends at the nodule's first or last slice (about half of them) the cube reads air beyond it.
+before it is sampled: thicker slices (to `MAX_SLICE_MM`), smooth or sharp kernels, noise. Beyond
+the crop the cube reads air: beyond its sides (crops are about 3 cm across) and, where a crop ends
+at the nodule's first or last slice (about half of them), above and below. So the network never
+learnt what lies around a nodule in a whole scan (chest wall, vessels, consolidation), which is
+why the CAD limits its outline (:class:`ml.runtime.nodule_outline.Outliner`).
 
 The classical outline (:func:`ml.image.nodule_segment.segment_nodule`, what the CAD draws with
 today) is scored beside it on the same crops from the same point and the mask's equivalent
@@ -147,11 +150,6 @@ def outline_crop(
     full = np.zeros(ex.mask.shape, dtype=bool)
     full[box] = mask
     return full
-
-
-def classical(ex_hu, spacing, centre, radius_mm, lung_mask=None):
-    """The classical outline, called as the U-Net's is."""
-    return segment_nodule(ex_hu, spacing, centre, radius_mm, lung_mask)
 
 
 def scores(
@@ -304,13 +302,13 @@ def train_and_register(
     unet = no.Outliner(net)
     val = {
         "unet": figure(scores(unet, validation), validation, seed=seed),
-        "classical": figure(scores(classical, validation), validation, seed=seed),
+        "classical": figure(scores(segment_nodule, validation), validation, seed=seed),
     }
     # The one look at the test patients: the model is final by now.
     test_set = load_examples(folder, rows_in(rows, "test", purpose=FINAL_EVALUATION))
     test = {
         "unet": figure(scores(unet, test_set), test_set, seed=seed),
-        "classical": figure(scores(classical, test_set), test_set, seed=seed),
+        "classical": figure(scores(segment_nodule, test_set), test_set, seed=seed),
     }
     card = {
         "architecture": arch or networks.OUTLINE_ARCH,
