@@ -336,6 +336,9 @@ def test_train_on_a_folder_without_the_real_data_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+# Two trainings (a shipped model and two folds each) and an evaluation, in subprocesses: minutes
+# of CPU, past the suite's 300 s default when the machine's two cores are busy.
+@pytest.mark.timeout(1200)
 def test_train_then_evaluate_from_the_command_line(tmp_path):
     """A tiny run of both commands into a scratch registry: weights, cards, folds, report."""
     env = _env(tmp_path)
