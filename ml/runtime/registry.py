@@ -99,6 +99,18 @@ def save(
     return weights
 
 
+def as_shipped(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with its weights rounded to float16 and back, as :func:`save` will ship them, so
+    that figures measured after training are the shipped model's."""
+    net.load_state_dict(
+        {
+            k: v.to(torch.float16).float() if v.is_floating_point() else v
+            for k, v in net.state_dict().items()
+        }
+    )
+    return net.eval()
+
+
 def read_card(name: str, version: str, root: Path = MODELS_DIR) -> dict:
     """The card, with the leave-one-patient-out fold models (their own files) under "folds"."""
     folder = root / name / version

@@ -261,19 +261,25 @@ def leave_one_anatomy_out(studies: Sequence[OutlineStudy]) -> dict:
 def outline_comparison(studies: Sequence[OutlineStudy], min_diameter_mm: float = 0.0) -> dict:
     """Dice of the CAD's and the baseline's outlines on the nodules from ``min_diameter_mm``
     that both outlined: how many, their means, and on how many the CAD's is the better."""
-    both = [
-        n
+    pairs = [
+        (n.cad_dice, n.baseline_dice)
         for s in studies
         for n in s.nodules
         if n.diameter_mm >= min_diameter_mm and n.cad_dice is not None
         and n.baseline_dice is not None
     ]  # fmt: skip
+    return _paired(pairs, min_diameter_mm, "cad", "baseline")
+
+
+def _paired(pairs: list, min_diameter_mm: float, first: str, second: str) -> dict:
+    """How many (Dice of ``first``, Dice of ``second``) pairs, their means, and on how many
+    ``first``'s is the better."""
     return {
         "min_diameter_mm": min_diameter_mm,
-        "nodules": len(both),
-        "cad_mean_dice": float(np.mean([n.cad_dice for n in both])) if both else None,
-        "baseline_mean_dice": float(np.mean([n.baseline_dice for n in both])) if both else None,
-        "cad_better": sum(n.cad_dice > n.baseline_dice for n in both),  # type: ignore[operator]
+        "nodules": len(pairs),
+        f"{first}_mean_dice": float(np.mean([a for a, _ in pairs])) if pairs else None,
+        f"{second}_mean_dice": float(np.mean([b for _, b in pairs])) if pairs else None,
+        f"{first}_better": sum(a > b for a, b in pairs),
     }
 
 
@@ -291,11 +297,7 @@ def outliner_comparison(
         and b.cad_dice is not None
     ]  # fmt: skip
     return {
-        "min_diameter_mm": min_diameter_mm,
-        "nodules": len(pairs),
-        "outliner_mean_dice": float(np.mean([a for a, _ in pairs])) if pairs else None,
-        "classical_mean_dice": float(np.mean([b for _, b in pairs])) if pairs else None,
-        "outliner_better": sum(a > b for a, b in pairs),
+        **_paired(pairs, min_diameter_mm, "outliner", "classical"),
         "outlined_by_outliner": sum(n.cad_dice is not None for s in drawn for n in s.nodules),
         "outlined_classically": sum(n.cad_dice is not None for s in classical for n in s.nodules),
     }

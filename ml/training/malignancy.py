@@ -254,16 +254,6 @@ def _copy_state(net: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _half(net: torch.nn.Module) -> torch.nn.Module:
-    """The network as it will be shipped: weights rounded to float16 and back."""
-    state = {
-        k: v.to(torch.float16).float() if v.is_floating_point() else v
-        for k, v in net.state_dict().items()
-    }
-    net.load_state_dict(state)
-    return net.eval()
-
-
 def _mean_by_rating(scores: np.ndarray, ratings: np.ndarray) -> dict[str, dict]:
     return {
         str(r): {
@@ -326,7 +316,7 @@ def train_and_register(
         log_path=log_path,
         progress=progress,
     )
-    net = _half(net)
+    net = registry.as_shipped(net)
     val_scores = malignancy.predict_patches(net, validation.x)
     threshold = youden_threshold(val_scores, validation.y)
     train_seconds = time.perf_counter() - started

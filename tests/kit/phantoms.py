@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ml.data.nodules import NoduleCrop, NoduleRow
@@ -71,6 +73,30 @@ def phantom_crop(
     hu += rng.normal(0.0, 15.0, size=shape).astype(np.float32)
     row = NoduleRow(patient_id, 1, 2.0 * float(np.mean(radii_mm)), {})
     return NoduleCrop(row, hu, mask, tuple(float(s) for s in spacing), f"test/{row.crop_name}")
+
+
+def write_phantom_crop(
+    folder: Path,
+    patient_id: str,
+    nodule: int,
+    radius_mm: float,
+    spacing=(2.5, 0.7, 0.7),
+    shape=(12, 44, 44),
+    hu_value: float | None = None,
+) -> None:
+    """A :func:`phantom_crop` (no wall; the nodule at ``hu_value`` if given) written as the LIDC
+    crop files `image/` and `mask/` under ``folder``."""
+    import SimpleITK as sitk
+
+    crop = phantom_crop(
+        (radius_mm,) * 3, spacing, shape, seed=nodule, patient_id=patient_id, wall=False
+    )
+    hu = crop.hu if hu_value is None else np.where(crop.mask, hu_value, crop.hu)
+    for sub, arr in (("image", hu.astype(np.int16)), ("mask", crop.mask.astype(np.uint8))):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(tuple(spacing)[::-1])
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(img, str(folder / sub / f"{patient_id}_R_{nodule}.nii.gz"))
 
 
 def blob_chest(seed: int = 0, spacing=(2.5, 1.2, 1.2), shape=(48, 112, 112)) -> Background:

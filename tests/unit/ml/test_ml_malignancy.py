@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -18,7 +17,7 @@ from ml.data import splits
 from ml.data.nodules import NoduleRow
 from ml.runtime import malignancy, networks, registry
 from ml.training import malignancy as training
-from tests.kit.phantoms import phantom_crop
+from tests.kit.phantoms import phantom_crop, write_phantom_crop
 
 CENTRE = (malignancy.PATCH - 1) / 2.0
 
@@ -219,17 +218,6 @@ def test_auc_and_patient_bootstrap() -> None:
     assert point == pytest.approx(training.auc(scores, y)) and lo <= point <= hi
 
 
-def _write_crop(folder: Path, pid: str, nodule: int, radius_mm: float, hu_value: float) -> None:
-    spacing, shape = (2.5, 0.7, 0.7), (12, 44, 44)
-    crop = phantom_crop((radius_mm,) * 3, spacing, shape, seed=nodule, patient_id=pid, wall=False)
-    hu = np.where(crop.mask, hu_value, crop.hu).astype(np.int16)
-    for sub, arr in (("image", hu), ("mask", crop.mask.astype(np.uint8))):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(spacing[::-1])
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(img, str(folder / sub / f"{pid}_R_{nodule}.nii.gz"))
-
-
 @pytest.fixture(scope="module")
 def tiny_registry(tmp_path_factory) -> Path:
     """Synthetic crops under real split IDs (2 patients per part), a 2-step training run."""
@@ -248,7 +236,7 @@ def tiny_registry(tmp_path_factory) -> Path:
             for nodule, (radius, hu, rating) in enumerate(
                 ((9.0, 60.0, 5), (3.0, -50.0, 1), (5.0, 0.0, 3)), start=1
             ):
-                _write_crop(data, pid, nodule, radius, hu)
+                write_phantom_crop(data, pid, nodule, radius, hu_value=hu)
                 out.writerow([pid, nodule, 2 * radius, rating])
     written = training.train_and_register(data, root=root, max_steps=2, progress=False)
     assert all(p.is_file() for p in written)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from ml.data import splits
@@ -20,7 +19,7 @@ from ml.image.morphology import centroid
 from ml.runtime import networks, registry
 from ml.runtime import nodule_outline as no
 from ml.training import nodule_outline as training
-from tests.kit.phantoms import phantom_crop
+from tests.kit.phantoms import phantom_crop, write_phantom_crop
 
 OUTLINE_REF = f"{registry.OUTLINER}@{registry.OUTLINER_VERSION}"
 TINY_ARCH = {
@@ -145,16 +144,6 @@ def test_training_examples_keep_the_label_on_the_nodule() -> None:
     np.testing.assert_array_equal(again[0], first[0])
 
 
-def _write_crop(folder: Path, pid: str, nodule: int, radius_mm: float) -> None:
-    spacing, shape = (1.25, 0.7, 0.7), (16, 44, 44)
-    crop = phantom_crop((radius_mm,) * 3, spacing, shape, seed=nodule, patient_id=pid, wall=False)
-    for sub, arr in (("image", crop.hu.astype(np.int16)), ("mask", crop.mask.astype(np.uint8))):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(spacing[::-1])
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(img, str(folder / sub / f"{pid}_R_{nodule}.nii.gz"))
-
-
 @pytest.fixture(scope="module")
 def tiny_registry(tmp_path_factory) -> Path:
     """Synthetic crops under real split IDs (2 patients per part), a 3-step training run."""
@@ -171,7 +160,7 @@ def tiny_registry(tmp_path_factory) -> Path:
         out.writerow(["patient_id", "nodule_id", "diameter_mm"])
         for pid in pids:
             for nodule, radius in enumerate((3.0, 7.0), start=1):
-                _write_crop(data, pid, nodule, radius)
+                write_phantom_crop(data, pid, nodule, radius, (1.25, 0.7, 0.7), (16, 44, 44))
                 out.writerow([pid, nodule, 2 * radius])
     written = training.train_and_register(
         data, root=root, steps=3, progress=False, arch=TINY_ARCH, validate_every=2
