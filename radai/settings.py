@@ -95,9 +95,10 @@ class Settings(BaseSettings):
         "NAME@VERSION#holdout-ANATOMY runs a fold model of the evaluation",
     )
     cad_outliner: str = Field(
-        default="classical",
-        description="NAME@VERSION of the U-Net that draws the nodule CAD's outlines "
-        "(RADAI_PIPELINE=cad); classical: the local density outline",
+        default="radai-nodule-outline-unet@1.0.0",
+        description="NAME@VERSION of the U-Net that draws the nodule CAD's outlines of 18 mm and "
+        "more (RADAI_PIPELINE=cad; smaller ones keep the classical outline); classical: the "
+        "local density outline for all",
     )
     malignancy_model: str = Field(
         default="radai-nodule-malignancy-cnn@1.0.0",

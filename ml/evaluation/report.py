@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -480,7 +481,9 @@ def outline_table(part: dict) -> list[str]:
     return lines
 
 
-CAD_OUTLINER_JSON = "cad-outliner-validation.json"  # ml.training.cad_outlines --outliner
+# ml.training.cad_outlines --outliner REF --from-mm 0 (the U-Net draws every nodule) and
+# --from-mm 18 (only nodules whose classical outline is at least 18 mm wide)
+CAD_OUTLINER_JSONS = ("cad-outliner-validation.json", "cad-outliner-from18mm-validation.json")
 
 
 def _rule_row(doc: dict, density: float, size: float) -> dict | None:
@@ -501,11 +504,17 @@ def outliner_validation_lines(drawn: dict, classical: dict) -> list[str]:
     chosen = classical["chosen_on_all"]
     a = _rule_row(drawn, chosen["density_floor_hu"], chosen["size_floor_mm"])
     b = _rule_row(classical, chosen["density_floor_hu"], chosen["size_floor_mm"])
+    from_mm = drawn.get("outliner_from_mm", 0.0)
+    where = (
+        f"drawing only the nodules whose classical outline is at least {from_mm:g} mm wide"
+        if from_mm
+        else "drawing every nodule"
+    )
     lines = [
         "",
         f"Inside the CAD, on the validation composites (fold model per anatomy, the same "
-        f"{b['studies'] if b else '?'} studies), outlines drawn by the U-Net against the classical "
-        "ones:",
+        f"{b['studies'] if b else '?'} studies), outlines by the U-Net {where}, against the "
+        "classical ones:",
         "",
         "| nodules outlined by both | n | Dice U-Net | Dice classical | U-Net better on |",
         "|---|---|---|---|---|",
@@ -529,13 +538,14 @@ def outliner_validation_lines(drawn: dict, classical: dict) -> list[str]:
 
 
 def outline_lines(
-    card: dict, drawn: dict | None = None, classical: dict | None = None, default: str = ""
+    card: dict, drawn: Sequence[dict] = (), classical: dict | None = None, default: str = ""
 ) -> list[str]:
     """The report's lines on the nodule outline U-Net, from its model card; with the CAD's
-    validation tables drawn by it (``drawn``) and classically (``classical``), how it did
-    inside the CAD and what draws the CAD's outlines by ``default``."""
+    validation tables drawn by it (``drawn``, one per way of using it) and classically
+    (``classical``), how it did inside the CAD and what draws the CAD's outlines by
+    ``default``."""
     m, t = card["metrics"], card["training"]
-    extra = outliner_validation_lines(drawn, classical) if drawn and classical else []
+    extra = [x for d in drawn if classical for x in outliner_validation_lines(d, classical)]
     if default:
         extra += [
             "",
@@ -563,14 +573,19 @@ def default_why(default: str) -> str:
             "its outlines beat the classical ones on the nodules both outlined and the CPM at the "
             "reporting rule does not fall"
         )
-    return "inside the CAD on validation composites it outlined better without lowering the CPM"
+    return (
+        f"inside the CAD on validation composites, drawing the nodules whose classical outline "
+        f"is at least {cad.LEARNT_OUTLINE_FROM_MM:g} mm wide, it outlined better than the "
+        "classical outline without lowering the CPM; drawing every nodule it outlined worse, so "
+        "smaller ones keep the classical outline"
+    )
 
 
 def unseen_markdown(
     results: dict,
     cad_rules: dict | None = None,
     outline_card: dict | None = None,
-    outliner_validation: dict | None = None,
+    outliner_validation: Sequence[dict] = (),
 ) -> str:
     """The report section of :func:`ml.evaluation.unseen.run`, between markers so that
     `radai evaluate --unseen` can replace it and the full evaluation keeps it; with
@@ -802,8 +817,11 @@ def write_unseen(out_dir: Path, results: dict) -> Path:
     old = path.read_text() if path.is_file() else "# Model evaluation\n"
     rules_path = out_dir / CAD_RULES_JSON
     rules = json.loads(rules_path.read_text()) if rules_path.is_file() else None
-    drawn_path = out_dir / CAD_OUTLINER_JSON
-    drawn = json.loads(drawn_path.read_text()) if drawn_path.is_file() else None
+    drawn = [
+        json.loads((out_dir / name).read_text())
+        for name in CAD_OUTLINER_JSONS
+        if (out_dir / name).is_file()
+    ]
     section = unseen_markdown(_clean(results), rules, outline_card(), drawn)
     path.write_text(_with_section(old, section))
     return path

@@ -91,11 +91,21 @@ def outline_study(
     model: registry.LoadedModel,
     limit: int = cad.OUTLINED,
     outliner: cad.Segmenter | None = None,
+    from_mm: float = cad.LEARNT_OUTLINE_FROM_MM,
+    *,
+    scored: cad.Scored | None = None,
+    baseline: tuple[np.ndarray, list] | None = None,
 ) -> OutlineStudy:
-    """The CAD's outlines (at most ``limit``, drawn by ``outliner`` if given) on one study,
-    what each hits, and each nodule's outline by the CAD and by the classical baseline's lesion
-    detector on the same lungs."""
-    r = cad.run_cad(study.hu, study.spacing, model, limit=limit, outliner=outliner)
+    """The CAD's outlines (at most ``limit``, drawn by ``outliner`` if given, where the
+    classical outline is at least ``from_mm`` wide) on one study, what each hits, and each
+    nodule's outline by the CAD and by the classical baseline's lesion detector on the same
+    lungs. ``scored`` and ``baseline`` (:func:`detect_lesions`'s result), where given, are this
+    study's already (so several outliners cost one classifier run)."""
+    if scored is None:
+        scored = cad.score_candidates(study.hu, study.spacing, model)
+    r = cad.outline_scored(
+        study.hu, study.spacing, scored, limit=limit, outliner=outliner, outliner_from_mm=from_mm
+    )
     hits = unseen.match(r.lesion_labels, len(r.lesions), study.labels, study.truths, study.spacing)
     outlines = [
         Outline(
@@ -107,7 +117,7 @@ def outline_study(
         )
         for i, m in enumerate(r.lesions)
     ]
-    base_labels, base = detect_lesions(study.hu, r.lung_mask, study.spacing)
+    base_labels, base = baseline or detect_lesions(study.hu, r.lung_mask, study.spacing)
     nodules = [
         NoduleOutlines(t.diameter_mm, c, b)
         for t, c, b in zip(
@@ -129,11 +139,13 @@ def collect(
     model: str = f"{cad.CAD_MODEL}@{cad.CAD_VERSION}",
     limit: int = cad.OUTLINED,
     outliner: str | None = None,
+    from_mm: float = cad.LEARNT_OUTLINE_FROM_MM,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Outline (or reuse from ``folder``, where the same models and limit outlined them) ``k``
     validation composites of each anatomy, each with the fold model of ``model`` that held the
-    anatomy out, nodules drawn by the ``outliner`` model (a reference) or classically."""
+    anatomy out, nodules drawn by the ``outliner`` model (a reference; where the classical
+    outline is at least ``from_mm`` wide) or classically."""
     crop_dir = Path(data_dir) / "lidc-nodules"
     rows = rows_in(read_nodule_table(crop_dir / "nodules.csv", crop_dir), "validation")
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,18 +159,29 @@ def collect(
         if study.kind != "composite":  # the real CTs as they are belong to the evaluation
             continue
         # The models and the limit are in the name: a cache of other outlines is never reused.
-        drawer = f".{outliner}" if outliner else ""
-        path = folder / f"{study.study_id}.{model}{drawer}.limit{limit}.json"
-        if not path.exists():
+        name = f"{study.study_id}.{model}"
+        classical = folder / f"{name}.limit{limit}.json"
+        path = folder / f"{name}.{outliner}.from{from_mm:g}mm.limit{limit}.json"
+        path = path if outliner else classical
+        # An outliner's study is outlined classically too: both share the candidates and the
+        # classifier's scores, which take most of the time.
+        todo = [(path, drawn)] + ([(classical, None)] if outliner else [])
+        todo = [(p, d) for p, d in todo if not p.exists()]
+        if todo:
             start = time.perf_counter()
             fold = registry.load(f"{model}#holdout-{study.anatomy}")
-            done = outline_study(study, fold, limit, drawn)
-            path.write_text(json.dumps(asdict(done)))
-            found = sum(o.hit is not None for o in done.outlines)
-            log(
-                f"{study.study_id}: {len(done.outlines)} outlines, {found} on a nodule, "
-                f"{time.perf_counter() - start:.0f}s"
-            )
+            scored = cad.score_candidates(study.hu, study.spacing, fold)
+            baseline = detect_lesions(study.hu, scored.found.lung_mask, study.spacing)
+            for p, d in todo:
+                done = outline_study(
+                    study, fold, limit, d, from_mm, scored=scored, baseline=baseline
+                )
+                p.write_text(json.dumps(asdict(done)))
+                found = sum(o.hit is not None for o in done.outlines)
+                log(
+                    f"{p.name}: {len(done.outlines)} outlines, {found} on a nodule, "
+                    f"{time.perf_counter() - start:.0f}s"
+                )
         out.append(path)
     return out
 
@@ -313,11 +336,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--limit", type=int, default=cad.OUTLINED, help="outlines per study")
     ap.add_argument("--outliner", default=None, help="outline model reference (default classical)")
+    ap.add_argument(
+        "--from-mm",
+        type=float,
+        default=cad.LEARNT_OUTLINE_FROM_MM,
+        help="the outliner draws where the classical outline is at least this wide (0: all)",
+    )
     ap.add_argument("--collect-only", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     paths = collect(
-        a.data, a.cache, a.anatomies.split(","), a.studies, limit=a.limit, outliner=a.outliner
+        a.data,
+        a.cache,
+        a.anatomies.split(","),
+        a.studies,
+        limit=a.limit,
+        outliner=a.outliner,
+        from_mm=a.from_mm,
     )
     if a.collect_only:
         return 0
@@ -335,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.outliner:  # beside the classical outlines of the same studies (collected if need be)
         classical = load(collect(a.data, a.cache, a.anatomies.split(","), a.studies, limit=a.limit))
         doc["outliner"] = a.outliner
+        doc["outliner_from_mm"] = a.from_mm
         doc["outliner_vs_classical"] = [
             outliner_comparison(studies, classical, d) for d in (0.0, 6.0, 18.0)
         ]

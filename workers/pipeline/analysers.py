@@ -5,8 +5,8 @@ inference (SEG, SR, findings, triage) is the same whichever ran.
 
 - `models`: the segmentation U-Net and the screening CNN from the registry (`workers/models.py`).
 - `cad`: `ml.runtime.cad` (blob candidates in the lungs, the trained candidate classifier of
-  `RADAI_CAD_MODEL`, outlines by the U-Net of `RADAI_CAD_OUTLINER` or classical ones, Lung-RADS
-  size triage of the reported nodules).
+  `RADAI_CAD_MODEL`, outlines by the U-Net of `RADAI_CAD_OUTLINER` from 18 mm and classical ones
+  below, Lung-RADS size triage of the reported nodules).
 - `baseline`: `ml.runtime.baseline` (HU-threshold lungs, shape-filtered lesion candidates,
   Lung-RADS size triage); no per-lesion screening probability.
 """

@@ -623,7 +623,7 @@ def test_an_outliner_draws_the_nodules_and_the_classical_outline_stands_in_where
         calls.append(centre)
         return (slice(0, 1), slice(0, 1), slice(0, 1)), np.zeros((1, 1, 1), bool)
 
-    same = cad.run_cad(padded, spacing, _model(0.0), outliner=nothing)
+    same = cad.run_cad(padded, spacing, _model(0.0), outliner=nothing, outliner_from_mm=0.0)
     assert calls, "the outliner was not asked"
     np.testing.assert_array_equal(same.lesion_labels, classical.lesion_labels)
 
@@ -631,9 +631,36 @@ def test_an_outliner_draws_the_nodules_and_the_classical_outline_stands_in_where
         c = np.clip(np.round(centre).astype(int), 2, np.array(volume.shape) - 3)
         return tuple(slice(int(v) - 2, int(v) + 3) for v in c), np.ones((5, 5, 5), bool)
 
-    drawn = cad.run_cad(padded, spacing, _model(0.0), outliner=cube)
+    drawn = cad.run_cad(padded, spacing, _model(0.0), outliner=cube, outliner_from_mm=0.0)
     # The cube is drawn at candidates where the classical outline finds nothing dense, too.
     assert len(drawn.lesions) >= len(classical.lesions)
     # Each outline is the cube, less what an earlier outline took (outlines never overlap).
     assert all(m.voxel_count <= 125 for m in drawn.lesions)
     assert drawn.lesions[0].voxel_count == 125
+    # By default the outliner draws only nodules whose classical outline is 18 mm or more: the
+    # phantom's are smaller, so the classical outlines stand.
+    small = cad.run_cad(padded, spacing, _model(0.0), outliner=cube)
+    np.testing.assert_array_equal(small.lesion_labels, classical.lesion_labels)
+
+
+def test_a_learnt_outliner_draws_only_where_the_classical_outline_is_wide_enough():
+    volume = np.zeros((20, 20, 20), dtype=np.float32)
+    side = {}
+
+    def classical(vol, sp, centre, radius_mm, lung=None):
+        s = side["classical"]
+        return tuple(slice(0, s) for _ in range(3)), np.ones((s, s, s), bool)
+
+    def learnt(vol, sp, centre, radius_mm, lung=None):
+        return (slice(0, 3), slice(0, 3), slice(0, 4)), np.ones((3, 3, 4), bool)
+
+    segment = cad.with_fallback(learnt, classical, from_mm=18.0)
+    side["classical"] = 10  # 1000 mm3: a sphere of 12.4 mm
+    box, mask = segment(volume, (1.0, 1.0, 1.0), (5, 5, 5), 5.0)
+    assert mask.shape == (10, 10, 10)
+    side["classical"] = 16  # 4096 mm3: 19.9 mm
+    box, mask = segment(volume, (1.0, 1.0, 1.0), (5, 5, 5), 5.0)
+    assert mask.shape == (3, 3, 4)
+    assert cad.equivalent_diameter_mm(np.ones((16, 16, 16), bool), (1.0, 1.0, 1.0)) == (
+        pytest.approx(19.85, abs=0.01)
+    )

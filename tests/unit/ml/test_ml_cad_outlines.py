@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ml.evaluation import report, unseen
+from ml.runtime import cad
 from ml.training import cad_outlines as co
 from tests.unit.ml.test_ml_cad import _in_body, _model, _phantom
 
@@ -98,6 +99,9 @@ def test_a_study_is_outlined_by_the_cad_and_the_baseline_and_saved_and_loaded(tm
     path = tmp_path / "phantom.json"
     path.write_text(json.dumps(dataclasses.asdict(done)))
     assert co.load([path]) == [done]
+    # Scored once for several outliners, a study outlines as when it is scored itself.
+    scored = cad.score_candidates(padded, spacing, _model(0.0))
+    assert co.outline_study(study, _model(0.0), scored=scored) == done
 
 
 def test_the_report_says_how_the_rule_was_chosen_from_the_tools_tables():
@@ -155,3 +159,7 @@ def test_the_report_sets_the_outliners_validation_beside_the_classical_outlines(
     assert "| all | 8 | 0.900 | 0.850 | 8 |" in text
     assert "| from 10 mm | 4 | 0.950 | 0.900 | 4 |" in text
     assert "reporting rule: U-Net outlines 1.000, classical 1.000" in text
+    assert "U-Net drawing every nodule" in text
+    drawn_doc["outliner_from_mm"] = 18.0
+    text = "\n".join(report.outliner_validation_lines(drawn_doc, classical_doc))
+    assert "only the nodules whose classical outline is at least 18 mm wide" in text

@@ -53,9 +53,12 @@ def test_the_cad_outliner_default_is_the_registrys_and_radai_models_shows_it(mon
     from radai.cli import cmd_models
 
     monkeypatch.delenv("RADAI_CAD_OUTLINER", raising=False)
-    assert Settings().cad_outliner == registry.CAD_OUTLINER
-    monkeypatch.setenv("RADAI_CAD_OUTLINER", registry.DEFAULT_REFS["outline"])
+    assert Settings().cad_outliner == registry.CAD_OUTLINER == registry.DEFAULT_REFS["outline"]
     assert cmd_models(None, Settings()) == 0  # type: ignore[arg-type]
     out = capsys.readouterr().out
     assert "radai-nodule-outline-unet@1.0.0  task=outline" in out
     assert "cad-outliner=radai-nodule-outline-unet@1.0.0" in out
+    monkeypatch.setenv("RADAI_CAD_OUTLINER", "classical")
+    assert cmd_models(None, Settings()) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "cad-outliner=classical" in out
