@@ -15,6 +15,11 @@ whether the choice carries over to anatomy it was not made on. :func:`outline_co
 each nodule's outline by the CAD beside the classical baseline's lesion outline on the same lungs
 (whether the CAD should take the baseline's outline for large nodules, as it does for masses).
 
+With ``--outliner REF`` the outlines are drawn by an outline U-Net (where the classical outline
+is at least ``--from-mm`` wide; 0: every nodule) and set nodule by nodule beside the classical
+outlines of the same studies (:func:`outliner_comparison`), which is how the CAD's default
+outliner was chosen.
+
 Run ``python -m ml.training.cad_outlines --data DIR --cache DIR --out FILE``. Imports `ml.data`,
 `ml.evaluation` and `ml.runtime`.
 """
