@@ -176,7 +176,12 @@ def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
     out = tmp_path / "outputs"
     assert processing.process_study(database, LUNG1, out, analyser=analyser) == "DONE"
     [job] = _jobs(database)
-    assert job.model_versions == {analyser.model.name: analyser.model.version}
+    # The classifier and, by default, the outline U-Net that redraws nodules from 18 mm.
+    assert analyser.outliner is not None
+    assert job.model_versions == {
+        analyser.model.name: analyser.model.version,
+        analyser.outliner.name: analyser.outliner.version,
+    }
     findings = Findings.from_json(job.findings)
     assert findings.pipeline == "cad"
     threshold = cad.threshold_of(analyser.model)
