@@ -516,14 +516,16 @@ def outliner_validation_lines(drawn: dict, classical: dict) -> list[str]:
         f"{b['studies'] if b else '?'} studies), outlines by the U-Net {where}, against the "
         "classical ones:",
         "",
-        "| nodules outlined by both | n | Dice U-Net | Dice classical | U-Net better on |",
-        "|---|---|---|---|---|",
+        "| nodules outlined by both (readers' size) | n | Dice U-Net | Dice classical | "
+        "U-Net better on | classical better on |",
+        "|---|---|---|---|---|---|",
     ]
     for c in drawn.get("outliner_vs_classical", []):
         size = f"from {c['min_diameter_mm']:g} mm" if c["min_diameter_mm"] else "all"
         lines.append(
             f"| {size} | {c['nodules']} | {_v(c['outliner_mean_dice'], 3)} | "
-            f"{_v(c['classical_mean_dice'], 3)} | {c['outliner_better']} |"
+            f"{_v(c['classical_mean_dice'], 3)} | {c['outliner_better']} | "
+            f"{c.get('classical_better', '-')} |"
         )
     if a and b:
         lines += [

@@ -301,13 +301,14 @@ def outline_comparison(studies: Sequence[OutlineStudy], min_diameter_mm: float =
 
 def _paired(pairs: list, min_diameter_mm: float, first: str, second: str) -> dict:
     """How many (Dice of ``first``, Dice of ``second``) pairs, their means, and on how many
-    ``first``'s is the better."""
+    each one's is the better."""
     return {
         "min_diameter_mm": min_diameter_mm,
         "nodules": len(pairs),
         f"{first}_mean_dice": float(np.mean([a for a, _ in pairs])) if pairs else None,
         f"{second}_mean_dice": float(np.mean([b for _, b in pairs])) if pairs else None,
         f"{first}_better": sum(a > b for a, b in pairs),
+        f"{second}_better": sum(b > a for a, b in pairs),
     }
 
 

@@ -131,7 +131,7 @@ def test_outlines_by_an_outliner_are_compared_with_the_classical_ones_nodule_by_
     ]
     both = co.outliner_comparison(drawn, classical)
     # Only the 8 mm nodule of each study was outlined by both (0.85 vs 0.8).
-    assert both["nodules"] == 4 and both["outliner_better"] == 4
+    assert both["nodules"] == 4 and both["outliner_better"] == 4 and both["classical_better"] == 0
     assert both["outliner_mean_dice"] == pytest.approx(0.85)
     assert both["classical_mean_dice"] == pytest.approx(0.8)
     assert both["outlined_by_outliner"] == 4 and both["outlined_classically"] == 8
@@ -156,8 +156,8 @@ def test_the_report_sets_the_outliners_validation_beside_the_classical_outlines(
     }
     lines = report.outliner_validation_lines(drawn_doc, classical_doc)
     text = "\n".join(lines)
-    assert "| all | 8 | 0.900 | 0.850 | 8 |" in text
-    assert "| from 10 mm | 4 | 0.950 | 0.900 | 4 |" in text
+    assert "| all | 8 | 0.900 | 0.850 | 8 | 0 |" in text
+    assert "| from 10 mm | 4 | 0.950 | 0.900 | 4 | 0 |" in text
     assert "reporting rule: U-Net outlines 1.000, classical 1.000" in text
     assert "U-Net drawing every nodule" in text
     drawn_doc["outliner_from_mm"] = 18.0
