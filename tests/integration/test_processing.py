@@ -200,6 +200,10 @@ def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
     seg = pydicom.dcmread(seg_path)
     names = {str(s.SegmentAlgorithmName) for s in seg.SegmentSequence}
     assert cad.CAD_NAME in names or not findings.lesions
+    # What drew the outlines is named in the SEG: the classifier's and the outline U-Net's versions.
+    assert (
+        str(seg.SoftwareVersions) == f"{analyser.model.version} outline {analyser.outliner.version}"
+    )
     for path in (seg_path, next(o.path for o in outputs if o.modality == "SR")):
         check = subprocess.run(["/usr/bin/dciodvfy", path], capture_output=True, text=True)
         errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]

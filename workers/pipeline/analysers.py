@@ -175,7 +175,10 @@ class CadAnalyser:
 
     @property
     def segmentation_algorithm(self) -> tuple[str, str]:
-        return cad.CAD_NAME, self.model.version
+        # Outlines from 18 mm are the outline U-Net's: the SEG and SR name its version too.
+        if self.outliner is None:
+            return cad.CAD_NAME, self.model.version
+        return cad.CAD_NAME, f"{self.model.version} outline {self.outliner.version}"
 
     @property
     def screening_algorithm(self) -> tuple[str, str] | None:
