@@ -923,30 +923,36 @@ def verdict(results: dict, baseline: str = "baseline") -> dict:
 
 def _verdict_of(results: dict, models: str, baseline: str) -> dict:
     lost: list[str] = []
+    tied: list[str] = []  # not a win either, but said apart: both may meet the target
     won: list[str] = []
     for row in comparison_rows(results):
         a, b = row["values"].get(models), row["values"].get(baseline)
         if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
             lost.append(row["row"] + " (no figure)")
             continue
+        if a == b:
+            tied.append(row["row"])
+            continue
         better = a > b if row["higher_is_better"] else a < b
         (won if better else lost).append(row["row"])
-    default = models if not lost else baseline
+    default = models if not lost and not tied else baseline
     if default == models:
         sentence = (
             f"`{models}` is better on unseen patients: it beats the classical baseline on every "
             f"compared row, so `RADAI_PIPELINE` defaults to `{models}`."
         )
     else:
+        parts = [f"it loses on: {'; '.join(lost)}"] if lost else []
+        parts += [f"it ties on: {'; '.join(tied)}"] if tied else []
         sentence = (
             f"`{models}` does not beat the classical baseline on every row on unseen patients; "
-            "it does not win on: "
-            + "; ".join(lost)
+            + ". ".join(parts[:1] + [p[0].upper() + p[1:] for p in parts[1:]])
             + (f". It wins on: {'; '.join(won)}." if won else ".")
         )
     return {
         "default": default,
-        "rows_not_won_by_models": lost,
+        "rows_not_won_by_models": lost + tied,
+        "rows_tied": tied,
         "rows_won_by_models": won,
         "sentence": sentence,
     }

@@ -300,6 +300,8 @@ def test_with_two_challengers_each_is_judged_against_the_baseline_and_figures_ca
     # The oracle beats the grid on the composite rows; the grid ties itself on every row.
     assert "CPM (all nodules)" in by["cad"]["rows_won_by_models"]
     assert "CPM (all nodules)" in by["models"]["rows_not_won_by_models"]
+    assert "CPM (all nodules)" in by["models"]["rows_tied"]  # a tie is said apart from a loss
+    assert "ties on: " in by["models"]["sentence"] and "CPM" not in by["cad"].get("rows_tied", [])
     assert results["verdict"]["default"] == "baseline"  # no real CTs: rows without figures
     # Running only the CAD again carries the other methods' figures over, same studies only.
     again, _ = unseen.run(
