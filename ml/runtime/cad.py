@@ -397,9 +397,9 @@ def outline_scored(
         segment=segment,
     )
     laps.lap("outlines")
-    timings = laps.done()
-    timings = {**scored.timings_s, "outlines": timings["outlines"],
-               "total": scored.timings_s.get("total", 0.0) + timings["total"]}  # fmt: skip
+    outlined = laps.done()
+    timings = {**scored.timings_s, "outlines": outlined["outlines"]}
+    timings["total"] = scored.timings_s.get("total", 0.0) + outlined["total"]
     return CadResult(
         scored.found.lung_mask,
         labels,
