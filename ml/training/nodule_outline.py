@@ -364,6 +364,10 @@ def train_and_register(
             "learnt there with air beyond the crop.",
             "It outlines what is at the point it is given; whether that is a nodule is the "
             "CAD classifier's decision.",
+            "In whole scans it reaches beyond small nodules (it learnt from crops with air around "
+            "them): the nodule CAD has it redraw only the nodules whose classical outline is at "
+            "least 18 mm wide (ml.runtime.cad.LEARNT_OUTLINE_FROM_MM, chosen on validation "
+            "composites; docs/models/report.md).",
         ],
     }
     weights = registry.save(net, name=NAME, version=VERSION, task="outline", card=card, root=root)
