@@ -29,6 +29,7 @@ from ml.runtime.baseline import detect_lesions
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views, transform
 from ml.runtime.laps import Laps
 from ml.runtime.networks import CadNet
+from ml.runtime.nodule_outline import equivalent_diameter_mm
 from ml.runtime.registry import LoadedModel
 from ml.runtime.saliency import paint_scores
 
@@ -251,12 +252,6 @@ def score(model: LoadedModel, volume_hu: np.ndarray, spacing, blobs: list[Blob])
 # Draws one nodule: (volume, spacing, centre, radius mm, lung mask) -> (box, mask over the box),
 # as ml.image.nodule_segment.segment_nodule does.
 Segmenter = Callable[..., tuple[tuple[slice, ...], np.ndarray]]
-
-
-def equivalent_diameter_mm(mask: np.ndarray, spacing) -> float:
-    """Diameter (mm) of the sphere of ``mask``'s volume."""
-    volume = float(mask.sum()) * math.prod(spacing)
-    return 2.0 * (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0)
 
 
 def with_fallback(
