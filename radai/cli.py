@@ -241,6 +241,7 @@ def _worker_config(settings: Settings):  # noqa: ANN202
         screen_model=settings.screen_model,
         cad_model=settings.cad_model,
         cad_outliner=settings.cad_outliner,
+        cad_reranker=settings.cad_reranker,
         malignancy_model=settings.malignancy_model,
         export_to=settings.destinations,
         deidentified={format_destination(d) for d in settings.deidentified_destinations},
@@ -323,6 +324,8 @@ def _check_models(settings: Settings) -> None:
         refs.append(settings.cad_model)
         if settings.cad_outliner.lower() != "classical":  # no U-Net to check
             refs.append(settings.cad_outliner)
+        if settings.cad_reranker.lower() != "none":
+            refs.append(settings.cad_reranker)
     if settings.malignancy_model.lower() not in ("", "none"):
         refs.append(settings.malignancy_model)
     for ref in refs:
@@ -586,7 +589,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"configured: pipeline={settings.pipeline} segment={settings.segment_model} "
         f"screen={settings.screen_model} cad={settings.cad_model} "
-        f"cad-outliner={settings.cad_outliner} malignancy={settings.malignancy_model}"
+        f"cad-outliner={settings.cad_outliner} cad-reranker={settings.cad_reranker} "
+        f"malignancy={settings.malignancy_model}"
     )
     return 0
 

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "more (RADAI_PIPELINE=cad; smaller ones keep the classical outline); classical: the "
         "local density outline for all",
     )
+    cad_reranker: str = Field(
+        default="radai-nodule-cad-rerank@1.0.0",
+        description="NAME@VERSION of the nodule CAD's second stage, which scores each outlined "
+        "nodule again from its shape, density and the classifier's score (RADAI_PIPELINE=cad); "
+        "none: the classifier's scores as they are",
+    )
     malignancy_model: str = Field(
         default="radai-nodule-malignancy-cnn@1.0.0",
         description="NAME@VERSION of the per-lesion malignancy model; none: no score",

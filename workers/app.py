@@ -22,7 +22,7 @@ from celery.signals import worker_process_init
 from db.outbox_tasks import TaskName
 from db.session import Database
 from dicom_io.archive import ArchiveClient, ArchiveSettings, SeriesCache
-from ml.runtime.registry import CAD_OUTLINER, DEFAULT_REFS
+from ml.runtime.registry import CAD_OUTLINER, CAD_RERANKER, DEFAULT_REFS
 from workers.host_share import HostRegistry, host_cores
 from workers.models import set_torch_threads, torch_threads
 
@@ -43,6 +43,7 @@ class WorkerConfig:
     screen_model: str = DEFAULT_REFS["screen"]
     cad_model: str = DEFAULT_REFS["cad"]
     cad_outliner: str = CAD_OUTLINER  # "classical": the local density outline
+    cad_reranker: str = CAD_RERANKER  # "none": the classifier's scores as they are
     malignancy_model: str = DEFAULT_REFS["malignancy"]  # "none": no malignancy score
     export_to: list[tuple[str, str, int]] = field(default_factory=list)
     visibility_timeout: int = 900

@@ -49,6 +49,7 @@ def process_study(self, study_uid: str, instances: int | None = None) -> str:  #
                 rt.config.infer_batch,
                 rt.config.cad_model,
                 rt.config.cad_outliner,
+                rt.config.cad_reranker,
             ),
             grader=load_grader(rt.config.malignancy_model, rt.config.device),
             lease_seconds=rt.config.lease_seconds,

@@ -21,6 +21,8 @@ class Methods:
     cad: LoadedModel | None = None  # the nodule CAD's classifier, where the registry has one
     fold_cad: dict[str, LoadedModel] = field(default_factory=dict)
     outliner: LoadedModel | None = None  # the U-Net drawing the CAD's outlines (else classical)
+    reranker: LoadedModel | None = None  # the CAD's second stage (else the classifier's scores)
+    fold_reranker: dict[str, LoadedModel] = field(default_factory=dict)
 
 
 def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
@@ -40,4 +42,20 @@ def load_methods(root: Path = registry.MODELS_DIR) -> Methods:
             for run in model.card.get("folds", {})
         }
 
-    return Methods(seg, scr, folds(seg), folds(scr), cad, folds(cad) if cad else {}, outliner)
+    reranker = None
+    if cad is not None and registry.CAD_RERANKER != registry.NO_RERANK:
+        try:
+            reranker = registry.load(registry.CAD_RERANKER, root)
+        except registry.ModelError:  # a registry without one: the classifier's scores
+            reranker = None
+    return Methods(
+        seg,
+        scr,
+        folds(seg),
+        folds(scr),
+        cad,
+        folds(cad) if cad else {},
+        outliner,
+        reranker,
+        folds(reranker) if reranker else {},
+    )

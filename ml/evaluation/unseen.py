@@ -158,37 +158,51 @@ def model_detector(segmenter: LoadedModel, screener: LoadedModel) -> Detector:
     return run
 
 
-def cad_detector(model: LoadedModel, outliner: LoadedModel | None = None) -> Detector:
+def cad_detector(
+    model: LoadedModel, outliner: LoadedModel | None = None, reranker: LoadedModel | None = None
+) -> Detector:
     """The nodule CAD: its masses (reported by size, ranked first) and best-scoring outlined
-    candidates (`ml.runtime.cad.OUTLINED` per scan in all), scored by its classifier, reported
-    from the threshold of the model's card; outlines drawn by ``outliner`` (an outline U-Net
-    trained on LIDC crops only, so it saw none of the anatomies) or classically."""
+    candidates (`ml.runtime.cad.OUTLINED` per scan in all), scored by its classifier or, where
+    given, by the second stage ``reranker``, reported from the threshold of the last scorer's
+    card; outlines drawn by ``outliner`` (an outline U-Net trained on LIDC crops only, so it saw
+    none of the anatomies) or classically."""
     drawer = None if outliner is None else nodule_outline.Outliner(outliner)
 
     @torch.no_grad()
     def run(hu: np.ndarray, spacing: Spacing) -> Detections:
-        r = cad.run_cad(hu, spacing, model, outliner=drawer)
+        r = cad.run_cad(hu, spacing, model, outliner=drawer, reranker=reranker)
         return Detections(r.lesion_labels, r.ranking, r.threshold)
 
     return run
 
 
 def cad_for(
-    shipped: LoadedModel, folds: dict[str, LoadedModel], outliner: LoadedModel | None = None
+    shipped: LoadedModel,
+    folds: dict[str, LoadedModel],
+    outliner: LoadedModel | None = None,
+    reranker: LoadedModel | None = None,
+    fold_rerankers: dict[str, LoadedModel] | None = None,
 ) -> MethodChooser:
-    """The fold classifier that held the anatomy out, else the shipped one; the outline U-Net
-    (never trained on any anatomy) with either."""
+    """The fold classifier (and fold second stage) that held the anatomy out, else the shipped
+    ones; the outline U-Net (never trained on any anatomy) with either."""
     saw = tuple(shipped.card.get("training", {}).get("data", {}).get("anatomies", ANATOMIES))
     drawn = "" if outliner is None else f", outlines by {outliner.ref}"
+    fold_rerankers = fold_rerankers or {}
 
     def choose(anatomy: str) -> tuple[Detector, str, bool]:
-        if anatomy in folds:
+        if anatomy in folds and (reranker is None or anatomy in fold_rerankers):
+            second = "" if reranker is None else f" and its second stage {reranker.ref}"
             return (
-                cad_detector(folds[anatomy], outliner),
-                f"CAD fold model holding out {anatomy}{drawn}",
+                cad_detector(folds[anatomy], outliner, fold_rerankers.get(anatomy)),
+                f"CAD fold model{second} holding out {anatomy}{drawn}",
                 False,
             )
-        return cad_detector(shipped, outliner), f"shipped CAD model{drawn}", anatomy in saw
+        second = "" if reranker is None else f" with {reranker.ref}"
+        return (
+            cad_detector(shipped, outliner, reranker),
+            f"shipped CAD model{second}{drawn}",
+            anatomy in saw,
+        )
 
     return choose
 
@@ -996,6 +1010,6 @@ def standard_methods(root: Path | None = None) -> dict[str, MethodChooser]:
         "models": lambda anatomy: detector_for(models, anatomy),
     }
     if m.cad is not None:
-        out["cad"] = cad_for(m.cad, m.fold_cad, m.outliner)
+        out["cad"] = cad_for(m.cad, m.fold_cad, m.outliner, m.reranker, m.fold_reranker)
     out["baseline"] = lambda anatomy: (baseline_detector, "classical baseline", False)
     return out

@@ -25,6 +25,7 @@ from ml.image.lungs import segment_lungs
 from ml.image.measure import RegionMeasurement, measure_regions
 from ml.image.morphology import check_volume
 from ml.image.nodule_segment import segment_nodule
+from ml.runtime import cad_rerank
 from ml.runtime.baseline import detect_lesions
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views, transform
 from ml.runtime.laps import Laps
@@ -183,6 +184,10 @@ class CadResult:
     candidates: int
     timings_s: dict[str, float] = field(default_factory=dict)
     masses: int = 0  # lesions[:masses] are masses, reported by size whatever their score
+    seeds: list[Blob | None] = field(default_factory=list)  # each lesion's candidate (a mass: None)
+    # The first stage's probability per lesion where a second stage rescored them (``scores``
+    # are then the second stage's); empty where ``scores`` are the classifier's.
+    classifier_scores: list[float] = field(default_factory=list)
 
     def faint(self, i: int) -> bool:
         """Whether nodule ``i`` is fainter than `MIN_REPORTED_MEAN_HU` on average (a mass never
@@ -286,16 +291,18 @@ def outline(
     limit: int = OUTLINED,
     masses: np.ndarray | None = None,
     segment: Segmenter = segment_nodule,
-) -> tuple[np.ndarray, list[RegionMeasurement], list[float]]:
+) -> tuple[np.ndarray, list[RegionMeasurement], list[float], list[Blob | None]]:
     """Outline the best-scoring candidates (at most ``limit`` lesions in all) with ``segment``:
     a candidate whose centre falls in an outline already drawn is the same nodule and is
     skipped; outlines never overlap. ``masses`` (labels 1..k) come first, each scored with the
     best candidate inside it; a candidate whose outline would reach into a mass is the mass's
-    edge and is skipped too."""
+    edge and is skipped too. Returns the labels, their measurements, their scores and the
+    candidate each was drawn from (None for a mass)."""
     shape = np.array(volume_hu.shape)
     labels = np.zeros(volume_hu.shape, dtype=np.uint8)
     kept_scores = _seed_masses(labels, masses, blobs, probabilities, limit)
     k = len(kept_scores)
+    seeds: list[Blob | None] = [None] * k
     for i in np.argsort(-probabilities, kind="stable"):
         if len(kept_scores) >= min(limit, 255):
             break
@@ -311,8 +318,9 @@ def outline(
             continue
         labels[box][mask] = len(kept_scores) + 1
         kept_scores.append(float(probabilities[int(i)]))
+        seeds.append(b)
     lesions = measure_regions(labels, spacing, volume_hu) if kept_scores else []
-    return labels, lesions, kept_scores
+    return labels, lesions, kept_scores, seeds
 
 
 def _seed_masses(
@@ -373,15 +381,16 @@ def outline_scored(
     limit: int = OUTLINED,
     outliner: Segmenter | None = None,
     outliner_from_mm: float = LEARNT_OUTLINE_FROM_MM,
+    reranker: LoadedModel | None = None,
 ) -> CadResult:
-    """The outlines of ``scored``'s best candidates, drawn as :func:`run_cad` says."""
+    """The outlines of ``scored``'s best candidates, drawn and scored as :func:`run_cad` says."""
     spacing = check_volume(volume_hu, spacing_zyx)
     laps = Laps()
     segment = (
         segment_nodule if outliner is None else with_fallback(outliner, from_mm=outliner_from_mm)
     )
     masses = scored.masses
-    labels, lesions, scores = outline(
+    labels, lesions, scores, seeds = outline(
         volume_hu,
         spacing,
         scored.found.lung_mask,
@@ -392,19 +401,23 @@ def outline_scored(
         segment=segment,
     )
     laps.lap("outlines")
-    outlined = laps.done()
-    timings = {**scored.timings_s, "outlines": outlined["outlines"]}
-    timings["total"] = scored.timings_s.get("total", 0.0) + outlined["total"]
-    return CadResult(
+    result = CadResult(
         scored.found.lung_mask,
         labels,
         lesions,
         scores,
         scored.threshold,
         len(scored.found.blobs),
-        timings,
         masses=min(int(masses.max()), limit, 255) if masses.any() else 0,
+        seeds=seeds,
     )
+    if reranker is not None:
+        result = rerank(result, reranker)
+        laps.lap("second stage")
+    done = laps.done()
+    result.timings_s = {**scored.timings_s, **{k: v for k, v in done.items() if k != "total"}}
+    result.timings_s["total"] = scored.timings_s.get("total", 0.0) + done["total"]
+    return result
 
 
 def run_cad(
@@ -415,11 +428,13 @@ def run_cad(
     limit: int = OUTLINED,
     outliner: Segmenter | None = None,
     outliner_from_mm: float = LEARNT_OUTLINE_FROM_MM,
+    reranker: LoadedModel | None = None,
 ) -> CadResult:
     """The whole pipeline on one (z, y, x) HU volume, before triage; nodules drawn by
     ``outliner`` where their classical outline is at least ``outliner_from_mm`` wide (the
     classical outline where it is smaller or the outliner draws none), or by the classical
-    outline."""
+    outline; scored by the second stage ``reranker`` where given (:func:`rerank`), else by the
+    classifier."""
     scored = score_candidates(volume_hu, spacing_zyx, model)
     return outline_scored(
         volume_hu,
@@ -428,6 +443,37 @@ def run_cad(
         limit=limit,
         outliner=outliner,
         outliner_from_mm=outliner_from_mm,
+        reranker=reranker,
+    )
+
+
+def rerank(result: CadResult, model: LoadedModel) -> CadResult:
+    """``result`` with each outlined nodule scored by the second stage ``model``
+    (:mod:`ml.runtime.cad_rerank`) from its outline, its candidate and the classifier's score,
+    relabelled in the new order (masses first, as they were) and reported at the second stage's
+    threshold. Masses keep their scores: they are reported by size."""
+    k = result.masses
+    nodules = range(k, len(result.lesions))
+    rows = []
+    for i in nodules:
+        seed = result.seeds[i] if i < len(result.seeds) else None
+        if seed is None:
+            raise ValueError("every outlined nodule needs the candidate it was drawn from")
+        rows.append(cad_rerank.outline_features(result.lesions[i], seed, result.scores[i]))
+    x = cad_rerank.in_study(np.array(rows))
+    new = list(result.scores[:k]) + cad_rerank.probabilities(model.net, x).tolist()
+    order = list(range(k)) + sorted(nodules, key=lambda i: -new[i])
+    lut = np.zeros(max(len(result.lesions), int(result.lesion_labels.max())) + 1, dtype=np.uint8)
+    for label, i in enumerate(order, start=1):
+        lut[result.lesions[i].label] = label
+    return replace(
+        result,
+        lesion_labels=lut[result.lesion_labels],
+        lesions=[replace(result.lesions[i], label=n) for n, i in enumerate(order, start=1)],
+        scores=[new[i] for i in order],
+        threshold=threshold_of(model),
+        seeds=[result.seeds[i] for i in order],
+        classifier_scores=[result.scores[i] for i in order],
     )
 
 
@@ -444,6 +490,10 @@ def reported_only(result: CadResult) -> CadResult:
         lesion_labels=lut[result.lesion_labels],
         lesions=lesions,
         scores=[result.scores[i] for i in keep],
+        seeds=[result.seeds[i] for i in keep] if result.seeds else [],
+        classifier_scores=[result.classifier_scores[i] for i in keep]
+        if result.classifier_scores
+        else [],
     )
 
 

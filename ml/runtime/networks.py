@@ -107,6 +107,29 @@ class CadNet(torch.nn.Module):
         return self.head(torch.cat([torch.relu(self.views(views)), features], dim=1))
 
 
+class RerankNet(torch.nn.Module):
+    """The nodule CAD's second stage: an outline's features (n, features), standardised by the
+    training set's mean and scale (kept as buffers, so they ship with the weights), to one logit
+    per outline; a logistic regression when ``hidden`` is 0, else one hidden layer."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, features: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("scale", torch.ones(features))
+        if hidden:
+            self.head: torch.nn.Module = torch.nn.Sequential(
+                torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+            )
+        else:
+            self.head = torch.nn.Linear(features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.mean) / self.scale)
+
+
 # Where Grad-CAM reads activations and gradients: the classifier's third block, 8 x 8 cells of
 # about 9 mm over the candidate's patch.
 SCREENER_CAM_LAYER = "net.layer_2"
@@ -114,8 +137,8 @@ LESION_CLASS = 2
 
 
 def build(task: str, arch: dict | None = None) -> torch.nn.Module:
-    """A fresh network for ``task`` ('segment', 'screen', 'malignancy', 'outline' or 'cad')
-    with the given or default shape."""
+    """A fresh network for ``task`` ('segment', 'screen', 'malignancy', 'outline', 'cad' or
+    'cad-rerank') with the given or default shape."""
     if task == "segment":
         return UNet(**(arch or SEGMENTER_ARCH))
     if task == "screen":
@@ -124,12 +147,17 @@ def build(task: str, arch: dict | None = None) -> torch.nn.Module:
         return Classifier(**(arch or MALIGNANCY_ARCH))
     if task == "outline":
         return UNet(**(arch or OUTLINE_ARCH))
+    if task == "cad-rerank":
+        if arch is None:
+            raise ValueError("a cad-rerank network needs its architecture (features, hidden)")
+        return RerankNet(**arch)
     if task == "cad":
         arch = arch or CAD_ARCH
         # Version 1 of the CAD classifier was views only: a plain Classifier.
         return CadNet(**arch) if "views" in arch else Classifier(**arch)
     raise ValueError(
-        f"unknown task {task!r}; expected 'segment', 'screen', 'malignancy', 'outline' or 'cad'"
+        f"unknown task {task!r}; expected 'segment', 'screen', 'malignancy', 'outline', 'cad'"
+        " or 'cad-rerank'"
     )
 
 

@@ -47,6 +47,12 @@ DEFAULT_REFS = {
 # (docs/models/cad-outliner-from18mm-validation.json).
 CLASSICAL_OUTLINE = "classical"
 CAD_OUTLINER = f"{OUTLINER}@{OUTLINER_VERSION}"
+# What scores the nodule CAD's outlines again (RADAI_CAD_RERANKER): the reference of a second
+# stage (ml.runtime.cad_rerank), or NO_RERANK for the classifier's scores as they are.
+RERANKER = "radai-nodule-cad-rerank"
+RERANKER_VERSION = "1.0.0"
+NO_RERANK = "none"
+CAD_RERANKER = f"{RERANKER}@{RERANKER_VERSION}"
 REQUIRED_CARD_KEYS = ("name", "version", "task")
 
 

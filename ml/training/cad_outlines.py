@@ -42,6 +42,7 @@ from ml.data.nodules import read_nodule_table
 from ml.data.splits import rows_in
 from ml.evaluation import unseen
 from ml.evaluation.froc import ScanDetections, froc
+from ml.image.blobs import Blob
 from ml.runtime import cad, nodule_outline, registry
 from ml.runtime.baseline import detect_lesions
 
@@ -59,6 +60,10 @@ class Outline:
     diameter_mm: float  # of the sphere of the outline's volume
     mean_hu: float | None
     hit: int | None  # index of the nodule it hits
+    # What the second stage reads (ml.runtime.cad_rerank): the outline's measurements and the
+    # candidate it was drawn from (None for a mass and in outlines collected before them).
+    measurement: dict | None = None
+    seed: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,10 @@ def _dice(labels: np.ndarray, n: int, study: unseen.Study) -> list[float | None]
     return [ov["dice"] if i in hits else None for i, ov in enumerate(overlap)]
 
 
+def _as_dict(seed: Blob | None) -> dict | None:
+    return None if seed is None else seed.to_dict()
+
+
 def outline_study(
     study: unseen.Study,
     model: registry.LoadedModel,
@@ -119,6 +128,8 @@ def outline_study(
             unseen.equivalent_diameter(m.voxel_volume_mm3),
             m.mean_hu,
             hits[i],
+            m.to_dict(),
+            _as_dict(r.seeds[i]),
         )
         for i, m in enumerate(r.lesions)
     ]

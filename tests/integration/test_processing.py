@@ -176,16 +176,18 @@ def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
     out = tmp_path / "outputs"
     assert processing.process_study(database, LUNG1, out, analyser=analyser) == "DONE"
     [job] = _jobs(database)
-    # The classifier and, by default, the outline U-Net that redraws nodules from 18 mm.
-    assert analyser.outliner is not None
+    # The classifier and, by default, the outline U-Net that redraws nodules from 18 mm and the
+    # second stage that scores every outline again.
+    assert analyser.outliner is not None and analyser.reranker is not None
     assert job.model_versions == {
         analyser.model.name: analyser.model.version,
         analyser.outliner.name: analyser.outliner.version,
+        analyser.reranker.name: analyser.reranker.version,
     }
     findings = Findings.from_json(job.findings)
     assert findings.pipeline == "cad"
-    threshold = cad.threshold_of(analyser.model)
-    # Every reported nodule carries the classifier's probability, at or above its threshold; a
+    threshold = cad.threshold_of(analyser.reranker)
+    # Every reported nodule carries the second stage's probability, at or above its threshold; a
     # mass (over 3 cm, reported by size) carries none.
     for les in findings.lesions:
         if les.screening_probability is None:
@@ -200,9 +202,11 @@ def test_the_cad_pipeline_scores_each_reported_nodule_into_findings_seg_and_sr(
     seg = pydicom.dcmread(seg_path)
     names = {str(s.SegmentAlgorithmName) for s in seg.SegmentSequence}
     assert cad.CAD_NAME in names or not findings.lesions
-    # What drew the outlines is named in the SEG: the classifier's and the outline U-Net's versions.
-    assert (
-        str(seg.SoftwareVersions) == f"{analyser.model.version} outline {analyser.outliner.version}"
+    # What drew and scored the outlines is named in the SEG: the classifier's, the outline U-Net's
+    # and the second stage's versions.
+    assert str(seg.SoftwareVersions) == (
+        f"{analyser.model.version} outline {analyser.outliner.version} "
+        f"rerank {analyser.reranker.version}"
     )
     for path in (seg_path, next(o.path for o in outputs if o.modality == "SR")):
         check = subprocess.run(["/usr/bin/dciodvfy", path], capture_output=True, text=True)

@@ -6,7 +6,8 @@ inference (SEG, SR, findings, triage) is the same whichever ran.
 - `models`: the segmentation U-Net and the screening CNN from the registry (`workers/models.py`).
 - `cad`: `ml.runtime.cad` (blob candidates in the lungs, the trained candidate classifier of
   `RADAI_CAD_MODEL`, outlines by the U-Net of `RADAI_CAD_OUTLINER` from 18 mm and classical ones
-  below, Lung-RADS size triage of the reported nodules).
+  below, each outline scored again by the second stage of `RADAI_CAD_RERANKER`, Lung-RADS size
+  triage of the reported nodules).
 - `baseline`: `ml.runtime.baseline` (HU-threshold lungs, shape-filtered lesion candidates,
   Lung-RADS size triage); no per-lesion screening probability.
 """
@@ -160,13 +161,15 @@ class BaselineAnalyser:
 class CadAnalyser:
     model: LoadedModel
     outliner: LoadedModel | None = None  # None: classical outlines
+    reranker: LoadedModel | None = None  # None: the classifier's scores as they are
     name: str = "cad"
 
     @property
     def versions(self) -> dict[str, str]:
         out = {self.model.name: self.model.version}
-        if self.outliner is not None:
-            out[self.outliner.name] = self.outliner.version
+        for extra in (self.outliner, self.reranker):
+            if extra is not None:
+                out[extra.name] = extra.version
         return out
 
     @property
@@ -175,10 +178,14 @@ class CadAnalyser:
 
     @property
     def segmentation_algorithm(self) -> tuple[str, str]:
-        # Outlines from 18 mm are the outline U-Net's: the SEG and SR name its version too.
-        if self.outliner is None:
-            return cad.CAD_NAME, self.model.version
-        return cad.CAD_NAME, f"{self.model.version} outline {self.outliner.version}"
+        # Outlines from 18 mm are the outline U-Net's and the scores the second stage's: the
+        # SEG and SR name their versions too.
+        version = self.model.version
+        if self.outliner is not None:
+            version += f" outline {self.outliner.version}"
+        if self.reranker is not None:
+            version += f" rerank {self.reranker.version}"
+        return cad.CAD_NAME, version
 
     @property
     def screening_algorithm(self) -> tuple[str, str] | None:
@@ -186,14 +193,17 @@ class CadAnalyser:
 
     @property
     def saliency_method(self) -> str:
+        scorer = "classifier" if self.reranker is None else "second stage's"
         return (
-            "each reported nodule painted with its classifier score, each mass (over 3 cm, "
+            f"each reported nodule painted with its {scorer} score, each mass (over 3 cm, "
             "reported by size) with 1, and blurred (nodule CAD)"
         )
 
     def analyse(self, volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Analysis:
         drawer = None if self.outliner is None else nodule_outline.Outliner(self.outliner)
-        r = cad.reported_only(cad.run_cad(volume_hu, spacing_zyx, self.model, outliner=drawer))
+        r = cad.reported_only(
+            cad.run_cad(volume_hu, spacing_zyx, self.model, outliner=drawer, reranker=self.reranker)
+        )
         probability = triage.screen_probability(r.lesions)
         return Analysis(
             lung_mask=r.lung_mask,
@@ -234,6 +244,7 @@ def make_analyser(
     batch: int = 0,
     cad_ref: str = DEFAULT_CAD_MODEL,
     cad_outliner: str = registry.CAD_OUTLINER,
+    cad_reranker: str = registry.CAD_RERANKER,
 ) -> Analyser:
     """The analyser of `RADAI_PIPELINE`; the models are loaded (and moved to their device) once
     per process and stay there for every later study."""
@@ -242,7 +253,9 @@ def make_analyser(
     if pipeline == "cad":
         classical = cad_outliner.lower() == registry.CLASSICAL_OUTLINE
         outliner = None if classical else load_cad(cad_outliner, device, task="outline")
-        return CadAnalyser(load_cad(cad_ref, device), outliner)
+        rescored = cad_reranker.lower() != registry.NO_RERANK
+        reranker = load_cad(cad_reranker, device, task="cad-rerank") if rescored else None
+        return CadAnalyser(load_cad(cad_ref, device), outliner, reranker)
     if pipeline == "models":
         return ModelsAnalyser(load_models(segment_ref, screen_ref, device), batch=batch)
     raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINES)}")

@@ -62,3 +62,19 @@ def test_the_cad_outliner_default_is_the_registrys_and_radai_models_shows_it(mon
     assert cmd_models(None, Settings()) == 0  # type: ignore[arg-type]
     out = capsys.readouterr().out
     assert "cad-outliner=classical" in out
+
+
+def test_the_cad_second_stage_default_is_the_registrys_and_none_turns_it_off(monkeypatch, capsys):
+    from ml.runtime import registry
+    from radai.cli import cmd_models
+
+    monkeypatch.delenv("RADAI_CAD_RERANKER", raising=False)
+    assert Settings().cad_reranker == registry.CAD_RERANKER
+    assert cmd_models(None, Settings()) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "radai-nodule-cad-rerank@1.0.0  task=cad-rerank" in out
+    assert "cad-reranker=radai-nodule-cad-rerank@1.0.0" in out
+    monkeypatch.setenv("RADAI_CAD_RERANKER", "none")
+    monkeypatch.setenv("RADAI_PIPELINE", "cad")
+    analyser = make_analyser("cad", cad_reranker=Settings().cad_reranker)
+    assert analyser.reranker is None

@@ -50,9 +50,14 @@ def test_a_cad_worker_draws_with_the_configured_outliner_or_classically() -> Non
     assert drawn.versions == {
         "radai-nodule-cad-cnn": "2.2.0",
         "radai-nodule-outline-unet": "1.0.0",
+        "radai-nodule-cad-rerank": "1.0.0",
     }
     assert make_analyser("cad", cad_outliner=ref).outliner is drawn.outliner  # loaded once
-    classical = make_analyser("cad", cad_outliner="classical")
-    assert classical.outliner is None and list(classical.versions) == ["radai-nodule-cad-cnn"]
+    assert make_analyser("cad").reranker is drawn.reranker
+    classical = make_analyser("cad", cad_outliner="classical", cad_reranker="none")
+    assert classical.outliner is None and classical.reranker is None
+    assert list(classical.versions) == ["radai-nodule-cad-cnn"]
     with pytest.raises(registry.ModelError, match="not outline"):
         make_analyser("cad", cad_outliner=registry.DEFAULT_REFS["cad"])
+    with pytest.raises(registry.ModelError, match="not cad-rerank"):
+        make_analyser("cad", cad_reranker=registry.DEFAULT_REFS["cad"])

@@ -1,0 +1,190 @@
+"""The nodule CAD's second stage: its features, its network, how it reorders a CAD result, and
+how it is fitted, thresholded and registered leave one anatomy out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ml.image.blobs import Blob
+from ml.image.measure import RegionMeasurement
+from ml.runtime import cad, cad_rerank, networks, registry
+from ml.runtime.registry import LoadedModel
+from ml.training import cad_rerank as training
+
+N_FEATURES = len(cad_rerank.FEATURES)
+
+
+def _measurement(label: int, volume: float, mean_hu: float = 20.0, elongation: float = 1.0):
+    d = (6 * volume / np.pi) ** (1 / 3)
+    return RegionMeasurement(
+        label=label, voxel_count=int(volume), voxel_volume_mm3=volume, mesh_volume_mm3=volume,
+        surface_area_mm2=np.pi * d**2, sphericity=1.0 / elongation,
+        max_3d_diameter_mm=d * elongation, max_2d_axial_diameter_mm=d,
+        major_axis_mm=d * elongation, minor_axis_mm=d,
+        least_axis_mm=d, mean_hu=mean_hu, min_hu=mean_hu - 50, max_hu=mean_hu + 50,
+        centroid_zyx=(1.0, 1.0, 1.0), bbox=(0, 0, 0, 2, 2, 2),
+    )  # fmt: skip
+
+
+def _blob(radius_mm: float = 3.0) -> Blob:
+    return Blob((1.0, 1.0, 1.0), radius_mm, 300.0, 0.8, 0.9, 3, 10.0, 1.0)
+
+
+def test_features_follow_their_names_and_the_study_context_is_relative():
+    m = _measurement(1, 500.0, mean_hu=-100.0, elongation=3.0)
+    row = cad_rerank.outline_features(m, _blob(), 0.9)
+    assert len(row) == N_FEATURES - cad_rerank.STUDY_FEATURES
+    assert row[0] == pytest.approx(np.log(9.0))  # the classifier's logit
+    assert row[1] == pytest.approx(np.log(500.0))
+    assert row[cad_rerank.FEATURES.index("mean HU / 1000")] == pytest.approx(-0.1)
+    assert row[3] == pytest.approx(np.log(3.0))  # major / minor axis
+    # A score of exactly 0 or 1 stays finite.
+    assert np.isfinite(cad_rerank.outline_features(m, _blob(), 1.0)).all()
+    rows = np.array([[2.0] + row[1:], [0.0] + row[1:], [-1.0] + row[1:]], dtype=np.float32)
+    x = cad_rerank.in_study(rows)
+    assert x.shape == (3, N_FEATURES)
+    assert x[:, -2].tolist() == pytest.approx([2.0, 0.0, -1.0])  # less the median logit 0
+    assert x[:, -1].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3])  # rank over outlines
+    # The same outlines in a study whose scores are all 5 lower look the same against it.
+    shifted = rows.copy()
+    shifted[:, 0] -= 5.0
+    assert np.allclose(cad_rerank.in_study(shifted)[:, -2:], x[:, -2:])
+    assert cad_rerank.in_study(np.zeros((0, N_FEATURES - 2))).shape == (0, N_FEATURES)
+
+
+def test_the_network_standardises_and_needs_its_shape():
+    net = networks.build("cad-rerank", {"features": 3, "hidden": 0})
+    assert isinstance(net, networks.RerankNet)
+    with torch.no_grad():
+        net.mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        net.scale.copy_(torch.tensor([2.0, 2.0, 2.0]))
+        net.head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+        net.head.bias.zero_()
+    out = net(torch.tensor([[5.0, 0.0, 0.0]]))
+    assert out.item() == pytest.approx(2.0)  # (5 - 1) / 2
+    assert isinstance(
+        networks.build("cad-rerank", {"features": 3, "hidden": 4}).head, torch.nn.Sequential
+    )
+    with pytest.raises(ValueError):
+        networks.build("cad-rerank")
+
+
+def _reranker(threshold: float, weight_on: str = "log volume (mm3)") -> LoadedModel:
+    net = networks.build("cad-rerank", {"features": N_FEATURES, "hidden": 0})
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        net.head.weight[0, cad_rerank.FEATURES.index(weight_on)] = 1.0
+    card = {"operating_point": {"threshold": threshold}}
+    return LoadedModel(registry.RERANKER, "test", "cad-rerank", net, card)
+
+
+def _result(volumes: list[float], scores: list[float], masses: int = 0) -> cad.CadResult:
+    labels = np.zeros((4, 4, len(volumes) + 1), dtype=np.uint8)
+    for i in range(len(volumes)):
+        labels[:, :, i] = i + 1
+    lesions = [_measurement(i + 1, v) for i, v in enumerate(volumes)]
+    seeds = [None] * masses + [_blob() for _ in volumes[masses:]]
+    return cad.CadResult(
+        labels.astype(bool), labels, lesions, scores, 0.5, 100, masses=masses, seeds=seeds
+    )
+
+
+def test_rerank_orders_nodules_by_the_second_stage_and_keeps_masses_first():
+    # A mass, then three nodules in the classifier's order; the second stage prefers volume.
+    r = _result([40000.0, 10.0, 300.0, 50.0], [0.2, 0.9, 0.8, 0.7], masses=1)
+    out = cad.rerank(r, _reranker(threshold=0.99))
+    assert [m.voxel_volume_mm3 for m in out.lesions] == [40000.0, 300.0, 50.0, 10.0]
+    assert [m.label for m in out.lesions] == [1, 2, 3, 4]
+    # The labels move with their lesions: the 300 mm3 outline (old label 3) is now label 2.
+    assert (out.lesion_labels[:, :, 2] == 2).all() and (out.lesion_labels[:, :, 1] == 4).all()
+    assert out.scores[0] == 0.2  # the mass keeps its score: it is reported by size
+    assert out.scores[1:] == sorted(out.scores[1:], reverse=True)
+    assert out.classifier_scores == [0.2, 0.8, 0.7, 0.9]
+    assert out.threshold == 0.99 and out.reported == [0, 1]  # sigmoid(log 300) > 0.99
+    only = cad.reported_only(out)
+    assert only.classifier_scores == [0.2, 0.8] and len(only.seeds) == 2
+    # A nodule without the candidate it was drawn from cannot be scored again.
+    unseeded = cad.CadResult(
+        r.lung_mask, r.lesion_labels, r.lesions, r.scores, 0.5, 1, masses=0, seeds=[None] * 4
+    )
+    with pytest.raises(ValueError):
+        cad.rerank(unseeded, _reranker(0.5))
+
+
+def _study(anatomy: str, i: int, rng: np.random.Generator, nodules: int = 3) -> training.Study:
+    """Ten outlines: the nodules' have a larger 'volume' feature than the others'."""
+    hits = list(range(nodules)) + [None] * (10 - nodules)
+    x = rng.normal(0, 1, (10, N_FEATURES)).astype(np.float32)
+    x[:nodules, 1] += 3.0
+    return training.Study(
+        f"{anatomy}-{i}", anatomy, [8.0] * nodules, [], x, rng.uniform(0, 1, 10), hits,
+        np.zeros(10, bool), 0.5,
+    )  # fmt: skip
+
+
+def _studies(seed: int = 0) -> list[training.Study]:
+    rng = np.random.default_rng(seed)
+    return [_study(a, i, rng) for a in ("a", "b", "c") for i in range(4)]
+
+
+def test_fitting_learns_what_separates_nodules_and_the_threshold_keeps_the_target():
+    studies = _studies()
+    net = training.fit(studies, {"hidden": 0, "l2": 1e-3})
+    p = [cad_rerank.probabilities(net, s.features) for s in studies]
+    assert all(q[:3].mean() > q[3:].mean() + 0.3 for q in p)
+    t = training.threshold_at(studies, p, target=1.0)
+    op = training.operating_point(studies, p, t)
+    assert op["false_calls_per_study"] <= 1.0
+    # Just below it, one more false call would be reported (it is the lowest such threshold).
+    loose = training.operating_point(studies, p, np.nextafter(t, -np.inf))
+    assert loose["false_calls_per_study"] > 1.0 or t == 0.0
+    assert (
+        training.threshold_at(studies, p, target=0.0)
+        > max(float(q[s.hits.index(None)]) for s, q in zip(studies, p, strict=True)) - 1.0
+    )
+
+
+def test_leave_one_out_never_sees_the_anatomy_it_scores():
+    studies = _studies()
+    recipe = {"hidden": 0, "l2": 1e-3}
+    before = training.leave_one_out(studies, recipe)
+    # Relabel anatomy 'a' upside down: its own scores cannot change, the others' must.
+    flipped = [
+        training.Study(s.study_id, s.anatomy, s.diameters_mm, s.masses, s.features, s.scores,
+                       s.hits[::-1] if s.anatomy == "a" else s.hits, s.faint,
+                       s.classifier_threshold)
+        for s in studies
+    ]  # fmt: skip
+    after = training.leave_one_out(flipped, recipe)
+    for s, b, a in zip(studies, before, after, strict=True):
+        if s.anatomy == "a":
+            assert np.allclose(a, b)
+        else:
+            assert not np.allclose(a, b)
+
+
+def test_a_recipe_is_chosen_only_where_it_beats_the_classifier():
+    def ev(classifier: float, *cpms: float) -> dict:
+        rows = [{"recipe": {"hidden": 0, "l2": x}, "froc": {"cpm": c}} for x, c in enumerate(cpms)]
+        return {"classifier": {"froc": {"cpm": classifier}}, "recipes": rows}
+
+    assert training.choose(ev(0.5, 0.4, 0.6, 0.6)) == {"hidden": 0, "l2": 1}
+    assert training.choose(ev(0.5, 0.4, 0.5)) is None
+
+
+def test_registered_models_load_by_name_and_fold(tmp_path):
+    studies = _studies()
+    evaluation = {"classifier": {}, "recipes": []}
+    written = training.register(studies, {"hidden": 0, "l2": 1e-3}, evaluation, "x", tmp_path)
+    assert len(written) == 4  # three folds and the shipped model
+    shipped = registry.load(f"{training.NAME}@{training.VERSION}", tmp_path)
+    assert shipped.task == "cad-rerank" and cad.threshold_of(shipped) > 0.0
+    fold = registry.load(f"{training.NAME}@{training.VERSION}#holdout-a", tmp_path)
+    assert fold.card["anatomies"] == ["b", "c"]
+    x = studies[0].features
+    assert not np.allclose(
+        cad_rerank.probabilities(fold.net, x), cad_rerank.probabilities(shipped.net, x)
+    )
