@@ -160,16 +160,27 @@ def _summary(scored) -> dict[str, float]:  # noqa: ANN001
 
 
 def _cad_worker(service: PipelineService, anatomy: str) -> Detector:
-    """Start a worker running the CAD's fold model that never saw ``anatomy`` (the shipped
-    model, said so, where no fold held it out); the same model in memory is the peer."""
-    ref = registry.DEFAULT_REFS["cad"]
-    name, version = ref.split("@")
-    if f"holdout-{anatomy}" in registry.read_card(name, version).get("folds", {}):
-        ref = f"{ref}#holdout-{anatomy}"
-    else:
-        print(f"{anatomy}: no fold model held it out; the shipped {ref} saw it")
-    service.start_worker(f"cad-{anatomy}", env={"RADAI_CAD_MODEL": ref})
-    return cad_detector(registry.load(ref))
+    """Start a worker running the CAD's fold classifier and fold second stage that never saw
+    ``anatomy`` (the shipped ones, said so, where no fold held it out), with the default
+    outliner; the same models in memory are the peer."""
+    refs = {}
+    for setting, ref in (
+        ("RADAI_CAD_MODEL", registry.DEFAULT_REFS["cad"]),
+        ("RADAI_CAD_RERANKER", registry.CAD_RERANKER),
+    ):
+        name, version = ref.split("@")
+        if f"holdout-{anatomy}" in registry.read_card(name, version).get("folds", {}):
+            ref = f"{ref}#holdout-{anatomy}"
+        else:
+            print(f"{anatomy}: no fold model of {ref} held it out; the shipped one saw it")
+        refs[setting] = ref
+    service.start_worker(f"cad-{anatomy}", env=refs)
+    outliner = None
+    if registry.CAD_OUTLINER != registry.CLASSICAL_OUTLINE:
+        outliner = registry.load(registry.CAD_OUTLINER)
+    return cad_detector(
+        registry.load(refs["RADAI_CAD_MODEL"]), outliner, registry.load(refs["RADAI_CAD_RERANKER"])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

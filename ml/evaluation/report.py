@@ -481,6 +481,47 @@ def outline_table(part: dict) -> list[str]:
     return lines
 
 
+CAD_RERANK_JSON = "cad-rerank-validation.json"  # written by ml.training.cad_rerank
+
+
+def rerank_validation_lines(doc: dict) -> list[str]:
+    """How the CAD's second stage was chosen: each recipe's leave-one-anatomy-out figures on the
+    validation outlines beside the classifier's own ranking (:mod:`ml.training.cad_rerank`)."""
+    import json
+
+    def row(name: str, r: dict) -> str:
+        f, op = r["froc"], r["operating_point"]
+        at = f["sensitivity_at"]
+        return (
+            f"| {name} | {_v(f['cpm'], 3)} | {_v(at['0.125'])} | {_v(at['1'])} | {_v(at['8'])} | "
+            f"{_v(op['false_calls_per_study'])} | {_v(op['reported_share_6mm'])} |"
+        )
+
+    chosen = doc.get("chosen")
+    lines = [
+        "",
+        "### How the CAD's second stage was chosen (validation studies only)",
+        "",
+        f"Each outline of the {doc['studies']} validation composites ({doc['outlines_per_study']} "
+        "per study, fold classifier per anatomy, `ml.training.cad_outlines`) ranked by a second "
+        "stage fitted on the other five anatomies' outlines (`ml.training.cad_rerank`, "
+        f"`{CAD_RERANK_JSON}`); its operating threshold chosen the same way, nested, at 1 false "
+        "call per study. The recipe with the best such CPM ships if it beats the classifier's "
+        f"own ranking: {'none did' if chosen is None else json.dumps(chosen)}.",
+        "",
+        "| ranking | CPM | sensitivity at 1/8 FP | at 1 FP | at 8 FP | false calls per study "
+        "(operating point) | nodules >= 6 mm reported |",
+        "|---|---|---|---|---|---|---|",
+        row("classifier alone (its card's threshold)", doc["classifier"]),
+    ]
+    for r in doc["recipes"]:
+        rec = r["recipe"]
+        kind = f"{rec['hidden']} hidden" if rec["hidden"] else "logistic"
+        mark = " (chosen)" if rec == chosen else ""
+        lines.append(row(f"second stage, {kind}, L2 {rec['l2']:g}{mark}", r))
+    return lines
+
+
 # ml.training.cad_outlines --outliner REF --from-mm 0 (the U-Net draws every nodule) and
 # --from-mm 18 (only nodules whose classical outline is at least 18 mm wide)
 CAD_OUTLINER_JSONS = ("cad-outliner-validation.json", "cad-outliner-from18mm-validation.json")
@@ -588,11 +629,13 @@ def unseen_markdown(
     cad_rules: dict | None = None,
     outline_card: dict | None = None,
     outliner_validation: Sequence[dict] = (),
+    rerank_validation: dict | None = None,
 ) -> str:
     """The report section of :func:`ml.evaluation.unseen.run`, between markers so that
     `radai evaluate --unseen` can replace it and the full evaluation keeps it; with
     ``cad_rules`` (:mod:`ml.training.cad_outlines`' tables) how the CAD's rule was chosen, with
-    ``outline_card`` the outline U-Net's figures on held-out LIDC crops."""
+    ``outline_card`` the outline U-Net's figures on held-out LIDC crops, with
+    ``rerank_validation`` how the CAD's second stage was chosen."""
     from ml.evaluation import unseen
 
     methods = list(results["methods"])
@@ -641,14 +684,16 @@ def unseen_markdown(
         "or inside its label. FROC over the composite studies; candidates are all of a "
         "pipeline's calls with their scores (models: every segmenter call, scored by the "
         "screener; cad: its masses over 3 cm (the baseline's large-lesion rule, ranked first) "
-        f"and best outlined blob candidates, {cad.OUTLINED} in all, scored by its classifier, an "
+        f"and best outlined blob candidates, {cad.OUTLINED} in all, scored by its classifier and "
+        "then, where the run names one, by its second stage from each outline's shape and "
+        "density (`ml.runtime.cad_rerank`), an "
         f"outline fainter than {cad.MIN_REPORTED_MEAN_HU:g} HU on average ranked below every "
         "denser one; baseline: every "
         "candidate, scored by its size suspicion). Operating point: what the pipeline reports "
         "(models: screener threshold of the card; cad: every mass and the outlines of at least "
-        f"{cad.MIN_REPORTED_MEAN_HU:g} HU mean density at the classifier's threshold of its "
-        "card, chosen on "
-        "validation-split nodules at 1 false call per study, the density floor on validation "
+        f"{cad.MIN_REPORTED_MEAN_HU:g} HU mean density at the threshold of the last scorer's "
+        "card, chosen on validation-split nodules at 1 false call per study (the second stage's "
+        "on validation outlines, `ml.training.cad_rerank`), the density floor on validation "
         "outlines (`ml.training.cad_outlines`); baseline: all).",
         "- Intervals: FROC 95 % bootstrap over anatomies (the background patient); fractions "
         "and Dice over nodules.",
@@ -772,6 +817,8 @@ def unseen_markdown(
             )
     if cad_rules and "cad" in methods:
         lines += cad_rule_lines(cad_rules)
+    if rerank_validation and "cad" in methods:
+        lines += rerank_validation_lines(rerank_validation)
     if outline_card:
         lines += outline_lines(outline_card, outliner_validation, cad_rules, registry.CAD_OUTLINER)
     lines += [
@@ -824,7 +871,9 @@ def write_unseen(out_dir: Path, results: dict) -> Path:
         for name in CAD_OUTLINER_JSONS
         if (out_dir / name).is_file()
     ]
-    section = unseen_markdown(_clean(results), rules, outline_card(), drawn)
+    rerank_path = out_dir / CAD_RERANK_JSON
+    rerank = json.loads(rerank_path.read_text()) if rerank_path.is_file() else None
+    section = unseen_markdown(_clean(results), rules, outline_card(), drawn, rerank)
     path.write_text(_with_section(old, section))
     return path
 

@@ -188,3 +188,31 @@ def test_registered_models_load_by_name_and_fold(tmp_path):
     assert not np.allclose(
         cad_rerank.probabilities(fold.net, x), cad_rerank.probabilities(shipped.net, x)
     )
+
+
+def test_the_report_shows_each_recipe_beside_the_classifier_and_marks_the_chosen_one():
+    from ml.evaluation import report
+
+    def row(cpm: float) -> dict:
+        at = {"0.125": cpm / 2, "1": cpm, "8": cpm * 1.5}
+        op = {"false_calls_per_study": 1.0, "reported_share_6mm": cpm}
+        return {"froc": {"cpm": cpm, "sensitivity_at": at}, "operating_point": op}
+
+    chosen = {"hidden": 0, "l2": 0.001}
+    doc = {
+        "studies": 36,
+        "outlines_per_study": 40,
+        "classifier": row(0.38),
+        "recipes": [
+            {"recipe": chosen, **row(0.47)},
+            {"recipe": {"hidden": 16, "l2": 0.1}, **row(0.3)},
+        ],
+        "chosen": chosen,
+    }
+    lines = report.rerank_validation_lines(doc)
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[1].startswith("| classifier alone") and "| 0.380 |" in table[1]
+    assert "(chosen)" in table[2] and "| 0.470 |" in table[2]
+    assert "(chosen)" not in table[3] and "16 hidden" in table[3]
+    doc["chosen"] = None
+    assert "none did" in " ".join(report.rerank_validation_lines(doc))
