@@ -20,8 +20,11 @@ is at least ``--from-mm`` wide; 0: every nodule) and set nodule by nodule beside
 outlines of the same studies (:func:`outliner_comparison`), which is how the CAD's default
 outliner was chosen.
 
+Each outline keeps its measurements and the candidate it was drawn from, which the CAD's second
+stage (:mod:`ml.training.cad_rerank`) is fitted on.
+
 Run ``python -m ml.training.cad_outlines --data DIR --cache DIR --out FILE``. Imports `ml.data`,
-`ml.evaluation` and `ml.runtime`.
+`ml.evaluation`, `ml.image` and `ml.runtime`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ for the evaluation of that anatomy) takes its operating threshold from the ranki
 anatomies by models fitted without each of them in turn (nested), so no threshold is chosen on
 the anatomy it is evaluated on; the shipped model's from the rankings of all six.
 
-Run ``python -m ml.training.cad_rerank --outlines DIR --out FILE [--register]``. Imports
-``ml.evaluation``, ``ml.runtime`` and ``ml.training``.
+Run ``python -m ml.training.cad_outlines ... --collect-only`` first (it writes the outlines),
+then ``python -m ml.training.cad_rerank --outlines DIR --out FILE [--register]`` (seconds).
+Imports ``ml.evaluation``, ``ml.image``, ``ml.runtime`` and ``ml.training``.
 """
 
 from __future__ import annotations

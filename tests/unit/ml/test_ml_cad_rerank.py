@@ -216,3 +216,25 @@ def test_the_report_shows_each_recipe_beside_the_classifier_and_marks_the_chosen
     assert "(chosen)" not in table[3] and "16 hidden" in table[3]
     doc["chosen"] = None
     assert "none did" in " ".join(report.rerank_validation_lines(doc))
+
+
+def test_validation_outlines_become_the_second_stages_rows_masses_apart():
+    from ml.training import cad_outlines
+
+    m, seed = _measurement(2, 300.0), _blob()
+    outlines = [
+        cad_outlines.Outline(0.0, True, 40.0, 30.0, 1, _measurement(1, 40000.0).to_dict(), None),
+        cad_outlines.Outline(0.9, False, 8.3, 20.0, 0, m.to_dict(), seed.to_dict()),
+        cad_outlines.Outline(0.2, False, 5.0, -600.0, None, m.to_dict(), seed.to_dict()),
+    ]
+    study = cad_outlines.OutlineStudy("s", "lung1", [], 0.7, outlines)
+    s = training.from_outlines(study)
+    assert s.masses == [1] and s.hits == [0, None] and s.classifier_threshold == 0.7
+    assert s.faint.tolist() == [False, True]  # by the outline's mean density, -600 HU
+    rows = [cad_rerank.outline_features(m, seed, p) for p in (0.9, 0.2)]
+    assert np.allclose(s.features, cad_rerank.in_study(np.array(rows)))
+    old = cad_outlines.OutlineStudy(
+        "s", "lung1", [], 0.7, [cad_outlines.Outline(0.9, False, 8.3, 20.0, 0)]
+    )
+    with pytest.raises(ValueError, match="without their features"):
+        training.from_outlines(old)
