@@ -305,6 +305,9 @@ def register(
         "intended_use": "research only; NOT FOR CLINICAL USE",
         "input": "ml.runtime.cad_rerank.outline_features of each outlined nodule",
     }
+    if isinstance(net.head, torch.nn.Linear):  # a linear model's weights say what it learnt
+        weights = net.head.weight[0].tolist()
+        card["coefficients"] = dict(zip(cad_rerank.FEATURES, weights, strict=True))
     written.append(
         registry.save(net, name=NAME, version=VERSION, task="cad-rerank", card=card, root=root)
     )
@@ -374,6 +377,19 @@ def card_markdown(card: dict) -> str:
     ]
     if chosen is not None:
         lines.append(f"- this recipe: {_figures(chosen)}")
+    if card.get("coefficients"):
+        lines += [
+            "",
+            "## What it weighs",
+            "",
+            "Its coefficients on the standardised features (a logistic regression's, largest "
+            "first; positive: more like a nodule):",
+            "",
+            *[
+                f"- {w:+.2f} {name}"
+                for name, w in sorted(card["coefficients"].items(), key=lambda t: -abs(t[1]))
+            ],
+        ]
     lines += [
         "",
         "The figures on patients never seen are in `docs/models/report.md`.",

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from typing import cast
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
+
+from workers.dicom_out import long_string
 
 __all__ = [
     "LESION_PROPERTY_TYPE",
@@ -51,7 +54,7 @@ def _algorithm_identification(name: str, version: str) -> hd.AlgorithmIdentifica
     return hd.AlgorithmIdentificationSequence(
         name=name,
         family=codes.DCM.ArtificialIntelligence,
-        version=version,
+        version=long_string.as_one(version),
         source="radai",
     )
 
@@ -217,7 +220,8 @@ def build_segmentation(
         instance_number=1,
         manufacturer="radai",
         manufacturer_model_name=algorithm_name,
-        software_versions=algorithm_version,
+        # highdicom's hint says str or tuple[str]; it takes a list of values as pydicom does.
+        software_versions=cast("str | tuple[str]", long_string.as_values(algorithm_version)),
         # Required by Enhanced General Equipment; software has no serial number of its own.
         device_serial_number="1",
         content_label="RADAI_SEG",

@@ -32,6 +32,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from workers.dicom_out import long_string
 from workers.dicom_out.axial_line import AxialLine
 from workers.dicom_out.seg import (
     LESION_PROPERTY_TYPE,
@@ -461,7 +462,7 @@ def build_measurement_report(
         instance_number=1,
         manufacturer="radai",
         manufacturer_model_name=algorithm_name,
-        software_versions=algorithm_version,
+        software_versions=long_string.as_values(algorithm_version),
         series_description=f"radai SR - {NOT_FOR_CLINICAL_USE}",
         is_complete=True,
         is_final=False,

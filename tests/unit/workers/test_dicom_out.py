@@ -547,3 +547,37 @@ def test_sr_draws_each_lesions_long_axis_on_its_slice(case: Case, tmp_path: Path
         assert line.length_mm == pytest.approx(lesion["max_2d_axial_diameter_mm"], abs=1.5)
         [measurement] = group.get_measurements()
         assert measurement.value == pytest.approx(line.length_mm)
+
+
+def test_long_string_values_split_at_spaces_and_one_value_keeps_a_digest() -> None:
+    from workers.dicom_out import long_string
+
+    short = "2.2.0 outline 1.0.0 rerank 1.0.0"
+    assert long_string.as_values(short) == short and long_string.as_one(short) == short
+    folds = "2.2.0#holdout-normal001 outline 1.0.0 rerank 1.0.0#holdout-normal001"
+    values = long_string.as_values(folds)
+    assert isinstance(values, list) and all(len(v) <= 64 for v in values)
+    assert " ".join(values) == folds  # nothing lost
+    assert long_string.as_values("x" * 130) == ["x" * 64, "x" * 64, "xx"]
+    one = long_string.as_one(folds)
+    assert len(one) == 64 and one.startswith(folds[:55])
+    assert one != long_string.as_one(folds.replace("normal001", "cap001xxx"))
+
+
+def test_a_version_longer_than_a_long_string_still_writes_valid_seg_and_sr(
+    case: Case, tmp_path: Path
+) -> None:
+    # The evaluation's fold models name a CAD version of 68 characters.
+    version = "2.2.0#holdout-normal001 outline 1.0.0 rerank 1.0.0#holdout-normal001"
+    algo = {**ALGO, "algorithm_version": version}
+    seg = build_segmentation(case.ct, case.lung, case.labels, instance_uid_seed="s", **algo)
+    sr = build_measurement_report(
+        case.ct, seg, case.lesions, lung_volume_ml=1.0, screening_probability=0.5,
+        instance_uid_seed="s", **algo,
+    )  # fmt: skip
+    seg_path, sr_path = save(seg, tmp_path / "seg.dcm"), save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(seg_path)
+    assert_dciodvfy_clean(sr_path)
+    for path in (seg_path, sr_path):
+        assert " ".join(pydicom.dcmread(path).SoftwareVersions) == version
+    assert version in dsrdump(sr_path)  # the SR's algorithm identification keeps it whole
