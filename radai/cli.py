@@ -371,6 +371,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.task == "cad":
         return _train_cad(args, settings, root)
+    if args.task == "cad-rerank":
+        return _train_cad_rerank(args, settings, root)
     device = args.device or settings.device
     if args.source == "synthetic":
         return _train_synthetic(args, root)
@@ -461,6 +463,35 @@ def _train_cad(args: argparse.Namespace, settings: Settings, root: Path) -> int:
         raise SystemExit(f"radai train: {exc}") from None
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _train_cad_rerank(args: argparse.Namespace, settings: Settings, root: Path) -> int:
+    """The nodule CAD's second stage: the whole CAD run (or its outlines reused) on validation
+    composites of each anatomy with the fold classifiers, then every recipe fitted and compared
+    leave one anatomy out, and the best registered if it beats the classifier."""
+    from ml.data.backgrounds import ANATOMIES
+    from ml.runtime import registry
+    from ml.training import cad_outlines, cad_rerank
+
+    cache = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "cad-outlines"
+    out = Path(settings.home) / "cad-rerank-validation.json"
+    classical = registry.CAD_OUTLINER == registry.CLASSICAL_OUTLINE
+    print(
+        f"fitting the nodule CAD's second stage on validation outlines from {args.data} into "
+        f"{root} (outlines in {cache}, tables in {out})"
+    )
+    try:
+        paths = cad_outlines.collect(
+            Path(args.data),
+            cache,
+            args.anatomies or list(ANATOMIES),
+            args.studies or cad_outlines.STUDIES_PER_ANATOMY,
+            outliner=None if classical else registry.CAD_OUTLINER,
+        )
+        cad_rerank.fit_and_register(paths, out, root=root, outliner=registry.CAD_OUTLINER)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"radai train: {exc}") from None
     return 0
 
 
@@ -1147,7 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model: real LIDC nodules in real CTs (default) or the synthetic recipe",
     )
-    train.add_argument("task", choices=["segment", "screen", "malignancy", "outline", "cad"])
+    train.add_argument(
+        "task", choices=["segment", "screen", "malignancy", "outline", "cad", "cad-rerank"]
+    )
     train.add_argument(
         "--source",
         choices=["real", "synthetic"],

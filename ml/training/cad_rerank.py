@@ -407,6 +407,57 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def outline_files(folder: Path, outliner: str, limit: int) -> list[Path]:
+    """The outlines of :mod:`ml.training.cad_outlines` in ``folder`` drawn by ``outliner`` (a
+    reference, or 'classical') with ``limit`` outlines per study."""
+    classical = outliner == registry.CLASSICAL_OUTLINE
+    pattern = f"*.limit{limit}.json" if classical else f"*.{outliner}.*.limit{limit}.json"
+    paths = sorted(Path(folder).glob(pattern))
+    if classical:  # not the outliner's files, which end the same way
+        paths = [p for p in paths if p.name.count("@") == 1]
+    return paths
+
+
+def fit_and_register(
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    register_models: bool = True,
+    root: Path = registry.MODELS_DIR,
+    outliner: str = registry.CAD_OUTLINER,
+    limit: int = cad.OUTLINED,
+    log=print,
+) -> dict:
+    """Evaluate every recipe on the outlines of ``paths`` leave one anatomy out, write the
+    tables to ``out`` and, if one beats the classifier and ``register_models``, register it
+    (shipped and fold models). Returns the tables."""
+    studies = [from_outlines(s) for s in cad_outlines.load(paths)]
+    if len({s.anatomy for s in studies}) < 3:
+        raise ValueError("the second stage needs validation outlines of at least three anatomies")
+    evaluation = evaluate(studies)
+    recipe = choose(evaluation)
+    doc = {
+        "what": "the nodule CAD's second stage on validation outlines, leave one anatomy out "
+        "(ml.training.cad_rerank)",
+        "outliner": outliner,
+        "outlines_per_study": limit,
+        "studies": len(studies),
+        **evaluation,
+        "chosen": recipe,
+    }
+    Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+    c = evaluation["classifier"]
+    log(f"classifier: CPM {c['froc']['cpm']:.3f}, {json.dumps(c['operating_point'])}")
+    for row in evaluation["recipes"]:
+        log(f"{row['recipe']}: CPM {row['froc']['cpm']:.3f}, {json.dumps(row['operating_point'])}")
+    log(f"chosen: {recipe}")
+    if register_models and recipe is not None:
+        source = f"{len(paths)} files of ml.training.cad_outlines, {limit} outlines per study"
+        for p in register(studies, recipe, evaluation, source, root):
+            log(f"wrote {p}")
+    return doc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--outlines", type=Path, required=True, help="ml.training.cad_outlines cache")
@@ -417,35 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=registry.MODELS_DIR)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    classical = a.outliner == registry.CLASSICAL_OUTLINE
-    pattern = f"*.limit{a.limit}.json" if classical else f"*.{a.outliner}.*.limit{a.limit}.json"
-    paths = sorted(a.outlines.glob(pattern))
-    if classical:  # not the outliner's files, which end the same way
-        paths = [p for p in paths if p.name.count("@") == 1]
-    studies = [from_outlines(s) for s in cad_outlines.load(paths)]
-    evaluation = evaluate(studies)
-    recipe = choose(evaluation)
-    doc = {
-        "what": "the nodule CAD's second stage on validation outlines, leave one anatomy out "
-        "(ml.training.cad_rerank)",
-        "outliner": a.outliner,
-        "outlines_per_study": a.limit,
-        "studies": len(studies),
-        **evaluation,
-        "chosen": recipe,
-    }
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    c = evaluation["classifier"]
-    print(f"classifier: CPM {c['froc']['cpm']:.3f}, {json.dumps(c['operating_point'])}")
-    for row in evaluation["recipes"]:
-        print(
-            f"{row['recipe']}: CPM {row['froc']['cpm']:.3f}, {json.dumps(row['operating_point'])}"
-        )
-    print("chosen:", recipe)
-    if a.register and recipe is not None:
-        source = f"{len(paths)} files of ml.training.cad_outlines, {a.limit} outlines per study"
-        for p in register(studies, recipe, evaluation, source, a.root):
-            print("wrote", p)
+    paths = outline_files(a.outlines, a.outliner, a.limit)
+    fit_and_register(
+        paths, a.out, register_models=a.register, root=a.root, outliner=a.outliner, limit=a.limit
+    )
     return 0
 
 

@@ -238,3 +238,48 @@ def test_validation_outlines_become_the_second_stages_rows_masses_apart():
     )
     with pytest.raises(ValueError, match="without their features"):
         training.from_outlines(old)
+
+
+def test_fit_and_register_reads_outline_files_and_ships_only_a_better_ranking(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from ml.training import cad_outlines
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "outlines"
+    folder.mkdir()
+    for anatomy in ("lung1", "normal001", "cap001"):
+        for i in range(3):
+            outlines = []
+            for k in range(12):
+                nodule = k < 3
+                volume = float(rng.uniform(400, 900) if nodule else rng.uniform(5, 300))
+                m = _measurement(k + 1, volume, mean_hu=float(rng.uniform(-300, 50)))
+                # The classifier's scores say nothing here; the outlines' size does.
+                outlines.append(
+                    cad_outlines.Outline(
+                        float(rng.uniform(0.1, 0.9)), False, 8.0, m.mean_hu,
+                        k if nodule else None, m.to_dict(), _blob().to_dict(),
+                    )
+                )  # fmt: skip
+            study = cad_outlines.OutlineStudy(f"{anatomy}-{i}", anatomy, [], 0.5, outlines)
+            name = f"{anatomy}-{i}.cnn@1.{registry.CAD_OUTLINER}.from18mm.limit40.json"
+            (folder / name).write_text(json.dumps(asdict(study)))
+    # A study with nodules: the FROC needs their count (three 8 mm nodules per study).
+    for p in folder.iterdir():
+        d = json.loads(p.read_text())
+        d["nodules"] = [{"diameter_mm": 8.0, "cad_dice": None, "baseline_dice": None}] * 3
+        p.write_text(json.dumps(d))
+    paths = training.outline_files(folder, registry.CAD_OUTLINER, 40)
+    assert len(paths) == 9 and training.outline_files(folder, "classical", 40) == []
+    out = tmp_path / "validation.json"
+    doc = training.fit_and_register(paths, out, root=tmp_path / "registry", log=lambda _: None)
+    assert json.loads(out.read_text())["chosen"] == doc["chosen"] is not None
+    best = max(r["froc"]["cpm"] for r in doc["recipes"])
+    assert best > doc["classifier"]["froc"]["cpm"]
+    shipped = registry.load(f"{training.NAME}@{training.VERSION}", tmp_path / "registry")
+    assert ("coefficients" in shipped.card) == (shipped.card["architecture"]["hidden"] == 0)
+    assert "NOT FOR CLINICAL USE" in next((tmp_path / "registry").rglob("card.md")).read_text()
+    with pytest.raises(ValueError, match="three anatomies"):
+        training.fit_and_register(paths[:3], out, root=tmp_path / "r2", log=lambda _: None)
