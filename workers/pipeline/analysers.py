@@ -189,7 +189,9 @@ class CadAnalyser:
 
     @property
     def screening_algorithm(self) -> tuple[str, str] | None:
-        return self.model.name, self.model.version
+        # The last scorer decides which nodules are reported, and so the study's probability.
+        last = self.model if self.reranker is None else self.reranker
+        return last.name, last.version
 
     @property
     def saliency_method(self) -> str:

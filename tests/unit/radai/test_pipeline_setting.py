@@ -44,7 +44,9 @@ def test_cad_loads_its_candidate_classifier_from_the_registry():
 
     analyser = make_analyser("cad")
     assert isinstance(analyser, CadAnalyser) and analyser.model.task == "cad"
-    assert analyser.screening_algorithm == (analyser.model.name, analyser.model.version)
+    # The second stage decides which nodules are reported: the SR names it as the scorer.
+    assert analyser.reranker is not None and analyser.reranker.task == "cad-rerank"
+    assert analyser.screening_algorithm == (analyser.reranker.name, analyser.reranker.version)
     assert analyser.tag.startswith("cad-")
 
 
