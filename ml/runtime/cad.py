@@ -3,9 +3,11 @@ lungs, a trained classifier that scores each candidate from nine planes through 
 2.2.0; three orthogonal planes before) and the detector's own description of it (averaged
 over mirrors of the body), and a local segmentation of each kept nodule, reported only where
 solid on average (not ground glass); masses (over 3 cm) by the classical baseline's large-lesion
-rule beside them; then the same measurements and Lung-RADS size triage as the baseline. Two
-stages as in most published lung-nodule CAD (candidate generation, then false-positive
-reduction: Setio et al., Med Image Anal 2017).
+rule beside them; each outlined nodule then scored again from its outline by a second stage
+(:mod:`ml.runtime.cad_rerank`, where one is given), whose threshold then decides what is
+reported; then the same measurements and Lung-RADS size triage as the baseline. Candidate
+generation, then false-positive reduction, as in most published lung-nodule CAD (Setio et al.,
+Med Image Anal 2017).
 
 Imports numpy, scipy, torch, ``ml.image`` and ``ml.runtime``. Research software, not for
 clinical use.

@@ -3,11 +3,12 @@
 The classifier (:mod:`ml.runtime.cad`) sees a candidate as planes through its centre and the
 blob detector's description; once the candidate is outlined, its 3-D shape is known too: how
 long it is against how wide (a vessel followed along its course), how round, how large against
-the blob that seeded it, how dense. The second stage reads those with the classifier's own score
-and gives each outline a new probability (:class:`ml.runtime.networks.RerankNet`, fitted on
-validation outlines by :mod:`ml.training.cad_rerank`). Two-stage false-positive reduction on
-candidates' shape features is what the earliest lung-nodule CAD did on its own (e.g. Armato et
-al., Radiology 1999; Murphy et al., Med Image Anal 2009); here it follows the CNN.
+the blob that seeded it, how dense. The second stage reads those with the classifier's own score,
+also against the study's other outlines, and gives each outline a new probability
+(:class:`ml.runtime.networks.RerankNet`, fitted on validation outlines by
+:mod:`ml.training.cad_rerank`). False-positive reduction on candidates' shape and density features
+was how lung-nodule CAD worked before CNNs (e.g. Armato et al., RadioGraphics 1999; Murphy et al.,
+Med Image Anal 2009); here it follows the CNN.
 
 Imports numpy, torch, ``ml.image`` and ``ml.runtime``. Research software, not for clinical use.
 """
