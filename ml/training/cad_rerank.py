@@ -383,7 +383,9 @@ def card_markdown(card: dict) -> str:
             "## What it weighs",
             "",
             "Its coefficients on the standardised features (a logistic regression's, largest "
-            "first; positive: more like a nodule):",
+            "first; positive: more like a nodule). The features are correlated (the classifier's "
+            "score enters three ways, the blob's density and the outline's too), so one "
+            "coefficient is not that feature's effect alone:",
             "",
             *[
                 f"- {w:+.2f} {name}"
