@@ -100,7 +100,8 @@ def _dice(labels: np.ndarray, n: int, study: unseen.Study) -> list[float | None]
 
 
 def _as_dict(seed: Blob | None) -> dict | None:
-    return None if seed is None else seed.to_dict()
+    """The candidate as JSON keeps it (its centre a list), so a saved study loads equal."""
+    return None if seed is None else {**seed.to_dict(), "centre_zyx": list(seed.centre_zyx)}
 
 
 def outline_study(
