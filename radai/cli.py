@@ -474,6 +474,10 @@ def _train_cad_rerank(args: argparse.Namespace, settings: Settings, root: Path) 
     from ml.runtime import registry
     from ml.training import cad_outlines, cad_rerank
 
+    anatomies = args.anatomies or list(ANATOMIES)
+    unknown = [a for a in anatomies if a not in ANATOMIES]
+    if unknown:
+        raise SystemExit(f"radai train: unknown anatomies {unknown}; known: {list(ANATOMIES)}")
     cache = Path(args.cache) if args.cache else Path(settings.home) / "cache" / "cad-outlines"
     out = Path(settings.home) / "cad-rerank-validation.json"
     classical = registry.CAD_OUTLINER == registry.CLASSICAL_OUTLINE
@@ -485,7 +489,7 @@ def _train_cad_rerank(args: argparse.Namespace, settings: Settings, root: Path) 
         paths = cad_outlines.collect(
             Path(args.data),
             cache,
-            args.anatomies or list(ANATOMIES),
+            anatomies,
             args.studies or cad_outlines.STUDIES_PER_ANATOMY,
             outliner=None if classical else registry.CAD_OUTLINER,
         )

@@ -138,14 +138,14 @@ def validation_froc(studies: Sequence[Study], scores: Sequence[np.ndarray]) -> d
 
 
 def operating_point(
-    studies: Sequence[Study], scores: Sequence[np.ndarray], threshold: float
+    studies: Sequence[Study], scores: Sequence[np.ndarray], thresholds: Sequence[float]
 ) -> dict:
     """False calls per study and the share of nodules >= `REPORTABLE_MM` reported (every mass,
-    every nodule outline at or above ``threshold`` that is not faint)."""
+    every nodule outline at or above its study's threshold that is not faint), pooled."""
     false_calls, big, reported_big = 0, 0, 0
-    for s, p in zip(studies, scores, strict=True):
+    for s, p, t in zip(studies, scores, thresholds, strict=True):
         kept = list(s.masses) + [
-            h for q, f, h in zip(p, s.faint, s.hits, strict=True) if q >= threshold and not f
+            h for q, f, h in zip(p, s.faint, s.hits, strict=True) if q >= t and not f
         ]
         false_calls += sum(h is None for h in kept)
         found = {h for h in kept if h is not None}
@@ -154,7 +154,6 @@ def operating_point(
                 big += 1
                 reported_big += i in found
     return {
-        "threshold": threshold,
         "false_calls_per_study": false_calls / max(1, len(studies)),
         "reported_share_6mm": reported_big / big if big else float("nan"),
     }
@@ -203,7 +202,7 @@ def evaluate(studies: Sequence[Study]) -> dict:
     thresholds = [s.classifier_threshold for s in studies]
     own = {
         "froc": validation_froc(studies, classifier),
-        "operating_point": _pooled_op(studies, classifier, thresholds),
+        "operating_point": operating_point(studies, classifier, thresholds),
     }
     rows = []
     for recipe in RECIPES:
@@ -214,27 +213,11 @@ def evaluate(studies: Sequence[Study]) -> dict:
             {
                 "recipe": recipe,
                 "froc": validation_froc(studies, oof),
-                "operating_point": _pooled_op(studies, oof, [per[s.anatomy] for s in studies]),
+                "operating_point": operating_point(studies, oof, [per[s.anatomy] for s in studies]),
                 "fold_thresholds": per,
             }
         )
     return {"classifier": own, "recipes": rows}
-
-
-def _pooled_op(studies: Sequence[Study], scores: Sequence[np.ndarray], thresholds) -> dict:
-    per = [
-        operating_point([s], [p], t) for s, p, t in zip(studies, scores, thresholds, strict=True)
-    ]
-    big = sum(d >= REPORTABLE_MM for s in studies for d in s.diameters_mm)
-    reported = sum(
-        r["reported_share_6mm"] * sum(d >= REPORTABLE_MM for d in s.diameters_mm)
-        for r, s in zip(per, studies, strict=True)
-        if sum(d >= REPORTABLE_MM for d in s.diameters_mm)
-    )
-    return {
-        "false_calls_per_study": float(np.mean([r["false_calls_per_study"] for r in per])),
-        "reported_share_6mm": reported / big if big else float("nan"),
-    }
 
 
 def choose(evaluation: dict) -> dict | None:
@@ -254,8 +237,10 @@ def register(
     root: Path = registry.MODELS_DIR,
 ) -> list[Path]:
     """Fit the shipped second stage on every study and a fold model without each anatomy, each
-    with its threshold (:func:`fold_threshold`), and write them to the registry."""
+    with the threshold :func:`evaluate` chose for it (:func:`fold_threshold`), and write them to
+    the registry."""
     anatomies = sorted({s.anatomy for s in studies})
+    row = next(r for r in evaluation["recipes"] if r["recipe"] == recipe)
     arch = {"features": len(cad_rerank.FEATURES), "hidden": recipe["hidden"]}
     data = {
         "outlines": source,
@@ -273,7 +258,7 @@ def register(
     for held_out in anatomies:
         own = [s for s in studies if s.anatomy != held_out]
         net = fit(own, recipe)
-        threshold = fold_threshold(own, recipe)
+        threshold = row["fold_thresholds"][held_out]
         path = registry.save(
             net, name=NAME, version=VERSION, task="cad-rerank", card={}, root=root,
             weights_name=f"fold-without-{held_out}.pt",

@@ -329,6 +329,10 @@ def test_train_on_a_folder_without_the_real_data_is_a_clear_error(tmp_path):
     assert "radai train: no such background file" in r.stderr and "Traceback" not in r.stderr
     r = _radai(["train", "segment", "--anatomies", "lung9", "--quiet"], env)
     assert r.returncode != 0 and "unknown anatomies" in r.stderr
+    r = _radai(["train", "cad-rerank", "--data", str(tmp_path), "--anatomies", "lung9"], env)
+    assert r.returncode != 0 and "unknown anatomies" in r.stderr
+    r = _radai(["train", "cad-rerank", "--data", str(tmp_path / "nothing")], env)
+    assert r.returncode != 0 and "radai train:" in r.stderr and "Traceback" not in r.stderr
     r = _radai(
         ["train", "segment", "--device", "cuda:0", "--quiet"], env | {"CUDA_VISIBLE_DEVICES": ""}
     )

@@ -13,6 +13,7 @@ from ml.image.blobs import detect_blobs
 from ml.image.nodule_segment import segment_nodule
 from ml.runtime import cad, cad_views, networks, registry
 from ml.runtime.cad_views import CHANNELS, VIEW, candidate_views
+from ml.runtime.nodule_outline import equivalent_diameter_mm
 from ml.runtime.registry import LoadedModel
 from ml.training import cad as cad_training
 from ml.training import cad_samples, real_training
@@ -661,3 +662,8 @@ def test_a_learnt_outliner_draws_only_where_the_classical_outline_is_wide_enough
     side["classical"] = 16  # 4096 mm3: 19.9 mm
     box, mask = segment(volume, (1.0, 1.0, 1.0), (5, 5, 5), 5.0)
     assert mask.shape == (3, 3, 4)
+    # The switch reads the equivalent sphere's diameter of the classical outline: 4096 mm3 is
+    # a sphere of 19.85 mm.
+    assert equivalent_diameter_mm(np.ones((16, 16, 16), bool), (1.0, 1.0, 1.0)) == (
+        pytest.approx(19.85, abs=0.01)
+    )

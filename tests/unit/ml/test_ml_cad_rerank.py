@@ -136,10 +136,10 @@ def test_fitting_learns_what_separates_nodules_and_the_threshold_keeps_the_targe
     p = [cad_rerank.probabilities(net, s.features) for s in studies]
     assert all(q[:3].mean() > q[3:].mean() + 0.3 for q in p)
     t = training.threshold_at(studies, p, target=1.0)
-    op = training.operating_point(studies, p, t)
+    op = training.operating_point(studies, p, [t] * len(studies))
     assert op["false_calls_per_study"] <= 1.0
     # Just below it, one more false call would be reported (it is the lowest such threshold).
-    loose = training.operating_point(studies, p, np.nextafter(t, -np.inf))
+    loose = training.operating_point(studies, p, [np.nextafter(t, -np.inf)] * len(studies))
     assert loose["false_calls_per_study"] > 1.0 or t == 0.0
     assert (
         training.threshold_at(studies, p, target=0.0)
@@ -177,13 +177,20 @@ def test_a_recipe_is_chosen_only_where_it_beats_the_classifier():
 
 def test_registered_models_load_by_name_and_fold(tmp_path):
     studies = _studies()
-    evaluation = {"classifier": {}, "recipes": []}
-    written = training.register(studies, {"hidden": 0, "l2": 1e-3}, evaluation, "x", tmp_path)
+    recipe = {"hidden": 0, "l2": 1e-3}
+    evaluation = training.evaluate(studies)
+    written = training.register(studies, recipe, evaluation, "x", tmp_path)
     assert len(written) == 4  # three folds and the shipped model
     shipped = registry.load(f"{training.NAME}@{training.VERSION}", tmp_path)
     assert shipped.task == "cad-rerank" and cad.threshold_of(shipped) > 0.0
     fold = registry.load(f"{training.NAME}@{training.VERSION}#holdout-a", tmp_path)
     assert fold.card["anatomies"] == ["b", "c"]
+    # Its threshold is the one the evaluation chose without anatomy a, nested.
+    row = next(r for r in evaluation["recipes"] if r["recipe"] == recipe)
+    assert cad.threshold_of(fold) == row["fold_thresholds"]["a"]
+    assert row["fold_thresholds"]["a"] == training.fold_threshold(
+        [s for s in studies if s.anatomy != "a"], recipe
+    )
     x = studies[0].features
     assert not np.allclose(
         cad_rerank.probabilities(fold.net, x), cad_rerank.probabilities(shipped.net, x)
