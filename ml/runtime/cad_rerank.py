@@ -51,6 +51,10 @@ FEATURES = (
 # anatomy out, the best recipe with them reached CPM 0.457 against 0.469 without them (the rule,
 # fixed before fitting: ship only if better), and they did not lower the pneumonia anatomies'
 # false calls at the operating point (docs/models/cad-rerank-context-validation.json).
+# Nor fitting on 12 validation composites per anatomy instead of 6: CPM 0.479 against 0.469 for
+# the chosen recipe, lower for the other four, with the 165 validation nodules then inserted
+# about twice each, so held-out anatomies' nodules were mostly trained on elsewhere
+# (docs/models/cad-rerank-more-studies-validation.json).
 # The last two are read against the study's other outlines (:func:`in_study`): a classifier that
 # never saw an anatomy scores all of its candidates higher or lower than those of another, and a
 # nodule stands out from its own study's vessels even where its score is low against others'.
