@@ -519,6 +519,19 @@ def rerank_validation_lines(doc: dict) -> list[str]:
         kind = f"{rec['hidden']} hidden" if rec["hidden"] else "logistic"
         mark = " (chosen)" if rec == chosen else ""
         lines.append(row(f"second stage, {kind}, L2 {rec['l2']:g}{mark}", r))
+    by_anatomy = next((r.get("by_anatomy") for r in doc["recipes"] if r["recipe"] == chosen), None)
+    if by_anatomy:
+        lines += [
+            "",
+            "The chosen recipe at its nested fold thresholds, per held-out anatomy (false calls "
+            "per validation study; share of nodules >= 6 mm reported): "
+            + "; ".join(
+                f"{a} {_v(op['false_calls_per_study'])}, {_v(op['reported_share_6mm'])}"
+                for a, op in by_anatomy.items()
+            )
+            + ". The rule holds the false calls to 1 per study pooled over the anatomies, not "
+            "within each.",
+        ]
     return lines
 
 

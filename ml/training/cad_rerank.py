@@ -209,11 +209,26 @@ def evaluate(studies: Sequence[Study]) -> dict:
         oof = leave_one_out(studies, recipe)
         anatomies = sorted({s.anatomy for s in studies})
         per = {a: fold_threshold([s for s in studies if s.anatomy != a], recipe) for a in anatomies}
+        thresholds = [per[s.anatomy] for s in studies]
         rows.append(
             {
                 "recipe": recipe,
                 "froc": validation_froc(studies, oof),
-                "operating_point": operating_point(studies, oof, [per[s.anatomy] for s in studies]),
+                "operating_point": operating_point(studies, oof, thresholds),
+                # The threshold rule pools the anatomies: how each held-out one fares under it.
+                "by_anatomy": {
+                    a: operating_point(
+                        *zip(
+                            *[
+                                (s, p, t)
+                                for s, p, t in zip(studies, oof, thresholds, strict=True)
+                                if s.anatomy == a
+                            ],
+                            strict=True,
+                        )  # fmt: skip
+                    )
+                    for a in anatomies
+                },
                 "fold_thresholds": per,
             }
         )

@@ -188,6 +188,11 @@ def test_registered_models_load_by_name_and_fold(tmp_path):
     # Its threshold is the one the evaluation chose without anatomy a, nested.
     row = next(r for r in evaluation["recipes"] if r["recipe"] == recipe)
     assert cad.threshold_of(fold) == row["fold_thresholds"]["a"]
+    # Each anatomy's own figures at its fold threshold; four studies each, so they pool back.
+    per = row["by_anatomy"]
+    assert set(per) == {"a", "b", "c"}
+    pooled = sum(op["false_calls_per_study"] for op in per.values()) / 3
+    assert pooled == pytest.approx(row["operating_point"]["false_calls_per_study"])
     assert row["fold_thresholds"]["a"] == training.fold_threshold(
         [s for s in studies if s.anatomy != "a"], recipe
     )
@@ -221,6 +226,13 @@ def test_the_report_shows_each_recipe_beside_the_classifier_and_marks_the_chosen
     assert table[1].startswith("| classifier alone") and "| 0.380 |" in table[1]
     assert "(chosen)" in table[2] and "| 0.470 |" in table[2]
     assert "(chosen)" not in table[3] and "16 hidden" in table[3]
+    assert "per held-out anatomy" not in " ".join(lines)
+    doc["recipes"][0]["by_anatomy"] = {
+        "cap001": {"false_calls_per_study": 2.0, "reported_share_6mm": 0.5},
+        "lung1": {"false_calls_per_study": 0.0, "reported_share_6mm": 0.6},
+    }
+    text = " ".join(report.rerank_validation_lines(doc))
+    assert "cap001 2.00, 0.50; lung1 0.00, 0.60." in text
     doc["chosen"] = None
     assert "none did" in " ".join(report.rerank_validation_lines(doc))
 
