@@ -210,6 +210,7 @@ def evaluate(studies: Sequence[Study]) -> dict:
         anatomies = sorted({s.anatomy for s in studies})
         per = {a: fold_threshold([s for s in studies if s.anatomy != a], recipe) for a in anatomies}
         thresholds = [per[s.anatomy] for s in studies]
+        each = {a: [i for i, s in enumerate(studies) if s.anatomy == a] for a in anatomies}
         rows.append(
             {
                 "recipe": recipe,
@@ -218,14 +219,9 @@ def evaluate(studies: Sequence[Study]) -> dict:
                 # The threshold rule pools the anatomies: how each held-out one fares under it.
                 "by_anatomy": {
                     a: operating_point(
-                        *zip(
-                            *[
-                                (s, p, t)
-                                for s, p, t in zip(studies, oof, thresholds, strict=True)
-                                if s.anatomy == a
-                            ],
-                            strict=True,
-                        )  # fmt: skip
+                        [studies[i] for i in each[a]],
+                        [oof[i] for i in each[a]],
+                        [thresholds[i] for i in each[a]],
                     )
                     for a in anatomies
                 },
