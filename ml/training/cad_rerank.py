@@ -204,13 +204,13 @@ def evaluate(studies: Sequence[Study]) -> dict:
         "froc": validation_froc(studies, classifier),
         "operating_point": operating_point(studies, classifier, thresholds),
     }
+    anatomies = sorted({s.anatomy for s in studies})
+    each = {a: [i for i, s in enumerate(studies) if s.anatomy == a] for a in anatomies}
     rows = []
     for recipe in RECIPES:
         oof = leave_one_out(studies, recipe)
-        anatomies = sorted({s.anatomy for s in studies})
         per = {a: fold_threshold([s for s in studies if s.anatomy != a], recipe) for a in anatomies}
         thresholds = [per[s.anatomy] for s in studies]
-        each = {a: [i for i, s in enumerate(studies) if s.anatomy == a] for a in anatomies}
         rows.append(
             {
                 "recipe": recipe,
